@@ -1,0 +1,81 @@
+"""Checkpoints: one self-contained file (configs, tokenizer, weights, optimizer, position).
+
+Saved atomically (temp file in the same folder, fsync, rename) so a kill mid-save never
+leaves a half-written `best.pt`/`last.pt`. Loaded with `torch.load(weights_only=True)`:
+only tensors, numbers, strings, lists and dicts, never arbitrary pickled objects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .models import build_model, config_from_dict
+
+CHECKPOINT_FORMAT = "itera-checkpoint"
+CHECKPOINT_FORMAT_VERSION = 1
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be used; the message is one line for the user."""
+
+
+def save_checkpoint(path: str | Path, payload: dict) -> None:
+    """Write payload (plus the format header) to path atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
+               "itera_lite_version": __version__, **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """Read and check a checkpoint; any problem is a CheckpointError with one clear line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for truncated / foreign / non-zip files
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{path}: not a readable itera-lite checkpoint (corrupt, truncated or foreign file: {reason[:120]})"
+        ) from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an itera-lite checkpoint (no '{CHECKPOINT_FORMAT}' header)")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format version {version} is newer than this itera-lite supports "
+            f"({CHECKPOINT_FORMAT_VERSION}); upgrade itera-lite"
+        )
+    for key in ("model_config", "model", "tokenizer_json"):
+        if key not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}' (incomplete file?)")
+    return ckpt
+
+
+def load_model(path: str | Path):
+    """(model in eval mode, checkpoint dict) from a checkpoint file."""
+    ckpt = load_checkpoint(path)
+    try:
+        cfg = config_from_dict(ckpt["model_config"])
+        model = build_model(cfg)
+        model.load_state_dict(ckpt["model"])
+    except (ValueError, RuntimeError, TypeError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise CheckpointError(f"{path}: weights do not fit the stored config ({first[:160]})") from None
+    return model.eval(), ckpt

@@ -1,0 +1,101 @@
+"""Itera-Lite: tied embedding → N × [RMSNorm → Mamba-2, RMSNorm → sparse MoE] → RMSNorm → tied head.
+
+`forward(tokens, state)` runs a whole sequence in parallel (training, prefill);
+`step(token, state)` runs one token with explicit per-layer (conv_state, ssm_state), the
+function the decode graph is exported from. Both take and return the same state, so a
+prefill can be continued token by token.
+
+Seam for knowledge retrieval (a later issue): a block's input is the residual stream only;
+a retrieval block would join `self.blocks` with the same (x, state) → (x, state) contract.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .config import IteraConfig
+from .moe import SparseMoE
+from .norms import RMSNorm
+from .ssm import Mamba2Mixer
+
+LayerState = tuple[Tensor, Tensor]  # (conv_state (B, Cc, K-1), ssm_state (B, H, N, P))
+
+
+@dataclass
+class ModelOutput:
+    logits: Tensor  # (B, L, V)
+    state: list[LayerState] | None = None
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: IteraConfig):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = Mamba2Mixer(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.moe = SparseMoE(cfg)
+
+    def forward(self, x: Tensor, state: LayerState | None, scan: str = "chunked"):
+        h, state = self.mixer(self.norm1(x), state, scan=scan)
+        x = x + h
+        h, aux = self.moe(self.norm2(x))
+        return x + h, state, aux
+
+    def step(self, x: Tensor, state: LayerState):
+        h, state = self.mixer.step(self.norm1(x), state)
+        x = x + h
+        h, _ = self.moe(self.norm2(x))
+        return x + h, state
+
+
+class IteraLite(nn.Module):
+    def __init__(self, cfg: IteraConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.embed.weight, std=0.02)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def allocate_state(self, batch: int, device=None, dtype=torch.float32) -> list[LayerState]:
+        """Zero state for `batch` sequences: one (conv_state, ssm_state) per layer."""
+        state = []
+        for blk in self.blocks:
+            conv_shape, ssm_shape = blk.mixer.state_shapes(batch)
+            state.append((torch.zeros(conv_shape, device=device, dtype=dtype),
+                          torch.zeros(ssm_shape, device=device, dtype=dtype)))
+        return state
+
+    def _head(self, x: Tensor) -> Tensor:
+        return self.norm_f(x) @ self.embed.weight.T  # tied head
+
+    def forward(self, tokens: Tensor, state: list[LayerState] | None = None, scan: str = "chunked") -> ModelOutput:
+        """tokens (B, L) int64 -> logits (B, L, V), final state, aux (MoE losses, expert load)."""
+        x = self.embed(tokens)  # (B, L, D)
+        state = state if state is not None else [None] * len(self.blocks)
+        new_state, auxes = [], []
+        for blk, s in zip(self.blocks, state):
+            x, s, aux = blk(x, s, scan=scan)
+            new_state.append(s)
+            auxes.append(aux)
+        aux = {}
+        if auxes and auxes[0]:
+            aux = {
+                "balance_loss": torch.stack([a["balance_loss"] for a in auxes]).mean(),
+                "z_loss": torch.stack([a["z_loss"] for a in auxes]).mean(),
+                "load": torch.stack([a["load"] for a in auxes]),  # (n_layers, E)
+            }
+        return ModelOutput(self._head(x), new_state, aux)
+
+    def step(self, token: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
+        """token (B,) int64 -> logits (B, V), new state."""
+        x = self.embed(token)  # (B, D)
+        new_state = []
+        for blk, s in zip(self.blocks, state):
+            x, s = blk.step(x, s)
+            new_state.append(s)
+        return self._head(x), new_state

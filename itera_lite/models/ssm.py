@@ -1,0 +1,271 @@
+"""Mamba-2 (SSD) mixer: chunked parallel scan, one-token step, sequential reference.
+
+Glossary (shape letters used in comments):
+    B  batch                 L  sequence length        D  model width (d_model)
+    H  SSM heads             P  head dim               N  state size per head
+    G  B/C groups            K  conv kernel width      Cc conv channels (H*P + 2*G*N)
+    c  chunks, s / l  positions inside a chunk
+
+The recurrence, per head h and token t (state layout (N, P), as onnxruntime's
+`com.microsoft::LinearAttention` keeps it, so the exported state needs no transpose):
+
+    state_t = exp(dt_t * A_h) * state_{t-1} + B_t ⊗ (dt_t * x_t)
+    y_t     = C_t · state_t + D_h * x_t
+
+Three implementations of the scan live here and are tested against each other:
+`ssd_reference` (a plain loop, the definition), `ssd_chunked` (training and prefill) and
+`ssd_step` (decode). During `torch.export` the mixer calls them through the custom ops
+`itera::selective_scan`, `itera::ssm_step` and `itera::causal_conv1d`, which the exporter
+turns into `ai.itera` ONNX nodes; in eager mode the plain functions run (with autograd).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .norms import GatedRMSNorm
+
+# ---------------------------------------------------------------------------------------
+# Scan kernels: x (B, L, H, P), dt (B, L, H) after softplus, A (H,) negative,
+# Bm / Cm (B, L, G, N), state (B, H, N, P).
+
+
+def _expand_groups(t: Tensor, heads: int) -> Tensor:
+    """(..., G, N) -> (..., H, N): each group serves H/G consecutive heads."""
+    return t.repeat_interleave(heads // t.shape[-2], dim=-2)
+
+
+def ssd_reference(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor):
+    """Sequential scan, one token at a time: the definition the fast paths are tested against."""
+    ys = []
+    for t in range(x.shape[1]):
+        y, state = ssd_step(x[:, t], dt[:, t], A, Bm[:, t], Cm[:, t], state)
+        ys.append(y)
+    return torch.stack(ys, dim=1), state  # (B, L, H, P), (B, H, N, P)
+
+
+def ssd_step(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor):
+    """One token: x (B, H, P), dt (B, H), Bm/Cm (B, G, N), state (B, H, N, P)."""
+    H = x.shape[1]
+    Bh = _expand_groups(Bm, H)  # (B, H, N)
+    Ch = _expand_groups(Cm, H)  # (B, H, N)
+    decay = torch.exp(dt * A)[..., None, None]  # (B, H, 1, 1)
+    state = decay * state + Bh[..., :, None] * (dt[..., None] * x)[..., None, :]  # (B, H, N, P)
+    y = torch.einsum("bhn,bhnp->bhp", Ch, state)  # (B, H, P)
+    return y, state
+
+
+def _segsum(a: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T) with [i, j] = sum(a[j+1 .. i]) for j <= i, -inf above.
+
+    Summing masked copies instead of subtracting cumsums keeps exp() of it exact for long
+    chunks (cumsum differences lose precision when the decay is strong).
+    """
+    T = a.shape[-1]
+    a = a[..., None].expand(*a.shape, T)  # [..., i, j] = a_i
+    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
+    seg = torch.cumsum(a.masked_fill(~strict, 0), dim=-2)
+    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
+    return seg.masked_fill(~causal, float("-inf"))
+
+
+def ssd_chunked(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor, chunk_size: int
+):
+    """Chunked SSD scan (Mamba-2 paper, Listing 1): quadratic inside chunks, linear across."""
+    b, L, H, P = x.shape
+    pad = (-L) % chunk_size
+    if pad:
+        # Padded steps have dt = 0: no decay and no input, so the final state is unchanged.
+        x, dt, Bm, Cm = (F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) for t in (x, dt, Bm, Cm))
+    c, s = x.shape[1] // chunk_size, chunk_size
+    X = (x * dt[..., None]).reshape(b, c, s, H, P)
+    a = (dt * A).reshape(b, c, s, H).permute(0, 3, 1, 2)  # (B, H, c, s)
+    Bh = _expand_groups(Bm, H).reshape(b, c, s, H, -1)  # (B, c, s, H, N)
+    Ch = _expand_groups(Cm, H).reshape(b, c, s, H, -1)
+    a_cum = torch.cumsum(a, dim=-1)  # (B, H, c, s)
+
+    # 1. Outputs from inputs of the same chunk (the "diagonal blocks").
+    decay_in = torch.exp(_segsum(a)).permute(0, 2, 1, 3, 4)  # (B, c, H, l, s)
+    scores = torch.einsum("bclhn,bcshn->bchls", Ch, Bh) * decay_in
+    y = torch.einsum("bchls,bcshp->bclhp", scores, X)
+
+    # 2. Each chunk's contribution to the state at its end.
+    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum).permute(0, 2, 3, 1)  # (B, c, s, H)
+    chunk_states = torch.einsum("bcshn,bcshp->bchnp", Bh * decay_to_end[..., None], X)
+
+    # 3. Carry states across chunks, starting from the given state.
+    states = torch.cat([state[:, None], chunk_states], dim=1)  # (B, c+1, H, N, P)
+    decay_chunk = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, H, c+1, c+1)
+    states = torch.einsum("bhzc,bchnp->bzhnp", decay_chunk, states)
+    states, final_state = states[:, :-1], states[:, -1]
+
+    # 4. Outputs from the state entering each chunk.
+    decay_out = torch.exp(a_cum).permute(0, 2, 3, 1)  # (B, c, l, H)
+    y = y + torch.einsum("bclhn,bchnp->bclhp", Ch, states) * decay_out[..., None]
+    return y.reshape(b, c * s, H, P)[:, :L], final_state
+
+
+def causal_conv1d(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor):
+    """Depthwise causal conv + SiLU with carried state.
+
+    x (B, L, Cc), conv_state (B, Cc, K-1) holding the previous K-1 inputs, weight (Cc, K),
+    bias (Cc,) -> y (B, L, Cc), new conv_state.
+    """
+    window = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, Cc, K-1+L)
+    K = weight.shape[-1]
+    if x.shape[1] == 1:
+        y = (window * weight).sum(-1)[:, None, :]  # (B, 1, Cc): a step needs no conv kernel
+    else:
+        y = F.conv1d(window, weight[:, None, :], groups=weight.shape[0]).transpose(1, 2)
+    return F.silu(y + bias), window[..., window.shape[-1] - (K - 1) :]
+
+
+# ---------------------------------------------------------------------------------------
+# Export boundaries. Eager code calls the kernels above directly (they have autograd);
+# under torch.export each becomes one opaque op, which the exporter maps to an `ai.itera`
+# ONNX node with a decomposition function, or lowers to onnxruntime's fused kernels.
+
+
+@torch.library.custom_op("itera::selective_scan", mutates_args=())
+def _selective_scan_op(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    y, final = ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size=max(1, x.shape[1]))
+    return y.contiguous(), final.contiguous()
+
+
+@_selective_scan_op.register_fake
+def _(x, dt, A, Bm, Cm, state):
+    return torch.empty_like(x), torch.empty_like(state)
+
+
+@torch.library.custom_op("itera::ssm_step", mutates_args=())
+def _ssm_step_op(
+    x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor
+) -> tuple[Tensor, Tensor]:
+    y, new = ssd_step(x, dt, A, Bm, Cm, state)
+    return y.contiguous(), new.contiguous()
+
+
+@_ssm_step_op.register_fake
+def _(x, dt, A, Bm, Cm, state):
+    return torch.empty_like(x), torch.empty_like(state)
+
+
+@torch.library.custom_op("itera::causal_conv1d", mutates_args=())
+def _causal_conv1d_op(
+    x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor
+) -> tuple[Tensor, Tensor]:
+    y, new = causal_conv1d(x, conv_state, weight, bias)
+    return y.contiguous(), new.contiguous()
+
+
+@_causal_conv1d_op.register_fake
+def _(x, conv_state, weight, bias):
+    return torch.empty_like(x), torch.empty_like(conv_state)
+
+
+def _exporting() -> bool:
+    return torch.compiler.is_exporting()
+
+
+# ---------------------------------------------------------------------------------------
+
+
+class Mamba2Mixer(nn.Module):
+    """in_proj → causal conv + SiLU → selective scan (+ D skip) → gated RMSNorm → out_proj."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.d_inner = cfg.expand * cfg.d_model
+        assert self.d_inner % cfg.head_dim == 0, "expand * d_model must divide by head_dim"
+        self.n_heads = self.d_inner // cfg.head_dim
+        assert self.n_heads % cfg.n_groups == 0, "heads must divide into groups"
+        self.head_dim, self.d_state, self.n_groups = cfg.head_dim, cfg.d_state, cfg.n_groups
+        self.d_conv, self.chunk_size = cfg.d_conv, cfg.chunk_size
+        self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
+
+        # One projection for z (gate), xBC (conv input) and dt, in HF Mamba2's order.
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
+        self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
+        self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))
+        self.D = nn.Parameter(torch.ones(self.n_heads))
+        self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self._init(cfg)
+
+    @torch.no_grad()
+    def _init(self, cfg):
+        # Mamba-2 defaults: dt log-uniform in [dt_min, dt_max], A = -[1..16] spread over heads.
+        nn.init.uniform_(self.conv_weight, -1 / math.sqrt(cfg.d_conv), 1 / math.sqrt(cfg.d_conv))
+        dt = torch.exp(
+            torch.rand(self.n_heads) * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min)
+        ).clamp(min=1e-4)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.log(torch.linspace(1, 16, self.n_heads)))
+
+    def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (conv_state, ssm_state) for this layer."""
+        return (batch, self.conv_dim, self.d_conv - 1), (batch, self.n_heads, self.d_state, self.head_dim)
+
+    def _project(self, u: Tensor):
+        zxbcdt = self.in_proj(u)  # (B, L, d_inner + Cc + H)
+        return torch.split(zxbcdt, [self.d_inner, self.conv_dim, self.n_heads], dim=-1)
+
+    def _split_xbc(self, xbc: Tensor):
+        GN = self.n_groups * self.d_state
+        x, Bm, Cm = torch.split(xbc, [self.d_inner, GN, GN], dim=-1)
+        shape = xbc.shape[:-1]
+        return (
+            x.reshape(*shape, self.n_heads, self.head_dim),
+            Bm.reshape(*shape, self.n_groups, self.d_state),
+            Cm.reshape(*shape, self.n_groups, self.d_state),
+        )
+
+    def forward(self, u: Tensor, state: tuple[Tensor, Tensor] | None = None, scan: str = "chunked"):
+        """Parallel form over a sequence. u (B, L, D) -> (B, L, D), (conv_state, ssm_state).
+
+        scan: "chunked" (default) or "reference" (the sequential loop, for tests).
+        """
+        b, L, _ = u.shape
+        if state is None:
+            conv_shape, ssm_shape = self.state_shapes(b)
+            state = (u.new_zeros(conv_shape), u.new_zeros(ssm_shape))
+        conv_state, ssm_state = state
+        z, xbc, dt = self._project(u)
+        conv = _causal_conv1d_op if _exporting() else causal_conv1d
+        xbc, conv_state = conv(xbc, conv_state, self.conv_weight, self.conv_bias)
+        x, Bm, Cm = self._split_xbc(xbc)  # (B, L, H, P), (B, L, G, N) x2
+        dt = F.softplus(dt + self.dt_bias)  # (B, L, H)
+        A = -torch.exp(self.A_log)  # (H,)
+        if _exporting():
+            y, ssm_state = _selective_scan_op(x, dt, A, Bm, Cm, ssm_state)
+        elif scan == "reference":
+            y, ssm_state = ssd_reference(x, dt, A, Bm, Cm, ssm_state)
+        else:
+            y, ssm_state = ssd_chunked(x, dt, A, Bm, Cm, ssm_state, self.chunk_size)
+        y = y + x * self.D[:, None]  # (B, L, H, P)
+        y = self.norm(y.reshape(b, L, self.d_inner), z)
+        return self.out_proj(y), (conv_state, ssm_state)
+
+    def step(self, u: Tensor, state: tuple[Tensor, Tensor]):
+        """One token. u (B, D) -> (B, D), new (conv_state, ssm_state)."""
+        conv_state, ssm_state = state
+        z, xbc, dt = self._project(u)  # (B, d_inner), (B, Cc), (B, H)
+        conv = _causal_conv1d_op if _exporting() else causal_conv1d
+        xbc, conv_state = conv(xbc[:, None], conv_state, self.conv_weight, self.conv_bias)
+        x, Bm, Cm = self._split_xbc(xbc[:, 0])  # (B, H, P), (B, G, N) x2
+        dt = F.softplus(dt + self.dt_bias)  # (B, H)
+        A = -torch.exp(self.A_log)
+        step = _ssm_step_op if _exporting() else ssd_step
+        y, ssm_state = step(x, dt, A, Bm, Cm, ssm_state)
+        y = y + x * self.D[:, None]  # (B, H, P)
+        y = self.norm(y.reshape(u.shape[0], self.d_inner), z)
+        return self.out_proj(y), (conv_state, ssm_state)
