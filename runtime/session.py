@@ -1,0 +1,129 @@
+"""A bundle's graphs behind two calls: `prefill(ids, state)` and `decode(token, state)`.
+
+The manifest says which inputs a graph takes (SSM state for Itera-Lite, KV cache plus
+attention_mask/position_ids for the baseline), so one generate loop serves both families.
+
+State stays inside onnxruntime as OrtValues between calls (IOBinding): the outputs of one
+step are bound as the inputs of the next, with no copy of the state through numpy. Only the
+logits of the last position come back as a numpy array.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from .bundle import Bundle, BundleError, initial_state
+
+# User-facing device names → onnxruntime execution providers.
+DEVICES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+}
+
+
+class DeviceError(Exception):
+    """An execution provider this onnxruntime does not have; one line."""
+
+
+def providers_for(device: str) -> list[str]:
+    """Execution providers for a device name, CPU last as onnxruntime's own fallback."""
+    available = ort.get_available_providers()
+    provider = DEVICES.get(device)
+    if provider is None or provider not in available:
+        names = sorted(d for d, p in DEVICES.items() if p in available)
+        raise DeviceError(f"device {device!r} is not available in this onnxruntime; available: {', '.join(names)}")
+    return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.inter_op_num_threads = 1
+    if threads:
+        opts.intra_op_num_threads = threads
+        # Spinning idle threads steal the only other core from the caller on small machines.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads > 1 else "1")
+    opts.log_severity_level = 3
+    return opts
+
+
+class State:
+    """Carried tensors as OrtValues, in manifest order, plus the number of tokens seen."""
+
+    def __init__(self, values: list[ort.OrtValue], position: int = 0):
+        self.values = values
+        self.position = position
+
+    def numpy(self) -> list[np.ndarray]:
+        return [v.numpy() for v in self.values]
+
+
+class ModelSession:
+    """onnxruntime sessions for a bundle's prefill and decode graphs."""
+
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
+        self.bundle = bundle
+        providers = providers_for(device)
+        opts = session_options(threads)
+        self._sessions: dict[str, ort.InferenceSession] = {}
+        self.graphs = {}
+        for name in ("prefill", "decode"):
+            spec = bundle.graph(name)
+            if spec.file not in self._sessions:
+                try:
+                    self._sessions[spec.file] = ort.InferenceSession(str(spec.file), opts, providers=providers)
+                except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
+                    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise BundleError(f"{spec.file}: onnxruntime cannot load this graph ({first[:200]})") from None
+            self.graphs[name] = self._sessions[spec.file]
+        io = bundle.io
+        self.input_ids, self.logits = io["input_ids"], io["logits"]
+        self.attention_mask, self.position_ids = io.get("attention_mask"), io.get("position_ids")
+        self.state_specs = bundle.state
+        self.device = device
+        self._ort_device = "cuda" if device == "cuda" else "cpu"
+
+    def initial_state(self) -> State:
+        zeros = initial_state(self.bundle, batch=1)
+        return State([ort.OrtValue.ortvalue_from_numpy(zeros[s.input]) for s in self.state_specs])
+
+    def _run(self, graph: str, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        """Run one graph on ids (1, T); logits (1, T, V) as numpy, new state as OrtValues."""
+        sess = self.graphs[graph]
+        binding = sess.io_binding()
+        T = ids.shape[1]
+        binding.bind_cpu_input(self.input_ids, ids)
+        if self.attention_mask:
+            binding.bind_cpu_input(self.attention_mask, np.ones((1, state.position + T), dtype=np.int64))
+        if self.position_ids:
+            binding.bind_cpu_input(self.position_ids,
+                                   np.arange(state.position, state.position + T, dtype=np.int64)[None])
+        for spec, value in zip(self.state_specs, state.values):
+            binding.bind_ortvalue_input(spec.input, value)
+        binding.bind_output(self.logits, "cpu")
+        for spec in self.state_specs:
+            binding.bind_output(spec.output, self._ort_device)
+        sess.run_with_iobinding(binding)
+        outs = binding.get_outputs()
+        return outs[0].numpy(), State(list(outs[1:]), state.position + T)
+
+    def prefill(self, ids, state: State | None = None) -> tuple[np.ndarray, State]:
+        """Prompt tokens (T,) or (1, T) -> logits (T, V), state after them."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if ids.shape[1] == 0:
+            raise ValueError("prefill needs at least one token")
+        logits, state = self._run("prefill", ids, state or self.initial_state())
+        return logits[0], state
+
+    def decode(self, token: int, state: State) -> tuple[np.ndarray, State]:
+        """One token -> logits (V,), next state."""
+        logits, state = self._run("decode", np.array([[token]], dtype=np.int64), state)
+        return logits[0, -1], state
