@@ -1,0 +1,1 @@
+"""itera-bench: measured comparisons of exported bundles (no torch)."""

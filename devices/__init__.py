@@ -1,0 +1,1 @@
+"""Device profiles and remote benchmark runs over ssh (a later issue)."""

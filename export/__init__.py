@@ -1,0 +1,1 @@
+"""itera-export: checkpoint to a validated ONNX bundle."""

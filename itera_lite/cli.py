@@ -36,6 +36,8 @@ _D = TrainConfig()
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="training-token budget")
 @click.option("--eval-every", type=click.IntRange(1), default=_D.eval_every)
 @click.option("--eval-batches", type=click.IntRange(1), default=_D.eval_batches)
+@click.option("--final-eval-batches", type=click.IntRange(1), default=None,
+              help="batches of the final val/test eval [default: whole splits]")
 @click.option("--save-every", type=click.IntRange(1), default=None, help="[default: --eval-every]")
 @click.option("--patience", type=click.IntRange(1), default=None, help="early stop after N evals without gain")
 @click.option("--seed", type=int, default=_D.seed)

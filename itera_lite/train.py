@@ -55,6 +55,7 @@ class TrainConfig:
     max_tokens: int | None = None
     eval_every: int = 100
     eval_batches: int = 16
+    final_eval_batches: int | None = None  # summary's val/test eval; None = whole splits
     save_every: int | None = None  # defaults to eval_every
     patience: int | None = None  # evals without improvement before stopping
     aux_loss_coef: float = 0.01
@@ -358,7 +359,8 @@ def _summarise(cfg, model_cfg, params, out, data, byte_len, step, tokens_seen, e
 
     best = build_model(model_cfg)
     best.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    full = {s: evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, None) for s in ("val", "test")}
+    full = {s: evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
+            for s in ("val", "test")}
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"][5:]  # skip warm-up steps
     summary = {

@@ -22,7 +22,7 @@ from itera_lite.data import prepare_data
 
 # Small and fast but real: byte-level vocab, short windows, 1 thread for bit-exact reruns.
 FAST = ["--vocab-size", "256", "--seq-len", "64", "--batch-size", "8", "--threads", "1",
-        "--warmup-steps", "10", "--eval-batches", "4", "--quiet"]
+        "--warmup-steps", "10", "--eval-batches", "4", "--final-eval-batches", "8", "--quiet"]
 
 
 def run_train(*args, check=True, **kw) -> subprocess.CompletedProcess:
