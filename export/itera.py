@@ -1,0 +1,198 @@
+"""Export an Itera-Lite model to two ONNX graphs: `prefill` (model.forward) and `decode` (model.step).
+
+Both graphs take and return the per-layer state explicitly (`past.{i}.conv`, `past.{i}.ssm`
+→ `present.{i}.conv`, `present.{i}.ssm`), so a runtime can prefill a prompt and continue
+token by token. The model's custom torch ops become `ai.itera` nodes whose decompositions
+ship inside each model as functions (`onnx_functions.py`); `lower.py` optionally rewrites
+them to onnxruntime's fused contrib kernels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from . import lower as lowering
+from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
+
+STATE_KINDS = ("conv", "ssm")
+
+
+class _Prefill(nn.Module):
+    """model.forward with the state list flattened into positional tensors."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *past):
+        state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        out = self.model(input_ids, state)
+        return (out.logits, *[t for layer in out.state for t in layer])
+
+
+class _Decode(nn.Module):
+    """model.step on a (batch, 1) token, returning (batch, 1, vocab) logits."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, *past):
+        state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        logits, new_state = self.model.step(input_ids.reshape(-1), state)
+        return (logits[:, None], *[t for layer in new_state for t in layer])
+
+
+def _io_names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
+    present = [f"present.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
+    return ["input_ids", *past], ["logits", *present]
+
+
+def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int) -> onnx.ModelProto:
+    batch = torch.export.Dim("batch")
+    dyn_tokens = {k: (batch if v == "batch" else torch.export.Dim(v)) for k, v in dynamic_tokens.items()}
+    flat = [t for layer in state for t in layer]
+    names_in, names_out = _io_names(len(state))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            wrapper, (tokens, *flat), dynamo=True, opset_version=opset,
+            custom_translation_table=translation_table(),
+            input_names=names_in, output_names=names_out,
+            dynamic_shapes=(dyn_tokens, tuple({0: batch} for _ in flat)),
+            verbose=False,
+        )
+    return prog.model_proto
+
+
+def _attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto]) -> None:
+    used = {n.op_type for n in model.graph.node if n.domain == DOMAIN}
+    del model.functions[:]
+    model.functions.extend(f for f in functions if f.name in used)
+    if not any(o.domain == DOMAIN for o in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
+
+
+_TRACED: dict[tuple, dict[str, bytes]] = {}
+
+
+def _fingerprint(model, opset: int) -> tuple:
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return (type(model).__qualname__, repr(model.config), opset, h.hexdigest())
+
+
+def _function_graphs(model, opset: int) -> dict[str, bytes]:
+    """Serialized function-path prefill and decode graphs.
+
+    Tracing takes tens of seconds, so the last result is kept per (weights, config, opset):
+    exporting one model both ways (as the bench and tests do) traces it once.
+    """
+    key = _fingerprint(model, opset)
+    if key not in _TRACED:
+        was_training = model.training
+        model.eval()
+        try:
+            state = model.allocate_state(2)
+            with torch.no_grad():
+                prefill = _trace(_Prefill(model), torch.zeros(2, 7, dtype=torch.long), state,
+                                 {0: "batch", 1: "seq"}, opset)
+                decode = _trace(_Decode(model), torch.zeros(2, 1, dtype=torch.long), state,
+                                {0: "batch"}, opset)
+        finally:
+            model.train(was_training)
+        functions = itera_functions(model.config, opset)
+        for m in (prefill, decode):
+            _attach_functions(m, functions)
+        _TRACED.clear()
+        _TRACED[key] = {"prefill": prefill.SerializeToString(), "decode": decode.SerializeToString()}
+    return _TRACED[key]
+
+
+def _value_spec(v: onnx.ValueInfoProto) -> dict:
+    t = v.type.tensor_type
+    dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
+    return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
+
+
+def _check(path: Path) -> None:
+    onnx.checker.check_model(str(path), full_check=True)
+    onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred", strict_mode=True)
+    os.unlink(str(path) + ".inferred")
+
+
+def _save(model: onnx.ModelProto, path: Path) -> None:
+    # Write next to the target and rename, so a failed export leaves nothing half-written.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        _check(Path(tmp))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _custom_domains(models) -> dict[str, int]:
+    return {o.domain: o.version for m in models for o in m.opset_import if o.domain not in ("", "ai.onnx")}
+
+
+def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18) -> dict:
+    """Write prefill.onnx and decode.onnx for an IteraLite into out_dir; return the manifest fragment.
+
+    lower: "none" keeps the ai.itera function path, "fused" rewrites to onnxruntime's contrib
+    kernels, "auto" picks fused when the installed onnxruntime has them (measured faster for
+    decode: scripts/bench_decode_step.py).
+    """
+    if lower not in ("auto", "none", "fused"):
+        raise ValueError(f"lower must be 'auto', 'none' or 'fused', not {lower!r}")
+    if lower == "auto":
+        lower = "fused" if lowering.fused_ops_available() else "none"
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset).items()}
+    if lower == "fused":
+        for m in graphs.values():
+            lowering.lower_to_fused(m)
+
+    manifest_graphs, nodes = {}, {}
+    for name, m in graphs.items():
+        _save(m, out_dir / f"{name}.onnx")
+        manifest_graphs[name] = {
+            "file": f"{name}.onnx",
+            "inputs": [_value_spec(v) for v in m.graph.input],
+            "outputs": [_value_spec(v) for v in m.graph.output],
+        }
+        nodes[name] = len(m.graph.node)
+
+    conv_shape, ssm_shape = model.blocks[0].mixer.state_shapes(1)
+    tensors = []
+    for i in range(cfg.n_layers):
+        for kind, shape in zip(STATE_KINDS, (conv_shape, ssm_shape)):
+            tensors.append({"input": f"past.{i}.{kind}", "output": f"present.{i}.{kind}",
+                            "dtype": "float32", "shape": ["batch", *shape[1:]]})
+    return {
+        "graphs": manifest_graphs,
+        "io": {"input_ids": "input_ids", "logits": "logits", "attention_mask": None, "position_ids": None},
+        "state": {"kind": "ssm", "tensors": tensors},
+        "ssm_path": "lowered" if lower == "fused" else "function",
+        "opset": opset,
+        "custom_domains": _custom_domains(graphs.values()),
+        "nodes": nodes,
+    }

@@ -1,0 +1,274 @@
+"""Rewrite `ai.itera` nodes to onnxruntime's fused contrib kernels (`com.microsoft`).
+
+A graph pass over an exported model (function path in, fused path out):
+
+    SelectiveScan / SsmStep → LinearAttention (update_rule="gated") + packing Reshapes/Muls
+    CausalConv1d            → CausalConvWithState (activation="silu", channels_last=1)
+    TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
+
+Functions no node calls any more are dropped. The mapping of the Mamba-2 recurrence onto
+LinearAttention (state_t = exp(dt·A)·state_{t-1} + B ⊗ (dt·x), y = C·state) is in
+/work/shared/notes/onnxruntime-fused-ssm-ops.md and checked by tests/test_export_itera.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from .onnx_functions import DOMAIN
+
+MS = "com.microsoft"
+FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")
+
+
+def fused_ops_available() -> bool:
+    """True when the installed onnxruntime has all three contrib kernels the fused path needs."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return False
+    have = {s.name for s in get_all_operator_schema() if s.domain == MS}
+    return all(op in have for op in FUSED_OPS)
+
+
+class _Rewriter:
+    def __init__(self, model: onnx.ModelProto):
+        self.model = model
+        self.inits = {i.name: i for i in model.graph.initializer}
+        inferred = onnx.shape_inference.infer_shapes(model)
+        g = inferred.graph
+        self.shapes = {}
+        for v in list(g.value_info) + list(g.input) + list(g.output):
+            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
+                                   for d in v.type.tensor_type.shape.dim]
+        for i in g.initializer:
+            self.shapes[i.name] = list(i.dims)
+        # Dims with symbolic names kept ("batch"), for comparing dynamic dims across values.
+        self.sym = {}
+        for v in list(g.value_info) + list(g.input) + list(g.output):
+            self.sym[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                                for d in v.type.tensor_type.shape.dim]
+        self.names = {n.name for n in model.graph.node} | {v for n in model.graph.node for v in n.output}
+        self.counter = 0
+        self.memo: dict[str, str] = {}
+
+    def fresh(self, base: str) -> str:
+        while True:
+            self.counter += 1
+            name = f"{base}__lower{self.counter}"
+            if name not in self.names and name not in self.inits:
+                self.names.add(name)
+                return name
+
+    def const(self, base: str, array: np.ndarray) -> str:
+        name = self.fresh(base)
+        init = numpy_helper.from_array(array, name)
+        self.model.graph.initializer.append(init)
+        self.inits[name] = init
+        return name
+
+    def derived(self, key: str, make) -> str:
+        """An initializer computed from others, made once however many nodes share it."""
+        if key not in self.memo:
+            self.memo[key] = self.const(key, make())
+        return self.memo[key]
+
+    def ints(self, *values: int) -> str:
+        return self.derived("ints_" + "_".join(map(str, values)).replace("-", "m"),
+                            lambda: np.array(values, dtype=np.int64))
+
+    def dims(self, value: str, rank: int) -> list:
+        d = self.shapes.get(value)
+        if d is None or len(d) != rank:
+            raise ValueError(f"lowering needs the rank-{rank} shape of {value!r}; shape inference gave {d}")
+        return d
+
+    def node(self, op: str, inputs: list[str], n_out: int = 1, domain: str = "", outputs=None, **attrs):
+        outs = outputs or [self.fresh(op.lower()) for _ in range(n_out)]
+        n = helper.make_node(op, inputs, outs, name=self.fresh(op), domain=domain or None, **attrs)
+        return n, outs
+
+    # -- one rewrite per op; each returns the replacement nodes ------------------------
+
+    def scan(self, n: onnx.NodeProto, step: bool) -> list[onnx.NodeProto]:
+        x, dt, A, Bm, Cm, state = n.input
+        y, new_state = n.output
+        if step:  # (B, H, P), (B, G, N)
+            _, H, P = self.dims(x, 3)
+            _, G, N = self.dims(Bm, 3)
+        else:  # (B, L, H, P), (B, L, G, N)
+            _, _, H, P = self.dims(x, 4)
+            _, _, G, N = self.dims(Bm, 4)
+        if None in (H, P, G, N):
+            raise ValueError(f"{n.name}: head/state sizes must be static, got H={H} P={P} G={G} N={N}")
+        seq = 1 if step else 0  # Reshape's 0 copies the (dynamic) L; a step gets L = 1
+        out = []
+
+        # value = dt·x packed (B, T, H·P); decay = dt·A (B, T, H): log-space per-head decay.
+        n1, (dt4,) = self.node("Unsqueeze", [dt, self.ints(-1)])
+        n2, (dtx,) = self.node("Mul", [x, dt4])
+        n3, (value,) = self.node("Reshape", [dtx, self.ints(0, seq, H * P)])
+        n4, (dtA,) = self.node("Mul", [dt, A])
+        out += [n1, n2, n3, n4]
+        if step:
+            n5, (decay,) = self.node("Reshape", [dtA, self.ints(0, 1, H)])
+            out.append(n5)
+        else:
+            decay = dtA
+
+        # key = B repeated per head (B, T, H·N); each group serves H/G consecutive heads.
+        # query = C packed per group (B, T, G·N): LinearAttention's GQA maps query group
+        # g to heads g·H/G .. (g+1)·H/G-1, the same sharing Mamba-2 uses, so no repeat.
+        if G == 1:
+            n6, (b3,) = self.node("Reshape", [Bm, self.ints(0, seq, N)])
+            n7, (key,) = self.node("Tile", [b3, self.ints(1, 1, H)])
+            out += [n6, n7]
+        else:
+            n6, (b5,) = self.node("Reshape", [Bm, self.ints(0, seq, G, 1, N)])
+            n7, (b5e,) = self.node("Expand", [b5, self.ints(1, 1, 1, H // G, 1)])
+            n8, (key,) = self.node("Reshape", [b5e, self.ints(0, seq, H * N)])
+            out += [n6, n7, n8]
+        n9, (query,) = self.node("Reshape", [Cm, self.ints(0, seq, G * N)])
+        o = self.fresh("linear_attention")
+        la, _ = self.node(
+            "LinearAttention", [query, key, value, state, decay], domain=MS, outputs=[o, new_state],
+            q_num_heads=G, kv_num_heads=H, update_rule="gated", scale=1.0,
+        )
+        n10, _ = self.node("Reshape", [o, self.ints(*((0, H, P) if step else (0, 0, H, P)))],
+                           outputs=[y])
+        return out + [n9, la, n10]
+
+    def conv(self, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+        x, conv_state, weight, bias = n.input
+        y, new_state = n.output
+        Cc, K = self.dims(weight, 2)
+        if weight not in self.inits:
+            raise ValueError(f"{n.name}: conv weight {weight!r} must be an initializer to lower")
+        # Kernel layout (Cc, 1, K). channels_last=1 keeps the activations (B, L, Cc) as the
+        # model has them; the carried state is (B, K-1, Cc) in that layout, so the model's
+        # (B, Cc, K-1) state is transposed in and out (3·Cc values, cheaper than L·Cc).
+        w3 = self.derived(weight + ".kernel", lambda: numpy_helper.to_array(self.inits[weight]).reshape(Cc, 1, K))
+        t_in, (state_cl,) = self.node("Transpose", [conv_state], perm=[0, 2, 1])
+        present_cl = self.fresh("present_conv_cl")
+        cc, _ = self.node(
+            "CausalConvWithState", [x, w3, bias, state_cl], domain=MS,
+            outputs=[y, present_cl], activation="silu", channels_last=1,
+        )
+        t_out, _ = self.node("Transpose", [present_cl], outputs=[new_state], perm=[0, 2, 1])
+        return [t_in, cc, t_out]
+
+    def moe(self, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+        x, logits, w_gate, w_up, w_down = n.input
+        top_k = next(a.i for a in n.attribute if a.name == "top_k")
+        for w in (w_gate, w_up, w_down):
+            if w not in self.inits:
+                raise ValueError(f"{n.name}: expert weight {w!r} must be an initializer to lower")
+
+        def interleave():
+            # swiglu_fusion=1: FC1 rows [g0, u0, g1, u1, ...], the only fused layout the
+            # CPU kernel accepts.
+            g = numpy_helper.to_array(self.inits[w_gate])  # (E, F, D)
+            u = numpy_helper.to_array(self.inits[w_up])
+            E, Fw, D = g.shape
+            return np.stack([g, u], axis=2).reshape(E, 2 * Fw, D)
+
+        fc1 = self.derived(f"{w_gate}+{w_up}.fc1", interleave)
+        moe, _ = self.node(
+            "MoE", [x, logits, fc1, "", w_down], domain=MS, outputs=list(n.output),
+            k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
+            activation_beta=0.0, normalize_routing_weights=1,
+        )
+        return [moe]
+
+
+def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int] | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init).tolist()
+    n = producers.get(name)
+    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+        return numpy_helper.to_array(n.attribute[0].t).tolist()
+    return None
+
+
+def _collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
+    """Reshape(Reshape(a, s1), s2) → Reshape(a, s2): the lowering's packing Reshapes often
+    follow the model's own, and ORT (1.32) leaves such chains in place, at ~0.3 µs a node."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        src = producers.get(n.input[0]) if n.op_type == "Reshape" else None
+        if src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
+            continue
+        s1, s2 = _const_ints(model, src.input[1], producers), _const_ints(model, n.input[1], producers)
+        if s1 is None or s2 is None:
+            continue
+        if 0 in s1 and any(a.name == "allowzero" and a.i for a in src.attribute):
+            continue  # a literal zero-size dim: leave it alone
+        if 0 in s2 and any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        # A 0 in s2 copies a dim of the intermediate: safe where s1 copied it too, or where
+        # shape inference shows a and the intermediate agree on that (symbolic) dim.
+        a_dims, mid_dims = dims.get(src.input[0]), dims.get(src.output[0])
+        def same(i: int) -> bool:
+            if i < len(s1) and s1[i] == 0:
+                return True
+            return (a_dims is not None and mid_dims is not None and i < min(len(a_dims), len(mid_dims))
+                    and a_dims[i] is not None and a_dims[i] == mid_dims[i])
+        if any(v == 0 and not same(i) for i, v in enumerate(s2)):
+            continue
+        n.input[0] = src.input[0]
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    g = model.graph
+    while True:
+        used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in used for o in n.output)]
+        if len(live) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(live)
+
+
+def _prune(model: onnx.ModelProto) -> None:
+    """Drop nodes, initializers, functions and opset imports that nothing uses any more."""
+    g = model.graph
+    _drop_dead_nodes(model)
+    used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    called = {(n.domain, n.op_type) for n in g.node}
+    fns = [f for f in model.functions if (f.domain, f.name) in called]
+    del model.functions[:]
+    model.functions.extend(fns)
+    domains = {n.domain for n in g.node} | {o.domain for f in fns for o in f.opset_import}
+    ops = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(ops)
+
+
+def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Rewrite every ai.itera node in place to com.microsoft kernels; returns the model."""
+    rw = _Rewriter(model)
+    nodes = []
+    for n in model.graph.node:
+        if n.domain != DOMAIN:
+            nodes.append(n)
+        elif n.op_type in ("SelectiveScan", "SsmStep"):
+            nodes += rw.scan(n, step=n.op_type == "SsmStep")
+        elif n.op_type == "CausalConv1d":
+            nodes += rw.conv(n)
+        elif n.op_type == "TopKMoE":
+            nodes += rw.moe(n)
+        else:
+            raise ValueError(f"no lowering for {DOMAIN}::{n.op_type}")
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    if not any(o.domain == MS for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(MS, 1))
+    _collapse_reshapes(model, rw.sym)
+    _prune(model)
+    return model

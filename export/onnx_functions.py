@@ -1,0 +1,201 @@
+"""The `ai.itera` ONNX ops: their schemas, the exporter's translations, and their decompositions.
+
+Each custom torch op of the model (`itera::causal_conv1d`, `itera::selective_scan`,
+`itera::ssm_step`, `itera::moe`) becomes one `ai.itera` node in the exported graph. The
+node's meaning ships inside the model as an ONNX FunctionProto of standard ops, so stock
+onnxruntime runs it (ORT inlines model-local functions); `lower.py` can instead rewrite the
+nodes to onnxruntime's fused contrib kernels.
+
+The decompositions are not written by hand: each is the op's own torch kernel from
+`itera_lite.models` exported alone with dynamic batch/sequence dims, its graph turned into a
+function (initializers become Constant nodes). That keeps one home for the math.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import onnx
+import torch
+from onnx import helper
+from onnx.defs import OpSchema
+from onnxscript.values import Op, Opset
+
+from itera_lite.models.moe import moe_dense
+from itera_lite.models.ssm import causal_conv1d, ssd_chunked, ssd_step
+
+DOMAIN = "ai.itera"
+VERSION = 1
+ITERA = Opset(DOMAIN, VERSION)
+
+_F = OpSchema.FormalParameter
+
+
+def _schema(name: str, inputs: list[str], outputs: list[str], attrs: tuple[str, ...] = ()) -> OpSchema:
+    # Not registered with onnx.defs (that is process-global): the Op objects below carry
+    # the schema so onnxscript knows each op's arity when the exporter records the node.
+    return OpSchema(
+        name, DOMAIN, VERSION,
+        inputs=[_F(i, "T") for i in inputs],
+        outputs=[_F(o, "T") for o in outputs],
+        type_constraints=[("T", ["tensor(float)"], "")],
+        attributes=[OpSchema.Attribute(a, OpSchema.AttrType.INT, "") for a in attrs],
+    )
+
+
+_SCAN_IO = (["x", "dt", "A", "B", "C", "state"], ["y", "new_state"])
+CausalConv1d = Op(ITERA, "CausalConv1d", _schema("CausalConv1d", ["x", "conv_state", "weight", "bias"], ["y", "new_conv_state"]))
+SelectiveScan = Op(ITERA, "SelectiveScan", _schema("SelectiveScan", *_SCAN_IO))
+SsmStep = Op(ITERA, "SsmStep", _schema("SsmStep", *_SCAN_IO))
+TopKMoE = Op(ITERA, "TopKMoE", _schema("TopKMoE", ["x", "router_logits", "w_gate", "w_up", "w_down"], ["y"], ("top_k",)))
+
+
+# Translations for `torch.onnx.export(..., custom_translation_table=...)`: one opaque node each.
+def _causal_conv1d(x, conv_state, weight, bias):
+    return CausalConv1d(x, conv_state, weight, bias)
+
+
+def _selective_scan(x, dt, A, Bm, Cm, state):
+    return SelectiveScan(x, dt, A, Bm, Cm, state)
+
+
+def _ssm_step(x, dt, A, Bm, Cm, state):
+    return SsmStep(x, dt, A, Bm, Cm, state)
+
+
+def _moe(x, router_logits, w_gate, w_up, w_down, top_k: int):
+    return TopKMoE(x, router_logits, w_gate, w_up, w_down, top_k=top_k)
+
+
+def translation_table() -> dict:
+    """custom_translation_table mapping the model's torch custom ops to `ai.itera` nodes."""
+    ops = torch.ops.itera
+    return {
+        ops.causal_conv1d.default: _causal_conv1d,
+        ops.selective_scan.default: _selective_scan,
+        ops.ssm_step.default: _ssm_step,
+        ops.moe.default: _moe,
+    }
+
+
+# ---------------------------------------------------------------------------------------
+# Decompositions: the kernels, exported alone.
+
+
+class _Kernel(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def _selective_scan_kernel(x, dt, A, Bm, Cm, state):
+    # One chunk as long as the sequence: the quadratic SSD form (masked decay matrix plus the
+    # entering state), which needs no data-dependent padding for a dynamic L. Prefill cost is
+    # O(L^2) per head, fine for prompt lengths of a tiny model; the fused path is linear.
+    return ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size=x.shape[1])
+
+
+def _moe_kernel(top_k):
+    return lambda x, r, g, u, d: moe_dense(x, r, g, u, d, top_k)
+
+
+def _graph_to_function(model: onnx.ModelProto, schema: OpSchema) -> onnx.FunctionProto:
+    g = model.graph
+    # Name the function's formal inputs and outputs as the op schema does (x, dt, ...).
+    rename = {v.name: p.name for v, p in zip(list(g.input) + list(g.output), schema.inputs + schema.outputs)}
+    nodes = [
+        helper.make_node("Constant", [], [init.name], value=init, name=f"const_{init.name}")
+        for init in g.initializer
+    ] + [onnx.NodeProto.FromString(n.SerializeToString()) for n in g.node]
+    for n in nodes:
+        n.input[:] = [rename.get(v, v) for v in n.input]
+        n.output[:] = [rename.get(v, v) for v in n.output]
+    return helper.make_function(
+        DOMAIN, schema.name,
+        inputs=[rename[i.name] for i in g.input],
+        outputs=[rename[o.name] for o in g.output],
+        nodes=nodes,
+        opset_imports=list(model.opset_import),
+        attributes=list(schema.attributes),
+    )
+
+
+def _export_kernel(fn, args, dynamic_shapes, opset: int) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(
+            _Kernel(fn), tuple(args), dynamo=True, dynamic_shapes=(tuple(dynamic_shapes),),
+            opset_version=opset, verbose=False,
+        )
+    model = prog.model_proto
+    if model.functions:
+        raise RuntimeError(f"kernel {fn} exported with nested functions; not supported")
+    return model
+
+
+def _top_k_from_attribute(fn: onnx.FunctionProto) -> None:
+    """Make TopK's k read the function's `top_k` attribute instead of the traced constant."""
+    topk = [n for n in fn.node if n.op_type == "TopK"]
+    if len(topk) != 1:
+        raise RuntimeError(f"expected one TopK in the MoE decomposition, found {len(topk)}")
+    k_name = "top_k_attr_1d"
+    scalar = helper.make_node("Constant", [], ["top_k_attr"], name="top_k_attr")
+    scalar.attribute.append(onnx.AttributeProto(name="value_int", ref_attr_name="top_k", type=onnx.AttributeProto.INT))
+    shape = helper.make_node("Constant", [], ["top_k_shape"], name="top_k_shape",
+                             value=helper.make_tensor("top_k_shape", onnx.TensorProto.INT64, [1], [1]))
+    reshape = helper.make_node("Reshape", ["top_k_attr", "top_k_shape"], [k_name], name="top_k_1d")
+    topk[0].input[1] = k_name
+    nodes = [scalar, shape, reshape] + list(fn.node)
+    del fn.node[:]
+    fn.node.extend(nodes)
+
+
+@functools.lru_cache(maxsize=8)
+def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: int, Fw: int, opset: int):
+    b, L, T = torch.export.Dim("batch"), torch.export.Dim("seq", min=2), torch.export.Dim("tokens", min=2)
+    bt = {0: b}
+    btl = {0: b, 1: L}
+    r = torch.randn
+    conv = _export_kernel(
+        causal_conv1d, (r(2, 5, Cc), r(2, Cc, K - 1), r(Cc, K), r(Cc)), (btl, bt, None, None), opset
+    )
+    scan = _export_kernel(
+        _selective_scan_kernel,
+        (r(2, 5, H, P), r(2, 5, H).abs(), -r(H).abs(), r(2, 5, G, N), r(2, 5, G, N), r(2, H, N, P)),
+        (btl, btl, None, btl, btl, bt), opset,
+    )
+    step = _export_kernel(
+        ssd_step, (r(2, H, P), r(2, H).abs(), -r(H).abs(), r(2, G, N), r(2, G, N), r(2, H, N, P)),
+        (bt, bt, None, bt, bt, bt), opset,
+    )
+    # top_k = 2 at trace time only; the function reads its `top_k` attribute.
+    moe = _export_kernel(
+        _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
+        ({0: T}, {0: T}, None, None, None), opset,
+    )
+    moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
+    _top_k_from_attribute(moe_fn)
+    return (
+        _graph_to_function(conv, CausalConv1d.op_schema),
+        _graph_to_function(scan, SelectiveScan.op_schema),
+        _graph_to_function(step, SsmStep.op_schema),
+        moe_fn,
+    )
+
+
+def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:
+    """FunctionProtos (domain ai.itera) for the four ops, specialised to a model config's dims.
+
+    Head, state and group sizes are baked in as constants of the traced kernels (batch,
+    sequence and token counts stay dynamic); the functions ship inside that model only.
+    """
+    d_inner = cfg.expand * cfg.d_model
+    H = d_inner // cfg.head_dim
+    Cc = d_inner + 2 * cfg.n_groups * cfg.d_state
+    fns = _decompositions(H, cfg.head_dim, cfg.d_state, cfg.n_groups, Cc, cfg.d_conv,
+                          cfg.d_model, cfg.n_experts, cfg.d_expert, opset)
+    return [onnx.FunctionProto.FromString(f.SerializeToString()) for f in fns]
