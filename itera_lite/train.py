@@ -296,6 +296,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
             sums["loss"] += loss.item() / cfg.grad_accum
         if world > 1:
             _all_reduce_grads(model, world)
+            # Log the global batch's losses, not rank 0's share of it.
+            logged = torch.tensor([sums["loss"], sums["balance_loss"], sums["z_loss"]])
+            torch.distributed.all_reduce(logged)
+            sums["loss"], sums["balance_loss"], sums["z_loss"] = (logged / world).tolist()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
         lr = scheduler.get_last_lr()[0]
         optimizer.step()
