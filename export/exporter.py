@@ -7,8 +7,10 @@ validation passed, so a failed export never leaves a bundle (or half of one) beh
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import onnx
@@ -48,6 +50,12 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
     from itera_bench.provenance import provenance
     from itera_lite.checkpoint import load_model
 
+    # torch.onnx and optimum log advice meant for their developers (missing torchvision,
+    # tied-weight notes); users get our own progress lines and errors instead.
+    import optimum.utils.logging  # noqa: F401  (configures its logger on import; set ours after)
+
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "optimum", "transformers"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     if quantize not in QUANTIZE_MODES:
         raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
     checkpoint = Path(checkpoint)
@@ -61,14 +69,16 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
     try:
         family = model.config.family
         log(f"exporting {family} graphs")
-        if family == "itera":
-            from .itera import export_itera_graphs
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
+            if family == "itera":
+                from .itera import export_itera_graphs
 
-            frag = export_itera_graphs(model, tmp, lower=lower)
-        else:
-            from .baseline import export_baseline_graphs
+                frag = export_itera_graphs(model, tmp, lower=lower)
+            else:
+                from .baseline import export_baseline_graphs
 
-            frag = export_baseline_graphs(model, tmp)
+                frag = export_baseline_graphs(model, tmp)
         graph_files = sorted({g["file"] for g in frag["graphs"].values()})
         checks = {f: check_graph(tmp / f) for f in graph_files}
 

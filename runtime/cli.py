@@ -1,0 +1,122 @@
+"""itera-run: generate text from a bundle, without torch.
+
+    itera-run BUNDLE --prompt "To be" --max-new-tokens 64
+    echo "To be" | itera-run BUNDLE --temperature 0.8 --top-k 40 --seed 1 --json
+    itera-run BUNDLE            # stdin is a terminal: interactive, one continuation per line
+
+Text streams to stdout; a stats line goes to stderr (or everything into one JSON object
+with --json). Errors a user can cause end in one "error: ..." line and exit code 1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+
+import click
+
+from .bundle import BundleError
+from .generate import Generator
+from .sampling import SamplingConfig
+from .session import DeviceError
+
+EXIT_PROMPTS = ("exit", "quit")
+
+
+def _out(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
+             stop: tuple[str, ...], stream: bool, as_json: bool) -> dict:
+    """Generate one continuation, printing it (and its stats) as the options ask; returns the record."""
+    gen = generator.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
+                             stream=stream and not as_json)
+    for piece in gen:
+        if not as_json:
+            _out(piece)
+    stats = gen.finish()
+    record = {
+        "text": stats.text,
+        "prompt": prompt,
+        "stats": stats.as_dict(),
+        "bundle": str(generator.bundle.path),
+        "family": generator.family,
+        "device": generator.device,
+        "threads": generator.threads,
+        "sampling": {**dataclasses.asdict(gen.sampling), "stop": list(stop)},
+    }
+    if as_json:
+        _out(json.dumps(record, ensure_ascii=False) + "\n")
+    else:
+        _out("\n")
+        click.echo(stats.summary(), err=True)
+    return record
+
+
+def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingConfig,
+                stop: tuple[str, ...], stream: bool, as_json: bool) -> None:
+    """Read a line, print its continuation, repeat; Ctrl-D, "exit" or "quit" ends.
+
+    Each line is a fresh prompt: nothing carries over from one turn to the next. With a
+    fixed seed every turn restarts the same random stream.
+    """
+    click.echo(f"{generator.family} bundle {generator.bundle.path}: type a prompt; Ctrl-D or 'exit' quits.",
+               err=True)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            _out("\n")
+            return
+        if line.strip() in EXIT_PROMPTS:
+            return
+        if not line:
+            continue
+        run_once(generator, line, max_new_tokens, sampling, stop, stream, as_json)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("bundle", type=click.Path(path_type=str))
+@click.option("--prompt", "-p", default=None,
+              help="Prompt text. Default: stdin when it is not a terminal (one trailing newline "
+                   "dropped), else an interactive loop. An empty prompt starts from a newline token.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, ... (what onnxruntime has).")
+@click.option("--max-new-tokens", "-n", default=128, show_default=True, type=int)
+@click.option("--temperature", default=1.0, show_default=True, type=float, help="0 is greedy.")
+@click.option("--top-k", default=0, show_default=True, type=int, help="0 is off.")
+@click.option("--top-p", default=1.0, show_default=True, type=float, help="1 is off.")
+@click.option("--repetition-penalty", default=1.0, show_default=True, type=float, help="1 is off.")
+@click.option("--seed", default=None, type=int, help="Sampling seed; unset draws one and reports it (--json).")
+@click.option("--stop", multiple=True, help="Stop when the text contains this (not printed); repeatable.")
+@click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: its own choice).")
+@click.option("--no-stream", is_flag=True, help="Print the text at the end instead of as it comes.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt, stats, sampling.")
+def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+         stop, threads, no_stream, as_json):
+    """Generate text from the itera bundle folder BUNDLE."""
+    try:
+        if threads is not None and threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {threads}")
+        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                                  repetition_penalty=repetition_penalty, seed=seed)
+        if prompt is None and not sys.stdin.isatty():
+            prompt = sys.stdin.read()
+            prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        generator = Generator(bundle, device=device, threads=threads)
+        if prompt is None:
+            interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
+        else:
+            run_once(generator, prompt, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
+    except (BundleError, DeviceError, ValueError) as e:
+        click.echo("error: " + " ".join(str(e).split()), err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

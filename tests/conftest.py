@@ -1,0 +1,65 @@
+"""Shared fixtures: tiny untrained bundles of both families for the runtime tests.
+
+Built once per test session from a random-init model (no training: the runtime only has to
+reproduce torch, not write Shakespeare) with a byte-level vocab of 256, so every token is
+one byte and multi-byte characters are always split across tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TINY_VOCAB = 256
+TINY_LAYERS = 2  # two, so the state of more than one layer has to be carried in order
+
+
+@dataclass
+class TinyBundle:
+    family: str
+    checkpoint: Path
+    bundle: Path
+
+
+def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from itera_export.exporter import export_checkpoint
+    from itera_lite.checkpoint import save_checkpoint
+    from itera_lite.data import train_tokenizer
+    from itera_lite.models import build_model, make_config
+    from itera_lite.models.config import config_to_dict
+
+    root = tmp_path_factory.mktemp(f"tiny-{family}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny model: more threads only contend on a shared box
+    try:
+        torch.manual_seed(0)
+        cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, n_layers=TINY_LAYERS)
+        model = build_model(cfg).eval()
+        tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
+        ckpt = root / "tiny.pt"
+        save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
+                               "tokenizer_json": tokenizer.to_str()})
+        out, _ = export_checkpoint(ckpt, root / "bundle", force=True)
+    finally:
+        torch.set_num_threads(threads)
+    return TinyBundle(family, ckpt, out)
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(tmp_path_factory) -> TinyBundle:
+    return _make_tiny_bundle(tmp_path_factory, "baseline")
+
+
+@pytest.fixture(scope="session")
+def tiny_itera(tmp_path_factory) -> TinyBundle:
+    return _make_tiny_bundle(tmp_path_factory, "itera")
+
+
+@pytest.fixture(params=["baseline", "itera"])
+def tiny_bundle(request) -> TinyBundle:
+    """Each family in turn."""
+    return request.getfixturevalue(f"tiny_{request.param}")
