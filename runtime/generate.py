@@ -166,12 +166,13 @@ class Generator:
         times.append(time.perf_counter() - t)
         logits = logits[-1]
         history = list(prompt_ids)  # for the repetition penalty
+        decoder = session.decoder(state)
         for i in range(max_new_tokens):
             token = sampler(logits, history)
             history.append(token)
             yield token
             if i + 1 < max_new_tokens:
-                logits, state = session.decode(token, state)
+                logits = decoder.step(token)
 
     def _sampler(self, sampling: SamplingConfig | None) -> Sampler:
         sampling = sampling if sampling is not None else SamplingConfig()

@@ -167,6 +167,12 @@ class Sampler:
         """
         cfg = self.config
         x = np.asarray(logits)
+        if cfg.greedy and cfg.repetition_penalty == 1.0 and x.ndim == 1:
+            # The per-token hot path of greedy decoding: no copies, one pass.
+            idx = int(np.argmax(x))
+            if np.isnan(x[idx]):
+                raise ValueError("cannot sample: logits contain nan")
+            return idx
         if x.ndim != 1:
             raise ValueError(f"expected logits of shape (vocab,), got {x.shape}")
         x = apply_repetition_penalty(x, history, cfg.repetition_penalty)
@@ -174,8 +180,13 @@ class Sampler:
             raise ValueError("cannot sample: logits contain nan")
         if cfg.greedy:
             return int(np.argmax(x))
+        # Top-k first as a gather of k candidates, so temperature, top-p and the draw work
+        # on k values instead of the whole vocabulary (same distribution as filtering).
+        ids = None
+        if 0 < cfg.top_k < x.shape[0]:
+            ids = np.argpartition(x, -cfg.top_k)[-cfg.top_k:]
+            x = x[ids]
         x /= cfg.temperature
-        x = top_k_filter(x, cfg.top_k)
         x = top_p_filter(x, cfg.top_p)
         probs = softmax(x)
         # Inverse-CDF draw: one uniform and a binary search, cheaper than rng.choice,
@@ -187,4 +198,4 @@ class Sampler:
         # the CDF; step back to the last live one.
         if probs[idx] == 0.0:
             idx = int(np.flatnonzero(probs)[-1])
-        return idx
+        return int(ids[idx]) if ids is not None else idx

@@ -124,6 +124,85 @@ class ModelSession:
         return logits[0], state
 
     def decode(self, token: int, state: State) -> tuple[np.ndarray, State]:
-        """One token -> logits (V,), next state."""
+        """One token -> logits (V,), next state. Leaves `state` usable (for branching, tests)."""
         logits, state = self._run("decode", np.array([[token]], dtype=np.int64), state)
         return logits[0, -1], state
+
+    def decoder(self, state: State) -> "Decoder":
+        """The generate loop's fast path: a decoder that continues from (and consumes) `state`."""
+        return Decoder(self, state)
+
+
+class Decoder:
+    """Token-by-token decoding with bindings made once.
+
+    The token and logits live in preallocated buffers bound to the graph, so a step is a
+    write of one int64, one `run_with_iobinding` and a view of the logits. A fixed-shape
+    state (SSM) is double-buffered: two sets of OrtValues and two bindings that read one set
+    and write the other, alternating, so no state is allocated or copied per step. A KV
+    cache grows every step, so its outputs are rebound each time (onnxruntime allocates).
+    The returned logits view is overwritten by the next step.
+    """
+
+    def __init__(self, session: ModelSession, state: State):
+        self.s = session
+        self.sess = session.graphs["decode"]
+        vocab = session.bundle.vocab_size or session.bundle.graph("decode").outputs[0].shape[-1]
+        self._token = np.zeros((1, 1), dtype=np.int64)
+        self._logits = np.zeros((1, 1, int(vocab)), dtype=np.float32)
+        self._token_ov = ort.OrtValue.ortvalue_from_numpy(self._token)
+        self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        self.position = state.position
+        self.values = list(state.values)
+        self.fixed = session.bundle.state_kind == "ssm" and not session.attention_mask and not session.position_ids
+        if self.fixed:
+            other = [ort.OrtValue.ortvalue_from_numpy(np.zeros(v.shape(), dtype=v.numpy().dtype)) for v in self.values]
+            self._sets = [self.values, other]
+            self._bindings = [self._bind(self._sets[i], self._sets[1 - i]) for i in (0, 1)]
+            self._parity = 0
+        else:
+            self._mask = np.ones((1, 1024), dtype=np.int64)
+            self._state_inputs = [spec.input for spec in session.state_specs]
+            self._output_names = [session.logits, *(spec.output for spec in session.state_specs)]
+
+    def _bind(self, inputs, outputs) -> ort.IOBinding:
+        b = self.sess.io_binding()
+        b.bind_ortvalue_input(self.s.input_ids, self._token_ov)
+        b.bind_ortvalue_output(self.s.logits, self._logits_ov)
+        for spec, src, dst in zip(self.s.state_specs, inputs, outputs):
+            b.bind_ortvalue_input(spec.input, src)
+            b.bind_ortvalue_output(spec.output, dst)
+        return b
+
+    def step(self, token: int) -> np.ndarray:
+        """Feed one token; logits (V,) for the next (a view, valid until the next step)."""
+        self._token[0, 0] = token
+        if self.fixed:
+            self.sess.run_with_iobinding(self._bindings[self._parity])
+            self._parity ^= 1
+            self.values = self._sets[self._parity]
+        else:
+            self._step_growing()
+        self.position += 1
+        return self._logits[0, 0]
+
+    def _step_growing(self) -> None:
+        # run_with_ort_values: one call, no IOBinding to build; the KV OrtValues it returns
+        # are fed straight back, never copied through numpy.
+        s = self.s
+        feeds = {s.input_ids: self._token_ov}
+        if s.attention_mask:
+            total = self.position + 1
+            if total > self._mask.shape[1]:
+                self._mask = np.ones((1, 2 * total), dtype=np.int64)
+            feeds[s.attention_mask] = ort.OrtValue.ortvalue_from_numpy(self._mask[:, :total])
+        if s.position_ids:
+            feeds[s.position_ids] = ort.OrtValue.ortvalue_from_numpy(np.array([[self.position]], dtype=np.int64))
+        feeds.update(zip(self._state_inputs, self.values))
+        outs = self.sess.run_with_ort_values(self._output_names, feeds)
+        self._logits[...] = outs[0].numpy()
+        self.values = outs[1:]
+
+    @property
+    def state(self) -> State:
+        return State(list(self.values), self.position)

@@ -1,12 +1,12 @@
 """Where the time of one decode step goes: onnxruntime vs the Python around it.
 
 Runs the real generate loop (`Generator.generate`) and wraps, per step, the onnxruntime call
-(`InferenceSession.run_with_iobinding`), `ModelSession.decode` and the sampler with
+(`InferenceSession.run_with_iobinding`), `Decoder.step` and the sampler with
 perf_counter accumulators. Everything outside the onnxruntime call is Python overhead:
 
     loop      = decode phase of GenerationStats (model step + sampling + detokenisation)
-    ort       = time inside run_with_iobinding (its one-line Python wrapper included)
-    session   = ModelSession.decode minus ort (IOBinding setup, masks, logits copy)
+    ort       = time inside run_with_iobinding / run_with_ort_values (Python wrapper included)
+    session   = Decoder.step minus ort (token write, KV rebinding)
     sampler   = Sampler.__call__
     rest      = loop - ort - session - sampler (streamer, stop strings, generator plumbing)
     overhead  = (loop - ort) / ort
@@ -60,18 +60,35 @@ def _wrap(gen: Generator, timers: Timers):
                 timers.ort += perf() - t
 
         sess.run_with_iobinding = timed_run
-    decode = gen.session.decode
+        run_values = sess.run_with_ort_values
 
-    def timed_decode(token, state):
-        timers.in_decode = True
-        t = perf()
-        out = decode(token, state)
-        timers.in_decode = False
-        timers.session += perf() - t
-        timers.calls += 1
-        return out
+        def timed_run_values(names, feeds, run_options=None, _run=run_values):
+            t = perf()
+            out = _run(names, feeds, run_options)
+            if timers.in_decode:
+                timers.ort += perf() - t
+            return out
 
-    gen.session.decode = timed_decode
+        sess.run_with_ort_values = timed_run_values
+    make_decoder = gen.session.decoder
+
+    def timed_decoder(state):
+        decoder = make_decoder(state)
+        step = decoder.step
+
+        def timed_step(token):
+            timers.in_decode = True
+            t = perf()
+            out = step(token)
+            timers.in_decode = False
+            timers.session += perf() - t
+            timers.calls += 1
+            return out
+
+        decoder.step = timed_step
+        return decoder
+
+    gen.session.decoder = timed_decoder
     call = Sampler.__call__
 
     def timed_sample(self, logits, history=()):
@@ -85,7 +102,8 @@ def _wrap(gen: Generator, timers: Timers):
     def undo():
         for sess in sessions:
             del sess.run_with_iobinding
-        del gen.session.decode
+            del sess.run_with_ort_values
+        del gen.session.decoder
         Sampler.__call__ = call
 
     return undo

@@ -188,8 +188,12 @@ class ScriptedSession:
     def prefill(self, ids):
         return self._onehot(0)[None], 0
 
-    def decode(self, token, state):
-        return self._onehot(state + 1), state + 1
+    def decoder(self, state):
+        return self
+
+    def step(self, token):
+        self.i = getattr(self, "i", 0) + 1
+        return self._onehot(self.i)
 
 
 def scripted(gen: Generator, text: str) -> Generator:
