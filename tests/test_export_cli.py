@@ -1,0 +1,120 @@
+"""itera-export as users run it: bundles of both families and every quantization mode,
+and bad inputs that end in one clear line, a non-zero exit and nothing left on disk."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from itera_lite.checkpoint import load_checkpoint
+from itera_runtime import Generator, SamplingConfig, load_bundle
+
+
+def export(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "itera_export.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+@pytest.mark.parametrize("quantize", ["int8", "int4"])
+def test_quantized_bundles_of_both_families_run(tmp_path, tiny_bundle, quantize):
+    out = tmp_path / f"{tiny_bundle.family}-{quantize}"
+    proc = export(tiny_bundle.checkpoint, "-o", out, "--quantize", quantize)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    manifest = load_bundle(out).manifest
+    assert manifest["quantization"]["mode"] == quantize
+    assert manifest["quantization"]["nodes_quantized"] > 0
+    fp32 = load_bundle(tiny_bundle.bundle).manifest
+    for f, check in manifest["graph_checks"].items():
+        assert check["bytes"] < fp32["graph_checks"][f]["bytes"], (f, check)
+    v = manifest["validation"]
+    # Untrained weights give near-tied logits, so top-1 agreement is only meaningful for the
+    # baseline here; a broken quantized graph shows as logits off by far more than 3.
+    assert v["tolerance"] is None and v["max_abs_diff"] < 3.0
+    if tiny_bundle.family == "baseline":
+        assert v["decode_top1_agreement"] >= 0.9
+    text = Generator(out, threads=1).generate("To be", 16, SamplingConfig(temperature=0)).text
+    assert isinstance(text, str)
+
+
+def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    proc = export(tiny_baseline.checkpoint, "-o", out)
+    assert proc.returncode == 1 and "--force" in proc.stderr
+    assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["b"]
+
+
+def test_default_output_derives_from_checkpoint(tmp_path, tiny_baseline):
+    run = tmp_path / "runs" / "my-run"
+    run.mkdir(parents=True)
+    (run / "best.pt").write_bytes(Path(tiny_baseline.checkpoint).read_bytes())
+    proc = subprocess.run([sys.executable, "-m", "itera_export.cli", str(run / "best.pt")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "bundles" / "my-run" / "manifest.json").exists()
+
+
+def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
+    path = tmp_path / "bad.pt"
+    if kind == "missing":
+        return tmp_path / "nope.pt"
+    if kind == "not-a-checkpoint":
+        path.write_text("hello, I am text")
+    elif kind == "foreign":
+        torch.save({"weights": torch.zeros(3)}, path)
+    elif kind == "newer":
+        ckpt = load_checkpoint(good)
+        ckpt["format_version"] = 99
+        torch.save(ckpt, path)
+    elif kind == "truncated":
+        path.write_bytes(good.read_bytes()[:5000])
+    return path
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-a-checkpoint", "foreign", "newer", "truncated"])
+def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_baseline, kind):
+    src = _bad_checkpoint(tmp_path, kind, Path(tiny_baseline.checkpoint))
+    before = leftovers(tmp_path)
+    proc = export(src, "-o", tmp_path / "out")
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    assert str(src.name) in lines[0]
+    if kind == "newer":
+        assert "upgrade" in lines[0]
+    assert leftovers(tmp_path) == before  # no bundle, no temp folder
+
+
+def test_failed_validation_deletes_temp_output(tmp_path, tiny_itera, monkeypatch):
+    # Force a validation failure: the exporter must remove everything it wrote.
+    from itera_export import exporter
+
+    monkeypatch.setattr(exporter, "FP32_TOLERANCE", -1.0)
+    with pytest.raises(exporter.ExportError, match="validation failed"):
+        exporter.export_checkpoint(tiny_itera.checkpoint, tmp_path / "out")
+    assert leftovers(tmp_path) == []
+
+
+def test_manifest_records_what_the_contract_promises(tiny_itera, tiny_baseline):
+    for tb in (tiny_itera, tiny_baseline):
+        m = json.loads((Path(tb.bundle) / "manifest.json").read_text())
+        for key in ("format_version", "family", "model_config", "tokenizer", "files", "graphs", "io", "state",
+                    "opset", "custom_domains", "quantization", "versions", "validation", "graph_checks"):
+            assert key in m, (tb.family, key)
+        assert m["validation"]["max_abs_diff"] <= 1e-4
+        assert m["versions"]["onnxruntime"] and m["versions"]["torch"]
+        for spec in m["state"]["tensors"]:
+            assert spec["shape"][0] == "batch"
+    assert load_bundle(tiny_itera.bundle).manifest["ssm_path"] in ("lowered", "function")
+    assert np.isfinite(load_bundle(tiny_baseline.bundle).manifest["validation"]["decode_logits"])
