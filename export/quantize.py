@@ -169,6 +169,9 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
     root = logging.getLogger()
     level = root.level
     root.setLevel(logging.ERROR)
+    # The int4 quantizer logs every node it skips at INFO through its own handler.
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     try:
         model = onnx.load(str(src))
         gemms = _gemm_to_matmul(model)
