@@ -185,7 +185,7 @@ class Sampler:
         ids = None
         if 0 < cfg.top_k < x.shape[0]:
             ids = np.argpartition(x, -cfg.top_k)[-cfg.top_k:]
-            x = x[ids]
+            return int(ids[self._draw_sorted(x[ids])])
         x /= cfg.temperature
         x = top_p_filter(x, cfg.top_p)
         probs = softmax(x)
@@ -198,4 +198,23 @@ class Sampler:
         # the CDF; step back to the last live one.
         if probs[idx] == 0.0:
             idx = int(np.flatnonzero(probs)[-1])
-        return int(ids[idx]) if ids is not None else idx
+        return idx
+
+    def _draw_sorted(self, cand: np.ndarray) -> int:
+        """Index into a small candidate set (the top k): temperature, nucleus, draw.
+
+        One sort of k values replaces the general filters, which are built for the whole
+        vocabulary; the distribution is the same.
+        """
+        order = np.argsort(-cand)
+        z = cand[order] / self.config.temperature
+        if not np.isfinite(z[0]):
+            raise ValueError("cannot sample: every logit is -inf (or one is +inf/nan)")
+        probs = np.exp(z - z[0])
+        cdf = np.cumsum(probs)
+        cdf /= cdf[-1]
+        if self.config.top_p < 1.0:
+            keep = min(int(np.searchsorted(cdf, self.config.top_p - _TOP_P_SLACK, side="left")) + 1, len(cdf))
+            cdf = cdf[:keep] / cdf[keep - 1]
+        idx = min(int(np.searchsorted(cdf, self.rng.random(), side="right")), len(cdf) - 1)
+        return int(order[idx])
