@@ -34,7 +34,9 @@ def main(checkpoint, out, quantize, lower, force, as_json):
         click.echo(json.dumps(manifest, indent=2))
         return
     v = manifest["validation"]
-    sizes = ", ".join(f"{f} {c['bytes'] / 1e6:.2f} MB ({c['nodes']} nodes)" for f, c in manifest["graph_checks"].items())
+    total = sum(f["bytes"] for f in manifest["files"].values())
+    nodes = ", ".join(f"{f} {c['nodes']} nodes" for f, c in manifest["graph_checks"].items())
+    sizes = f"{total / 1e6:.2f} MB in all ({nodes})"
     click.echo(f"{path}: {manifest['family']} bundle, quantization {manifest['quantization']['mode']}, "
                f"ssm path {manifest.get('ssm_path')}; {sizes}")
     click.echo(f"validation vs torch on {v['text']}: max |Δ| {v['max_abs_diff']:.2e}, "

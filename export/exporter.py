@@ -94,6 +94,11 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
                 dst.replace(src)
                 checks[f] = {**check_graph(src), "bytes_fp32": quant["bytes_before"]}
 
+        weights = None
+        if len(graph_files) > 1:
+            from .weights import share_weights
+
+            weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
         (tmp / "tokenizer.json").write_text(ckpt["tokenizer_json"])
         prov = provenance()
         manifest = {
@@ -106,7 +111,8 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
             "graph_checks": checks, "versions": prov["versions"], "created": prov["created"],
             "source_checkpoint": {"path": str(checkpoint), "step": ckpt.get("step"),
                                   "metrics": ckpt.get("metrics", {}).get("val")},
-            "files": ["tokenizer.json", *graph_files],
+            "shared_weights": weights,
+            "files": ["tokenizer.json", *graph_files, *([weights["file"]] if weights else [])],
         }
         write_manifest(tmp, manifest)
 

@@ -12,6 +12,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .weights import gemm_to_matmul
+
 __all__ = ["quantize_graph", "MODES", "INT8_SETTINGS", "INT4_SETTINGS"]
 
 MODES = ("int8", "int4")
@@ -108,45 +110,6 @@ def _materialize_transposed_weights(model) -> int:
     return done
 
 
-def _gemm_to_matmul(model) -> int:
-    """Rewrite Gemm(x, W) with an initializer W as MatMul(x, W or W.T) (+ Add bias).
-
-    A one-token decode graph traces Linear on 2-D activations as Gemm, which neither
-    quantizer handles (both take MatMul); the rewrite lets the decode graph be quantized
-    like the prefill graph.
-    """
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    done = 0
-    for i, node in enumerate(list(g.node)):
-        if node.op_type != "Gemm" or node.input[1] not in inits:
-            continue
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
-            continue
-        w = numpy_helper.to_array(inits[node.input[1]])
-        name = node.input[1] + ("_T" if attrs.get("transB", 0) else "")
-        if name not in inits:
-            g.initializer.append(numpy_helper.from_array((w.T if attrs.get("transB", 0) else w).copy(), name))
-            inits[name] = g.initializer[-1]
-        has_bias = len(node.input) > 2 and node.input[2]
-        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
-        new = [helper.make_node("MatMul", [node.input[0], name], [mm_out], name=node.name + "_matmul")]
-        if has_bias:
-            new.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
-        pos = list(g.node).index(node)
-        g.node.remove(node)
-        for k, n in enumerate(new):
-            g.node.insert(pos + k, n)
-        done += 1
-    used = {x for n in g.node for x in n.input}
-    for t in [t for t in g.initializer if t.name not in used and t.name not in {o.name for o in g.output}]:
-        g.initializer.remove(t)
-    return done
-
-
 def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
     """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done.
 
@@ -174,7 +137,7 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     try:
         model = onnx.load(str(src))
-        gemms = _gemm_to_matmul(model)
+        gemms = gemm_to_matmul(model)
         if gemms:
             onnx.save_model(model, str(work))
         if mode == "int8":

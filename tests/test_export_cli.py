@@ -118,3 +118,20 @@ def test_manifest_records_what_the_contract_promises(tiny_itera, tiny_baseline):
             assert spec["shape"][0] == "batch"
     assert load_bundle(tiny_itera.bundle).manifest["ssm_path"] in ("lowered", "function")
     assert np.isfinite(load_bundle(tiny_baseline.bundle).manifest["validation"]["decode_logits"])
+
+
+def test_itera_graphs_share_one_copy_of_the_weights(tiny_itera):
+    from itera_lite.checkpoint import load_model
+    from itera_lite.models import count_params
+
+    m = load_bundle(tiny_itera.bundle).manifest
+    shared = m["shared_weights"]
+    assert shared and shared["file"] in m["files"]
+    model, _ = load_model(tiny_itera.checkpoint)
+    param_bytes = 4 * count_params(model)["total"]
+    # Two graphs over the same parameters: stored once (plus the lowered MoE's interleaved
+    # copy of gate/up, which replaces them), never twice.
+    assert shared["bytes"] <= 1.15 * param_bytes, (shared, param_bytes)
+    assert shared["bytes"] <= 0.6 * shared["bytes_if_inline"]
+    total = sum(f["bytes"] for f in m["files"].values())
+    assert total <= 1.3 * param_bytes
