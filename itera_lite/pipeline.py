@@ -38,17 +38,6 @@ def _quality_table(summaries: dict) -> str:
     return "\n".join(rows)
 
 
-def _speed_table(records: list[dict]) -> str:
-    rows = ["| model | context | threads | decode tok/s (median, min–max) | ms/token | note |",
-            "|---|---|---|---|---|---|"]
-    for r in records:
-        note = "noisy: spread > 10%" if r["noisy"] else ""
-        rows.append(f"| {r['family']} | {r['context']} | {r['threads']} | {r['decode_tokens_per_s']:.0f} "
-                    f"({r['decode_tokens_per_s_min']:.0f}–{r['decode_tokens_per_s_max']:.0f}) | "
-                    f"{r['ms_per_token']:.3f} | {note} |")
-    return "\n".join(rows)
-
-
 @click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--data", default="shakespeare", help="'shakespeare', local text, or hf:NAME")
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="tiny")
@@ -62,6 +51,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.decode import measure_decode
     from itera_bench.provenance import provenance
+    from itera_bench.report import format_rows
     from itera_export.exporter import ExportError, export_checkpoint
     from itera_runtime import Generator, SamplingConfig
 
@@ -101,8 +91,9 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
 
         jobs = [(c, f) for c in ctx for f in bundles]
         for c, family in tqdm(jobs, desc="decode bench", file=sys.stderr):
-            records.append(measure_decode(bundles[family], c, threads=bench_threads))
-        click.echo(_speed_table(records))
+            records.append({**measure_decode(bundles[family], c, threads=bench_threads),
+                            "provenance": provenance(bench_threads)})
+        click.echo(format_rows(records, "md"))
         for c in ctx:
             by = {r["family"]: r for r in records if r["context"] == c}
             ratio = by["itera"]["decode_tokens_per_s"] / by["baseline"]["decode_tokens_per_s"]
@@ -117,7 +108,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     os.replace(tmp, out / "report.json")
     (out / "report.md").write_text(
         "# Itera-Lite vs Transformer baseline\n\n" + _quality_table(summaries) + "\n\n"
-        + _speed_table(records) + f"\n\nCommand: `{report['provenance']['command']}`; "
+        + format_rows(records, "md") + f"\n\nCommand: `{report['provenance']['command']}`; "
         f"commit {report['provenance']['git_commit']}; CPU {report['provenance']['cpu']}.\n")
     click.echo(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
 
