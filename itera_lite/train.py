@@ -191,8 +191,6 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     """Run (or resume) a training run; returns the summary also written to summary.json."""
     from tqdm import tqdm
 
-    from itera_bench.provenance import provenance
-
     rank, world = _dist_setup()
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
