@@ -58,7 +58,9 @@ def test_loss_beats_unigram_entropy_on_unseen_plays(tmp_path, byte_data):
     assert np.mean([losses[s] for s in range(141, 151)]) < losses[1] - 1.5
     for f in ("best.pt", "last.pt", "train.csv", "eval.csv", "metrics.jsonl"):
         assert (out / f).exists(), f
-    assert summary["params"]["total"] > 0 and summary["provenance"]["git_commit"] is not None or True
+    assert summary["params"]["total"] == summary["params"]["embedding"] + summary["params"]["non_embedding"]
+    prov = summary["provenance"]
+    assert prov["git_commit"] and prov["versions"]["torch"] and prov["command"].startswith("cli.py")
 
 
 def test_resume_after_sigkill_continues_exactly(tmp_path, byte_data):
