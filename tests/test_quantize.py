@@ -114,3 +114,57 @@ def test_quantize_refuses_bad_input(tmp_path):
         quantize_graph(tmp_path / "x.onnx", tmp_path / "y.onnx", "int3")
     with pytest.raises(FileNotFoundError):
         quantize_graph(tmp_path / "missing.onnx", tmp_path / "y.onnx", "int8")
+
+
+def _moe_graph(path, rng, e=4, d=64, f=96):
+    """One com.microsoft MoE node as Itera-Lite lowers it: top-2 of 4 experts, fused SwiGLU."""
+    w1 = rng.standard_normal((e, 2 * f, d)).astype(np.float32) * 0.1  # gate/up rows interleaved
+    w2 = rng.standard_normal((e, d, f)).astype(np.float32) * 0.1
+    node = helper.make_node(
+        "MoE", ["x", "router", "fc1", "", "fc2"], ["y"], name="moe", domain="com.microsoft",
+        k=2, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0, activation_beta=0.0,
+        normalize_routing_weights=1,
+    )
+    graph = helper.make_graph(
+        [node],
+        "moe",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["tokens", d]),
+            helper.make_tensor_value_info("router", TensorProto.FLOAT, ["tokens", e]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", d])],
+        [numpy_helper.from_array(w1, "fc1"), numpy_helper.from_array(w2, "fc2")],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
+    )
+    model.ir_version = 10
+    onnx.save_model(model, str(path))
+    return e, d
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantize_moe_experts(mode, tmp_path):
+    rng = np.random.default_rng(0)
+    src = tmp_path / "moe.onnx"
+    e, d = _moe_graph(src, rng)
+    dst = tmp_path / f"moe.{mode}.onnx"
+    info = quantize_graph(src, dst, mode)
+    assert info["settings"]["moe_quantized"] == 1 == info["nodes_quantized"]
+    # Weights were all of the file: 4x (int8) or ~7x (int4 + scales) smaller.
+    assert info["bytes_after"] < (0.3 if mode == "int8" else 0.2) * info["bytes_before"]
+    q = onnx.load(str(dst))
+    assert [n.op_type for n in q.graph.node] == ["QMoE"]
+    attrs = {a.name: helper.get_attribute_value(a) for a in q.graph.node[0].attribute}
+    assert attrs["expert_weight_bits"] == (8 if mode == "int8" else 4)
+    assert attrs["k"] == 2 and attrs["swiglu_fusion"] == 1 and attrs["activation_type"] == b"swiglu"
+    feeds = {
+        "x": rng.standard_normal((16, d)).astype(np.float32),
+        "router": rng.standard_normal((16, e)).astype(np.float32),
+    }
+    ref = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    rel = np.abs(got - ref).max() / np.abs(ref).max()
+    # Measured: int8 (per-channel) 0.0087, int4 (blocks of 32) 0.19 — pure weight-rounding
+    # noise: QMoE matches the fp32 MoE run on the dequantized weights to ~1e-7.
+    assert rel < (0.03 if mode == "int8" else 0.35), rel
