@@ -42,11 +42,11 @@ def latency(bundles, context, new_tokens, threads, repeats, output):
 
     from itera_runtime.bundle import load_bundle
 
-    jobs = [(b, c, t) for b in bundles for c in _ints(context) for t in _ints(threads)]
     rows = []
     try:
-        for b in bundles:
-            load_bundle(b)  # refuse a bad bundle before any progress is drawn
+        # Verified once, before any progress is drawn; each measurement reuses the Bundle.
+        loaded = [load_bundle(b) for b in bundles]
+        jobs = [(b, c, t) for b in loaded for c in _ints(context) for t in _ints(threads)]
         for b, c, t in tqdm(jobs, desc="latency", file=sys.stderr):
             rows.append({**measure_decode(b, c, new_tokens, t, repeats), "provenance": provenance(t)})
     except (BundleError, DeviceError, ValueError) as e:

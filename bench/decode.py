@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from itera_runtime.bundle import load_bundle
+from itera_runtime.bundle import Bundle, load_bundle
 from itera_runtime.session import ModelSession
 
 SPREAD_WARNING = 0.10  # (max - min) / median above this: say the number is noisy
@@ -29,10 +29,13 @@ def context_tokens(tokenizer_path, text: str, n: int) -> np.ndarray:
     return np.resize(np.asarray(ids, dtype=np.int64), n)
 
 
-def measure_decode(bundle_dir, context: int, new_tokens: int = 64, threads: int = 1, repeats: int = 5,
+def measure_decode(bundle: Bundle | str, context: int, new_tokens: int = 64, threads: int = 1, repeats: int = 5,
                    text: str = "", session: ModelSession | None = None) -> dict:
-    """Median decode tokens/s after a `context`-token prefill; one record."""
-    bundle = load_bundle(bundle_dir)
+    """Median decode tokens/s after a `context`-token prefill; one record.
+
+    bundle: a loaded Bundle (verified once by the caller) or a path to load and verify.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     session = session or ModelSession(bundle, threads=threads)
     ids = context_tokens(bundle.tokenizer_path, text or "To be, or not to be, that is the question.\n", context)
     rates, prefill_s = [], []
@@ -51,7 +54,7 @@ def measure_decode(bundle_dir, context: int, new_tokens: int = 64, threads: int 
     median = statistics.median(rates)
     spread = (max(rates) - min(rates)) / median
     return {
-        "family": bundle.family, "bundle": str(bundle_dir), "quantization": bundle.quantization,
+        "family": bundle.family, "bundle": str(bundle.path), "quantization": bundle.quantization,
         "ssm_path": bundle.manifest.get("ssm_path"), "context": context, "new_tokens": new_tokens,
         "threads": threads, "repeats": repeats,
         "decode_tokens_per_s": median, "decode_tokens_per_s_min": min(rates),

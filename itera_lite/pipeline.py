@@ -53,7 +53,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     from itera_bench.provenance import provenance
     from itera_bench.report import format_rows
     from itera_export.exporter import ExportError, export_checkpoint
-    from itera_runtime import Generator, SamplingConfig
+    from itera_runtime import Generator, SamplingConfig, load_bundle
 
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -89,9 +89,10 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         records = []
         from tqdm import tqdm
 
+        loaded = {f: load_bundle(p) for f, p in bundles.items()}  # verify once, measure many
         jobs = [(c, f) for c in ctx for f in bundles]
         for c, family in tqdm(jobs, desc="decode bench", file=sys.stderr):
-            records.append({**measure_decode(bundles[family], c, threads=bench_threads),
+            records.append({**measure_decode(loaded[family], c, threads=bench_threads),
                             "provenance": provenance(bench_threads)})
         click.echo(format_rows(records, "md"))
         for c in ctx:
