@@ -37,7 +37,7 @@ def latency(bundles, context, new_tokens, threads, repeats, output):
     from itera_runtime.session import DeviceError
 
     from .decode import measure_decode
-    from .provenance import provenance
+    from itera_runtime.provenance import provenance
     from .report import format_rows
 
     from itera_runtime.bundle import load_bundle

@@ -47,7 +47,7 @@ def check_graph(path: Path) -> dict:
 def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
                       log=lambda msg: None) -> tuple[Path, dict]:
     """Export a checkpoint of either family to a validated bundle; returns (folder, manifest)."""
-    from itera_bench.provenance import provenance
+    from itera_runtime.provenance import provenance
     from itera_lite.checkpoint import load_model
 
     # torch.onnx and optimum log advice meant for their developers (missing torchvision,

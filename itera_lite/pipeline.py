@@ -50,7 +50,7 @@ def _quality_table(summaries: dict) -> str:
 def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out):
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.decode import measure_decode
-    from itera_bench.provenance import provenance
+    from itera_runtime.provenance import provenance
     from itera_bench.report import format_rows
     from itera_export.exporter import ExportError, export_checkpoint
     from itera_runtime import Generator, SamplingConfig, load_bundle

@@ -357,7 +357,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
 
 def _summarise(cfg, model_cfg, params, out, data, byte_len, step, tokens_seen, elapsed_s, stop_reason) -> dict:
     """Final evaluation of best.pt on the whole validation and test splits; summary.json."""
-    from itera_bench.provenance import provenance
+    from itera_runtime.provenance import provenance
 
     best = build_model(model_cfg)
     best.load_state_dict(load_checkpoint(out / "best.pt")["model"])

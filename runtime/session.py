@@ -10,6 +10,8 @@ logits of the last position come back as a numpy array.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import onnxruntime as ort
 
@@ -42,7 +44,25 @@ def providers_for(device: str) -> list[str]:
     return [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None) -> ort.SessionOptions:
+def check_threads(threads: int | None) -> int | None:
+    """Validate a user's thread count: None (onnxruntime decides) or 1..CPUs of this machine.
+
+    More intra-op threads than CPUs only makes them wait for each other (1000 threads ran
+    4x slower than 1); a benchmark row claiming them would describe a machine we are not on.
+    """
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or int(threads) != threads or threads < 1:
+        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+    cpus = os.cpu_count() or 1
+    if threads > cpus:
+        raise ValueError(f"{threads} threads requested but this machine has {cpus} CPUs; use at most {cpus}")
+    return int(threads)
+
+
+def session_options(threads: int | None, optimized_model_path: str | None = None) -> ort.SessionOptions:
+    """The one set of onnxruntime session options: what users run is what benchmarks time."""
+    threads = check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -51,8 +71,18 @@ def session_options(threads: int | None) -> ort.SessionOptions:
         opts.intra_op_num_threads = threads
         # Spinning idle threads steal the only other core from the caller on small machines.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads > 1 else "1")
+    if optimized_model_path:
+        opts.optimized_model_filepath = str(optimized_model_path)
     opts.log_severity_level = 3
     return opts
+
+
+def make_session(model: str | os.PathLike | bytes, threads: int | None = None, device: str = "cpu",
+                 optimized_model_path: str | None = None) -> ort.InferenceSession:
+    """An InferenceSession for a graph file (or serialized bytes) with the project's options."""
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, session_options(threads, optimized_model_path),
+                                providers=providers_for(device))
 
 
 class State:
@@ -71,15 +101,15 @@ class ModelSession:
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
         self.bundle = bundle
-        providers = providers_for(device)
-        opts = session_options(threads)
+        providers_for(device)  # DeviceError / ValueError before any graph is read
+        check_threads(threads)
         self._sessions: dict[str, ort.InferenceSession] = {}
         self.graphs = {}
         for name in ("prefill", "decode"):
             spec = bundle.graph(name)
             if spec.file not in self._sessions:
                 try:
-                    self._sessions[spec.file] = ort.InferenceSession(str(spec.file), opts, providers=providers)
+                    self._sessions[spec.file] = make_session(spec.file, threads, device)
                 except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise BundleError(f"{spec.file}: onnxruntime cannot load this graph ({first[:200]})") from None

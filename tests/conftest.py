@@ -16,6 +16,22 @@ TINY_VOCAB = 256
 TINY_LAYERS = 2  # two, so the state of more than one layer has to be carried in order
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tests run torch on one thread: tiny eager ops on a shared 2-core box crawl when OpenMP
+    threads spin-wait for each other (model.step ran ~100x slower), and one thread keeps
+    reruns bit-exact."""
+    try:
+        import torch
+    except ImportError:  # a base install: nothing to set
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @dataclass
 class TinyBundle:
     family: str
@@ -33,19 +49,14 @@ def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
     from itera_lite.models.config import config_to_dict
 
     root = tmp_path_factory.mktemp(f"tiny-{family}")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny model: more threads only contend on a shared box
-    try:
-        torch.manual_seed(0)
-        cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, n_layers=TINY_LAYERS)
-        model = build_model(cfg).eval()
-        tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
-        ckpt = root / "tiny.pt"
-        save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
-                               "tokenizer_json": tokenizer.to_str()})
-        out, _ = export_checkpoint(ckpt, root / "bundle", force=True)
-    finally:
-        torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, n_layers=TINY_LAYERS)
+    model = build_model(cfg).eval()
+    tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
+    ckpt = root / "tiny.pt"
+    save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
+                           "tokenizer_json": tokenizer.to_str()})
+    out, _ = export_checkpoint(ckpt, root / "bundle")
     return TinyBundle(family, ckpt, out)
 
 

@@ -1,4 +1,8 @@
-"""What made a result: versions, git commit, CPU, threads, command line (STYLE rule 5)."""
+"""What made a result: versions, git commit, CPU, threads, command line (STYLE rule 5).
+
+Lives in the runtime (the base install, no torch) so that every stage may import it:
+training and export record it in checkpoints and manifests, bench on every row.
+"""
 
 from __future__ import annotations
 
