@@ -1,20 +1,77 @@
-"""itera-bench: measured comparisons of bundles (decode latency so far; more subcommands to come)."""
+"""itera-bench: measured, reproducible comparisons of bundles (no torch).
+
+    itera-bench latency BUNDLE... -p 512 -n 64 -d 128,2048 -t 1,2 -r 5 -o md
+    itera-bench step BUNDLE... -d 128,2048            # the raw decode step, µs per token
+    itera-bench profile BUNDLE... -d 128 -t 1         # per op type / layer / Python overhead
+
+List options sweep their product, as llama-bench's do; bundles are visited round-robin
+across repetitions; every row carries its provenance. Errors a user can cause end in one
+`error:` line and exit 1; Ctrl-C prints the rows already measured and exits 130.
+"""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import click
 
+from .record import FORMATS, Record, format_records
 
-def _ints(text: str) -> list[int]:
+
+def _ints(text: str, allow_zero: bool = False) -> list[int]:
     try:
-        values = [int(v) for v in text.split(",") if v.strip()]
+        values = [int(v) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise click.BadParameter(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise click.BadParameter(f"expected positive integers, got {text!r}")
+    low = 0 if allow_zero else 1
+    if not values or min(values) < low:
+        raise click.BadParameter(f"expected integers >= {low}, got {text!r}")
     return values
+
+
+def _list(allow_zero: bool = False):
+    return lambda ctx, param, value: _ints(value, allow_zero)
+
+
+def _fail(message: str, code: int = 1) -> None:
+    click.echo("error: " + " ".join(str(message).split()), err=True)
+    sys.exit(code)
+
+
+def bench_command(fn):
+    """Shared options and error handling: bundles, threads, repetitions, warm-up, output, baseline."""
+
+    @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=str))
+    @click.option("-t", "--threads", default="1", show_default=True, callback=_list(),
+                  help="onnxruntime intra-op threads (list)")
+    @click.option("-r", "--repetitions", default=5, show_default=True, type=click.IntRange(1))
+    @click.option("--no-warmup", is_flag=True, help="skip the untimed first run of each case")
+    @click.option("-o", "--output", type=click.Choice(FORMATS), default="md", show_default=True)
+    @click.option("--baseline", default=None, type=click.Path(path_type=str),
+                  help="bundle the ratios are against [default: the first baseline-family bundle]")
+    @functools.wraps(fn)
+    def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, **kw):
+        from itera_runtime.bundle import BundleError, load_bundle
+        from itera_runtime.session import DeviceError, check_threads
+
+        from .sweep import compare_to_baseline
+
+        try:
+            for t in threads:
+                check_threads(t)
+            loaded = [load_bundle(b) for b in bundles]  # verified once, before any progress
+            if baseline is not None and baseline not in bundles:
+                raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
+            records: list[Record] = fn(loaded, threads=threads, repetitions=repetitions, warmup=not no_warmup, **kw)
+        except (BundleError, DeviceError, ValueError, OSError) as e:
+            _fail(str(e))
+        compare_to_baseline(records, baseline)
+        click.echo(format_records(records, output))
+        if any(r.interrupted for r in records):
+            sys.exit(130)
+
+    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -22,37 +79,51 @@ def main():
     """Benchmark exported bundles; every row carries its provenance."""
 
 
+def _targets(bundles, threads):
+    from .latency import Target
+
+    return [Target(b, t) for b in bundles for t in threads]
+
+
 @main.command()
-@click.argument("bundles", nargs=-1, required=True, type=click.Path(exists=False))
-@click.option("-c", "--context", default="128,2048", show_default=True, help="context lengths (list)")
-@click.option("-n", "--new-tokens", default=64, show_default=True, type=click.IntRange(1))
-@click.option("-t", "--threads", default="1", show_default=True, help="onnxruntime threads (list)")
-@click.option("-r", "--repeats", default=5, show_default=True, type=click.IntRange(1))
-@click.option("-o", "--output", type=click.Choice(["md", "csv", "json", "jsonl"]), default="md", show_default=True)
-def latency(bundles, context, new_tokens, threads, repeats, output):
-    """Decode tokens/s of each BUNDLE over the product of --context and --threads."""
-    from tqdm import tqdm
+@bench_command
+@click.option("-p", "--n-prompt", default="512", show_default=True, callback=_list(True),
+              help="prompt tokens per prefill test (list; 0 skips)")
+@click.option("-n", "--n-gen", default="64", show_default=True, callback=_list(True),
+              help="decode steps per generation test (list; 0 skips)")
+@click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True),
+              help="tokens already in the context (list)")
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth):
+    """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE at each depth and thread count."""
+    from .latency import latency_cases
+    from .sweep import run_cases
 
-    from itera_runtime.bundle import BundleError
-    from itera_runtime.session import DeviceError
+    cases = latency_cases(_targets(bundles, threads), n_prompt, n_gen, n_depth)
+    return run_cases(cases, repetitions, warmup, desc="latency")
 
-    from .decode import measure_decode
-    from itera_runtime.provenance import provenance
-    from .report import format_rows
 
-    from itera_runtime.bundle import load_bundle
+@main.command()
+@bench_command
+@click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1), help="steps per repetition")
+@click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True))
+def step(bundles, threads, repetitions, warmup, n_steps, n_depth):
+    """The raw decode step of each BUNDLE (no sampling), µs per token."""
+    from .latency import step_case
+    from .sweep import run_cases
 
-    rows = []
-    try:
-        # Verified once, before any progress is drawn; each measurement reuses the Bundle.
-        loaded = [load_bundle(b) for b in bundles]
-        jobs = [(b, c, t) for b in loaded for c in _ints(context) for t in _ints(threads)]
-        for b, c, t in tqdm(jobs, desc="latency", file=sys.stderr):
-            rows.append({**measure_decode(b, c, new_tokens, t, repeats), "provenance": provenance(t)})
-    except (BundleError, DeviceError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
-    click.echo(format_rows(rows, output))
+    cases = [step_case(t, n_steps, d) for t in _targets(bundles, threads) for d in n_depth]
+    return run_cases(cases, repetitions, warmup, desc="step")
+
+
+@main.command()
+@bench_command
+@click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1))
+@click.option("-d", "--n-depth", default="128", show_default=True, callback=_list(True))
+def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
+    """Where a decode step's time goes: op types, layers, Python around onnxruntime."""
+    from .profile import profile_bundle
+
+    return [r for b in bundles for t in threads for d in n_depth for r in profile_bundle(b, d, n_steps, t)]
 
 
 if __name__ == "__main__":

@@ -1,26 +1,27 @@
 """Checkpoint → bundle folder: graphs, tokenizer, manifest; checked, optionally quantized, validated.
 
-Everything is written into a temporary sibling folder that is renamed into place only after
-validation passed, so a failed export never leaves a bundle (or half of one) behind.
+Everything is written into a hidden temp folder beside the destination that is published
+(`publish.py`) only after validation passed, so a failed export never leaves a bundle (or
+half of one) behind, and `--force` only ever replaces a bundle of ours.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
-import onnx
+from itera_runtime.bundle import Manifest, Quantization, write_manifest
 
-from itera_runtime.bundle import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, write_manifest
+from .graphfile import check_graph, graph_spec
+from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
+from .quantize import SCHEMES
+from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 
-from .validate import FP32_TOLERANCE, compare, held_out_tokens
-
-QUANTIZE_MODES = ("none", "int8", "int4")
 LOWER_MODES = ("auto", "fused", "none")
+VALIDATION_TOKENS = 96
 
 
 class ExportError(Exception):
@@ -31,23 +32,35 @@ def default_output(checkpoint: Path, quantize: str) -> Path:
     """runs/x/best.pt → bundles/x (bundles/x-int8 when quantized)."""
     checkpoint = Path(checkpoint).resolve()
     name = checkpoint.parent.name if checkpoint.stem in ("best", "last") else checkpoint.stem
-    return Path("bundles") / (name if quantize == "none" else f"{name}-{quantize}")
+    return Path("bundles") / (name + SCHEMES[quantize].suffix)
 
 
-def check_graph(path: Path) -> dict:
-    """onnx.checker (full) and shape inference on a written graph; its node count and size."""
+def _combine(records: list[Quantization]) -> Quantization:
+    """One record for a bundle whose graph files were quantized one by one."""
+    if not records:
+        return Quantization()
+    first = records[0]
+    return Quantization(mode=first.mode, method=first.method, settings=first.settings,
+                        bytes_before=sum(r.bytes_before or 0 for r in records),
+                        bytes_after=sum(r.bytes_after or 0 for r in records),
+                        nodes_quantized=sum(r.nodes_quantized or 0 for r in records))
+
+
+def _tokenizer_json(ckpt: dict, checkpoint: Path) -> str:
+    from tokenizers import Tokenizer
+
+    text = ckpt["tokenizer_json"]
     try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as e:  # checker raises ValidationError / InferenceError
-        raise ExportError(f"{path.name}: onnx.checker failed: {str(e).strip().splitlines()[0][:200]}") from None
-    model = onnx.load(str(path), load_external_data=False)
-    return {"nodes": len(model.graph.node), "functions": len(model.functions), "bytes": path.stat().st_size}
+        Tokenizer.from_str(text)
+    except Exception as e:  # tokenizers raises a bare Exception
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{checkpoint}: the checkpoint's tokenizer is not readable ({reason[:160]})") from None
+    return text
 
 
 def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
-                      log=lambda msg: None) -> tuple[Path, dict]:
+                      validate_text=None, log=lambda msg: None) -> tuple[Path, Manifest]:
     """Export a checkpoint of either family to a validated bundle; returns (folder, manifest)."""
-    from itera_runtime.provenance import provenance
     from itera_lite.checkpoint import load_model
 
     # torch.onnx and optimum log advice meant for their developers (missing torchvision,
@@ -56,80 +69,118 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
 
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "optimum", "transformers"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    if quantize not in QUANTIZE_MODES:
-        raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(QUANTIZE_MODES)}")
+    if quantize not in SCHEMES:
+        raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(SCHEMES)}")
+    if lower not in LOWER_MODES:
+        raise ExportError(f"unknown --lower {lower!r}; choose from {', '.join(LOWER_MODES)}")
     checkpoint = Path(checkpoint)
     model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
-    out = Path(out) if out else default_output(checkpoint, quantize)
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists; pass --force to overwrite it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a bundle is meant to be copied and shared
+    tokenizer_json = _tokenizer_json(ckpt, checkpoint)
     try:
-        family = model.config.family
-        log(f"exporting {family} graphs")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
-            if family == "itera":
-                from .itera import export_itera_graphs
-
-                frag = export_itera_graphs(model, tmp, lower=lower)
-            else:
-                from .baseline import export_baseline_graphs
-
-                frag = export_baseline_graphs(model, tmp)
-        graph_files = sorted({g["file"] for g in frag["graphs"].values()})
-        checks = {f: check_graph(tmp / f) for f in graph_files}
-
-        quant = {"mode": "none"}
-        if quantize != "none":
-            from .quantize import quantize_graph
-
-            log(f"quantizing to {quantize}")
-            for f in graph_files:
-                src = tmp / f
-                dst = tmp / f"{src.stem}.{quantize}.tmp.onnx"
-                quant = quantize_graph(src, dst, quantize)
-                dst.replace(src)
-                checks[f] = {**check_graph(src), "bytes_fp32": quant["bytes_before"]}
-
-        weights = None
-        if len(graph_files) > 1:
-            from .weights import share_weights
-
-            weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
-        (tmp / "tokenizer.json").write_text(ckpt["tokenizer_json"])
-        prov = provenance()
-        manifest = {
-            "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, "family": family,
-            "model_config": ckpt["model_config"], "tokenizer": "tokenizer.json",
-            "vocab_size": model.config.vocab_size,
-            "graphs": frag["graphs"], "io": frag["io"], "state": frag["state"],
-            "ssm_path": frag.get("ssm_path"), "opset": frag["opset"],
-            "custom_domains": frag.get("custom_domains", {}), "quantization": quant,
-            "graph_checks": checks, "versions": prov["versions"], "created": prov["created"],
-            "source_checkpoint": {"path": str(checkpoint), "step": ckpt.get("step"),
-                                  "metrics": ckpt.get("metrics", {}).get("val")},
-            "shared_weights": weights,
-            "files": ["tokenizer.json", *graph_files, *([weights["file"]] if weights else [])],
-        }
-        write_manifest(tmp, manifest)
-
+        tokens, source = held_out_tokens(ckpt, VALIDATION_TOKENS, validate_text)
+    except ValidationTextError as e:
+        raise ExportError(str(e)) from None
+    out = Path(out) if out else default_output(checkpoint, quantize)
+    try:
+        check_destination(out, force)
+        seen = manifest_digest(out)
+        tmp = make_temp_dir(out)
+    except PublishError as e:
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        raise ExportError(_os_error(e, out)) from None
+    try:
+        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log)
         log("validating against torch")
-        tokens, source = held_out_tokens(ckpt, 96)
-        result = compare(model, tmp, tokens)
-        result["text"] = source
-        result["tolerance"] = FP32_TOLERANCE if quantize == "none" else None
-        if quantize == "none" and result["max_abs_diff"] > FP32_TOLERANCE:
-            raise ExportError(f"validation failed: ORT differs from torch by {result['max_abs_diff']:.3g} "
-                              f"(> {FP32_TOLERANCE:g}); nothing written")
-        manifest["validation"] = result
+        result = compare(model, tmp, tokens, text=source)
+        tolerance = FP32_TOLERANCE if quantize == "none" else None
+        if tolerance is not None and result.max_abs_diff > tolerance:
+            raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
+                              f"(> {tolerance:g}); nothing written")
+        manifest.validation = dataclasses.replace(result, tolerance=tolerance)
         write_manifest(tmp, manifest)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        publish(tmp, out, seen, log)
+    except PublishError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(str(e)) from None
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise ExportError(_os_error(e, out)) from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out, json.loads((out / "manifest.json").read_text())
+    return out, manifest
+
+
+def _os_error(e: OSError, out: Path) -> str:
+    """One line naming the path and the cause (read-only place, disk full, ...)."""
+    where = e.filename or out
+    cause = e.strerror or str(e)
+    if e.errno == 28:  # ENOSPC
+        cause += " (disk full)"
+    return f"{where}: {cause}; nothing written to {out}"
+
+
+def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, lower: str,
+           log) -> Manifest:
+    from itera_lite.models import count_params
+    from itera_runtime.provenance import provenance
+
+    family = model.config.family
+    log(f"exporting {family} graphs")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
+        if family == "itera":
+            from .itera import export_itera_graphs
+
+            parts = export_itera_graphs(model, tmp, lower=lower)
+        else:
+            from .baseline import export_baseline_graphs
+
+            parts = export_baseline_graphs(model, tmp)
+    graph_files = sorted({g.file for g in parts.graphs.values()})
+    try:
+        checks = {f: check_graph(tmp / f) for f in graph_files}
+    except ValueError as e:
+        raise ExportError(str(e)) from None
+
+    scheme = SCHEMES[quantize]
+    records = []
+    if scheme.apply is not None:
+        log(f"quantizing to {quantize}")
+        for f in graph_files:
+            src = tmp / f
+            dst = tmp / f"{src.stem}.{quantize}.tmp.onnx"
+            records.append(scheme.apply(src, dst))
+            dst.replace(src)
+            checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
+
+    weights = None
+    if len(graph_files) > 1:
+        from .weights import share_weights
+
+        weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
+    (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
+    prov = provenance()
+    manifest = Manifest(
+        family=family,
+        model_config=dict(ckpt["model_config"]),
+        vocab_size=model.config.vocab_size,
+        params=count_params(model),
+        # Re-read from the files: quantization and weight sharing rewrote them.
+        graphs={name: graph_spec(tmp / g.file) for name, g in parts.graphs.items()},
+        io=parts.io,
+        state=parts.state,
+        ssm_path=parts.ssm_path,
+        opset=parts.opset,
+        custom_domains=parts.custom_domains,
+        quantization=_combine(records),
+        graph_checks=checks,
+        shared_weights=weights,
+        versions=prov["versions"],
+        created=prov["created"],
+        source_checkpoint={"path": str(checkpoint), "step": ckpt.get("step"),
+                           "metrics": (ckpt.get("metrics") or {}).get("val")},
+    )
+    write_manifest(tmp, manifest)
+    return manifest

@@ -10,8 +10,6 @@ them to onnxruntime's fused contrib kernels.
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -19,7 +17,11 @@ import onnx
 import torch
 from torch import nn
 
+from itera_runtime.bundle import IoNames, StateSpec, StateTensor
+
 from . import lower as lowering
+from .graph_passes import name_nodes_by_layer
+from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 
 STATE_KINDS = ("conv", "ssm")
@@ -120,44 +122,16 @@ def _function_graphs(model, opset: int) -> dict[str, bytes]:
     return _TRACED[key]
 
 
-def _value_spec(v: onnx.ValueInfoProto) -> dict:
-    t = v.type.tensor_type
-    dims = [d.dim_param if d.HasField("dim_param") else d.dim_value for d in t.shape.dim]
-    return {"name": v.name, "dtype": onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name, "shape": dims}
-
-
-def _check(path: Path) -> None:
-    onnx.checker.check_model(str(path), full_check=True)
-    onnx.shape_inference.infer_shapes_path(str(path), str(path) + ".inferred", strict_mode=True)
-    os.unlink(str(path) + ".inferred")
-
-
-def _save(model: onnx.ModelProto, path: Path) -> None:
-    # Write next to the target and rename, so a failed export leaves nothing half-written.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".onnx.tmp")
-    os.close(fd)
-    try:
-        onnx.save(model, tmp)
-        _check(Path(tmp))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the usual mode
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def _custom_domains(models) -> dict[str, int]:
     return {o.domain: o.version for m in models for o in m.opset_import if o.domain not in ("", "ai.onnx")}
 
 
-def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18) -> dict:
-    """Write prefill.onnx and decode.onnx for an IteraLite into out_dir; return the manifest fragment.
+def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18) -> ExportedGraphs:
+    """Write prefill.onnx and decode.onnx for an IteraLite into out_dir; return what was written.
 
     lower: "none" keeps the ai.itera function path, "fused" rewrites to onnxruntime's contrib
-    kernels, "auto" picks fused when the installed onnxruntime has them (measured faster for
-    decode: scripts/bench_decode_step.py).
+    kernels, "auto" picks fused when the installed onnxruntime has them (faster decode:
+    `itera-bench step` times both).
     """
     if lower not in ("auto", "none", "fused"):
         raise ValueError(f"lower must be 'auto', 'none' or 'fused', not {lower!r}")
@@ -167,32 +141,27 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset).items()}
-    if lower == "fused":
-        for m in graphs.values():
+    for m in graphs.values():
+        if lower == "fused":
             lowering.lower_to_fused(m)
+        name_nodes_by_layer(m)
 
-    manifest_graphs, nodes = {}, {}
+    specs, nodes = {}, {}
     for name, m in graphs.items():
-        _save(m, out_dir / f"{name}.onnx")
-        manifest_graphs[name] = {
-            "file": f"{name}.onnx",
-            "inputs": [_value_spec(v) for v in m.graph.input],
-            "outputs": [_value_spec(v) for v in m.graph.output],
-        }
+        save_model(m, out_dir / f"{name}.onnx")
+        specs[name] = graph_spec(out_dir / f"{name}.onnx")
         nodes[name] = len(m.graph.node)
 
     conv_shape, ssm_shape = model.blocks[0].mixer.state_shapes(1)
-    tensors = []
-    for i in range(cfg.n_layers):
-        for kind, shape in zip(STATE_KINDS, (conv_shape, ssm_shape)):
-            tensors.append({"input": f"past.{i}.{kind}", "output": f"present.{i}.{kind}",
-                            "dtype": "float32", "shape": ["batch", *shape[1:]]})
-    return {
-        "graphs": manifest_graphs,
-        "io": {"input_ids": "input_ids", "logits": "logits", "attention_mask": None, "position_ids": None},
-        "state": {"kind": "ssm", "tensors": tensors},
-        "ssm_path": "lowered" if lower == "fused" else "function",
-        "opset": opset,
-        "custom_domains": _custom_domains(graphs.values()),
-        "nodes": nodes,
-    }
+    tensors = [StateTensor(f"past.{i}.{kind}", f"present.{i}.{kind}", "float32", ["batch", *shape[1:]])
+               for i in range(cfg.n_layers)
+               for kind, shape in zip(STATE_KINDS, (conv_shape, ssm_shape))]
+    return ExportedGraphs(
+        graphs=specs,
+        io=IoNames(input_ids="input_ids", logits="logits"),
+        state=StateSpec("ssm", tensors),
+        opset=opset,
+        ssm_path="lowered" if lower == "fused" else "function",
+        custom_domains=_custom_domains(graphs.values()),
+        nodes=nodes,
+    )

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from .graph_passes import collapse_reshapes, prune
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
@@ -183,73 +184,6 @@ class _Rewriter:
         return [moe]
 
 
-def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int] | None:
-    for init in model.graph.initializer:
-        if init.name == name:
-            return numpy_helper.to_array(init).tolist()
-    n = producers.get(name)
-    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
-        return numpy_helper.to_array(n.attribute[0].t).tolist()
-    return None
-
-
-def _collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
-    """Reshape(Reshape(a, s1), s2) → Reshape(a, s2): the lowering's packing Reshapes often
-    follow the model's own, and ORT (1.32) leaves such chains in place, at ~0.3 µs a node."""
-    producers = {o: n for n in model.graph.node for o in n.output}
-    for n in model.graph.node:
-        src = producers.get(n.input[0]) if n.op_type == "Reshape" else None
-        if src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
-            continue
-        s1, s2 = _const_ints(model, src.input[1], producers), _const_ints(model, n.input[1], producers)
-        if s1 is None or s2 is None:
-            continue
-        if 0 in s1 and any(a.name == "allowzero" and a.i for a in src.attribute):
-            continue  # a literal zero-size dim: leave it alone
-        if 0 in s2 and any(a.name == "allowzero" and a.i for a in n.attribute):
-            continue
-        # A 0 in s2 copies a dim of the intermediate: safe where s1 copied it too, or where
-        # shape inference shows a and the intermediate agree on that (symbolic) dim.
-        a_dims, mid_dims = dims.get(src.input[0]), dims.get(src.output[0])
-        def same(i: int) -> bool:
-            if i < len(s1) and s1[i] == 0:
-                return True
-            return (a_dims is not None and mid_dims is not None and i < min(len(a_dims), len(mid_dims))
-                    and a_dims[i] is not None and a_dims[i] == mid_dims[i])
-        if any(v == 0 and not same(i) for i, v in enumerate(s2)):
-            continue
-        n.input[0] = src.input[0]
-
-
-def _drop_dead_nodes(model: onnx.ModelProto) -> None:
-    g = model.graph
-    while True:
-        used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
-        live = [n for n in g.node if any(o in used for o in n.output)]
-        if len(live) == len(g.node):
-            return
-        del g.node[:]
-        g.node.extend(live)
-
-
-def _prune(model: onnx.ModelProto) -> None:
-    """Drop nodes, initializers, functions and opset imports that nothing uses any more."""
-    g = model.graph
-    _drop_dead_nodes(model)
-    used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
-    keep = [i for i in g.initializer if i.name in used]
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    called = {(n.domain, n.op_type) for n in g.node}
-    fns = [f for f in model.functions if (f.domain, f.name) in called]
-    del model.functions[:]
-    model.functions.extend(fns)
-    domains = {n.domain for n in g.node} | {o.domain for f in fns for o in f.opset_import}
-    ops = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in domains]
-    del model.opset_import[:]
-    model.opset_import.extend(ops)
-
-
 def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
     """Rewrite every ai.itera node in place to com.microsoft kernels; returns the model."""
     rw = _Rewriter(model)
@@ -269,6 +203,6 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
-    _collapse_reshapes(model, rw.sym)
-    _prune(model)
+    collapse_reshapes(model, rw.sym)
+    prune(model)
     return model

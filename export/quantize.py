@@ -12,13 +12,16 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
-from .weights import gemm_to_matmul
+from itera_runtime.bundle import Quantization
 
-__all__ = ["quantize_graph", "MODES", "INT8_SETTINGS", "INT4_SETTINGS"]
+from .graph_passes import gemm_to_matmul, materialize_transposed_weights, prune
+from .graphfile import graph_bytes
 
-MODES = ("int8", "int4")
+__all__ = ["quantize_graph", "SCHEMES", "Scheme", "MODES", "INT8_SETTINGS", "INT4_SETTINGS"]
 
 # Per-tensor, not per-channel: on the tiny baseline per-channel (which ORT pairs with a 7-bit
 # reduced range) gave 1.85 max |Δlogits| vs 0.67 per-tensor. The embedding Gather is
@@ -31,7 +34,7 @@ INT8_SETTINGS = {
 }
 # Only MatMul weights; the embedding Gather stays fp32. accuracy_level 4 (int8 activations):
 # tiny baseline decode step 1.55 vs 1.72 ms (level 0) at past 128, same logits error
-# (scripts/bench_baseline_step.py, 1 thread, busy 2-vCPU VM; re-measure on devices).
+# (`itera-bench step` on the two bundles, 1 thread, busy 2-vCPU VM; re-measure on devices).
 INT4_SETTINGS = {
     "bits": 4,
     "block_size": 32,
@@ -51,22 +54,6 @@ MOE_SETTINGS = {"int8": {"bits": 8, "block_size": 0}, "int4": {"bits": 4, "block
 _QUANT_OPS = {"MatMulInteger", "QMoE", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul", "GatherBlockQuantized"}
 
 
-def _graph_bytes(path: Path) -> int:
-    """Size of an ONNX file plus its external data files, if any."""
-    import onnx
-
-    total = os.path.getsize(path)
-    model = onnx.load(str(path), load_external_data=False)
-    seen = set()
-    for t in model.graph.initializer:
-        if t.data_location == onnx.TensorProto.EXTERNAL:
-            loc = next((e.value for e in t.external_data if e.key == "location"), None)
-            if loc and loc not in seen:
-                seen.add(loc)
-                total += os.path.getsize(path.parent / loc)
-    return total
-
-
 def _count_quantized(path: Path) -> int:
     """Quantized compute nodes, plus Gathers that read an int8/uint8/int4 table."""
     import onnx
@@ -81,42 +68,6 @@ def _count_quantized(path: Path) -> int:
         elif node.op_type == "Gather" and node.input[0] in int_inits:
             n += 1
     return n
-
-
-def _materialize_transposed_weights(model) -> int:
-    """Replace MatMul(x, Transpose(W)) by MatMul(x, W') with W' = W.T stored as an initializer.
-
-    optimum's tied-weight dedup feeds the lm_head MatMul through a Transpose of the
-    embedding, which MatMulNBitsQuantizer skips (its B is not an initializer). Storing the
-    transposed copy lets it become a 4-bit MatMulNBits; the fp32 table stays for the Gather,
-    so the tie costs one 4-bit copy rather than the fp32 copy ORT would fold in at load.
-    """
-    from onnx import numpy_helper
-
-    g = model.graph
-    inits = {t.name: t for t in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    done = 0
-    for node in g.node:
-        if node.op_type != "MatMul" or len(node.input) < 2:
-            continue
-        t = producers.get(node.input[1])
-        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
-            continue
-        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
-        if perm not in (None, [1, 0]) or len(inits[t.input[0]].dims) != 2:
-            continue
-        name = t.output[0] + "_weight"
-        if name not in inits:
-            w = numpy_helper.to_array(inits[t.input[0]]).T.copy()
-            g.initializer.append(numpy_helper.from_array(w, name))
-            inits[name] = g.initializer[-1]
-        node.input[1] = name
-        done += 1
-    used = {i for n in g.node for i in n.input} | {o.name for o in g.output}
-    for t in [n for n in g.node if n.op_type == "Transpose" and n.output[0] not in used]:
-        g.node.remove(t)
-    return done
 
 
 def _quantize_experts(w, bits: int, block: int):
@@ -175,18 +126,11 @@ def _quantize_moe(model, bits: int, block_size: int) -> int:
         g.node.remove(node)
         g.node.insert(idx, qnode)
         done += 1
-    if done:
-        used = {i for n in g.node for i in n.input}
-        for t in [t for t in g.initializer if t.name not in used]:
-            g.initializer.remove(t)
     return done
 
 
-def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
-    """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done.
-
-    Returns {"mode", "method", "settings", "bytes_before", "bytes_after", "nodes_quantized"}.
-    """
+def quantize_graph(src: Path, dst: Path, mode: str) -> Quantization:
+    """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import onnx
 
@@ -235,7 +179,7 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
             )
 
             settings = dict(INT4_SETTINGS, gemm_rewritten=gemms)
-            settings["transposed_weights_materialized"] = _materialize_transposed_weights(model)
+            settings["transposed_weights_materialized"] = materialize_transposed_weights(model)
             config = DefaultWeightOnlyQuantConfig(
                 block_size=settings["block_size"],
                 is_symmetric=settings["symmetric"],
@@ -256,6 +200,7 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
         settings["moe_quantized"] = _quantize_moe(q, moe["bits"], moe["block_size"])
         if settings["moe_quantized"]:
             settings["moe_block_size"] = moe["block_size"]
+            prune(q)  # the fp32 expert weights the QMoE nodes replaced
             onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)
         if nodes == 0:
@@ -265,11 +210,27 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> dict:
         root.setLevel(level)
         tmp.unlink(missing_ok=True)
         work.unlink(missing_ok=True)
-    return {
-        "mode": mode,
-        "method": method,
-        "settings": settings,
-        "bytes_before": _graph_bytes(src),
-        "bytes_after": _graph_bytes(dst),
-        "nodes_quantized": nodes,
-    }
+    return Quantization(mode=mode, method=method, settings=settings, bytes_before=graph_bytes(src),
+                        bytes_after=graph_bytes(dst), nodes_quantized=nodes)
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """A way to store a bundle's weights: the CLI choice, the default bundle name, how to apply it."""
+
+    name: str
+    description: str
+    suffix: str  # appended to the default bundle folder name
+    apply: Callable[[Path, Path], Quantization] | None  # (float graph, destination) → record
+
+
+# The one list of quantization schemes: itera-export's --quantize choices, the default output
+# names and what the exporter applies all come from here.
+SCHEMES: dict[str, Scheme] = {
+    "none": Scheme("none", "fp32 weights as trained", "", None),
+    "int8": Scheme("int8", "8-bit weights (dynamic activation quantization; QMoE experts)", "-int8",
+                   lambda src, dst: quantize_graph(src, dst, "int8")),
+    "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits; QMoE experts)", "-int4",
+                   lambda src, dst: quantize_graph(src, dst, "int4")),
+}
+MODES = tuple(name for name, scheme in SCHEMES.items() if scheme.apply is not None)

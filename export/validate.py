@@ -1,39 +1,25 @@
-"""Validation of a written bundle against the torch model it came from.
+"""The one way to run a bundle against the torch model it came from.
 
-Runs the bundle with the runtime's own `ModelSession` (what users will run), on held-out
-text: prefill logits (and SSM state), then decode steps teacher-forced on the same text,
-each compared with one torch forward over the whole sequence. Greedy generation is checked
-token for token in `greedy_tokens` (the golden test uses it).
+`compare` drives the written bundle through the runtime's own `ModelSession` (what users
+will run) on held-out text: prefill logits (and SSM state), then decode steps
+teacher-forced on the same text, each compared with one torch forward over the whole
+sequence. The exporter calls it on every bundle it writes; tests call the same function.
+`greedy_tokens` is the torch side of the golden greedy test (the runtime side is
+`Generator.generate_ids`).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 
-from itera_runtime.bundle import load_bundle
+from itera_runtime.bundle import Bundle, Validation, load_bundle
 from itera_runtime.session import ModelSession
 
 FP32_TOLERANCE = 1e-4
-
-
-def held_out_tokens(ckpt: dict, n: int) -> tuple[np.ndarray, str]:
-    """n tokens of the checkpoint's test split (never trained on), else of a fixed passage."""
-    from tokenizers import Tokenizer
-
-    from itera_lite.data import DataError, prepare_data
-
-    cfg = ckpt.get("train_config", {})
-    try:
-        data = prepare_data(cfg["data"], cfg["vocab_size"])
-        if data.tokenizer_json == ckpt["tokenizer_json"] and data.n_tokens("test") > n:
-            return np.asarray(data.split("test")[:n], dtype=np.int64), f"test split of {cfg['data']}"
-    except (KeyError, DataError):
-        pass
-    tok = Tokenizer.from_str(ckpt["tokenizer_json"])
-    ids = tok.encode(_PASSAGE * 20).ids
-    return np.asarray(ids[:n], dtype=np.int64), "built-in passage (test split unavailable)"
-
+PROMPT_LEN = 32
 
 _PASSAGE = (
     "Tomorrow, and tomorrow, and tomorrow,\nCreeps in this petty pace from day to day,\n"
@@ -42,30 +28,77 @@ _PASSAGE = (
 )
 
 
+class ValidationTextError(ValueError):
+    """Validation text that cannot be used; one line."""
+
+
+def held_out_tokens(ckpt: dict, n: int, text_file: str | Path | None = None) -> tuple[np.ndarray, str]:
+    """n tokens to validate on and where they came from.
+
+    In order: `text_file` (the user's --validate-text), the held-out sample that training
+    stored in the checkpoint ("validation_sample": ids and text of the test split), a fixed
+    passage of Macbeth. Nothing here prepares or reads the training data.
+    """
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_str(ckpt["tokenizer_json"])
+    if text_file is not None:
+        path = Path(text_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValidationTextError(f"{path}: cannot read validation text ({e.strerror if isinstance(e, OSError) else e})") from None
+        ids = tok.encode(text).ids
+        if len(ids) <= PROMPT_LEN:
+            raise ValidationTextError(f"{path}: {len(ids)} tokens; validation needs more than {PROMPT_LEN}")
+        return np.asarray(ids[:n], dtype=np.int64), str(path)
+    sample = ckpt.get("validation_sample")
+    if isinstance(sample, dict) and len(sample.get("ids", ())) > PROMPT_LEN:
+        ids = np.asarray(sample["ids"][:n], dtype=np.int64)
+        if ids.min() >= 0 and ids.max() < tok.get_vocab_size():
+            return ids, str(sample.get("source", "checkpoint's held-out sample"))
+    ids = tok.encode(_PASSAGE * 20).ids
+    return np.asarray(ids[:n], dtype=np.int64), "built-in passage (no held-out sample in the checkpoint)"
+
+
 @torch.no_grad()
-def compare(model, bundle_dir, tokens: np.ndarray, prompt_len: int = 32, threads: int | None = 1) -> dict:
-    """Worst absolute differences, ORT vs torch: prefill logits, state, decode logits."""
-    bundle = load_bundle(bundle_dir)
+def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: int = PROMPT_LEN,
+            threads: int | None = 1, text: str = "") -> Validation:
+    """Worst absolute differences, ORT vs torch: prefill logits, state, decode logits.
+
+    tokens: (T,) held-out ids; the first `prompt_len` are prefilled, the rest decoded one
+    by one (teacher-forced), each step's logits compared with torch's at that position.
+    """
+    bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
     session = ModelSession(bundle, threads=threads)
-    ref = model(torch.from_numpy(tokens)[None])
-    ref_logits = ref.logits[0].float().numpy()  # (T, V)
-    logits, state = session.prefill(tokens[:prompt_len])
-    result = {"prefill_logits": float(np.abs(logits - ref_logits[:prompt_len]).max())}
+    tokens = np.asarray(tokens, dtype=np.int64)
+    ref_logits = model(torch.from_numpy(tokens)[None]).logits[0].float().numpy()  # (T, V)
+    chunks, state = [], None
+    for logits, state in session.forward_chunks(tokens[:prompt_len]):
+        chunks.append(logits)
+    prefill = np.concatenate(chunks)
+    prefill_logits = float(np.abs(prefill - ref_logits[:prompt_len]).max())
+    prefill_state = None
     if bundle.state_kind == "ssm":
-        prefill_ref = model(torch.from_numpy(tokens[:prompt_len])[None]).state
-        flat = [t.numpy() for layer in prefill_ref for t in layer]
-        result["prefill_state"] = float(max(np.abs(a - b).max() for a, b in zip(state.numpy(), flat)))
+        ref_state = model(torch.from_numpy(tokens[:prompt_len])[None]).state
+        flat = [t.numpy() for layer in ref_state for t in layer]
+        prefill_state = float(max(np.abs(a - b).max() for a, b in zip(state.numpy(), flat)))
     # Decode, teacher-forced: feeding token i gives the logits torch has at position i.
     worst, agree = 0.0, 0
     for i in range(prompt_len, len(tokens)):
         step_logits, state = session.decode(int(tokens[i]), state)
         worst = max(worst, float(np.abs(step_logits - ref_logits[i]).max()))
         agree += int(step_logits.argmax() == ref_logits[i].argmax())
-    result["decode_logits"] = worst
-    result["decode_steps"] = len(tokens) - prompt_len
-    result["decode_top1_agreement"] = agree / max(1, len(tokens) - prompt_len)
-    result["max_abs_diff"] = max(v for k, v in result.items() if k.endswith(("logits", "state")))
-    return result
+    steps = len(tokens) - prompt_len
+    return Validation(
+        text=text,
+        max_abs_diff=max(v for v in (prefill_logits, prefill_state, worst) if v is not None),
+        prefill_logits=prefill_logits,
+        prefill_state=prefill_state,
+        decode_logits=worst,
+        decode_steps=steps,
+        decode_top1_agreement=agree / max(1, steps),
+    )
 
 
 @torch.no_grad()
@@ -85,16 +118,4 @@ def greedy_tokens(model, prompt: np.ndarray, steps: int) -> list[int]:
         token = int(model(ids).logits[0, -1].argmax())
         out.append(token)
         ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
-    return out
-
-
-def greedy_tokens_ort(bundle_dir, prompt: np.ndarray, steps: int, threads: int | None = 1) -> list[int]:
-    """The same greedy continuation through the bundle."""
-    session = ModelSession(load_bundle(bundle_dir), threads=threads)
-    logits, state = session.prefill(prompt)
-    token, out = int(logits[-1].argmax()), []
-    for _ in range(steps):
-        out.append(token)
-        logits, state = session.decode(token, state)
-        token = int(logits.argmax())
     return out

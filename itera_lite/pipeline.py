@@ -49,11 +49,12 @@ def _quality_table(summaries: dict) -> str:
 @click.option("--out", default="runs/pipeline", type=click.Path(file_okay=False))
 def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out):
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
-    from itera_bench.decode import measure_decode
-    from itera_runtime.provenance import provenance
-    from itera_bench.report import format_rows
+    from itera_bench.latency import Target, gen_case
+    from itera_bench.record import format_records
+    from itera_bench.sweep import compare_to_baseline, run_cases
     from itera_export.exporter import ExportError, export_checkpoint
     from itera_runtime import Generator, SamplingConfig, load_bundle
+    from itera_runtime.provenance import provenance
 
     from .checkpoint import CheckpointError
     from .data import DataError
@@ -86,31 +87,26 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
             click.echo(f"{family}: {samples[family]!r}")
 
         click.echo(f"\n## Decode speed, {bench_threads} thread(s)\n", err=False)
-        records = []
-        from tqdm import tqdm
-
-        loaded = {f: load_bundle(p) for f, p in bundles.items()}  # verify once, measure many
-        jobs = [(c, f) for c in ctx for f in bundles]
-        for c, family in tqdm(jobs, desc="decode bench", file=sys.stderr):
-            records.append({**measure_decode(loaded[family], c, threads=bench_threads),
-                            "provenance": provenance(bench_threads)})
-        click.echo(format_rows(records, "md"))
-        for c in ctx:
-            by = {r["family"]: r for r in records if r["context"] == c}
-            ratio = by["itera"]["decode_tokens_per_s"] / by["baseline"]["decode_tokens_per_s"]
-            click.echo(f"\ncontext {c}: Itera-Lite decodes {ratio:.2f}x the baseline's tokens/s")
+        targets = [Target(load_bundle(p), bench_threads) for p in bundles.values()]  # verify once
+        records = run_cases([gen_case(t, 64, c) for c in ctx for t in targets], repetitions=5, desc="decode bench")
+        compare_to_baseline(records, None)
+        click.echo(format_records(records, "md"))
+        for r in records:
+            if r.family == "itera" and r.vs_baseline is not None:
+                click.echo(f"\n{r.test}: Itera-Lite decodes {r.vs_baseline:.2f}x the baseline's tokens/s")
     except (TrainError, CheckpointError, DataError, ExportError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
-    report = {"quality": summaries, "samples": samples, "decode": records, "provenance": provenance(bench_threads)}
+    prov = provenance(bench_threads)
+    report = {"quality": summaries, "samples": samples, "decode": [r.to_dict() for r in records], "provenance": prov}
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
     (out / "report.md").write_text(
         "# Itera-Lite vs Transformer baseline\n\n" + _quality_table(summaries) + "\n\n"
-        + format_rows(records, "md") + f"\n\nCommand: `{report['provenance']['command']}`; "
-        f"commit {report['provenance']['git_commit']}; CPU {report['provenance']['cpu']}.\n")
+        + format_records(records, "md") + f"\n\nCommand: `{prov['command']}`; "
+        f"commit {prov['git_commit']}; CPU {prov['cpu']}.\n")
     click.echo(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
 
 

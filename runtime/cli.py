@@ -19,7 +19,7 @@ import click
 from .bundle import BundleError
 from .generate import Generator
 from .sampling import SamplingConfig
-from .session import DeviceError
+from .session import DeviceError, check_threads
 
 EXIT_PROMPTS = ("exit", "quit")
 
@@ -27,6 +27,15 @@ EXIT_PROMPTS = ("exit", "quit")
 def _out(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
+
+
+def _utf8(raw: bytes, where: str) -> str:
+    """Prompt bytes as text; bytes that are not UTF-8 become U+FFFD, with one warning line."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        click.echo(f"warning: {where} is not valid UTF-8; undecodable bytes replaced by U+FFFD", err=True)
+        return raw.decode("utf-8", errors="replace")
 
 
 def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
@@ -98,13 +107,15 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
          stop, threads, no_stream, as_json):
     """Generate text from the itera bundle folder BUNDLE."""
     try:
-        if threads is not None and threads < 1:
-            raise ValueError(f"--threads must be >= 1, got {threads}")
+        check_threads(threads)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
         if prompt is None and not sys.stdin.isatty():
-            prompt = sys.stdin.read()
+            prompt = _utf8(sys.stdin.buffer.read(), "stdin")
             prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+        elif prompt is not None:
+            # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
+            prompt = _utf8(prompt.encode("utf-8", "surrogateescape"), "--prompt")
         generator = Generator(bundle, device=device, threads=threads)
         if prompt is None:
             interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)

@@ -1,10 +1,14 @@
 """The generate loop: prompt text in, streamed text out, one loop for both model families.
 
 `ModelSession` hides what differs between families (SSM state or KV cache), so generation
-is the same everywhere: tokenize, prefill the whole prompt in one call, then sample a token,
+is the same everywhere: tokenize, prefill the prompt (in chunks), then sample a token,
 stream its text and decode it with the carried state, until `max_new_tokens` or a stop
 string. Sampling (`sampling.py`) and UTF-8-safe detokenisation (`textstream.py`) are their
 own small modules; this one only wires them together and times them.
+
+`generate_tokens` is the loop itself and `LoopTiming` its clock: the one definition of
+prefill time and decode tokens/s, shared by `GenerationStats`, `itera-bench latency` and the
+pipeline's report.
 
 Conventions:
 - An empty prompt is generated from a single newline token, i.e. "start of a line";
@@ -27,12 +31,12 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
-from .bundle import Bundle, BundleError, load_bundle
+from .bundle import Bundle, load_bundle
 from .sampling import Sampler, SamplingConfig
-from .session import ModelSession
+from .session import ModelSession, State
 from .textstream import TextStreamer
 
-__all__ = ["Generator", "Generation", "GenerationStats", "peak_rss_mb"]
+__all__ = ["Generator", "Generation", "GenerationStats", "LoopTiming", "generate_tokens", "peak_rss_mb"]
 
 STOP_REASONS = ("max_new_tokens", "stop_string")
 
@@ -40,8 +44,18 @@ STOP_REASONS = ("max_new_tokens", "stop_string")
 def peak_rss_mb() -> float | None:
     """Peak resident memory of this process so far in MiB (None where the OS has no counter).
 
-    A process-lifetime high-water mark, not a per-call one: it includes model loading.
+    A process-lifetime high-water mark, not a per-call one: it includes model loading. On
+    Linux it is VmHWM of /proc/self/status, the peak of this process's own memory; getrusage's
+    ru_maxrss would also count the parent's memory at fork time (a child of a 600 MB process
+    reports at least 600 MB).
     """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
     try:
         import resource
 
@@ -59,8 +73,10 @@ class GenerationStats:
     """Timings and counts of one generation.
 
     time_to_first_token_s runs from the call (tokenization included) to the first sampled
-    token. Decode covers the new_tokens - 1 tokens after the first: model step, sampling and
-    detokenisation, but not the time the caller spends between pieces.
+    token. prefill_s and decode_s are `LoopTiming`'s: decode covers the new_tokens - 1
+    tokens after the first, each one decode step plus sampling (not detokenisation, stop
+    strings or the caller's time between pieces). total_s is the whole call without the
+    caller's time.
     """
 
     prompt_tokens: int
@@ -87,6 +103,55 @@ class GenerationStats:
         return (f"[prefill {self.prompt_tokens} tok {self.prefill_tokens_per_s:.0f} tok/s | "
                 f"decode {self.new_tokens} tok {self.decode_tokens_per_s:.0f} tok/s | "
                 f"ttft {self.time_to_first_token_s * 1e3:.1f} ms | peak rss {rss} | {self.stop_reason}]")
+
+@dataclass
+class LoopTiming:
+    """The generate loop's clock; the one definition of prefill time and decode tokens/s.
+
+    prefill_s: the prefill call(s) over the whole prompt.
+    first_token_s: prefill plus sampling the first token.
+    decode_s: the decode steps after the first token, each one `Decoder.step` plus one
+    sampler call: sampling is inside, detokenisation and the consumer's time are not.
+    decode_steps: how many such steps (new tokens - 1).
+    """
+
+    prefill_s: float = 0.0
+    first_token_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
+
+
+def generate_tokens(session: ModelSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
+                    timing: LoopTiming | None = None, state: State | None = None) -> Iterator[int]:
+    """The loop: prefill once, then sample and decode with the carried state.
+
+    Each token is yielded before the next decode step runs, so a consumer that stops early
+    never pays for an unused step. `timing` (if given) is filled in as the loop runs.
+    state: continue after earlier tokens (default: an empty context); it is not consumed.
+    """
+    timing = timing if timing is not None else LoopTiming()
+    perf = time.perf_counter
+    start = perf()
+    logits, state = session.prefill(prompt_ids, state)
+    timing.prefill_s = perf() - start
+    history = list(prompt_ids)  # for the repetition penalty
+    token = sampler(logits, history)
+    timing.first_token_s = perf() - start
+    history.append(token)
+    yield token
+    decoder = session.decoder(state)
+    step = decoder.step
+    for _ in range(max_new_tokens - 1):
+        t = perf()
+        token = sampler(step(token), history)
+        timing.decode_s += perf() - t
+        timing.decode_steps += 1
+        history.append(token)
+        yield token
 
 
 class Generation:
@@ -125,21 +190,14 @@ class Generation:
 class Generator:
     """A verified bundle, its tokenizer and an onnxruntime session, ready to generate.
 
-    bundle_path: bundle folder (all files checked against their sha256 first).
+    bundle: bundle folder (all files checked against their sha256 first) or a loaded Bundle.
     device: "cpu", "cuda", ... (DeviceError lists what this onnxruntime has).
     threads: onnxruntime intra-op threads; None lets onnxruntime choose.
     """
 
-    def __init__(self, bundle_path: str | Path, device: str = "cpu", threads: int | None = None):
-        self.bundle: Bundle = load_bundle(bundle_path)
-        try:
-            self.tokenizer = Tokenizer.from_file(str(self.bundle.tokenizer_path))
-        except Exception as e:  # tokenizers raises a bare Exception on a malformed file
-            raise BundleError(f"{self.bundle.tokenizer_path}: not a readable tokenizer ({e})") from None
-        vocab = self.bundle.vocab_size
-        if vocab is not None and self.tokenizer.get_vocab_size() > vocab:
-            raise BundleError(f"{self.bundle.path}: tokenizer has {self.tokenizer.get_vocab_size()} ids, "
-                              f"more than the model's vocab_size {vocab}")
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", threads: int | None = None):
+        self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+        self.tokenizer = self.bundle.load_tokenizer()
         self.session = ModelSession(self.bundle, device=device, threads=threads)
         self.device, self.threads = device, threads
         self.last_stats: GenerationStats | None = None
@@ -150,29 +208,14 @@ class Generator:
 
     def encode(self, prompt: str) -> list[int]:
         """Prompt token ids; an empty prompt becomes a single newline token."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be text (str), got {type(prompt).__name__}")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("prompt is not valid Unicode text (it holds undecodable bytes)") from None
         ids = self.tokenizer.encode(prompt).ids
         return ids if ids else self.tokenizer.encode("\n").ids[:1]
-
-    def _tokens(self, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
-                times: list[float]) -> Iterator[int]:
-        """The loop: prefill once, then sample and decode with the carried state.
-
-        Appends the prefill wall time to `times`. Each token is yielded before the next
-        decode step runs, so a consumer that stops early never pays for an unused step.
-        """
-        session = self.session
-        t = time.perf_counter()
-        logits, state = session.prefill(prompt_ids)
-        times.append(time.perf_counter() - t)
-        logits = logits[-1]
-        history = list(prompt_ids)  # for the repetition penalty
-        decoder = session.decoder(state)
-        for i in range(max_new_tokens):
-            token = sampler(logits, history)
-            history.append(token)
-            yield token
-            if i + 1 < max_new_tokens:
-                logits = decoder.step(token)
 
     def _sampler(self, sampling: SamplingConfig | None) -> Sampler:
         sampling = sampling if sampling is not None else SamplingConfig()
@@ -184,7 +227,7 @@ class Generator:
     def _check(self, n_prompt: int, max_new_tokens: int) -> None:
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        limit = self.bundle.model_config.get("max_seq_len")
+        limit = self.bundle.max_seq_len
         if limit and n_prompt + max_new_tokens > limit:
             raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
                              f"exceeds the model's max_seq_len {limit}")
@@ -196,7 +239,7 @@ class Generator:
         if not prompt_ids:
             raise ValueError("prompt_ids is empty; give at least one token")
         self._check(len(prompt_ids), max_new_tokens)
-        return list(self._tokens(prompt_ids, max_new_tokens, self._sampler(sampling), []))
+        return list(generate_tokens(self.session, prompt_ids, max_new_tokens, self._sampler(sampling)))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: Sequence[str] = (), stream: bool = True) -> Generation:
@@ -227,13 +270,13 @@ class Generator:
         push = streamer.push
         out = gen.token_ids
         emitted: list[str] = []
-        times: list[float] = []
+        timing = LoopTiming()
         paused = 0.0  # time spent by the caller between pieces, kept out of the stats
         first = None
         held = ""  # decoded text not yet emitted: it may be the start of a stop string
         reason = "max_new_tokens"
 
-        for token in self._tokens(gen.prompt_ids, max_new_tokens, sampler, times):
+        for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing):
             if first is None:
                 first = time.perf_counter()
             out.append(token)
@@ -261,17 +304,15 @@ class Generator:
                 emitted.append(tail)
                 yield tail
 
-        n = len(out)
-        prefill_s = times[0]
-        decode_s = max(end - first - paused, 0.0)
+        n_prompt = len(gen.prompt_ids)
         gen.stats = self.last_stats = GenerationStats(
-            prompt_tokens=len(gen.prompt_ids),
-            new_tokens=n,
+            prompt_tokens=n_prompt,
+            new_tokens=len(out),
             time_to_first_token_s=first - start,
-            prefill_s=prefill_s,
-            prefill_tokens_per_s=len(gen.prompt_ids) / prefill_s if prefill_s > 0 else 0.0,
-            decode_s=decode_s,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            prefill_s=timing.prefill_s,
+            prefill_tokens_per_s=n_prompt / timing.prefill_s if timing.prefill_s > 0 else 0.0,
+            decode_s=timing.decode_s,
+            decode_tokens_per_s=timing.decode_tokens_per_s,
             total_s=end - start - paused,
             peak_rss_mb=peak_rss_mb(),
             stop_reason=reason,

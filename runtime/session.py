@@ -1,21 +1,29 @@
-"""A bundle's graphs behind two calls: `prefill(ids, state)` and `decode(token, state)`.
+"""A bundle's graphs behind two calls: `prefill(ids, state)` and `Decoder.step(token)`.
 
 The manifest says which inputs a graph takes (SSM state for Itera-Lite, KV cache plus
 attention_mask/position_ids for the baseline), so one generate loop serves both families.
+Before anything runs, the manifest's graphs, io names, state and vocabulary are checked
+against what onnxruntime reports for the graphs themselves (`check_manifest_against_graphs`),
+so a hand-edited manifest is one clear error at load instead of a traceback mid-run.
 
 State stays inside onnxruntime as OrtValues between calls (IOBinding): the outputs of one
-step are bound as the inputs of the next, with no copy of the state through numpy. Only the
-logits of the last position come back as a numpy array.
+step are bound as the inputs of the next, with no copy of the state through numpy.
+Prompts are processed in chunks of PREFILL_CHUNK tokens with the state carried, so memory
+stays bounded whatever the prompt length; only the logits a caller asks for come back.
+
+Every onnxruntime session of the project (runtime, bench, export validation, tests) is made
+by `make_session` with `session_options`: what users run is what benchmarks time.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 
 import numpy as np
 import onnxruntime as ort
 
-from .bundle import Bundle, BundleError, initial_state
+from .bundle import Bundle, BundleError, TensorSpec, initial_state
 
 # User-facing device names → onnxruntime execution providers.
 DEVICES = {
@@ -27,6 +35,16 @@ DEVICES = {
     "openvino": "OpenVINOExecutionProvider",
     "qnn": "QNNExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
+}
+
+# Tokens per prefill call. Bounds the logits (chunk × vocab × 4 bytes) and the attention or
+# SSD work of one call; a 20k-token prompt no longer needs 20k × vocab floats at once.
+PREFILL_CHUNK = 512
+
+_ORT_DTYPES = {
+    "tensor(float)": "float32", "tensor(float16)": "float16", "tensor(double)": "float64",
+    "tensor(int64)": "int64", "tensor(int32)": "int32", "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8", "tensor(bool)": "bool",
 }
 
 
@@ -60,7 +78,8 @@ def check_threads(threads: int | None) -> int | None:
     return int(threads)
 
 
-def session_options(threads: int | None, optimized_model_path: str | None = None) -> ort.SessionOptions:
+def session_options(threads: int | None, optimized_model_path: str | None = None,
+                    profile_prefix: str | None = None) -> ort.SessionOptions:
     """The one set of onnxruntime session options: what users run is what benchmarks time."""
     threads = check_threads(threads)
     opts = ort.SessionOptions()
@@ -73,16 +92,95 @@ def session_options(threads: int | None, optimized_model_path: str | None = None
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads > 1 else "1")
     if optimized_model_path:
         opts.optimized_model_filepath = str(optimized_model_path)
+    if profile_prefix:  # onnxruntime's own per-node profiler (itera-bench profile)
+        opts.enable_profiling = True
+        opts.profile_file_prefix = str(profile_prefix)
     opts.log_severity_level = 3
     return opts
 
 
 def make_session(model: str | os.PathLike | bytes, threads: int | None = None, device: str = "cpu",
-                 optimized_model_path: str | None = None) -> ort.InferenceSession:
+                 optimized_model_path: str | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
     """An InferenceSession for a graph file (or serialized bytes) with the project's options."""
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads, optimized_model_path),
+    return ort.InferenceSession(source, session_options(threads, optimized_model_path, profile_prefix),
                                 providers=providers_for(device))
+
+
+# ------------------------------------------------------------------- manifest vs graphs
+
+
+def _actual(node_arg) -> TensorSpec:
+    dims = [d if isinstance(d, int) else (d or "?") for d in node_arg.shape]
+    return TensorSpec(node_arg.name, _ORT_DTYPES.get(node_arg.type, node_arg.type), dims)
+
+
+def _same_shape(declared: list, actual: list) -> bool:
+    """Equal rank and equal static dims; a symbolic dim must stay symbolic (names may differ)."""
+    if len(declared) != len(actual):
+        return False
+    return all((isinstance(a, int)) == (isinstance(b, int)) and (not isinstance(a, int) or a == b)
+               for a, b in zip(declared, actual))
+
+
+def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.InferenceSession]) -> None:
+    """Refuse, in one line, a manifest that does not describe its graphs.
+
+    The graphs are pinned by hashes; the manifest's own fields (state shapes and dtypes, io
+    names, vocab_size, family) are not, so they are checked against what onnxruntime reads
+    from the graphs before any token runs.
+    """
+    m = bundle.manifest
+    where = str(bundle.manifest_path)
+    expected_kind = {"itera": "ssm", "baseline": "kv_cache"}[m.family]
+    if m.state.kind != expected_kind:
+        raise BundleError(f"{where}: family {m.family!r} carries a {expected_kind} state, but state.kind "
+                          f"is {m.state.kind!r} (manifest edited?)")
+    if (m.family == "baseline") != (m.io.attention_mask is not None):
+        raise BundleError(f"{where}: family {m.family!r} does not match the io names "
+                          f"(attention_mask {m.io.attention_mask!r})")
+    for gname, sess in sessions.items():
+        spec = m.graphs[gname]
+        gwhere = f"{where}: graphs.{gname} ({spec.file})"
+        actual_in = {a.name: _actual(a) for a in sess.get_inputs()}
+        actual_out = {a.name: _actual(a) for a in sess.get_outputs()}
+        for declared, actual, kind in ((spec.inputs, actual_in, "inputs"), (spec.outputs, actual_out, "outputs")):
+            names = [t.name for t in declared]
+            if sorted(names) != sorted(actual):
+                raise BundleError(f"{gwhere}: manifest declares {kind} {sorted(names)} but the graph has "
+                                  f"{sorted(actual)}")
+            for t in declared:
+                a = actual[t.name]
+                if t.dtype != a.dtype or not _same_shape(t.shape, a.shape):
+                    raise BundleError(f"{gwhere}: {t.name} is declared {t.dtype}{t.shape} but the graph has "
+                                      f"{a.dtype}{a.shape}")
+        feedable = {m.io.input_ids}
+        for key in ("input_ids", "attention_mask", "position_ids"):
+            name = getattr(m.io, key)
+            if name is not None and name not in actual_in:
+                raise BundleError(f"{gwhere}: io.{key} names {name!r}, which is not an input of the graph")
+            feedable.add(name)
+        if m.io.logits not in actual_out:
+            raise BundleError(f"{gwhere}: io.logits names {m.io.logits!r}, which is not an output of the graph")
+        for s in m.state.tensors:
+            a_in, a_out = actual_in.get(s.input), actual_out.get(s.output)
+            if a_in is None or a_out is None:
+                raise BundleError(f"{gwhere}: state {s.input} → {s.output} is not an input/output pair of the graph")
+            for a in (a_in, a_out):
+                if s.dtype != a.dtype or len(s.shape) != len(a.shape) or any(
+                        isinstance(d, int) and d != ad for d, ad in zip(s.shape, a.shape)):
+                    raise BundleError(f"{gwhere}: state {s.input} is declared {s.dtype}{s.shape} but the graph "
+                                      f"has {a.dtype}{a.shape}")
+            feedable.add(s.input)
+        unfed = sorted(set(actual_in) - feedable)
+        if unfed:
+            raise BundleError(f"{gwhere}: graph inputs {unfed} are neither io names nor state (manifest edited?)")
+        vocab = actual_out[m.io.logits].shape[-1]
+        if isinstance(vocab, int) and vocab != m.vocab_size:
+            raise BundleError(f"{gwhere}: logits have {vocab} entries but vocab_size is {m.vocab_size}")
+
+
+# --------------------------------------------------------------------------- sessions
 
 
 class State:
@@ -95,30 +193,37 @@ class State:
     def numpy(self) -> list[np.ndarray]:
         return [v.numpy() for v in self.values]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the carried tensors hold right now (what the runtime actually keeps)."""
+        return sum(int(np.prod(v.shape())) * np.dtype(_ORT_DTYPES[v.data_type()]).itemsize for v in self.values)
+
 
 class ModelSession:
-    """onnxruntime sessions for a bundle's prefill and decode graphs."""
+    """onnxruntime sessions for a bundle's prefill and decode graphs, checked against the manifest."""
 
-    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
+                 profile_prefix: str | None = None):
         self.bundle = bundle
         providers_for(device)  # DeviceError / ValueError before any graph is read
         check_threads(threads)
-        self._sessions: dict[str, ort.InferenceSession] = {}
-        self.graphs = {}
+        sessions: dict[str, ort.InferenceSession] = {}
+        self.graphs: dict[str, ort.InferenceSession] = {}
         for name in ("prefill", "decode"):
-            spec = bundle.graph(name)
-            if spec.file not in self._sessions:
+            path = bundle.graph_path(name)
+            if path not in sessions:
                 try:
-                    self._sessions[spec.file] = make_session(spec.file, threads, device)
+                    sessions[path] = make_session(path, threads, device, profile_prefix=profile_prefix)
                 except Exception as e:  # onnxruntime raises its own Fail/InvalidGraph types
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise BundleError(f"{spec.file}: onnxruntime cannot load this graph ({first[:200]})") from None
-            self.graphs[name] = self._sessions[spec.file]
+                    raise BundleError(f"{path}: onnxruntime cannot load this graph ({first[:200]})") from None
+            self.graphs[name] = sessions[path]
+        check_manifest_against_graphs(bundle, self.graphs)
         io = bundle.io
-        self.input_ids, self.logits = io["input_ids"], io["logits"]
-        self.attention_mask, self.position_ids = io.get("attention_mask"), io.get("position_ids")
+        self.input_ids, self.logits = io.input_ids, io.logits
+        self.attention_mask, self.position_ids = io.attention_mask, io.position_ids
         self.state_specs = bundle.state
-        self.device = device
+        self.device, self.threads = device, threads
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
     def initial_state(self) -> State:
@@ -145,20 +250,36 @@ class ModelSession:
         outs = binding.get_outputs()
         return outs[0].numpy(), State(list(outs[1:]), state.position + T)
 
-    def prefill(self, ids, state: State | None = None) -> tuple[np.ndarray, State]:
-        """Prompt tokens (T,) or (1, T) -> logits (T, V), state after them."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        if ids.shape[1] == 0:
+    def forward_chunks(self, ids, state: State | None = None,
+                       chunk: int = PREFILL_CHUNK) -> Iterator[tuple[np.ndarray, State]]:
+        """Run tokens (T,) through the prefill graph `chunk` at a time, carrying the state.
+
+        Yields (logits (t, V) of the chunk's positions, state after the chunk). Quality
+        evaluation reads every chunk's logits; generation keeps only the last row.
+        """
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
             raise ValueError("prefill needs at least one token")
-        logits, state = self._run("prefill", ids, state or self.initial_state())
-        return logits[0], state
+        if chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        state = state or self.initial_state()
+        for start in range(0, ids.size, chunk):
+            logits, state = self._run("prefill", ids[None, start:start + chunk], state)
+            yield logits[0], state
+
+    def prefill(self, ids, state: State | None = None, chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, State]:
+        """Prompt tokens (T,) -> logits (V,) of the last position, state after them."""
+        logits = None
+        for logits, state in self.forward_chunks(ids, state, chunk):
+            pass
+        return np.array(logits[-1]), state
 
     def decode(self, token: int, state: State) -> tuple[np.ndarray, State]:
         """One token -> logits (V,), next state. Leaves `state` usable (for branching, tests)."""
         logits, state = self._run("decode", np.array([[token]], dtype=np.int64), state)
         return logits[0, -1], state
 
-    def decoder(self, state: State) -> "Decoder":
+    def decoder(self, state: State) -> Decoder:
         """The generate loop's fast path: a decoder that continues from (and consumes) `state`."""
         return Decoder(self, state)
 
@@ -177,9 +298,8 @@ class Decoder:
     def __init__(self, session: ModelSession, state: State):
         self.s = session
         self.sess = session.graphs["decode"]
-        vocab = session.bundle.vocab_size or session.bundle.graph("decode").outputs[0].shape[-1]
         self._token = np.zeros((1, 1), dtype=np.int64)
-        self._logits = np.zeros((1, 1, int(vocab)), dtype=np.float32)
+        self._logits = np.zeros((1, 1, session.bundle.vocab_size), dtype=np.float32)
         self._token_ov = ort.OrtValue.ortvalue_from_numpy(self._token)
         self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
         self.position = state.position

@@ -1,41 +1,125 @@
-"""itera-bench latency: one record type in every format, provenance on every row."""
+"""itera-bench latency/step/profile: one record type in every format, provenance on every row,
+round-robin sweeps, ratios against the baseline, Ctrl-C, and refusals in one line."""
 
 from __future__ import annotations
 
-import csv
-import io
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+
+import pytest
+
+from itera_bench.record import FORMATS, Record, format_records, markdown, parse
 
 
-def bench(*args):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+def bench(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=300, **kw)
 
 
-def test_latency_sweeps_the_product_of_lists(tiny_itera, tiny_baseline):
-    proc = bench(tiny_itera.bundle, tiny_baseline.bundle, "-c", "8,24", "-t", "1", "-n", "4", "-r", "2", "-o", "json")
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    rows = json.loads(proc.stdout)
-    assert [(r["family"], r["context"]) for r in rows] == [("itera", 8), ("itera", 24), ("baseline", 8), ("baseline", 24)]
-    for r in rows:
-        assert r["decode_tokens_per_s_min"] <= r["decode_tokens_per_s"] <= r["decode_tokens_per_s_max"]
-        assert r["estimated"] is False and r["repeats"] == 2 and r["new_tokens"] == 4
-        assert r["provenance"]["versions"]["onnxruntime"] and r["provenance"]["threads"] == 1
-
-
-def test_latency_csv_and_markdown(tiny_itera):
-    out = bench(tiny_itera.bundle, "-c", "8", "-n", "2", "-r", "1", "-o", "csv")
-    assert out.returncode == 0, out.stderr[-2000:]
-    (row,) = list(csv.DictReader(io.StringIO(out.stdout)))
-    assert row["family"] == "itera" and float(row["decode_tokens_per_s"]) > 0 and row["git_commit"]
-    md = bench(tiny_itera.bundle, "-c", "8", "-n", "2", "-r", "1")
-    assert md.stdout.startswith("| family |") and "| itera |" in md.stdout
-
-
-def test_latency_bad_bundle_is_one_line(tmp_path):
-    proc = bench(tmp_path / "missing", "-c", "8")
-    assert proc.returncode == 1
+def one_error_line(proc) -> str:
+    assert proc.returncode == 1, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "missing" in lines[0]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def latency_rows(tiny_itera, tiny_baseline):
+    proc = bench("latency", tiny_itera.bundle, tiny_baseline.bundle, "-p", "8", "-n", "4", "-d", "8,24",
+                 "-t", "1", "-r", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return json.loads(proc.stdout)
+
+
+def test_latency_sweeps_the_product_of_lists(latency_rows):
+    tests = [(r["family"], r["test"]) for r in latency_rows]
+    assert tests == [(f, t) for f in ("itera", "baseline") for t in ("pp8@d8", "pp8@d24", "tg4@d8", "tg4@d24")]
+    for r in latency_rows:
+        assert r["min"] <= r["median"] <= r["max"] and r["median"] > 0
+        assert r["estimated"] is False and r["repetitions"] == 2 and len(r["samples_ns"]) == 2
+        assert r["provenance"]["versions"]["onnxruntime"] and r["n_threads"] == 1 and r["build_commit"]
+        assert r["model_size"] > 0 and r["model_n_params"] > 0
+        n = r["n_prompt"] or r["n_gen"]
+        # tokens/s is n tokens over each repetition's wall time: the two fields agree.
+        assert r["samples"] == pytest.approx([n / (ns / 1e9) for ns in r["samples_ns"]], rel=1e-4)
+        if r["test"].startswith("pp"):
+            assert r["extra"]["ttft_ms"] * 1e6 >= min(r["samples_ns"])
+    # Ratios against the baseline bundle (the first baseline-family one by default).
+    for r in latency_rows:
+        if r["family"] == "baseline":
+            assert r["vs_baseline"] == 1.0 and r["baseline"] == r["bundle"]
+        ref = next(b for b in latency_rows if b["family"] == "baseline" and b["test"] == r["test"])
+        assert r["vs_baseline"] == pytest.approx(r["median"] / ref["median"])
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_every_format_parses_back_into_the_same_records(latency_rows, fmt):
+    records = [Record.from_dict(r) for r in latency_rows]
+    again = parse(format_records(records, fmt), fmt)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in records]
+
+
+def test_markdown_table_and_spread_warning(latency_rows):
+    md = format_records([Record.from_dict(r) for r in latency_rows], "md")
+    assert md.startswith("| model | family |") and "tg4@d24" in md and "x |" in md
+    steady = Record(kind="latency", test="tg1", metric="tokens_per_s", unit="tok/s", samples=[100, 101, 99])
+    noisy = Record(kind="latency", test="tg1", metric="tokens_per_s", unit="tok/s", samples=[100, 140, 60])
+    assert not steady.noisy and noisy.noisy and noisy.spread == pytest.approx(0.8)
+    assert "warning" not in markdown([steady])
+    assert "(noisy)" in markdown([noisy]) and "warning: 1 row(s)" in markdown([noisy])
+    est = Record(kind="energy", test="tg1", metric="joules_per_token", unit="J", samples=[0.1], estimated=True)
+    assert "(est.)" in markdown([est])
+    assert set(FORMATS) == {"md", "csv", "json", "jsonl"}
+
+
+def test_step_and_profile(tiny_itera):
+    proc = bench("step", tiny_itera.bundle, "-n", "8", "-d", "4", "-r", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = json.loads(proc.stdout)
+    assert row["test"] == "step@d4" and row["unit"] == "µs" and row["higher_is_better"] is False
+    proc = bench("profile", tiny_itera.bundle, "-n", "16", "-d", "4", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["test"]: r for r in json.loads(proc.stdout)}
+    ops = [r for t, r in rows.items() if t.startswith("op ")]
+    assert ops and "kernels" in rows and "loop (step + sampling)" in rows
+    # The per-op rows add up to the kernels row, and the layers to it as well.
+    assert sum(r["median"] for r in ops) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
+    layers = [r for t, r in rows.items() if t.startswith("layer ") or t == "other"]
+    assert sum(r["median"] for r in layers) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
+    assert any(t.startswith("layer 1") for t in rows)  # the tiny test model has two layers
+
+
+def test_ctrl_c_keeps_finished_rows(tiny_itera):
+    proc = subprocess.Popen([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_itera.bundle), "-p", "0",
+                             "-n", "2", "-d", "4", "-r", "100000", "-o", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "TQDM_MININTERVAL": "0"})
+    deadline = time.time() + 60
+    seen = ""
+    while time.time() < deadline and "latency:" not in seen:
+        seen += proc.stderr.read(1)
+    time.sleep(1.0)  # some repetitions run
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    (row,) = json.loads(out)
+    assert row["interrupted"] is True and 1 <= row["repetitions"] < 100000
+
+
+def test_bad_bundle_is_one_line(tmp_path):
+    line = one_error_line(bench("latency", tmp_path / "missing", "-d", "8"))
+    assert "missing" in line
+
+
+def test_depth_beyond_max_seq_len_is_refused(tiny_baseline):
+    line = one_error_line(bench("latency", tiny_baseline.bundle, "-d", "100000", "-p", "0"))
+    assert "max_seq_len 4096" in line
+
+
+def test_threads_beyond_cpus_are_refused(tiny_itera):
+    line = one_error_line(bench("latency", tiny_itera.bundle, "-t", str((os.cpu_count() or 1) + 1)))
+    assert "CPUs" in line

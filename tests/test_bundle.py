@@ -14,6 +14,7 @@ from itera_runtime.bundle import (
     BUNDLE_FORMAT,
     BUNDLE_FORMAT_VERSION,
     BundleError,
+    Manifest,
     file_entry,
     initial_state,
     load_bundle,
@@ -79,7 +80,7 @@ def make_manifest(vocab_size):
         "model_config": {"d_model": 8},
         "tokenizer": "tokenizer.json",
         "vocab_size": vocab_size,
-        "files": ["tokenizer.json", "decode.onnx"],
+        "files": {},
         "graphs": {
             "prefill": {"file": "decode.onnx", **io},
             "decode": {"file": "decode.onnx", **io},
@@ -108,7 +109,8 @@ def bundle_dir(tmp_path):
     d.mkdir()
     write_identity_graph(d / "decode.onnx")
     vocab_size = write_tokenizer(d / "tokenizer.json")
-    write_manifest(d, make_manifest(vocab_size))
+    write_manifest(d, Manifest.from_json(make_manifest(vocab_size) | {"files": {"x": {"sha256": "-", "bytes": 0}}}),
+                   names=["tokenizer.json", "decode.onnx"])
     return d
 
 
@@ -129,13 +131,13 @@ def test_valid_bundle_loads_and_runs(bundle_dir):
     assert Tokenizer.from_file(str(b.tokenizer_path)).get_vocab_size() == b.vocab_size
     assert sorted(b.graph_names) == ["decode", "prefill"]
     g = b.graph("decode")
-    assert g.file == bundle_dir / "decode.onnx"
+    assert g.file == "decode.onnx" and b.graph_path("decode") == bundle_dir / "decode.onnx"
     assert [t.name for t in g.inputs] == ["input_ids", "past.0.conv"]
     assert g.outputs[1].shape == ["batch", 8, 3]
     assert [s.input for s in b.state] == ["past.0.conv", "past.0.k"]
     assert b.state_kind == "ssm"
     # The graph is a real one: the declared names are what onnxruntime sees.
-    sess = ort.InferenceSession(str(g.file), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(b.graph_path("decode")), providers=["CPUExecutionProvider"])
     assert [i.name for i in sess.get_inputs()] == [t.name for t in g.inputs]
     state = initial_state(b)
     ids = np.array([[1, 2, 3]], dtype=np.int64)
@@ -147,16 +149,21 @@ def test_manifest_is_sorted_pretty_and_hashes_files(bundle_dir):
     text = (bundle_dir / "manifest.json").read_text()
     manifest = json.loads(text)
     assert text == json.dumps(manifest, indent=2, sort_keys=True) + "\n"
-    assert manifest["files"]["decode.onnx"] == file_entry(bundle_dir / "decode.onnx")
+    entry = file_entry(bundle_dir / "decode.onnx")
+    assert manifest["files"]["decode.onnx"] == {"sha256": entry.sha256, "bytes": entry.bytes}
+    assert sorted(manifest["files"]) == ["decode.onnx", "tokenizer.json"]
     assert len(sha256_file(bundle_dir / "decode.onnx")) == 64
     assert not list(bundle_dir.glob(".manifest.*"))  # no temp file left behind
 
 
-def test_write_manifest_accepts_dict_of_files(bundle_dir):
-    manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    manifest["files"] = {"decode.onnx": None, "tokenizer.json": None}
-    write_manifest(bundle_dir, manifest)
-    assert load_bundle(bundle_dir).manifest["files"]["decode.onnx"]["bytes"] > 0
+def test_manifest_json_round_trips_and_keeps_unknown_keys(bundle_dir):
+    text = (bundle_dir / "manifest.json").read_text()
+    m = Manifest.from_json(text)
+    assert m.to_json() == text
+    newer = json.loads(text) | {"requires": {"onnxruntime": "1.99"}}
+    m2 = Manifest.from_json(json.dumps(newer))
+    assert json.loads(m2.to_json()) == newer
+    assert load_bundle(bundle_dir).manifest.files["decode.onnx"].bytes == (bundle_dir / "decode.onnx").stat().st_size
 
 
 def test_tampered_graph_is_refused(bundle_dir):
@@ -229,19 +236,21 @@ def test_graph_not_listed_in_files(bundle_dir):
 def test_path_traversal_is_refused(bundle_dir, name):
     (bundle_dir.parent / "outside.onnx").write_bytes(b"x")
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    manifest["files"][name] = file_entry(bundle_dir.parent / "outside.onnx")
+    entry = file_entry(bundle_dir.parent / "outside.onnx")
+    manifest["files"][name] = {"sha256": entry.sha256, "bytes": entry.bytes}
     rewrite(bundle_dir, files=manifest["files"])
     with pytest.raises(BundleError, match="escapes the bundle folder"):
         load_bundle(bundle_dir)
     with pytest.raises(BundleError, match="escapes the bundle folder"):
-        write_manifest(bundle_dir, {**manifest, "files": [name]})
+        write_manifest(bundle_dir, Manifest.from_json(json.dumps(manifest)), names=[name])
 
 
 def test_symlink_out_of_bundle_is_refused(bundle_dir):
     (bundle_dir.parent / "outside.onnx").write_bytes(b"x")
     (bundle_dir / "link.onnx").symlink_to(bundle_dir.parent / "outside.onnx")
     manifest = json.loads((bundle_dir / "manifest.json").read_text())
-    manifest["files"]["link.onnx"] = file_entry(bundle_dir / "link.onnx")
+    entry = file_entry(bundle_dir / "link.onnx")
+    manifest["files"]["link.onnx"] = {"sha256": entry.sha256, "bytes": entry.bytes}
     rewrite(bundle_dir, files=manifest["files"])
     with pytest.raises(BundleError, match="escapes the bundle folder"):
         load_bundle(bundle_dir)
@@ -261,3 +270,20 @@ def test_initial_state_shapes(bundle_dir):
     assert state["past.0.k"].shape == (3, 4, 0, 32)  # empty KV cache
     assert state["past.0.k"].dtype == np.float16
     assert not state["past.0.conv"].any()
+
+
+def test_bundle_written_before_the_typed_manifest_still_runs(tiny_bundle, tmp_path):
+    """Format 1 as the exporter wrote it before: no params, no per-graph external_data."""
+    from itera_runtime import Generator, SamplingConfig
+
+    old = shutil.copytree(tiny_bundle.bundle, tmp_path / "old")
+    m = json.loads((old / "manifest.json").read_text())
+    del m["params"]
+    for g in m["graphs"].values():
+        del g["external_data"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    b = load_bundle(old)
+    assert b.manifest.params is None and b.graph("decode").external_data == []
+    greedy = SamplingConfig(temperature=0)
+    assert (Generator(old, threads=1).generate("To be", 8, greedy).text
+            == Generator(tiny_bundle.bundle, threads=1).generate("To be", 8, greedy).text)

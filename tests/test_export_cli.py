@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from itera_lite.checkpoint import load_checkpoint
+from itera_lite.checkpoint import load_checkpoint, load_model
 from itera_runtime import Generator, SamplingConfig, load_bundle
 
 
@@ -31,19 +31,22 @@ def test_quantized_bundles_of_both_families_run(tmp_path, tiny_bundle, quantize)
     proc = export(tiny_bundle.checkpoint, "-o", out, "--quantize", quantize)
     assert proc.returncode == 0, proc.stderr[-2000:]
     manifest = load_bundle(out).manifest
-    assert manifest["quantization"]["mode"] == quantize
-    assert manifest["quantization"]["nodes_quantized"] > 0
+    assert manifest.quantization.mode == quantize
+    assert manifest.quantization.nodes_quantized > 0
     fp32 = load_bundle(tiny_bundle.bundle).manifest
-    for f, check in manifest["graph_checks"].items():
-        assert check["bytes"] < fp32["graph_checks"][f]["bytes"], (f, check)
-    v = manifest["validation"]
+    assert manifest.total_bytes < 0.6 * fp32.total_bytes
+    for f, check in manifest.graph_checks.items():
+        assert check["bytes"] < fp32.graph_checks[f]["bytes"], (f, check)
+    v = manifest.validation
     # Untrained weights give near-tied logits, so top-1 agreement is only meaningful for the
     # baseline here; a broken quantized graph shows as logits off by far more than 3.
-    assert v["tolerance"] is None and v["max_abs_diff"] < 3.0
+    assert v.tolerance is None and v.max_abs_diff < 3.0
     if tiny_bundle.family == "baseline":
-        assert v["decode_top1_agreement"] >= 0.9
-    text = Generator(out, threads=1).generate("To be", 16, SamplingConfig(temperature=0)).text
-    assert isinstance(text, str)
+        assert v.decode_top1_agreement >= 0.9
+    gen = Generator(out, threads=1)
+    ids = gen.generate_ids(gen.encode("To be"), 16, SamplingConfig(temperature=0))
+    assert len(ids) == 16 and all(0 <= i < gen.bundle.vocab_size for i in ids)
+    assert proc.stdout.startswith(f"{out}: {tiny_bundle.family} bundle, quantization {quantize}")
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):
@@ -53,6 +56,10 @@ def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):
     proc = export(tiny_baseline.checkpoint, "-o", out)
     assert proc.returncode == 1 and "--force" in proc.stderr
     assert leftovers(out) == ["keep.txt"] and leftovers(tmp_path) == ["b"]
+    # With --force too: a folder that is not a bundle is never replaced.
+    proc = export(tiny_baseline.checkpoint, "-o", out, "--force")
+    assert proc.returncode == 1 and "not an itera bundle" in proc.stderr
+    assert leftovers(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
 def test_default_output_derives_from_checkpoint(tmp_path, tiny_baseline):
@@ -110,14 +117,19 @@ def test_manifest_records_what_the_contract_promises(tiny_itera, tiny_baseline):
     for tb in (tiny_itera, tiny_baseline):
         m = json.loads((Path(tb.bundle) / "manifest.json").read_text())
         for key in ("format_version", "family", "model_config", "tokenizer", "files", "graphs", "io", "state",
-                    "opset", "custom_domains", "quantization", "versions", "validation", "graph_checks"):
+                    "opset", "custom_domains", "quantization", "versions", "validation", "graph_checks", "params"):
             assert key in m, (tb.family, key)
         assert m["validation"]["max_abs_diff"] <= 1e-4
         assert m["versions"]["onnxruntime"] and m["versions"]["torch"]
         for spec in m["state"]["tensors"]:
             assert spec["shape"][0] == "batch"
-    assert load_bundle(tiny_itera.bundle).manifest["ssm_path"] in ("lowered", "function")
-    assert np.isfinite(load_bundle(tiny_baseline.bundle).manifest["validation"]["decode_logits"])
+        model, _ = load_model(tb.checkpoint)
+        assert m["params"]["total"] == sum(p.numel() for p in model.parameters())
+        # Every file on disk but the manifest is listed and pinned; nothing else is.
+        on_disk = sorted(p.name for p in Path(tb.bundle).iterdir() if p.name != "manifest.json")
+        assert sorted(m["files"]) == on_disk
+    assert load_bundle(tiny_itera.bundle).manifest.ssm_path in ("lowered", "function")
+    assert np.isfinite(load_bundle(tiny_baseline.bundle).manifest.validation.decode_logits)
 
 
 def test_itera_graphs_share_one_copy_of_the_weights(tiny_itera):
@@ -125,13 +137,12 @@ def test_itera_graphs_share_one_copy_of_the_weights(tiny_itera):
     from itera_lite.models import count_params
 
     m = load_bundle(tiny_itera.bundle).manifest
-    shared = m["shared_weights"]
-    assert shared and shared["file"] in m["files"]
+    shared = m.shared_weights
+    assert shared and shared["file"] in m.files
     model, _ = load_model(tiny_itera.checkpoint)
     param_bytes = 4 * count_params(model)["total"]
     # Two graphs over the same parameters: stored once (plus the lowered MoE's interleaved
     # copy of gate/up, which replaces them), never twice.
     assert shared["bytes"] <= 1.15 * param_bytes, (shared, param_bytes)
     assert shared["bytes"] <= 0.6 * shared["bytes_if_inline"]
-    total = sum(f["bytes"] for f in m["files"].values())
-    assert total <= 1.3 * param_bytes
+    assert m.total_bytes <= 1.3 * param_bytes

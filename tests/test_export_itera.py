@@ -1,5 +1,5 @@
-"""Itera-Lite → ONNX: custom ai.itera nodes, their shipped functions, the fused lowering,
-and parity of both paths with torch in onnxruntime (CPU, ORT_ENABLE_ALL)."""
+"""Itera-Lite → ONNX: custom ai.itera nodes, their shipped functions, the fused lowering, and
+parity of both paths with torch through the runtime (validate.compare, as the exporter runs it)."""
 
 from __future__ import annotations
 
@@ -10,26 +10,23 @@ import onnx
 import pytest
 import torch
 
-ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
+from itera_export.exporter import export_checkpoint  # noqa: E402
 from itera_export.itera import export_itera_graphs  # noqa: E402
 from itera_export.lower import fused_ops_available  # noqa: E402
+from itera_export.validate import compare, greedy_tokens  # noqa: E402
+from itera_lite.checkpoint import save_checkpoint  # noqa: E402
+from itera_lite.data import train_tokenizer  # noqa: E402
 from itera_lite.models import build_model, make_config  # noqa: E402
+from itera_lite.models.config import config_to_dict  # noqa: E402
 from itera_lite.models.moe import route  # noqa: E402
+from itera_runtime import Generator, SamplingConfig, load_bundle  # noqa: E402
+from itera_runtime.session import ModelSession, make_session  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 256
 PATHS = ("none", "fused")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    # Tiny eager ops on a shared 2-vCPU box: OpenMP spin-waiting made model.step ~100x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -40,51 +37,17 @@ def model():
 
 @pytest.fixture(scope="module")
 def bundles(model, tmp_path_factory):
-    # The trace is cached per weights, so the second export only lowers.
-    out = {}
-    for lower in PATHS:
-        d = tmp_path_factory.mktemp(f"itera_{lower}")
-        out[lower] = (d, export_itera_graphs(model, d, lower=lower))
-    return out
+    """Full bundles of both SSM paths from one checkpoint (the trace is cached, so the second
+    export only lowers)."""
+    root = tmp_path_factory.mktemp("itera")
+    ckpt = root / "tiny.pt"
+    save_checkpoint(ckpt, {"model_config": config_to_dict(model.config), "model": model.state_dict(),
+                           "tokenizer_json": train_tokenizer(["x"], VOCAB).to_str()})
+    return {lower: export_checkpoint(ckpt, root / lower, lower=lower)[0] for lower in PATHS}
 
 
-def _session(path) -> ort.InferenceSession:
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.intra_op_num_threads = 1
-    so.log_severity_level = 3
-    return ort.InferenceSession(path if isinstance(path, bytes) else str(path), so,
-                                providers=["CPUExecutionProvider"])
-
-
-@pytest.fixture(scope="module")
-def sessions(bundles):
-    return {lower: {g: _session(d / f"{g}.onnx") for g in ("prefill", "decode")}
-            for lower, (d, _) in bundles.items()}
-
-
-def _feed(tokens: np.ndarray, state) -> dict:
-    feed = {"input_ids": tokens.astype(np.int64)}
-    for i, (c, s) in enumerate(state):
-        feed[f"past.{i}.conv"] = np.asarray(c, dtype=np.float32)
-        feed[f"past.{i}.ssm"] = np.asarray(s, dtype=np.float32)
-    return feed
-
-
-def _pairs(flat) -> list:
-    return [(flat[2 * i], flat[2 * i + 1]) for i in range(len(flat) // 2)]
-
-
-def _random_state(model, batch: int, seed: int):
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(c.shape, generator=g), 0.1 * torch.randn(s.shape, generator=g))
-            for c, s in model.allocate_state(batch)]
-
-
-def _max_state_diff(ort_state, torch_state) -> float:
-    return max(float(np.abs(o - t.numpy()).max())
-               for (oc, os_), (tc, ts) in zip(ort_state, torch_state)
-               for o, t in ((oc, tc), (os_, ts)))
+def _tokens(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, n)
 
 
 # --- graph structure ----------------------------------------------------------------------
@@ -95,7 +58,7 @@ def _ops(model: onnx.ModelProto) -> set[tuple[str, str]]:
 
 
 def test_function_path_has_custom_nodes_and_functions(bundles):
-    d, manifest = bundles["none"]
+    d = bundles["none"]
     prefill, decode = onnx.load(d / "prefill.onnx"), onnx.load(d / "decode.onnx")
     assert {("ai.itera", "SelectiveScan"), ("ai.itera", "CausalConv1d"), ("ai.itera", "TopKMoE")} <= _ops(prefill)
     assert {("ai.itera", "SsmStep"), ("ai.itera", "CausalConv1d"), ("ai.itera", "TopKMoE")} <= _ops(decode)
@@ -105,12 +68,13 @@ def test_function_path_has_custom_nodes_and_functions(bundles):
         assert {f.name for f in m.functions if f.domain == "ai.itera"} == called
         moe = next(n for n in m.graph.node if n.op_type == "TopKMoE")
         assert [a.i for a in moe.attribute if a.name == "top_k"] == [2]
-    assert manifest["ssm_path"] == "function"
-    assert manifest["custom_domains"] == {"ai.itera": 1}
+    manifest = load_bundle(d).manifest
+    assert manifest.ssm_path == "function"
+    assert manifest.custom_domains == {"ai.itera": 1}
 
 
 def test_fused_path_uses_contrib_ops_only(bundles):
-    d, manifest = bundles["fused"]
+    d = bundles["fused"]
     for g in ("prefill", "decode"):
         m = onnx.load(d / f"{g}.onnx")
         ops = _ops(m)
@@ -118,108 +82,91 @@ def test_fused_path_uses_contrib_ops_only(bundles):
                 ("com.microsoft", "MoE")} <= ops
         assert not any(dom == "ai.itera" for dom, _ in ops)
         assert not m.functions
-    assert manifest["ssm_path"] == "lowered"
-    assert manifest["custom_domains"] == {"com.microsoft": 1}
+    manifest = load_bundle(d).manifest
+    assert manifest.ssm_path == "lowered"
+    assert manifest.custom_domains == {"com.microsoft": 1}
 
 
 @pytest.mark.parametrize("lower", PATHS)
 def test_checker_and_shape_inference(bundles, lower):
-    d, _ = bundles[lower]
+    d = bundles[lower]
     for g in ("prefill", "decode"):
         onnx.checker.check_model(str(d / f"{g}.onnx"), full_check=True)
         onnx.shape_inference.infer_shapes(onnx.load(d / f"{g}.onnx"), strict_mode=True)
 
 
 def test_manifest(bundles, model):
-    _, manifest = bundles["none"]
+    m = load_bundle(bundles["none"]).manifest
     cfg = model.config
-    assert manifest["io"] == {"input_ids": "input_ids", "logits": "logits",
-                              "attention_mask": None, "position_ids": None}
-    pre = manifest["graphs"]["prefill"]
-    assert pre["inputs"][0] == {"name": "input_ids", "dtype": "int64", "shape": ["batch", "seq"]}
-    assert pre["outputs"][0] == {"name": "logits", "dtype": "float32", "shape": ["batch", "seq", VOCAB]}
-    dec = manifest["graphs"]["decode"]
-    assert dec["inputs"][0]["shape"] == ["batch", 1]
-    assert dec["outputs"][0]["shape"] == ["batch", 1, VOCAB]
-    tensors = manifest["state"]["tensors"]
-    assert len(tensors) == 2 * cfg.n_layers
+    assert (m.io.input_ids, m.io.logits, m.io.attention_mask, m.io.position_ids) == ("input_ids", "logits", None, None)
+    pre, dec = m.graphs["prefill"], m.graphs["decode"]
+    assert (pre.inputs[0].name, pre.inputs[0].dtype, pre.inputs[0].shape) == ("input_ids", "int64", ["batch", "seq"])
+    assert (pre.outputs[0].name, pre.outputs[0].shape) == ("logits", ["batch", "seq", VOCAB])
+    assert dec.inputs[0].shape == ["batch", 1] and dec.outputs[0].shape == ["batch", 1, VOCAB]
+    # Both graphs read the one shared weights file, and the manifest pins it.
+    assert pre.external_data == dec.external_data == ["weights.bin"] and "weights.bin" in m.files
+    tensors = m.state.tensors
+    assert m.state.kind == "ssm" and len(tensors) == 2 * cfg.n_layers
     conv_shape, ssm_shape = model.blocks[0].mixer.state_shapes(1)
-    assert tensors[0] == {"input": "past.0.conv", "output": "present.0.conv", "dtype": "float32",
-                          "shape": ["batch", *conv_shape[1:]]}
-    assert tensors[1]["input"] == "past.0.ssm" and tensors[1]["shape"] == ["batch", *ssm_shape[1:]]
-    names = [v["name"] for v in dec["inputs"]]
-    assert names == ["input_ids"] + [t["input"] for t in tensors]
+    assert (tensors[0].input, tensors[0].output, tensors[0].shape) == ("past.0.conv", "present.0.conv",
+                                                                       ["batch", *conv_shape[1:]])
+    assert tensors[1].input == "past.0.ssm" and tensors[1].shape == ["batch", *ssm_shape[1:]]
+    assert [t.name for t in dec.inputs] == ["input_ids"] + [t.input for t in tensors]
+    # The state the manifest declares is the state the runtime holds.
+    session = ModelSession(load_bundle(bundles["none"]), threads=1)
+    _, state = session.prefill(_tokens(5, 0))
+    assert state.nbytes == m.state.nbytes() == sum(np.prod(s) * 4 for s in (conv_shape, ssm_shape)) * cfg.n_layers
 
 
 def test_auto_picks_fused_when_available(model, tmp_path):
-    manifest = export_itera_graphs(model, tmp_path, lower="auto")
-    assert manifest["ssm_path"] == ("lowered" if fused_ops_available() else "function")
+    parts = export_itera_graphs(model, tmp_path, lower="auto")
+    assert parts.ssm_path == ("lowered" if fused_ops_available() else "function")
 
 
-# --- numerics -----------------------------------------------------------------------------
+# --- numerics through the runtime -----------------------------------------------------------
 
 
 @pytest.mark.parametrize("lower", PATHS)
 @pytest.mark.parametrize("length", [1, 9, 70])
-def test_prefill_parity(model, sessions, lower, length):
-    torch.manual_seed(length)
-    tokens = torch.randint(0, VOCAB, (2, length))
-    state = _random_state(model, 2, seed=length)
-    with torch.no_grad():
-        ref = model(tokens, state)
-    out = sessions[lower]["prefill"].run(None, _feed(tokens.numpy(), state))
-    assert np.abs(out[0] - ref.logits.numpy()).max() <= TOL
-    assert _max_state_diff(_pairs(out[1:]), ref.state) <= TOL
-
-
-def _generate(model, sessions, lower, steps=64):
-    """Prefill a prompt, then greedy-decode in torch and ORT side by side (each feeding itself)."""
-    torch.manual_seed(1)
-    prompt = torch.randint(0, VOCAB, (2, 5))
-    with torch.no_grad():
-        ref = model(prompt, model.allocate_state(2))
-    out = sessions[lower]["prefill"].run(None, _feed(prompt.numpy(), model.allocate_state(2)))
-    t_state, o_state = ref.state, _pairs(out[1:])
-    t_tok, o_tok = ref.logits[:, -1].argmax(-1), out[0][:, -1].argmax(-1)
-    worst, t_seq, o_seq, o_logits = 0.0, [], [], []
-    for _ in range(steps):
-        with torch.no_grad():
-            t_logits, t_state = model.step(t_tok, t_state)
-        o = sessions[lower]["decode"].run(None, _feed(o_tok[:, None], o_state))
-        o_state = _pairs(o[1:])
-        worst = max(worst, float(np.abs(o[0][:, 0] - t_logits.numpy()).max()),
-                    _max_state_diff(o_state, t_state))
-        t_tok, o_tok = t_logits.argmax(-1), o[0][:, 0].argmax(-1)
-        t_seq.append(t_tok.numpy())
-        o_seq.append(o_tok)
-        o_logits.append(o[0][:, 0])
-    return worst, np.stack(t_seq, 1), np.stack(o_seq, 1), np.stack(o_logits, 1)
-
-
-@pytest.fixture(scope="module")
-def generations(model, sessions):
-    return {lower: _generate(model, sessions, lower) for lower in PATHS}
+def test_prefill_parity(model, bundles, lower, length):
+    v = compare(model, bundles[lower], _tokens(length + 4, length), prompt_len=length)
+    assert v.prefill_logits <= TOL and v.prefill_state <= TOL and v.decode_logits <= TOL
 
 
 @pytest.mark.parametrize("lower", PATHS)
-def test_decode_64_steps_parity(generations, lower):
-    worst, _, _, _ = generations[lower]
-    assert worst <= TOL
+def test_decode_64_steps_parity(model, bundles, lower):
+    v = compare(model, bundles[lower], _tokens(5 + 64, 1), prompt_len=5)
+    assert v.decode_steps == 64 and v.max_abs_diff <= TOL and v.decode_top1_agreement == 1.0
 
 
 @pytest.mark.parametrize("lower", PATHS)
-def test_greedy_tokens_identical(generations, lower):
-    _, t_seq, o_seq, _ = generations[lower]
-    np.testing.assert_array_equal(o_seq, t_seq)
+def test_greedy_tokens_identical(model, bundles, lower):
+    prompt = _tokens(5, 2).tolist()
+    got = Generator(bundles[lower], threads=1).generate_ids(prompt, 64, SamplingConfig(temperature=0))
+    assert got == greedy_tokens(model, np.array(prompt), 64)
 
 
-def test_fused_matches_function(model, sessions, generations):
-    tokens = np.random.default_rng(0).integers(0, VOCAB, (2, 33))
-    state = _random_state(model, 2, seed=3)
-    a = sessions["none"]["prefill"].run(None, _feed(tokens, state))
-    b = sessions["fused"]["prefill"].run(None, _feed(tokens, state))
-    assert max(float(np.abs(x - y).max()) for x, y in zip(a, b)) <= TOL
-    assert np.abs(generations["none"][3] - generations["fused"][3]).max() <= TOL
+@pytest.mark.parametrize("lower", PATHS)
+def test_chunked_prefill_carries_the_state(bundles, lower):
+    """A prompt fed in chunks of 8 gives the logits and state of one call over it all."""
+    session = ModelSession(load_bundle(bundles[lower]), threads=1)
+    ids = _tokens(70, 3)
+    whole, whole_state = next(session.forward_chunks(ids, chunk=len(ids)))
+    parts = list(session.forward_chunks(ids, chunk=8))
+    assert len(parts) == 9
+    assert np.abs(np.concatenate([p for p, _ in parts]) - whole).max() <= TOL
+    assert max(np.abs(a - b).max() for a, b in zip(parts[-1][1].numpy(), whole_state.numpy())) <= TOL
+
+
+def test_fused_matches_function(bundles):
+    ids = _tokens(33, 4)
+    sessions = [ModelSession(load_bundle(bundles[p]), threads=1) for p in PATHS]
+    outs = [s.forward_chunks(ids) for s in sessions]
+    (a, sa), (b, sb) = next(outs[0]), next(outs[1])
+    assert np.abs(a - b).max() <= TOL
+    for token in _tokens(16, 5):
+        (la, sa), (lb, sb) = sessions[0].decode(int(token), sa), sessions[1].decode(int(token), sb)
+        assert np.abs(la - lb).max() <= TOL
 
 
 # --- every expert reachable ---------------------------------------------------------------
@@ -240,12 +187,14 @@ def _layer0_experts(model, tokens: torch.Tensor) -> np.ndarray:
 @pytest.mark.parametrize("lower", PATHS)
 def test_every_expert_reachable(model, bundles, lower):
     """Zeroing expert e's down-projection in the ONNX file changes exactly the tokens routed to e."""
-    d, _ = bundles[lower]
-    proto = onnx.load(d / "decode.onnx")
+    proto = onnx.load(bundles[lower] / "decode.onnx")  # external weights loaded inline
     tokens = torch.arange(VOCAB)
     chosen = _layer0_experts(model, tokens)  # (VOCAB, k)
-    feed = _feed(tokens.numpy()[:, None], model.allocate_state(VOCAB))
-    base = _session(proto.SerializeToString()).run(["logits"], feed)[0][:, 0]
+    # All VOCAB tokens as one batch of single-token steps from zero state.
+    feed = {"input_ids": tokens.numpy()[:, None]}
+    for i, (c, s) in enumerate(model.allocate_state(VOCAB)):
+        feed[f"past.{i}.conv"], feed[f"past.{i}.ssm"] = c.numpy(), s.numpy()
+    base = make_session(proto.SerializeToString(), threads=1).run(["logits"], feed)[0][:, 0]
     w_down = "model.blocks.0.moe.w_down"  # fc2 of com.microsoft::MoE in the fused path too
     for e in range(model.config.n_experts):
         routed = (chosen == e).any(-1)
@@ -255,7 +204,7 @@ def test_every_expert_reachable(model, bundles, lower):
         w = onnx.numpy_helper.to_array(init).copy()
         w[e] = 0.0
         init.CopyFrom(onnx.numpy_helper.from_array(w, w_down))
-        out = _session(crafted.SerializeToString()).run(["logits"], feed)[0][:, 0]
+        out = make_session(crafted.SerializeToString(), threads=1).run(["logits"], feed)[0][:, 0]
         change = np.abs(out - base).max(-1)
         assert (change[routed] > 1e-4).all(), f"expert {e} unreachable in the {lower} path"
         assert (change[~routed] <= 1e-5).all(), f"expert {e} changed tokens not routed to it"

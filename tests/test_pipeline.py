@@ -6,9 +6,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from itera_lite.data import fetch_shakespeare
 
 
+@pytest.mark.network
 def test_pipeline_trains_exports_generates_and_benches(tmp_path):
     texts = fetch_shakespeare()
     data = tmp_path / "plays"
@@ -24,9 +27,10 @@ def test_pipeline_trains_exports_generates_and_benches(tmp_path):
     assert set(report["quality"]) == {"itera", "baseline"}
     for s in report["quality"].values():
         assert s["best"]["val_bpb"] > 0 and s["steps"] >= 1
-    assert {(r["family"], r["context"]) for r in report["decode"]} == {
-        (f, c) for f in ("itera", "baseline") for c in (16, 64)}
-    assert all(r["decode_tokens_per_s"] > 0 and r["estimated"] is False for r in report["decode"])
+    assert {(r["family"], r["test"]) for r in report["decode"]} == {
+        (f, f"tg64@d{c}") for f in ("itera", "baseline") for c in (16, 64)}
+    assert all(r["median"] > 0 and r["estimated"] is False and r["metric"] == "tokens_per_s"
+               for r in report["decode"])
     assert set(report["samples"]) == {"itera", "baseline"}
     assert "decodes" in proc.stdout and (out / "report.md").read_text().startswith("# Itera-Lite")
     for family in ("itera", "baseline"):

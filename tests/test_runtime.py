@@ -180,8 +180,8 @@ class ScriptedSession:
         x[self.script[i]] = 10.0
         return x
 
-    def prefill(self, ids):
-        return self._onehot(0)[None], 0
+    def prefill(self, ids, state=None):
+        return self._onehot(0), 0
 
     def decoder(self, state):
         return self

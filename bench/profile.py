@@ -1,0 +1,117 @@
+"""Where a decode step's time goes: per op type, per layer, and Python around onnxruntime.
+
+Three clocks over the same decode steps at one depth and thread count:
+- the generate loop (`LoopTiming.decode_s`: step plus greedy sampling), per token;
+- onnxruntime's own profiler (session option `enable_profiling`): each `model_run` of the
+  decode graph and every kernel inside it, with its op type and node name;
+- the difference, split into sampling + loop, the session wrapper (binding, the Python
+  call) and onnxruntime's framework time outside kernels.
+
+Layers are read from node names (`layers.3`, `blocks.3`); nodes without one are "other".
+The profiler adds a little time of its own to each kernel, so the loop is timed in a
+separate, unprofiled session.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from collections import defaultdict
+
+from itera_runtime.bundle import Bundle
+from itera_runtime.generate import LoopTiming, generate_tokens
+from itera_runtime.sampling import Sampler
+from itera_runtime.session import ModelSession
+
+from .latency import GREEDY, Target, check_depth
+from .record import Record
+from .sweep import bundle_fields, stamp
+
+_LAYER = re.compile(r"(?:layers|blocks)[./_](\d+)")
+
+
+def _decode_events(trace: list[dict], n_runs: int) -> tuple[list[dict], list[dict]]:
+    """The last n_runs `model_run` events and the kernel events inside them."""
+    runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"][-n_runs:]
+    if not runs:
+        return [], []
+    t0 = runs[0]["ts"]
+    kernels = [e for e in trace if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time")
+               and e["ts"] >= t0]
+    return runs, kernels
+
+
+def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threads: int | None = 1) -> list[Record]:
+    """Records of kind "profile" (µs per token) for one bundle: op types, layers, overhead split."""
+    check_depth(bundle, n_depth, n_steps + 1)
+    start = max(n_depth, 1)
+    sampler = Sampler(GREEDY)
+
+    # 1. The loop as users run it, unprofiled: µs per token of step + sampling.
+    target = Target(bundle, threads)
+    loops = []
+    for _ in range(3):
+        timing = LoopTiming()
+        for _ in generate_tokens(target.session, target.context(start)[start - 1:], n_steps + 1, sampler, timing,
+                                 state=target.state_after(start - 1)):
+            pass
+        loops.append(timing.decode_s / timing.decode_steps * 1e6)
+    loop_us = sorted(loops)[1]
+
+    # 2. Raw Decoder.step, unprofiled: the session wrapper plus onnxruntime.
+    _, state = target.session.prefill(target.context(start)[start - 1:], target.state_after(start - 1))
+    step = target.session.decoder(state).step
+    tokens = target.context(start + n_steps)[start:].tolist()
+    t = time.perf_counter()
+    for token in tokens:
+        step(token)
+    step_us = (time.perf_counter() - t) / n_steps * 1e6
+
+    # 3. onnxruntime's profiler on the decode steps.
+    with tempfile.TemporaryDirectory(prefix="itera-profile-") as tmp:
+        session = ModelSession(bundle, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
+        prompt_state = session.prefill(target.context(start)[:start])[1]
+        decoder = session.decoder(prompt_state)
+        for token in tokens:
+            decoder.step(token)
+        trace_path = session.graphs["decode"].end_profiling()
+        with open(trace_path, encoding="utf-8") as f:
+            trace = json.load(f)
+    runs, kernels = _decode_events(trace, n_steps)
+    n = max(1, len(runs))
+    run_us = sum(e["dur"] for e in runs) / n
+    kernel_us = sum(e["dur"] for e in kernels) / n
+    by_op: dict[str, float] = defaultdict(float)
+    nodes_by_op: dict[str, set] = defaultdict(set)
+    by_layer: dict[str, float] = defaultdict(float)
+    for e in kernels:
+        op = e.get("args", {}).get("op_name", "?")
+        name = e["name"][: -len("_kernel_time")]
+        by_op[op] += e["dur"] / n
+        nodes_by_op[op].add(name)
+        m = _LAYER.search(name)
+        by_layer[f"layer {int(m.group(1))}" if m else "other"] += e["dur"] / n
+
+    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
+                n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle))
+    rows = [
+        Record(test="loop (step + sampling)", samples=[loop_us], **base),
+        Record(test="sampling + loop python", samples=[max(loop_us - step_us, 0.0)], **base),
+        Record(test="session wrapper", samples=[max(step_us - run_us, 0.0)], **base,
+               method="raw Decoder.step minus onnxruntime's model_run (two runs: may be slightly negative, clipped)"),
+        Record(test="ort framework (model_run - kernels)", samples=[max(run_us - kernel_us, 0.0)], **base),
+        Record(test="kernels", samples=[kernel_us], extra={"nodes": sum(len(v) for v in nodes_by_op.values())},
+               **base),
+    ]
+    for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
+        rows.append(Record(test=f"op {op}", samples=[us], extra={"nodes": len(nodes_by_op[op]),
+                                                                  "share_of_kernels": us / kernel_us if kernel_us else None},
+                           **base))
+    for layer, us in sorted(by_layer.items(), key=lambda kv: (kv[0] == "other", int(kv[0].split()[-1])
+                                                               if kv[0] != "other" else 0)):
+        rows.append(Record(test=layer, samples=[us], **base))
+    stamp(rows)
+    return rows

@@ -1,0 +1,192 @@
+"""Generic rewrites of ONNX graphs, used by the exporters, the lowering and the quantizers.
+
+Each pass edits a ModelProto in place. Passes that make nodes or initializers unused end
+with `prune`, the one place that drops what nothing reads any more.
+"""
+
+from __future__ import annotations
+
+import re
+
+import onnx
+from onnx import helper, numpy_helper
+
+
+def gemm_to_matmul(model) -> int:
+    """Rewrite Gemm(x, W) with an initializer W as MatMul(x, W or W.T) (+ Add bias).
+
+    A one-token decode graph traces Linear on 2-D activations as Gemm (weight as stored,
+    transB=1) where the prefill graph has MatMul with the transposed weight. Rewriting makes
+    the two graphs hold byte-identical weights (so they can share one copy) and lets the
+    quantizers, which take MatMul only, treat the decode graph like the prefill graph.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    done = 0
+    for i, node in enumerate(list(g.node)):
+        if node.op_type != "Gemm" or node.input[1] not in inits:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        name = node.input[1] + ("_T" if attrs.get("transB", 0) else "")
+        if name not in inits:
+            g.initializer.append(numpy_helper.from_array((w.T if attrs.get("transB", 0) else w).copy(), name))
+            inits[name] = g.initializer[-1]
+        has_bias = len(node.input) > 2 and node.input[2]
+        mm_out = node.output[0] + "_mm" if has_bias else node.output[0]
+        new = [helper.make_node("MatMul", [node.input[0], name], [mm_out], name=node.name + "_matmul")]
+        if has_bias:
+            new.append(helper.make_node("Add", [mm_out, node.input[2]], [node.output[0]], name=node.name + "_bias"))
+        pos = list(g.node).index(node)
+        g.node.remove(node)
+        for k, n in enumerate(new):
+            g.node.insert(pos + k, n)
+        done += 1
+    prune(model)
+    return done
+
+
+def materialize_transposed_weights(model) -> int:
+    """Replace MatMul(x, Transpose(W)) by MatMul(x, W') with W' = W.T stored as an initializer.
+
+    optimum's tied-weight dedup feeds the lm_head MatMul through a Transpose of the
+    embedding, which MatMulNBitsQuantizer skips (its B is not an initializer). Storing the
+    transposed copy lets it become a 4-bit MatMulNBits; the fp32 table stays for the Gather,
+    so the tie costs one 4-bit copy rather than the fp32 copy ORT would fold in at load.
+    """
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    done = 0
+    for node in g.node:
+        if node.op_type != "MatMul" or len(node.input) < 2:
+            continue
+        t = producers.get(node.input[1])
+        if t is None or t.op_type != "Transpose" or t.input[0] not in inits:
+            continue
+        perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None)
+        if perm not in (None, [1, 0]) or len(inits[t.input[0]].dims) != 2:
+            continue
+        name = t.output[0] + "_weight"
+        if name not in inits:
+            w = numpy_helper.to_array(inits[t.input[0]]).T.copy()
+            g.initializer.append(numpy_helper.from_array(w, name))
+            inits[name] = g.initializer[-1]
+        node.input[1] = name
+        done += 1
+    prune(model)
+    return done
+
+
+def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int] | None:
+    for init in model.graph.initializer:
+        if init.name == name:
+            return numpy_helper.to_array(init).tolist()
+    n = producers.get(name)
+    if n is not None and n.op_type == "Constant" and n.attribute and n.attribute[0].name == "value":
+        return numpy_helper.to_array(n.attribute[0].t).tolist()
+    return None
+
+
+def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
+    """Reshape(Reshape(a, s1), s2) → Reshape(a, s2): the lowering's packing Reshapes often
+    follow the model's own, and ORT (1.32) leaves such chains in place, at ~0.3 µs a node."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for n in model.graph.node:
+        src = producers.get(n.input[0]) if n.op_type == "Reshape" else None
+        if src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
+            continue
+        s1, s2 = _const_ints(model, src.input[1], producers), _const_ints(model, n.input[1], producers)
+        if s1 is None or s2 is None:
+            continue
+        if 0 in s1 and any(a.name == "allowzero" and a.i for a in src.attribute):
+            continue  # a literal zero-size dim: leave it alone
+        if 0 in s2 and any(a.name == "allowzero" and a.i for a in n.attribute):
+            continue
+        # A 0 in s2 copies a dim of the intermediate: safe where s1 copied it too, or where
+        # shape inference shows a and the intermediate agree on that (symbolic) dim.
+        a_dims, mid_dims = dims.get(src.input[0]), dims.get(src.output[0])
+        def same(i: int) -> bool:
+            if i < len(s1) and s1[i] == 0:
+                return True
+            return (a_dims is not None and mid_dims is not None and i < min(len(a_dims), len(mid_dims))
+                    and a_dims[i] is not None and a_dims[i] == mid_dims[i])
+        if any(v == 0 and not same(i) for i, v in enumerate(s2)):
+            continue
+        n.input[0] = src.input[0]
+
+
+def _drop_dead_nodes(model: onnx.ModelProto) -> None:
+    g = model.graph
+    while True:
+        used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+        live = [n for n in g.node if any(o in used for o in n.output)]
+        if len(live) == len(g.node):
+            return
+        del g.node[:]
+        g.node.extend(live)
+
+
+def prune(model: onnx.ModelProto) -> None:
+    """Drop nodes, initializers, functions and opset imports that nothing uses any more."""
+    g = model.graph
+    _drop_dead_nodes(model)
+    used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+    keep = [i for i in g.initializer if i.name in used]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    called = {(n.domain, n.op_type) for n in g.node}
+    fns = [f for f in model.functions if (f.domain, f.name) in called]
+    del model.functions[:]
+    model.functions.extend(fns)
+    domains = {n.domain for n in g.node} | {o.domain for f in fns for o in f.opset_import}
+    ops = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in domains]
+    del model.opset_import[:]
+    model.opset_import.extend(ops)
+
+
+_BLOCK = re.compile(r"(?:^|\.)blocks\.(\d+)(?:$|\.)")
+
+
+def name_nodes_by_layer(model: onnx.ModelProto) -> None:
+    """Prefix every node name with the block it computes ("blocks.3/node_add_170"), then drop
+    the exporter's per-node metadata (stack traces with the exporting machine's paths).
+
+    torch's exporter records the module scopes a node was called in ("…/model.blocks.3.norm1:
+    RMSNorm/div: aten.div"). Nodes of a block's own `step` code and nodes a rewrite added
+    have no module scope, so they take the latest layer among the nodes that feed them (graph
+    order is topological); nodes scoped outside the blocks (embedding, final norm, head) have
+    none. Profilers report node names, so `itera-bench profile` can sum time per layer.
+    """
+    layer_of: dict[str, int | None] = {}  # value name -> layer of the node that produced it
+    for n in model.graph.node:
+        scope = next((p.value for p in n.metadata_props if p.key == "namespace"), "")
+        modules = [seg.split(":")[0].strip() for seg in scope.split("/")[1:-1]]
+        blocks = [int(m.group(1)) for seg in modules if (m := _BLOCK.search(seg))]
+        if blocks:
+            layer = blocks[-1]
+        elif modules:
+            layer = None  # inside a module that is not a block
+        else:
+            fed = [layer_of[i] for i in n.input if layer_of.get(i) is not None]
+            layer = max(fed) if fed else None
+        for o in n.output:
+            layer_of[o] = layer
+        del n.metadata_props[:]
+    # Nodes that only prepare a layer's input (a transpose of a carried state) belong to it.
+    consumers: dict[str, set] = {}
+    for n in model.graph.node:
+        layer = layer_of.get(n.output[0]) if n.output else None
+        for i in n.input:
+            consumers.setdefault(i, set()).add(layer)
+    for n in reversed(model.graph.node):
+        if n.output and layer_of.get(n.output[0]) is None:
+            used_by = set().union(*(consumers.get(o, set()) for o in n.output))
+            if len(used_by) == 1 and None not in used_by:
+                layer_of[n.output[0]] = used_by.pop()
+    for n in model.graph.node:
+        layer = layer_of.get(n.output[0]) if n.output else None
+        if layer is not None and not n.name.startswith("blocks."):
+            n.name = f"blocks.{layer}/{n.name}"
