@@ -18,15 +18,12 @@ import json
 import os
 import re
 import tempfile
-import time
 from collections import defaultdict
 
 from itera_runtime.bundle import Bundle
-from itera_runtime.generate import LoopTiming, generate_tokens
-from itera_runtime.sampling import Sampler
 from itera_runtime.session import ModelSession
 
-from .latency import GREEDY, Target, check_depth
+from .latency import Target, check_depth, gen_case, step_case
 from .record import Record
 from .sweep import bundle_fields, stamp
 
@@ -48,27 +45,14 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
     """Records of kind "profile" (µs per token) for one bundle: op types, layers, overhead split."""
     check_depth(bundle, n_depth, n_steps + 1)
     start = max(n_depth, 1)
-    sampler = Sampler(GREEDY)
 
-    # 1. The loop as users run it, unprofiled: µs per token of step + sampling.
+    # 1. The loop as users run it (step + greedy sampling) and 2. the raw Decoder.step, both
+    # unprofiled, as `itera-bench latency` / `step` time them; median of three runs each.
     target = Target(bundle, threads)
-    loops = []
-    for _ in range(3):
-        timing = LoopTiming()
-        for _ in generate_tokens(target.session, target.context(start)[start - 1:], n_steps + 1, sampler, timing,
-                                 state=target.state_after(start - 1)):
-            pass
-        loops.append(timing.decode_s / timing.decode_steps * 1e6)
-    loop_us = sorted(loops)[1]
-
-    # 2. Raw Decoder.step, unprofiled: the session wrapper plus onnxruntime.
-    _, state = target.session.prefill(target.context(start)[start - 1:], target.state_after(start - 1))
-    step = target.session.decoder(state).step
+    loop, raw = gen_case(target, n_steps, n_depth), step_case(target, n_steps, n_depth)
+    loop_us = sorted(1e6 / loop.run().value for _ in range(3))[1]
+    step_us = sorted(raw.run().value for _ in range(3))[1]
     tokens = target.context(start + n_steps)[start:].tolist()
-    t = time.perf_counter()
-    for token in tokens:
-        step(token)
-    step_us = (time.perf_counter() - t) / n_steps * 1e6
 
     # 3. onnxruntime's profiler on the decode steps.
     with tempfile.TemporaryDirectory(prefix="itera-profile-") as tmp:
