@@ -7,6 +7,7 @@ only tensors, numbers, strings, lists and dicts, never arbitrary pickled objects
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -55,14 +56,14 @@ def _write_failure(e: BaseException, folder: Path) -> str | None:
     failed", without the errno; the free space of the folder tells that case apart.
     """
     if isinstance(e, OSError):
-        return os.strerror(e.errno).lower() if e.errno else str(e)
+        return os.strerror(e.errno) + (" (disk full)" if e.errno == errno.ENOSPC else "") if e.errno else str(e)
     if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "write" in str(e).lower()):
         try:
             free = shutil.disk_usage(folder).free
         except OSError:
             free = None
         if free is not None and free < (1 << 20):
-            return f"no space left on device: {free:,} bytes free in {folder}"
+            return f"No space left on device (disk full): {free:,} bytes free in {folder}"
         return str(e).strip().splitlines()[0][:160]
     return None
 

@@ -86,7 +86,7 @@ def main(model, preset, out, resume, quiet, **kw):
         fail(str(e))
     except OSError as e:
         # An unwritable or full place the run writes to (logs, summary): name it and the cause.
-        fail(f"{e.filename or cfg.out}: {(e.strerror or str(e)).lower()}")
+        fail(f"{e.filename or cfg.out}: {e.strerror or e}")
     except KeyboardInterrupt:
         fail("interrupted; continue with --resume")
     if summary is not None:

@@ -409,7 +409,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     created = False
     if rank == 0:
         created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
-        data = prepare_data(cfg.data, cfg.vocab_size)
+        data = prepare_data(cfg.data, cfg.vocab_size, progress=progress and rank == 0)
         _check_splits(cfg, data)
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -419,7 +419,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     if world > 1:
         torch.distributed.barrier()
         if rank != 0:
-            data = prepare_data(cfg.data, cfg.vocab_size)
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=progress and rank == 0)
     if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
         raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
 

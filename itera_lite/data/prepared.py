@@ -65,14 +65,14 @@ def _chunks(docs: list[Document], target_chars: int = 1 << 20) -> Iterator[str]:
 
 
 def _encode_split(tokenizer: Tokenizer, docs: list[Document], dtype: np.dtype, out: Path,
-                  desc: str) -> tuple[int, int]:
+                  desc: str, progress: bool = True) -> tuple[int, int]:
     """Write the split's token ids to ``out``; return (n_tokens, n_bytes)."""
     n_bytes = sum(len(d.text.encode("utf-8")) for d in docs)
     n_bytes += len(DOC_SEPARATOR.encode("utf-8")) * max(0, len(docs) - 1)
     n_tokens = 0
     batch: list[str] = []
     with open(out, "wb") as f, tqdm(total=n_bytes, unit="B", unit_scale=True, desc=desc,
-                                    file=sys.stderr, leave=False) as bar:
+                                    file=sys.stderr, leave=False, disable=not progress) as bar:
 
         def flush() -> None:
             nonlocal n_tokens
@@ -142,7 +142,7 @@ def _default_out_dir(corpus_name: str, vocab_size: int) -> Path:
 
 
 def prepare_data(spec: str = "shakespeare", vocab_size: int = 2048,
-                 out_dir: str | Path | None = None) -> PreparedData:
+                 out_dir: str | Path | None = None, progress: bool = True) -> PreparedData:
     """Load a corpus, train the tokenizer on train, encode all splits; cached by content.
 
     out_dir defaults to <cache>/prepared/<spec>-v<vocab>-<hash>. A folder whose meta.json
@@ -171,7 +171,7 @@ def prepare_data(spec: str = "shakespeare", vocab_size: int = 2048,
         for split in SPLITS:
             docs = corpus.splits[split]
             n_tokens, n_bytes = _encode_split(tokenizer, docs, dtype, tmp / f"{split}.bin",
-                                              desc=f"encode {split}")
+                                              desc=f"encode {split}", progress=progress)
             splits[split] = {"n_tokens": n_tokens, "n_bytes": n_bytes,
                              "documents": [doc.name for doc in docs]}
         meta = {"format_version": DATA_FORMAT_VERSION, "spec": spec, "corpus": corpus.name,
