@@ -155,6 +155,12 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path, byte_data):
     run_train("--out", str(out), "--model", "itera", "--max-steps", "2", "--eval-every", "2", *FAST)
     model, ckpt = load_model(out / "best.pt")
     assert ckpt["tokenizer_json"] == byte_data.tokenizer_json
+    # The held-out sample export validates on: the test split's first ids, found by the exporter.
+    from itera_export.validate import held_out_tokens
+
+    ids, source = held_out_tokens(ckpt, 96)
+    assert ids.tolist() == np.asarray(byte_data.split("test")[:96]).tolist() and "test split" in source
+    assert byte_data.tokenizer.encode(ckpt["validation_sample"]["text"]).ids[:96] == ids.tolist()
     assert ckpt["train_config"]["seq_len"] == 64 and ckpt["model_config"]["family"] == "itera"
     # A failed save leaves the previous file intact and no temp files behind.
     before = (out / "last.pt").read_bytes()
@@ -164,13 +170,29 @@ def test_checkpoint_round_trip_and_atomic_write(tmp_path, byte_data):
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_two_process_data_parallel(tmp_path, byte_data):
-    args = ["--model", "itera", "--max-steps", "6", "--eval-every", "3", *FAST]
-    single, multi = tmp_path / "one", tmp_path / "two"
-    run_train("--out", str(single), *args)
+LAUNCHERS = {
+    "torchrun": [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531"],
+    "accelerate": [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   "--main_process_port", "29532"],
+}
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory, byte_data):
+    out = tmp_path_factory.mktemp("one") / "run"
+    run_train("--out", str(out), *DDP_ARGS)
+    return out
+
+
+DDP_ARGS = ["--model", "itera", "--max-steps", "6", "--eval-every", "3", *FAST]
+
+
+@pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
+def test_two_process_data_parallel(tmp_path, single_process_run, launcher):
+    single, multi = single_process_run, tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29531", "-m", "itera_lite.cli", "--out", str(multi), *args],
+    proc = subprocess.run([*LAUNCHERS[launcher], "-m", "itera_lite.cli", "--out", str(multi), *DDP_ARGS],
                           capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, two = (json.loads((p / "summary.json").read_text()) for p in (single, multi))
@@ -186,6 +208,21 @@ def test_two_process_data_parallel(tmp_path, byte_data):
     assert ranks["world_size"] == 2 and len(ranks["params_sha256"]) == 2
     assert ranks["params_sha256"][0] == ranks["params_sha256"][1] and ranks["in_sync"]
     assert ranks["params_sha256"][0] == params_sha256(load_model(multi / "last.pt")[0])
+
+
+def test_tensorboard_events_beside_the_csvs(tmp_path, byte_data):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "tb"
+    run_train("--out", str(out), "--model", "baseline", "--max-steps", "4", "--eval-every", "2", "--tensorboard",
+              *FAST)
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    loss = events.Scalars("train/loss")
+    assert [e.step for e in loss] == [1, 2, 3, 4]
+    assert [e.value for e in loss] == pytest.approx([train_losses(out)[s] for s in range(1, 5)], rel=1e-6)
+    assert [e.step for e in events.Scalars("eval/val_bpb")] == [2, 4]
 
 
 def test_step_schedule_is_warmup_then_torch_cosine():
