@@ -235,6 +235,9 @@ def _claim_run_folder(out: Path, resume: bool) -> bool:
     for p in out.iterdir():
         if STALE_TEMP.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
+    if not resume:
+        # A run of ours killed before its first checkpoint: start it over from nothing.
+        _remove_run_files(out, created=False)
     return False
 
 

@@ -407,3 +407,19 @@ def test_resume_with_other_settings_is_refused(tiny_run, tmp_path, args):
     line = one_error_line(itera_train("--out", out, "--resume", *args, tmp_path=tmp_path))
     assert args[0] in line and "--resume cannot change" in line
     assert tree(out) == before
+
+
+def test_run_killed_before_its_first_checkpoint_starts_over(text_file, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "itera_lite.cli", "--out", str(out), "--data", str(text_file),
+                             *TRAIN_FAST, "--max-steps", "1000", "--eval-every", "1000"],
+                            env={**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "train.csv").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "train.csv").exists() and not (out / "last.pt").exists()
+    trained(out, text_file, tmp_path, "--max-steps", "2", "--eval-every", "2")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2

@@ -19,7 +19,7 @@ import torch
 
 from itera_lite.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint
 from itera_lite.data import prepare_data
-from itera_lite.train import TrainConfig, budget_fraction, lr_at, params_sha256
+from itera_lite.train import TrainConfig, budget_fraction, expert_utilisation, lr_at, params_sha256
 
 # Small and fast but real: byte-level vocab, short windows, 1 thread for bit-exact reruns.
 FAST = ["--vocab-size", "256", "--seq-len", "64", "--batch-size", "8", "--threads", "1",
@@ -266,3 +266,15 @@ def test_time_budget_schedule_reaches_its_floor_and_resumes_from_its_fraction(tm
     half = lr_at(TrainConfig(lr=3e-3, warmup_steps=2, max_steps=100000, max_minutes=0.2), saved["step"],
                  saved["elapsed_s"] / 12, saved["schedule"]["warmup_end_fraction"])
     assert floor < resumed[0]["lr"] <= half < 3e-3
+
+
+def test_expert_utilisation_names_underused_experts_and_flags_a_collapsed_router():
+    load = torch.tensor([[250, 250, 250, 250, 0, 0, 0, 0],  # half the experts idle: underused, not collapsed
+                         [990, 1000, 3, 2, 1, 1, 2, 1],     # two experts (= top_k) take everything
+                         [125] * 8])
+    report = expert_utilisation(load, top_k=2)
+    assert report["threshold"] == pytest.approx(0.25 / 8)
+    assert [ly["underused"] for ly in report["layers"]] == [[4, 5, 6, 7], [2, 3, 4, 5, 6, 7], []]
+    assert report["collapsed_layers"] == [1] and report["collapsed"]
+    assert report["layers"][2]["share"] == pytest.approx([1 / 8] * 8)
+    assert not expert_utilisation(load[[0, 2]], top_k=2)["collapsed"]
