@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import get_batch, prepare_data
+from .data import DataError, get_batch, prepare_data
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
 
@@ -409,20 +409,30 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    created = False
+    created, error = False, None
     if rank == 0:
-        created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
-        data = prepare_data(cfg.data, cfg.vocab_size, progress=progress and rank == 0)
-        _check_splits(cfg, data)
         try:
-            out.mkdir(parents=True, exist_ok=True)
-            (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
-        except OSError as e:
-            raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+            created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=progress)
+            _check_splits(cfg, data)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
+            except OSError as e:
+                raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        except (TrainError, DataError, CheckpointError) as e:
+            error = e
     if world > 1:
-        torch.distributed.barrier()
+        # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
+        failed = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(failed, 0)
+        if failed[0] is not None and rank != 0:
+            raise TrainError(f"rank 0 failed: {failed[0]}")
+    if error is not None:
+        raise error
+    if world > 1:
         if rank != 0:
-            data = prepare_data(cfg.data, cfg.vocab_size, progress=progress and rank == 0)
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
     if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
         raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
 

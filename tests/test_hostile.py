@@ -423,3 +423,15 @@ def test_run_killed_before_its_first_checkpoint_starts_over(text_file, tmp_path)
     assert (out / "train.csv").exists() and not (out / "last.pt").exists()
     trained(out, text_file, tmp_path, "--max-steps", "2", "--eval-every", "2")
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tmp_path):
+    # Rank 0 refuses the folder; the other rank must stop too, not wait for it forever.
+    before = tree(user_folder)
+    env = {**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "itera_lite.cli", "--out", str(user_folder), "--data", str(text_file),
+                           *TRAIN_FAST, "--max-steps", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "not an itera-train run" in proc.stderr
+    assert tree(user_folder) == before
