@@ -160,7 +160,9 @@ class RunState:
     step: int = 0
     tokens_seen: int = 0
     elapsed_s: float = 0.0
-    warmup_end_fraction: float | None = None  # budget fraction when warm-up ended
+    # Where warm-up ended (step, tokens, elapsed_s): the cosine runs from there to the end of
+    # the budget, measured against the current budgets (a resume may extend them).
+    warmup_end: list | None = None
     best_val_loss: float = math.inf
     evals_since_best: int = 0
     last_eval_step: int | None = None
@@ -170,8 +172,11 @@ class RunState:
     def fraction(self) -> float:
         return budget_fraction(self.cfg, self.step, self.tokens_seen, self.elapsed_s)
 
+    def warmup_end_fraction(self) -> float | None:
+        return None if self.warmup_end is None else budget_fraction(self.cfg, *self.warmup_end)
+
     def lr(self) -> float:
-        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction)
+        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction())
 
     def to_checkpoint(self) -> dict:
         """The checkpoint payload (configs, tokenizer, weights, optimizer, position)."""
@@ -182,7 +187,8 @@ class RunState:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "rng": {"torch": torch.get_rng_state()}, "step": self.step, "tokens_seen": self.tokens_seen,
             "elapsed_s": self.elapsed_s,
-            "schedule": {"fraction": self.fraction(), "warmup_end_fraction": self.warmup_end_fraction},
+            "schedule": {"fraction": self.fraction(), "warmup_end": self.warmup_end,
+                         "warmup_end_fraction": self.warmup_end_fraction()},
             "best_val_loss": self.best_val_loss, "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step, "metrics": {"val": self.val, "params": self.params},
         }
@@ -195,10 +201,10 @@ class RunState:
         self.step, self.tokens_seen, self.elapsed_s = ckpt["step"], ckpt["tokens_seen"], ckpt["elapsed_s"]
         self.best_val_loss, self.evals_since_best = ckpt["best_val_loss"], ckpt["evals_since_best"]
         schedule = ckpt.get("schedule") or {}
-        self.warmup_end_fraction = schedule.get("warmup_end_fraction")
-        if self.warmup_end_fraction is None and self.step >= self.cfg.warmup_steps:
+        self.warmup_end = schedule.get("warmup_end")
+        if self.warmup_end is None and self.step >= self.cfg.warmup_steps:
             # A checkpoint from before budget-fraction schedules: its cosine was step-based.
-            self.warmup_end_fraction = self.cfg.warmup_steps / self.cfg.max_steps
+            self.warmup_end = [self.cfg.warmup_steps, 0, 0.0]
         self.last_eval_step = ckpt.get("last_eval_step", self.step)
         self.val = (ckpt.get("metrics") or {}).get("val")
 
@@ -508,8 +514,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
             if cfg.patience is not None and state.evals_since_best >= cfg.patience:
                 stop_reason = "early_stopping"
                 break
-            if state.warmup_end_fraction is None and state.step >= cfg.warmup_steps:
-                state.warmup_end_fraction = state.fraction()
+            if state.warmup_end is None and state.step >= cfg.warmup_steps:
+                state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
             lr = state.lr()
             for group in optimizer.param_groups:
                 group["lr"] = lr

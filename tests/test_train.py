@@ -263,8 +263,8 @@ def test_time_budget_schedule_reaches_its_floor_and_resumes_from_its_fraction(tm
     rows = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
     resumed = [r for r in rows if r["kind"] == "train" and r["step"] > saved["step"]]
     assert resumed and resumed[0]["elapsed_s"] > saved["elapsed_s"]
-    half = lr_at(TrainConfig(lr=3e-3, warmup_steps=2, max_steps=100000, max_minutes=0.2), saved["step"],
-                 saved["elapsed_s"] / 12, saved["schedule"]["warmup_end_fraction"])
+    longer = TrainConfig(lr=3e-3, warmup_steps=2, max_steps=100000, max_minutes=0.2)
+    half = lr_at(longer, saved["step"], saved["elapsed_s"] / 12, budget_fraction(longer, *saved["schedule"]["warmup_end"]))
     assert floor < resumed[0]["lr"] <= half < 3e-3
 
 
