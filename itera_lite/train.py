@@ -21,6 +21,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -90,6 +91,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise TrainError("--tensorboard needs the tensorboard extra: pip install 'itera-lite[tensorboard]'")
         if self.threads is not None:
             from itera_runtime.session import check_threads
 
@@ -278,11 +281,9 @@ class _Logs:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(out / "tensorboard", ignore_errors=True)
         self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-            except ImportError:
-                raise TrainError("--tensorboard needs the tensorboard extra: pip install 'itera-lite[tensorboard]'") from None
+        if tensorboard:  # TrainConfig.check made sure the package is there
+            from torch.utils.tensorboard import SummaryWriter
+
             # purge_step drops events a killed run logged past its last checkpoint.
             self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
 
@@ -436,9 +437,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
             raise TrainError(f"rank 0 failed: {failed[0]}")
     if error is not None:
         raise error
-    if world > 1:
-        if rank != 0:
-            data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
+    if rank != 0:
+        data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
     if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
         raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
 
