@@ -3,6 +3,9 @@
     itera-bench latency BUNDLE... -p 512 -n 64 -d 128,2048 -t 1,2 -r 5 -o md
     itera-bench step BUNDLE... -d 128,2048            # the raw decode step, µs per token
     itera-bench profile BUNDLE... -d 128 -t 1         # per op type / layer / Python overhead
+    itera-bench memory BUNDLE... -d 0,512,2048        # peak RSS of a fresh process; state bytes
+    itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
+    itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
 across repetitions; every row carries its provenance. Errors a user can cause end in one
@@ -124,6 +127,20 @@ def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
     from .profile import profile_bundle
 
     return [r for b in bundles for t in threads for d in n_depth for r in profile_bundle(b, d, n_steps, t)]
+
+
+@main.command()
+@bench_command
+@click.option("-d", "--n-depth", default="0,512,2048", show_default=True, callback=_list(True),
+              help="tokens of context before generating (list)")
+@click.option("-n", "--n-gen", default=64, show_default=True, type=click.IntRange(1), help="tokens generated")
+def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
+    """Peak RSS of a fresh process that loads each BUNDLE and generates; carried state by depth."""
+    from .memory import memory_cases, state_records
+    from .sweep import run_cases
+
+    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory")
+    return measured + state_records(bundles, n_depth, n_gen, measured)
 
 
 if __name__ == "__main__":
