@@ -15,6 +15,7 @@ across repetitions; every row carries its provenance. Errors a user can cause en
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
@@ -141,6 +142,32 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
 
     measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory")
     return measured + state_records(bundles, n_depth, n_gen, measured)
+
+
+@main.command()
+@bench_command
+@click.option("--data", default="shakespeare", show_default=True,
+              help="corpus name (shakespeare, hf:NAME) or a text FILE")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="split of the corpus, as training cut it [default: test; a FILE: the whole file]")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(2),
+              help="most tokens one prediction sees (the same rule for both families)")
+@click.option("--stride", default=None, type=click.IntRange(1),
+              help="tokens scored per window [default: window/2; = window: disjoint windows]")
+@click.option("--carry-state", is_flag=True,
+              help="SSM bundles carry their state through the whole text (KV bundles keep the window)")
+@click.option("--max-tokens", default=None, type=click.IntRange(2), help="score only the text's first N tokens")
+@click.option("--reference", default=None, type=click.Path(path_type=str),
+              help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
+def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, reference):
+    """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime (deterministic: run once)."""
+    from .quality import quality_records
+
+    if reference is not None and all(os.path.normpath(reference) != os.path.normpath(str(b.path)) for b in bundles):
+        raise ValueError(f"--reference {reference} is not one of the bundles measured")
+    if stride is not None and stride > window:
+        raise ValueError(f"--stride {stride} is larger than --window {window}")
+    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference)
 
 
 if __name__ == "__main__":

@@ -68,7 +68,7 @@ def probe(bundle_path: str, depth: int, n_gen: int, threads: int | None) -> dict
     return {"start_rss_bytes": before["rss"], "import_rss_bytes": imported["rss"], "load_rss_bytes": loaded["rss"],
             "load_rss_anon_bytes": loaded["rss_anon"], "load_rss_file_bytes": loaded["rss_file"],
             "end_rss_bytes": end["rss"], "peak_rss_bytes": peak, "state_position": position,
-            "runtime_state_bytes": runtime_state}
+            "runtime_state_bytes": runtime_state, "torch_imported": "torch" in sys.modules}
 
 
 def run_probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, timeout: float = 600) -> dict:
@@ -109,7 +109,7 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
                                            f"state at depth {d} but the manifest says {expected}")
                     if m["peak_rss_bytes"] is None:
                         raise RuntimeError("this OS reports no peak resident memory for a process")
-                    extra = {k: v for k, v in m.items() if k != "peak_rss_bytes" and v is not None}
+                    extra = {k: v for k, v in m.items() if k not in ("peak_rss_bytes", "torch_imported") and v is not None}
                     return Sample(float(m["peak_rss_bytes"]), extra=extra)
 
                 rec = Record(kind="memory", test=f"tg{n_gen}@d{d}", metric="peak_rss_bytes", unit="B",
