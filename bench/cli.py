@@ -170,5 +170,16 @@ def quality(bundles, threads, repetitions, warmup, data, split, window, stride, 
     return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference)
 
 
+@main.command()
+@bench_command
+@click.option("-d", "--n-depth", default="0,128,2048", show_default=True, callback=_list(True),
+              help="tokens of context before the decoded token (list)")
+def flops(bundles, threads, repetitions, warmup, n_depth):
+    """FLOPs per decoded token of each BUNDLE at each depth: counted from the graph and analytic."""
+    from .flops import flops_records
+
+    return flops_records(bundles, n_depth)
+
+
 if __name__ == "__main__":
     main()
