@@ -91,8 +91,10 @@ def _node_flops(node, shape) -> int:
         tokens = shape(ins[0])[1] if op in ("LinearAttention", "SelectiveScan") else 1
         return tokens * 5 * int(np.prod(state))
     if op in ("CausalConvWithState", "CausalConv1d", "Conv"):  # depthwise: 2 FLOPs per tap and output
-        w = shape(ins[1])
-        taps = int(np.prod(w[1:])) if op != "CausalConv1d" else w[1]
+        if op == "CausalConv1d":  # ai.itera: (x, conv_state, weight (C, K), bias)
+            taps = shape(ins[2])[1]
+        else:  # weight (C_out, C_in / group, kernel...)
+            taps = int(np.prod(shape(ins[1])[1:]))
         return 2 * taps * int(np.prod(shape(node.output[0])))
     raise AssertionError(op)
 

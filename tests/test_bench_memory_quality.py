@@ -195,3 +195,64 @@ def test_test_split_ids_are_the_ids_training_evaluated(tmp_path):
     docs = load_corpus(str(corpus_dir)).splits["test"]
     ids = encode_documents(prepared.tokenizer, docs)
     assert np.array_equal(ids, np.asarray(prepared.split("test"), dtype=np.int64))
+
+
+# ------------------------------------------------------------------------------- flops
+
+
+def test_flops_graph_count_agrees_with_the_config(tiny_bundle):
+    from itera_bench.flops import analytic_flops, graph_flops
+    from itera_runtime.bundle import load_bundle
+
+    b = load_bundle(tiny_bundle.bundle)
+    cfg = b.model_config
+    counted = graph_flops(b, [0, 64, 300])
+    for d, by_op in counted.items():
+        total, analytic = sum(by_op.values()), sum(analytic_flops(cfg, d).values())
+        assert total == pytest.approx(analytic, rel=0.02)
+    growth = sum(counted[300].values()) - sum(counted[0].values())
+    if cfg["family"] == "baseline":  # scores and weighted sum over 300 more keys, every layer
+        assert growth == cfg["n_layers"] * 2 * 2 * cfg["d_model"] * 300
+    else:  # the SSM's work does not depend on how much came before
+        assert growth == 0
+        # MoE: only the routed experts count, a top_k / n_experts share of the dense work.
+        dense = cfg["n_layers"] * cfg["n_experts"] * 3 * 2 * cfg["d_model"] * cfg["d_expert"]
+        assert counted[0]["MoE"] == dense * cfg["top_k"] // cfg["n_experts"]
+
+
+def test_flops_cli_shows_both_counts(tiny_itera, tiny_baseline):
+    out = rows(bench("flops", tiny_itera.bundle, tiny_baseline.bundle, "-d", "0,128", "-o", "json"))
+    assert [(r["family"], r["test"], r["metric"]) for r in out] == [
+        (f, f"tg1@d{d}", m) for f in ("itera", "baseline") for d in (0, 128)
+        for m in ("flops_per_token", "flops_per_token_analytic")]
+    for r in out:
+        e = r["extra"]
+        assert r["unit"] == "FLOP" and abs(e["graph_vs_analytic"]) < 0.02
+        assert r["median"] == (e["flops_graph"] if r["metric"] == "flops_per_token" else e["flops_analytic"])
+    ratio = {(r["test"], r["metric"]): r["vs_baseline"] for r in out if r["family"] == "itera"}
+    assert ratio["tg1@d128", "flops_per_token"] > ratio["tg1@d0", "flops_per_token"]  # attention grows
+
+
+def test_flops_without_onnx_is_one_line(tiny_itera, tmp_path):
+    blocked = tmp_path / "blocked" / "onnx"
+    blocked.mkdir(parents=True)
+    (blocked / "__init__.py").write_text("raise ImportError('onnx is not installed')\n")
+    env = {**__import__("os").environ, "PYTHONPATH": str(blocked.parent)}
+    proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", "flops", str(tiny_itera.bundle)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert "pip install" in one_error_line(proc) and "onnx" in proc.stderr
+
+
+@pytest.mark.slow
+def test_flops_of_the_function_path_int8_graph(tiny_itera, tmp_path):
+    """ai.itera nodes (SsmStep, CausalConv1d, TopKMoE) and MatMulInteger count the same work."""
+    from itera_bench.flops import graph_flops
+    from itera_export.exporter import export_checkpoint
+    from itera_runtime.bundle import load_bundle
+
+    out, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "fn8", quantize="int8", lower="none")
+    assert manifest.ssm_path == "function"
+    fn8 = graph_flops(load_bundle(out), [0])[0]
+    fused = graph_flops(load_bundle(tiny_itera.bundle), [0])[0]
+    assert {"SsmStep", "TopKMoE", "MatMulInteger"} <= set(fn8)
+    assert sum(fn8.values()) == sum(fused.values())
