@@ -75,10 +75,13 @@ def run_probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, tim
     """Run `probe` in a fresh interpreter and return what it measured."""
     cmd = [sys.executable, "-m", "itera_bench.memory", str(bundle_path), str(depth), str(n_gen),
            str(threads or 0)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise ValueError(f"memory probe of {bundle_path} did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:  # ValueError: bench_command's one-line error, not a traceback
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise RuntimeError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
+        raise ValueError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -89,6 +92,8 @@ def state_bytes(bundle, depth: int) -> int:
 
 def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
     """One peak-RSS case per (bundle, threads, depth); each repetition is a fresh process."""
+    from itera_runtime.bundle import BundleError
+
     from .record import Record
     from .sweep import Case, Sample, bundle_fields
 
@@ -105,10 +110,10 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
                 def run(b=b, d=d, t=t, expected=expected) -> Sample:
                     m = run_probe(str(b.path), d, n_gen, t)
                     if m["runtime_state_bytes"] != expected:
-                        raise RuntimeError(f"{b.path}: the runtime holds {m['runtime_state_bytes']} bytes of "
+                        raise BundleError(f"{b.path}: the runtime holds {m['runtime_state_bytes']} bytes of "
                                            f"state at depth {d} but the manifest says {expected}")
                     if m["peak_rss_bytes"] is None:
-                        raise RuntimeError("this OS reports no peak resident memory for a process")
+                        raise OSError("this OS reports no peak resident memory for a process")
                     extra = {k: v for k, v in m.items() if k not in ("peak_rss_bytes", "torch_imported") and v is not None}
                     return Sample(float(m["peak_rss_bytes"]), extra=extra)
 

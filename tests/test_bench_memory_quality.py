@@ -256,3 +256,8 @@ def test_flops_of_the_function_path_int8_graph(tiny_itera, tmp_path):
     fused = graph_flops(load_bundle(tiny_itera.bundle), [0])[0]
     assert {"SsmStep", "TopKMoE", "MatMulInteger"} <= set(fn8)
     assert sum(fn8.values()) == sum(fused.values())
+
+
+def test_memory_refusals_are_one_line(tiny_baseline, tmp_path):
+    assert "context" in one_error_line(bench("memory", tiny_baseline.bundle, "-d", "5000", "-r", "1"))
+    assert "not found" in one_error_line(bench("memory", tmp_path / "nope"))
