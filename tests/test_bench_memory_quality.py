@@ -261,3 +261,15 @@ def test_flops_of_the_function_path_int8_graph(tiny_itera, tmp_path):
 def test_memory_refusals_are_one_line(tiny_baseline, tmp_path):
     assert "context" in one_error_line(bench("memory", tiny_baseline.bundle, "-d", "5000", "-r", "1"))
     assert "not found" in one_error_line(bench("memory", tmp_path / "nope"))
+
+
+@pytest.mark.parametrize("fmt", ["json", "jsonl", "csv"])
+def test_flops_records_parse_back_with_their_nested_extras(tiny_baseline, fmt):
+    from itera_bench.flops import flops_records
+    from itera_bench.record import format_records, parse
+    from itera_runtime.bundle import load_bundle
+
+    records = flops_records([load_bundle(tiny_baseline.bundle)], [0, 16])
+    back = parse(format_records(records, fmt), fmt)
+    assert [r.to_dict() for r in back] == [r.to_dict() for r in records]
+    assert back[0].extra["graph_by_op"] == records[0].extra["graph_by_op"]
