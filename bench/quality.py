@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -154,9 +156,6 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
                     window: int, stride: int | None, carry_state: bool, max_tokens: int | None,
                     reference: str | None) -> list[Record]:
     """bits_per_byte, loss and perplexity rows per bundle; change vs the reference bundle."""
-    import os
-    import sys
-
     from tqdm import tqdm
 
     stride = stride or max(1, window // 2)
