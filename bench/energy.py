@@ -228,10 +228,11 @@ class PyraplBackend(Meter):
         if unknown:
             raise ValueError(f"pyrapl: pyRAPL has no domain {', '.join(unknown)} (only package, dram)")
         try:
-            pyRAPL.setup(devices=[devices[d] for d in self.domains])
+            # devices=None: pyRAPL's default, package and dram where there is one
+            pyRAPL.setup(devices=[devices[d] for d in self.domains] if opts.domains else None)
         except Exception as e:  # noqa: BLE001 - pyRAPL raises bare exception types without messages
-            raise ValueError(f"pyrapl: pyRAPL.setup failed ({type(e).__name__}: {e or 'no RAPL files it can read'})") \
-                from None
+            why = str(e) or "it found no RAPL counter it can read"
+            raise ValueError(f"pyrapl: pyRAPL.setup failed ({type(e).__name__}: {why})") from None
         self._pyrapl = pyRAPL
         self.total_of = list(self.domains)
 

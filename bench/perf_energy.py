@@ -26,7 +26,7 @@ EVENTS = {"package": "energy-pkg", "dram": "energy-ram", "core": "energy-cores",
 DEFAULT_DOMAINS = ("package",)
 
 
-class PerfError(Exception):
+class PerfError(OSError):
     """perf missing, not permitted, or the event unknown; the message is one line for the user."""
 
 

@@ -36,7 +36,7 @@ THROTTLE_BITS = {0: "under-voltage", 1: "arm frequency capped", 2: "throttled", 
                  18: "throttling has occurred", 19: "soft temperature limit has occurred"}
 
 
-class PmicError(Exception):
+class PmicError(OSError):
     """vcgencmd missing, refused or printing no rails; the message is one line for the user."""
 
 

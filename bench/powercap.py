@@ -39,7 +39,7 @@ MAX_INTERVAL_S = 1.0
 _ZONE_DIR = re.compile(r"^(?P<type>[a-z][a-z0-9_-]*):(?P<index>\d+(?::\d+)*)$")
 
 
-class PowercapError(Exception):
+class PowercapError(OSError):
     """A zone that cannot be used; the message is one line for the user."""
 
 

@@ -549,3 +549,12 @@ def test_pi5_end_to_end_with_recorded_vcgencmd(tiny_itera, tmp_path):
         assert x["avg_watts"] == pytest.approx(loaded_w, rel=1e-3)  # the idle file ran out before the sweep
     md = format_records(parse(proc.stdout, "json"), "md")
     assert "J/token, PMIC rails" in md
+
+
+def test_backend_none_measures_cpu_time_only(tiny_itera):
+    proc = bench("energy", tiny_itera.bundle, "-p", "0", "-n", "4", "-r", "1", "--min-time", "0.05", "--no-warmup",
+                 "-o", "jsonl", "--energy-backend", "none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = parse(proc.stdout, "jsonl")
+    assert (row.test, row.metric, row.unit) == ("tg4", "cpu_ms_per_token", "CPU time ms/token")
+    assert row.extra["energy"] == "not measurable here: --energy-backend none" and row.median > 0
