@@ -102,7 +102,8 @@ class PerfMeter:
         self._proc: subprocess.Popen | None = None
 
     def describe(self) -> dict:
-        return {"events": list(self.events), "command": " ".join(self._command("CTL", "ACK"))}
+        return {"events": list(self.events), "command": " ".join(self._command("CTL", "ACK")),
+                "sampling": "perf reads the counters at each window's ends; the kernel handles overflow"}
 
     def _command(self, ctl: str, ack: str) -> list[str]:
         cmd = [self.perf, "stat", "-a", "-x,", "-D", "-1", "--control", f"fifo:{ctl},{ack}"]
@@ -156,12 +157,21 @@ class PerfMeter:
             raise PerfError(self._failure())
 
     def _failure(self) -> str:
+        """Why perf failed, from its stderr; perf and our FIFOs are cleaned up."""
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
+        for f in (getattr(self, "_ctl", None), getattr(self, "_ack", None)):
+            if f is not None and not f.closed:
+                try:
+                    f.close()
+                except OSError:  # perf died holding the other end: nothing left to flush to
+                    pass
+        shutil.rmtree(self._dir, ignore_errors=True)
         self._stderr.seek(0)
-        event = next(iter(self.events)).split("/")[1]
-        return _why_failed(self._stderr.read(), event)
+        text = self._stderr.read()
+        self._stderr.close()
+        return _why_failed(text, next(iter(self.events)).split("/")[1])
 
     def end(self) -> dict[str, float]:
         """Close the window; joules per domain."""
