@@ -74,7 +74,8 @@ class Zone:
 
     @property
     def domain(self) -> str:
-        return "package" if re.fullmatch(r"package-\d+", self.name) else self.name
+        # multi-die parts name one zone per die: "package-0-die-1", each its own counter
+        return "package" if re.fullmatch(r"package-\d+(?:-die-\d+)?", self.name) else self.name
 
     @property
     def parent_entry(self) -> str | None:

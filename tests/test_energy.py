@@ -157,6 +157,12 @@ def test_multi_socket_dram_is_per_package(tmp_path):
     advance(root, {"intel-rapl:0": 1_000_000, "intel-rapl:1": 2_000_000, "intel-rapl:0:0": 500_000,
                    "intel-rapl:1:0": 250_000})
     assert meter.read() == {"package": 3.0, "dram": 0.75}
+    # Multi-die packages (Cascade Lake-AP) name one zone per die: each is a package counter.
+    dies = make_tree(tmp_path / "dies", {"intel-rapl:0": {"name": "package-0-die-0"},
+                                         "intel-rapl:1": {"name": "package-0-die-1"}})
+    meter = PowercapMeter(str(dies))
+    advance(dies, {"intel-rapl:0": 1_000_000, "intel-rapl:1": 1_500_000})
+    assert [z.domain for z in meter.zones] == ["package", "package"] and meter.read() == {"package": 2.5}
 
 
 def wait_reads(meter: PowercapMeter, n: int) -> None:
@@ -205,6 +211,10 @@ def test_missing_range_or_root_is_a_one_line_error(tmp_path):
         discover(str(root))
     with pytest.raises(PowercapError, match="does not exist"):
         discover(str(tmp_path / "nowhere"))
+    garbage = make_tree(tmp_path / "garbage", {"intel-rapl:0": {"name": "package-0"}})
+    write_atomic(garbage / "intel-rapl:0" / "energy_uj", "not a number\n")
+    with pytest.raises(PowercapError, match=r"cannot read .*intel-rapl:0/energy_uj: invalid literal"):
+        PowercapMeter(str(garbage))
 
 
 def test_energy_uj_readable_only_by_root_is_said_in_one_line():
