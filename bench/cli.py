@@ -6,6 +6,7 @@
     itera-bench memory BUNDLE... -d 0,512,2048        # peak RSS of a fresh process; state bytes
     itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
     itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
+    itera-bench energy BUNDLE... -p 128 -n 64         # J/token gross and net of idle; CPU time always
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
 across repetitions; every row carries its provenance. Errors a user can cause end in one
@@ -20,6 +21,7 @@ import sys
 
 import click
 
+from .energy import BACKENDS as ENERGY_BACKENDS
 from .record import FORMATS, Record, format_records
 
 
@@ -214,6 +216,48 @@ def flops(bundles, threads, repetitions, warmup, n_depth):
     from .flops import flops_records
 
     return flops_records(bundles, n_depth)
+
+
+@main.command()
+@bench_command
+@click.option("-p", "--n-prompt", default="128", show_default=True, callback=_list(True),
+              help="prompt tokens per prefill test (list; 0 skips)")
+@click.option("-n", "--n-gen", default="64", show_default=True, callback=_list(True),
+              help="tokens per generation test (list; 0 skips)")
+@click.option("-d", "--n-depth", default="0", show_default=True, callback=_list(True),
+              help="tokens already in the context (list)")
+@click.option("--energy-backend", type=click.Choice(ENERGY_BACKENDS), default="auto", show_default=True,
+              help="auto: the first of powercap, pi5-pmic, perf that reads here")
+@click.option("--energy-domains", default=None,
+              help="powercap/perf/pyrapl domains, comma-separated: package,dram,core,uncore,psys "
+                   "[default: package,dram; perf: package]")
+@click.option("--min-time", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="seconds each measurement window lasts at least (the loop repeats inside it)")
+@click.option("--idle", "idle_s", default=3.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="seconds of idle baseline before and after the sweep")
+@click.option("--sample-interval", default=None, type=click.FloatRange(0, min_open=True),
+              help="background sampling interval, s [default: powercap: a quarter of the fastest wrap "
+                   "time, at most 1 s; pi5-pmic: 0.1]")
+@click.option("--estimate", is_flag=True,
+              help="without a counter, also estimate joules from CPU time (stored estimated: true, shown (est.))")
+@click.option("--tdp-per-core-w", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="the assumed watts per busy core that --estimate uses")
+@click.option("--powercap-root", default="/sys/class/powercap", show_default=True,
+              help="where the powercap zones are (another sysfs mount, or a test tree)")
+@click.option("--vcgencmd", default="vcgencmd", show_default=True, help="the vcgencmd to run (pi5-pmic)")
+def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, energy_backend, energy_domains,
+           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd):
+    """Joules per token (gross, net of idle) for prefill and decode; CPU time per token always."""
+    from .energy import EnergyOptions, run_energy
+
+    domains = tuple(d.strip() for d in energy_domains.split(",") if d.strip()) if energy_domains else None
+    opts = EnergyOptions(energy_backend, domains, min_time, idle_s, sample_interval, estimate, tdp_per_core_w,
+                         powercap_root, vcgencmd)
+    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts)
+    note = next((r.extra["energy"] for r in records if "energy" in r.extra), None)
+    if note:
+        click.echo(f"energy: {note}", err=True)
+    return records
 
 
 if __name__ == "__main__":
