@@ -8,8 +8,9 @@
 Metrics (bits per byte, perplexity) live next to evaluation, in ``itera_lite.evaluation``.
 """
 
-from .corpus import SPLITS, Corpus, DataError, Document, fetch_shakespeare, load_corpus
-from .prepared import PreparedData, get_batch, iter_eval_batches, prepare_data, train_tokenizer
+from .corpus import SPLITS, Corpus, DataError, Document, fetch_shakespeare, load_corpus, read_document
+from .prepared import (PreparedData, encode_documents, get_batch, iter_eval_batches, prepare_data,
+                       train_tokenizer)
 
-__all__ = ["SPLITS", "Corpus", "DataError", "Document", "PreparedData", "fetch_shakespeare", "get_batch",
-           "iter_eval_batches", "load_corpus", "prepare_data", "train_tokenizer"]
+__all__ = ["SPLITS", "Corpus", "DataError", "Document", "PreparedData", "encode_documents", "fetch_shakespeare",
+           "get_batch", "iter_eval_batches", "load_corpus", "prepare_data", "read_document", "train_tokenizer"]

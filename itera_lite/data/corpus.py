@@ -275,3 +275,11 @@ def load_corpus(spec: str = "shakespeare") -> Corpus:
         raise DataError(f"{spec}: too little text for a {'/'.join(empty)} split; "
                         "give more lines or more files")
     return corpus
+
+
+def read_document(path: str | Path) -> Document:
+    """One text file as a Document, normalised as every corpus text is."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    return Document(path.name, _text(path.read_bytes()))

@@ -185,6 +185,18 @@ def prepare_data(spec: str = "shakespeare", vocab_size: int = 2048,
     return PreparedData.load(out)
 
 
+def encode_documents(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
+    """Ids of the documents joined with DOC_SEPARATOR, encoded exactly as prepare_data encodes a split.
+
+    Used by torch-free evaluation (itera-bench quality), so a bundle is scored on the same
+    ids training evaluated on; this package imports no torch.
+    """
+    pieces = list(_chunks(docs))
+    if not pieces:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(pieces)])
+
+
 # -------------------------------------------------------------------------- batches
 
 
