@@ -278,3 +278,25 @@ def test_expert_utilisation_names_underused_experts_and_flags_a_collapsed_router
     assert report["collapsed_layers"] == [1] and report["collapsed"]
     assert report["layers"][2]["share"] == pytest.approx([1 / 8] * 8)
     assert not expert_utilisation(load[[0, 2]], top_k=2)["collapsed"]
+
+
+def test_run_started_before_run_state_checkpoints_still_resumes(tmp_path, byte_data):
+    # A last.pt as main wrote it before: a LambdaLR "scheduler", no schedule, no eval step.
+    out = tmp_path / "old"
+    run_train("--out", str(out), "--model", "baseline", "--max-steps", "12", "--eval-every", "12",
+              "--save-every", "4", *FAST)
+    want = train_losses(out)
+    # The same run stopped at step 4, its checkpoint stripped of what main did not write.
+    short = tmp_path / "short"
+    run_train("--out", str(short), "--model", "baseline", "--max-steps", "4", "--eval-every", "12",
+              "--save-every", "4", *FAST)
+    ckpt = torch.load(short / "last.pt", weights_only=True)
+    for key in ("schedule", "last_eval_step", "validation_sample"):
+        del ckpt[key]
+    ckpt["scheduler"] = {"last_epoch": 4}
+    torch.save(ckpt, short / "last.pt")
+    run_train("--out", str(short), "--resume", "--max-steps", "12", "--quiet")
+    got = train_losses(short)
+    assert sorted(got) == list(range(1, 13))
+    for s in range(1, 13):
+        assert got[s] == want[s], s
