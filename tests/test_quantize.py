@@ -55,7 +55,7 @@ def test_quantize_baseline(tiny_baseline, mode, tmp_path):
     # 7 linears per layer + the tied lm_head, and the embedding Gather reading the same table.
     assert ops["MatMulNBits"] == 7 * n_layers + 1 and ops["GatherBlockQuantized"] == 1
     assert q.nodes_quantized == 7 * n_layers + 2
-    assert "MatMul" not in ops and "Gather" not in _float_gathers(out / "model.onnx")
+    assert not _float_gathers(out / "model.onnx")
     v = compare(model, out, np.random.default_rng(0).integers(0, 256, 32 + 64), prompt_len=32)
     print(f"{mode}: max|Δlogits|={v.max_abs_diff:.4g} top1={v.decode_top1_agreement:.3f}")
     max_diff, min_top1 = BOUNDS[mode]
@@ -99,14 +99,14 @@ def test_int4_bundle_is_smaller_than_int8_and_both_generate(itera_bundles):
         assert manifest.quantization.settings["tied_tables"] == ["model.embed.weight"]
         for graph in ("prefill.onnx", "decode.onnx"):
             assert not _float_gathers(out / graph) and _ops(out / graph)["GatherBlockQuantized"] == 1
-        ids = Generator(out, threads=1).generate_ids([1, 2, 3], max_new_tokens=8).token_ids
+        ids = Generator(out, threads=1).generate_ids([1, 2, 3], max_new_tokens=8)
         assert len(ids) == 8 and all(0 <= t < 256 for t in ids)
 
 
 # Quantized-vs-fp32 bits/byte on a held-out passage (runtime vs torch, `compare`), tiny
-# random-init Itera-Lite (2 layers, vocab 256). Measured |relative change|: int8 0.0003,
-# int4 0.002; trained tiny (vocab 2048) on its validation text: int8 0.03%, int4 0.5% (see
-# export/quantize.py SETTINGS). Bounds leave room for other seeds, not for a broken kernel.
+# random-init Itera-Lite (2 layers, vocab 256), 300 tokens of Macbeth. Measured change:
+# int8 -0.05%, int4 -0.21% (`pytest -s` prints them). Bounds ~10x that: room for other seeds
+# and machines, none for a broken kernel (a wrong table or head moves bits/byte by whole bits).
 BPB_BOUNDS = {"int8": 0.005, "int4": 0.02}
 
 
