@@ -17,7 +17,7 @@ from itera_runtime.bundle import Manifest, Quantization, write_manifest
 
 from .graphfile import check_graph, graph_spec
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
-from .quantize import SCHEMES
+from .quantize import SCHEMES, parse_options
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 
 LOWER_MODES = ("auto", "fused", "none")
@@ -71,8 +71,11 @@ def _tokenizer_json(ckpt: dict, checkpoint: Path) -> str:
 
 
 def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
-                      validate_text=None, log=lambda msg: None) -> tuple[Path, Manifest]:
-    """Export a checkpoint of either family to a validated bundle; returns (folder, manifest)."""
+                      validate_text=None, log=lambda msg: None, quant_options=()) -> tuple[Path, Manifest]:
+    """Export a checkpoint of either family to a validated bundle; returns (folder, manifest).
+
+    quant_options: `KEY=VALUE` changes to the scheme's settings (`quantize.parse_options`).
+    """
     from itera_lite.checkpoint import load_model
 
     # torch.onnx and optimum log advice meant for their developers (missing torchvision,
@@ -85,6 +88,10 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(SCHEMES)}")
     if lower not in LOWER_MODES:
         raise ExportError(f"unknown --lower {lower!r}; choose from {', '.join(LOWER_MODES)}")
+    try:
+        overrides = parse_options(quantize, quant_options) if quant_options else {}
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     checkpoint = Path(checkpoint)
     model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
     tokenizer_json = _tokenizer_json(ckpt, checkpoint)
@@ -107,7 +114,7 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         _remove(tmp)
         raise ExportError(_os_error(e, out)) from None
     try:
-        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref)
+        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides)
         log("validating against torch")
         result = compare(model, tmp, tokens, text=source)
         tolerance = FP32_TOLERANCE if quantize == "none" else None
@@ -181,7 +188,7 @@ def _os_error(e: OSError, out: Path) -> str:
 
 
 def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, lower: str,
-           log, ref: Path | None = None) -> Manifest:
+           log, ref: Path | None = None, overrides: dict | None = None) -> Manifest:
     """Graphs, tokenizer and manifest into `tmp`; with a quantization, the fp32 bundle into `ref` too."""
     family = model.config.family
     log(f"exporting {family} graphs")
@@ -212,7 +219,7 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
         for f in graph_files:
             src = tmp / f
             dst = tmp / f"{src.stem}.{quantize}.tmp.onnx"
-            records.append(scheme.apply(src, dst))
+            records.append(scheme.apply(src, dst, overrides))
             dst.replace(src)
             checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
     return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, graph_files, checks, records)

@@ -1,8 +1,8 @@
 """Weight quantization of exported float graphs with onnxruntime's own quantizers and kernels.
 
-Both schemes store weights as symmetric blocks along the input dimension (onnxruntime's
-`MatMulNBitsQuantizer`): dense MatMuls become com.microsoft `MatMulNBits` (int8: 8-bit,
-int4: 4-bit), computed with int8 activations (accuracy_level 4). A tied embedding is
+int8: dense MatMuls through `quantize_dynamic` (int8 weights, activations quantized at run
+time). int4: symmetric 4-bit blocks along the input dimension (`MatMulNBitsQuantizer`,
+com.microsoft `MatMulNBits` with int8 activations, accuracy_level 4). A tied embedding is
 quantized once (`quantize_tied_table`): the embedding Gather reads it through
 `GatherBlockQuantized` and the tied head through `MatMulNBits`, so a bundle stores one
 quantized table and no fp32 copy. com.microsoft MoE experts become QMoE (`_quantize_moe`).
@@ -25,7 +25,7 @@ from itera_runtime.bundle import Quantization
 from .graph_passes import gemm_to_matmul, materialize_transposed_weights, prune
 from .graphfile import graph_bytes
 
-__all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "SCHEMES", "Scheme", "MODES", "SETTINGS",
+__all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "parse_options", "SCHEMES", "Scheme", "MODES", "SETTINGS",
            "KEEP_FLOAT"]
 
 # Float tensors a quantized bundle keeps, by what they are (regex on the tensor name) and why.
@@ -45,18 +45,34 @@ KEEP_FLOAT: dict[str, tuple[str, str]] = {
 # MatMul weights (regex on the name) the quantizers must skip: the KEEP_FLOAT rows that are MatMuls.
 FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
 
-# Dense weights and the tied table, per scheme. Chosen with `itera-bench latency` and the
-# validation's bits/byte on tiny and small Itera-Lite (2-vCPU EPYC, loaded by other jobs;
-# medians of interleaved runs; see the README's quantization section for the numbers):
-# - "nbits" (MatMulNBits) instead of quantize_dynamic for int8: dynamic quantization adds a
-#   DynamicQuantizeLinear + MatMulInteger + Cast + Mul chain per MatMul (57 Mul, 12 Cast more
-#   in the tiny decode graph), which cost more than int8 saved; MatMulNBits is one node.
-# - accuracy_level 4 (int8 activations): 8-bit MatMulNBits at level 0 dequantizes on every
-#   call (tied head 2048×128: ~1.5 ms vs 65 µs at level 4); 4-bit: 147 vs 65 µs.
-# - block 32: block size did not change speed measurably (the 2048×128 head at 32/64/128:
-#   64–66 µs), and smaller blocks lose least (4-bit head rel. error 0.10 at 32, 0.14 at 64).
+# Dense weights and the tied table, per scheme, chosen by measurement on Itera-Lite tiny (trained
+# 71 steps, vocab 2048) and small (random init), 2-vCPU Xeon shared with other jobs. Speed:
+# decode tokens per CPU-second of the one decode thread (wall time here was 3-10x lower and
+# +-25% noisy), depth 128, medians of 21 interleaved rounds. Quality: bits/byte change vs fp32
+# on 1024 held-out tokens (Macbeth, test split) through the runtime (`validate.compare`).
+#                              tiny tok/CPU-s   small tok/CPU-s   tiny Δbits/byte   tiny bytes
+#   fp32                            2,847             670                 -         6,245,681
+#   int8 dynamic + 8-bit table      3,810           1,010            +0.009%        1,909,605
+#   int8 MatMulNBits 8-bit b32      3,684             954            +0.002%        1,964,123
+#   int4 b32 (chosen)               4,454           1,419            -0.08%         1,292,531
+# (commands: `itera-export CKPT --quantize int8 [--quant-option weights=nbits]`, then
+# `itera-bench latency B... -p 0 -n 64 -d 128 -t 1 -r 9`; wall-clock rows were in the same order.)
+# - int8 dense weights: quantize_dynamic (per tensor) stays; 8-bit MatMulNBits was 3-6% slower
+#   in both presets and only better in ways bits/byte cannot see here (max |Δlogits| on small
+#   0.80 vs 1.59). `--quant-option weights=nbits` selects it.
+# - accuracy_level 4 (int8 activations): int4 tiny 4,133 vs 3,495 tok/CPU-s at level 0; the
+#   8-bit tied head 2048x128 alone took ~1.5 ms at level 0 vs 65 us at level 4 (dequantizes per call).
+# - block 32: blocks of 64/128 were 2-5% faster (about the rounds' spread) and 3-5% smaller;
+#   their bits/byte differences on this barely trained model are noise (+0.016%, -0.055%), so
+#   the smallest block, the least rounding error (4-bit 2048x128 head, Gaussian weights: 0.10
+#   at 32, 0.14 at 64/128), wins.
+# - tied table at the scheme's bits: int4 with an 8-bit table was 10% larger (1,423,611 B) and
+#   no faster (3,962 tok/CPU-s); a float table (as before: fp32 Gather + 4-bit head copy) made
+#   the int4 bundle larger than int8 (2,340,684 B).
+# - in_proj stays quantized: keeping it float nearly doubled the int4 bundle (2,485,137 B) for
+#   no measurable bits/byte (-0.074% vs -0.08%).
 SETTINGS = {
-    "int8": {"weights": "nbits", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+    "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 8, "float_matmuls": FLOAT_MATMULS},
     "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 4, "float_matmuls": FLOAT_MATMULS},
@@ -291,6 +307,36 @@ def _quantize_matmuls(model, settings: dict, exclude: list[str], work: Path, out
     return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
 
 
+def parse_options(mode: str, items) -> dict:
+    """`KEY=VALUE` strings (itera-export --quant-option) → SETTINGS overrides, checked against SETTINGS[mode].
+
+    Values are JSON (`block_size=64`, `float_matmuls=["\\.router\\.", "\\.in_proj\\."]`) or a bare
+    string (`weights=dynamic`), and must have the type of the setting they replace.
+    """
+    import json
+
+    if mode not in MODES:
+        raise ValueError(f"quantization options need --quantize {' or '.join(MODES)}")
+    out = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or key not in SETTINGS[mode]:
+            raise ValueError(f"--quant-option {item!r}: expected KEY=VALUE with KEY one of {', '.join(SETTINGS[mode])}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        default = SETTINGS[mode][key]
+        kind = list if isinstance(default, (list, tuple)) else type(default)
+        if not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
+            kinds = {int: "an integer", str: "a string", list: "a JSON list", bool: "true or false"}
+            raise ValueError(f"--quant-option {item!r}: {key} takes {kinds.get(kind, kind.__name__)}, like {default!r}")
+        out[key] = value
+    if out.get("weights", "nbits") not in ("nbits", "dynamic"):
+        raise ValueError("--quant-option weights: 'nbits' or 'dynamic'")
+    return out
+
+
 def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = None) -> Quantization:
     """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done.
 
@@ -357,7 +403,7 @@ class Scheme:
     name: str
     description: str
     suffix: str  # appended to the default bundle folder name
-    apply: Callable[[Path, Path], Quantization] | None  # (float graph, destination) → record
+    apply: Callable[[Path, Path, dict], Quantization] | None  # (float graph, destination, overrides) → record
 
 
 # The one list of quantization schemes: itera-export's --quantize choices, the default output
@@ -365,8 +411,8 @@ class Scheme:
 SCHEMES: dict[str, Scheme] = {
     "none": Scheme("none", "fp32 weights as trained", "", None),
     "int8": Scheme("int8", "8-bit weight blocks (MatMulNBits, GatherBlockQuantized; QMoE experts)", "-int8",
-                   lambda src, dst: quantize_graph(src, dst, "int8")),
+                   lambda src, dst, overrides=None: quantize_graph(src, dst, "int8", overrides)),
     "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits, GatherBlockQuantized; QMoE experts)", "-int4",
-                   lambda src, dst: quantize_graph(src, dst, "int4")),
+                   lambda src, dst, overrides=None: quantize_graph(src, dst, "int4", overrides)),
 }
 MODES = tuple(name for name, scheme in SCHEMES.items() if scheme.apply is not None)
