@@ -2,7 +2,9 @@
 
 Everything is written into a hidden temp folder beside the destination that is published
 (`publish.py`) only after validation passed, so a failed export never leaves a bundle (or
-half of one) behind, and `--force` only ever replaces a bundle of ours.
+half of one) behind, and `--force` only ever replaces a bundle of ours. A quantized export
+keeps the fp32 graphs in a second temp folder just long enough to time a short decode of both
+(`decode_speed_check`): a quantized bundle slower than its source is said, never silent.
 """
 
 from __future__ import annotations
