@@ -25,8 +25,8 @@ from itera_runtime.bundle import Quantization
 from .graph_passes import gemm_to_matmul, materialize_transposed_weights, prune
 from .graphfile import graph_bytes
 
-__all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "parse_options", "SCHEMES", "Scheme", "MODES", "SETTINGS",
-           "KEEP_FLOAT"]
+__all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "parse_options", "SCHEMES", "Scheme", "MODES",
+           "SETTINGS", "KEEP_FLOAT"]
 
 # Float tensors a quantized bundle keeps, by what they are (regex on the tensor name) and why.
 # Only MatMul weights, the tied table and MoE experts are ever quantized; the other rows say
@@ -56,7 +56,9 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
 #   int8 MatMulNBits 8-bit b32      3,684             954            +0.002%        1,964,123
 #   int4 b32 (chosen)               4,454           1,419            -0.08%         1,292,531
 # (commands: `itera-export CKPT --quantize int8 [--quant-option weights=nbits]`, then
-# `itera-bench latency B... -p 0 -n 64 -d 128 -t 1 -r 9`; wall-clock rows were in the same order.)
+# `itera-bench latency B... -p 0 -n 64 -d 128 -t 1 -r 9`; wall-clock rows were in the same order.
+# `itera-bench quality B... --reference FP32 --max-tokens 20000 --carry-state` on the test split:
+# int8 dynamic +0.013%, int8 MatMulNBits +0.008%, int4 -0.029%.)
 # - int8 dense weights: quantize_dynamic (per tensor) stays; 8-bit MatMulNBits was 3-6% slower
 #   in both presets and only better in ways bits/byte cannot see here (max |Δlogits| on small
 #   0.80 vs 1.59). `--quant-option weights=nbits` selects it.
@@ -75,6 +77,7 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
 #   the int4 bundle larger than int8 (2,340,684 B).
 # - in_proj stays quantized: keeping it float nearly doubled the int4 bundle (2,485,137 B) for
 #   no measurable bits/byte (-0.074% vs -0.08%).
+# With weights "dynamic" (int8), block_size and accuracy_level apply to the tied table only.
 SETTINGS = {
     "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 8, "float_matmuls": FLOAT_MATMULS},
@@ -414,9 +417,11 @@ class Scheme:
 # names and what the exporter applies all come from here.
 SCHEMES: dict[str, Scheme] = {
     "none": Scheme("none", "fp32 weights as trained", "", None),
-    "int8": Scheme("int8", "8-bit weight blocks (MatMulNBits, GatherBlockQuantized; QMoE experts)", "-int8",
+    "int8": Scheme("int8", "8-bit weights (dynamic activation quantization), one 8-bit tied embedding table; "
+                           "QMoE experts", "-int8",
                    lambda src, dst, overrides=None: quantize_graph(src, dst, "int8", overrides)),
-    "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits, GatherBlockQuantized; QMoE experts)", "-int4",
+    "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits), one 4-bit tied embedding table; QMoE experts",
+                   "-int4",
                    lambda src, dst, overrides=None: quantize_graph(src, dst, "int4", overrides)),
 }
 MODES = tuple(name for name, scheme in SCHEMES.items() if scheme.apply is not None)
