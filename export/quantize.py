@@ -59,8 +59,10 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
 # `itera-bench latency B... -p 0 -n 64 -d 128 -t 1 -r 9`; wall-clock rows were in the same order.
 # `itera-bench quality B... --reference FP32 --max-tokens 20000 --carry-state` on the test split:
 # int8 dynamic +0.013%, int8 MatMulNBits +0.008%, int4 -0.029%.)
-# - int8 dense weights: quantize_dynamic (per tensor) stays; 8-bit MatMulNBits was 3-6% slower
-#   in both presets and only better in ways bits/byte cannot see here (max |Δlogits| on small
+# Base (random init, 9 rounds of 32 steps): fp32 220, int8 dynamic 425, int8 MatMulNBits 383,
+# int4 652 tok/CPU-s; 90.4 / 23.4 / 24.3 / 14.6 MB.
+# - int8 dense weights: quantize_dynamic (per tensor) stays; 8-bit MatMulNBits was 3-10% slower
+#   in all three presets and only better in ways bits/byte cannot see here (max |Δlogits| on small
 #   0.80 vs 1.59). `--quant-option weights=nbits` selects it.
 # - no static (calibrated QDQ) int8: quantize_static on the tiny decode graph, calibrated on
 #   256 held-out decode steps, ran 2,808 tok/CPU-s vs dynamic's 3,154 (fp32 2,318) in the same
