@@ -365,9 +365,14 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
     os.close(fd)
     tmp = Path(tmp_name)
     work = tmp.with_suffix(".work.onnx")
-    # The quantizers log advice (pre-processing, etc.) through the root logger; keep it quiet.
+    # The quantizers log advice (pre-processing, parameters not given for tensors they skip)
+    # through the root logger, and importing matmul_nbits_quantizer runs
+    # logging.basicConfig(level=INFO): import it first, silence the root logger while we
+    # quantize, then leave logging as we found it.
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
     root.setLevel(logging.ERROR)
     # The int4 quantizer logs every node it skips at INFO through its own handler.
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
@@ -399,6 +404,8 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
         os.replace(tmp, dst)
     finally:
         root.setLevel(level)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
         tmp.unlink(missing_ok=True)
         work.unlink(missing_ok=True)
     return Quantization(mode=mode, method=method, settings=settings, bytes_before=graph_bytes(src),
