@@ -161,6 +161,15 @@ def test_export_to_read_only_place_or_full_disk_is_one_line(tiny_itera, tmp_path
         assert list(full.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("opts", [["--quantize", "int4", "--quant-option", "blocksize=64"],
+                                  ["--quantize", "int4", "--quant-option", "block_size=big"],
+                                  ["--quant-option", "block_size=64"]])
+def test_bad_quant_option_is_one_line(tiny_itera, tmp_path, opts):
+    line = one_error_line(export(tiny_itera.checkpoint, "-o", tmp_path / "b", *opts))
+    assert "--quant" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_with_a_broken_tokenizer_is_one_line(tiny_itera, tmp_path):
     import torch
 
