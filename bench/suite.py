@@ -1,0 +1,80 @@
+"""itera-bench all: every measuring subcommand into one results folder, then the report.
+
+The subcommands are found by name in the click group at run time (every command made with
+`bench_command`, i.e. one that takes bundles and writes records), so a subcommand merged
+later (memory, quality, energy, flops) is run without touching this file. Each runs in its
+own process: a fresh process is what memory measures, and one that fails (no energy counter
+here) cannot take the others down. Its rows go to NAME.jsonl; a failure's one-line reason
+goes to NAME.err, which the report shows and the claims table uses.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+# Report-level commands, not measurements.
+NOT_MEASUREMENTS = {"all", "report", "claims"}
+
+# Small defaults for the subcommands we know, so `all` finishes in minutes on 2 cores;
+# depths come from the caller. Subcommands not listed run on their own defaults.
+SMALL = {
+    "latency": lambda depths: ["-p", "512", "-n", "32", "-d", ",".join(map(str, [0, *depths]))],
+    "step": lambda depths: ["-n", "64", "-d", ",".join(map(str, depths))],
+    "profile": lambda depths: ["-n", "64", "-d", str(depths[0])],
+}
+
+
+def measuring_commands(group) -> dict:
+    """The group's commands that take bundles and write records, by name, in their order."""
+    out = {}
+    for name, cmd in group.commands.items():
+        params = {p.name for p in cmd.params}
+        if name not in NOT_MEASUREMENTS and {"bundles", "output"} <= params:
+            out[name] = cmd
+    return out
+
+
+def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "1", repetitions: int = 3,
+            depths: list[int] = (128, 2048), baseline: str | None = None, skip=(), only=None,
+            log: Callable[[str], None] = lambda m: None) -> dict[str, str]:
+    """Run each measuring subcommand on the bundles; returns {name: "ok" | error line}."""
+    from .cli import main as group
+
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    status = {}
+    for name, cmd in measuring_commands(group).items():
+        if name in skip or (only is not None and name not in only):
+            continue
+        params = {p.name for p in cmd.params}
+        args = [name, *bundles, "-o", "jsonl"]
+        if "threads" in params:
+            args += ["-t", threads]
+        if "repetitions" in params:
+            args += ["-r", str(repetitions)]
+        if baseline and "baseline" in params:
+            args += ["--baseline", baseline]
+        if name in SMALL:
+            args += SMALL[name](list(depths))
+        log(f"itera-bench {' '.join(args)}")
+        proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", *args], capture_output=True, text=True)
+        err_file, rows_file = out / f"{name}.err", out / f"{name}.jsonl"
+        if proc.returncode == 0 and proc.stdout.strip():
+            tmp = rows_file.with_name(rows_file.name + ".tmp")
+            tmp.write_text(proc.stdout)
+            os.replace(tmp, rows_file)
+            err_file.unlink(missing_ok=True)
+            status[name] = "ok"
+        else:
+            lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
+            reason = next((ln for ln in reversed(lines) if ln.startswith("error:")), lines[-1] if lines else
+                          f"exit status {proc.returncode}, no output")
+            err_file.write_text(reason + "\n")
+            rows_file.unlink(missing_ok=True)  # no stale rows from an earlier run beside a failure
+            status[name] = reason
+            log(f"{name}: {reason}")
+    return status
