@@ -123,18 +123,24 @@ def _speed(mine, base, reasons: dict) -> Claim:
 
 
 def _is_joules(r: Record) -> bool:
-    return r.metric.startswith("joules") or r.unit.lower() in ("j/token", "j/tok")
+    """J/token rows: gross, or net of the idle baseline (`joules_per_token_net`)."""
+    return r.metric in ("joules_per_token", "joules_per_token_net")
+
+
+def energy_source(r: Record) -> str:
+    return str(r.extra.get("energy_source") or r.extra.get("energy_backend") or r.extra.get("source") or r.method or "?")
 
 
 def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
     target = _range(*ENERGY_TARGET, "less J/token")
     pairs = _pairs(mine, base, lambda r: r.kind == "energy" and _is_joules(r) and not r.estimated)
-    cpu = _pairs(mine, base, lambda r: r.kind == "energy" and r.metric.startswith("cpu_s"))
+    cpu = _pairs(mine, base, lambda r: r.kind == "energy" and r.metric.startswith("cpu_"))
     cpu_numbers = {r.test: ref.median / r.median for r, ref in cpu if r.median}
     cpu_text = "; ".join(f"{t} {_x(v)}" for t, v in cpu_numbers.items())
     if pairs:
-        ratios = {r.test: ref.median / r.median for r, ref in pairs if r.median}
-        sources = sorted({str(r.extra.get("source") or r.method or "?") for r, _ in pairs})
+        ratios = {r.test + (" net" if r.metric.endswith("_net") else ""): ref.median / r.median
+                  for r, ref in pairs if r.median}
+        sources = sorted({energy_source(r) for r, _ in pairs})
         verdict = MET if ratios and min(ratios.values()) >= ENERGY_TARGET[0] else NOT_MET
         measured = "; ".join(f"{t} {_x(v)}" for t, v in ratios.items())
         if cpu_text:
@@ -142,11 +148,11 @@ def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
         return Claim("energy", target, measured, f"itera-bench energy: J/token, baseline / Itera ({', '.join(sources)})",
                      verdict, {"ratio": ratios, "cpu_s_ratio": cpu_numbers})
     reason = reasons.get("energy") or next(
-        (str(r.extra[k]) for r in energy_rows for k in ("reason", "counter_error", "unavailable") if r.extra.get(k)),
+        (str(r.extra[k]) for r in energy_rows for k in ("energy", "reason") if isinstance(r.extra.get(k), str)),
         None) or "no energy records given (run itera-bench energy and pass its file with --results)"
     if any(_is_joules(r) and r.estimated for r in energy_rows):
         reason += "; estimated J/token rows exist and are not used"
-    measured = f"not measurable here: {reason.removeprefix('error: ')}"
+    measured = f"not measurable here: {reason.removeprefix('error: ').removeprefix('not measurable here: ')}"
     if cpu_text:
         measured += f". CPU-seconds/token ratio (CPU time, not energy): {cpu_text}"
     return Claim("energy", target, measured, "itera-bench energy (a readable energy counter)", NOT_MEASURED,

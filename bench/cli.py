@@ -206,7 +206,7 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
         load_runs(runs)  # a bad run folder is refused before minutes of measuring
         loaded = [load_bundle(b) for b in bundles]
         limit = min((b.max_seq_len for b in loaded if b.max_seq_len), default=None)
-        depths = [d for d in n_depth if limit is None or d + 600 <= limit]  # room for pp512 / tg32 after it
+        depths = [d for d in n_depth if limit is None or d + 512 <= limit]  # room for pp512 after the depth
         if not depths:
             raise ValueError(f"every depth in {n_depth} exceeds the bundles' max_seq_len {limit}")
         status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip,

@@ -28,6 +28,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .plot import PALETTE, figure, save
+from .claims import energy_source
 from .record import Record, markdown, parse
 
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
@@ -103,7 +104,7 @@ def _sorted_by_depth(rows: list[Record]) -> list[Record]:
 
 
 def _plot_vs_depth(rows: list[Record], label, ylabel: str, title: str, path: Path, series_key=None,
-                   extra_bytes: bool = False, log_y: bool = False):
+                   log_y: bool = False):
     """The metric's median (± stddev) against depth, one line per series; None if < 2 depths."""
     if len({r.n_depth for r in rows}) < 2:
         return None
@@ -115,14 +116,7 @@ def _plot_vs_depth(rows: list[Record], label, ylabel: str, title: str, path: Pat
         pts = _sorted_by_depth(pts)
         xs = [r.n_depth for r in pts]
         ax.errorbar(xs, [r.median for r in pts], yerr=[r.stddev or 0 for r in pts], color=colour, marker="o",
-                    markersize=4, capsize=3, label=name + ("(est.)" if any(r.estimated for r in pts) else ""))
-        if extra_bytes:  # carried state (or other byte counts) the memory subcommand measured beside the peak
-            keys = sorted({k for r in pts for k, v in r.extra.items() if k.endswith("_bytes")
-                           and isinstance(v, (int, float)) and not isinstance(v, bool)})
-            for style, key in zip((":", "-.", (0, (1, 3))) * 4, keys):
-                kx = [r.n_depth for r in pts if isinstance(r.extra.get(key), (int, float))]
-                ky = [r.extra[key] / 1e6 for r in pts if isinstance(r.extra.get(key), (int, float))]
-                ax.plot(kx, ky, linestyle=style, color=colour, linewidth=1.2, label=f"{name} {key}")
+                    markersize=4, capsize=3, label=name + (" (est.)" if any(r.estimated for r in pts) else ""))
     ax.set_xlabel("depth (tokens already in the context)")
     ax.set_ylabel(ylabel)
     positive = [r.n_depth for r in rows if r.n_depth > 0]
@@ -237,9 +231,7 @@ def _memory(records, label, out: Path) -> list[str]:
         in_bytes = mine[0].unit.lower() in ("b", "bytes", "byte")
         if in_bytes:
             scaled = [dataclasses.replace(r, samples=[s / 1e6 for s in r.samples]) for r in mine]
-            png = _plot_vs_depth(scaled, label, f"{metric} (MB)", f"{metric} against context (MB; dotted: "
-                                 "extra byte counts, e.g. carried state)", out / f"memory_{_slug(metric)}.png",
-                                 extra_bytes=True)
+            png = _plot_vs_depth(scaled, label, f"{metric} (MB)", f"{metric} against context (MB)", out / f"memory_{_slug(metric)}.png")
         else:
             png = _plot_vs_depth(mine, label, f"{metric} ({mine[0].unit})", f"{metric} against context",
                                  out / f"memory_{_slug(metric)}.png")
@@ -271,7 +263,8 @@ def _energy(records, label, out: Path) -> list[str]:
         png = _plot_bars(mine, label, f"{metric} ({mine[0].unit})", what + (" (hatched: est.)" if any(
             r.estimated for r in mine) else ""), out / f"energy_{_slug(metric)}.png")
         parts += [f"### {what}", "", *_image(what, png), _table(mine), ""]
-        sources = sorted({str(r.extra.get("source") or r.method) for r in mine if r.extra.get("source") or r.method})
+        sources = sorted({energy_source(r) for r in mine if not r.estimated} | {f"(est.) {r.method}" for r in mine
+                                                                             if r.estimated and r.method})
         if sources:
             parts += ["Source: " + "; ".join(sources) + ("" if not any(r.estimated for r in mine) else
                                                          ". Rows marked (est.) are estimates, not measurements."), ""]
