@@ -149,7 +149,7 @@ def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
                      verdict, {"ratio": ratios, "cpu_s_ratio": cpu_numbers})
     reason = reasons.get("energy") or next(
         (str(r.extra[k]) for r in energy_rows for k in ("energy", "reason") if isinstance(r.extra.get(k), str)),
-        None) or "no energy records given (run itera-bench energy and pass its file with --results)"
+        None) or "no energy records among the results (itera-bench energy writes them)"
     if any(_is_joules(r) and r.estimated for r in energy_rows):
         reason += "; estimated J/token rows exist and are not used"
     measured = f"not measurable here: {reason.removeprefix('error: ').removeprefix('not measurable here: ')}"
@@ -163,7 +163,7 @@ def _quality(mine, base, reasons: dict) -> Claim:
     target = f"under {QUALITY_MAX_LOSS:.0%} bits/byte loss"
     pairs = _pairs(mine, base, lambda r: r.kind == "quality" and r.metric == "bits_per_byte" and not r.estimated)
     if not pairs:
-        why = reasons.get("quality") or "no quality records given (run itera-bench quality and pass --results)"
+        why = reasons.get("quality") or "no quality records among the results (itera-bench quality writes them)"
         return Claim("quality", target, f"not measured: {why.removeprefix('error: ')}", "itera-bench quality",
                      NOT_MEASURED)
     r, ref = pairs[0]

@@ -313,8 +313,11 @@ def _provenance(records: list[Record]) -> list[str]:
 
 
 def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: dict[str, str] | None = None,
-           baseline: str | None = None, title: str = "Itera-Lite benchmark report", sources=()) -> Path:
+           baseline: str | None = None, title: str = "Itera-Lite benchmark report", sources=(),
+           preamble: str = "") -> Path:
     """Write out_dir/report.md, its PNG plots and claims.json; returns the report's path.
+
+    preamble: markdown placed before the claims (the pipeline's training table and samples).
 
     Everything is drawn into a temporary folder inside out_dir and moved in at the end, so
     a failure leaves no half-written report.
@@ -335,6 +338,8 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         if sources:
             parts += [f"From {', '.join(f'`{s}`' for s in sources)}: {len(records)} record(s)"
                       + (f", {len(run_list)} training run(s)." if run_list else "."), ""]
+        if preamble:
+            parts += [preamble.rstrip(), ""]
         claims = claims_from_records(records, baseline=baseline, reasons=reasons)
         if claims:
             parts += ["## Claims", "", claims_markdown(claims), ""]

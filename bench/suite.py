@@ -40,8 +40,14 @@ def measuring_commands(group) -> dict:
 
 def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "1", repetitions: int = 3,
             depths: list[int] = (128, 2048), baseline: str | None = None, skip=(), only=None,
+            options: dict[str, list[str]] | None = None, shared: dict[str, str] | None = None,
             log: Callable[[str], None] = lambda m: None) -> dict[str, str]:
-    """Run each measuring subcommand on the bundles; returns {name: "ok" | error line}."""
+    """Run each measuring subcommand on the bundles; returns {name: "ok" | error line}.
+
+    options: arguments for a named subcommand, in place of its SMALL defaults; shared:
+    {parameter name: value} passed to every subcommand that has that parameter (e.g. the
+    pipeline's `data` to whichever subcommand reads text).
+    """
     from .cli import main as group
 
     out = Path(results_dir)
@@ -50,7 +56,7 @@ def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "
     for name, cmd in measuring_commands(group).items():
         if name in skip or (only is not None and name not in only):
             continue
-        params = {p.name for p in cmd.params}
+        params = {p.name: p for p in cmd.params}
         args = [name, *bundles, "-o", "jsonl"]
         if "threads" in params:
             args += ["-t", threads]
@@ -58,8 +64,14 @@ def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "
             args += ["-r", str(repetitions)]
         if baseline and "baseline" in params:
             args += ["--baseline", baseline]
-        if name in SMALL:
+        if options and name in options:
+            args += options[name]
+        elif name in SMALL:
             args += SMALL[name](list(depths))
+        for key, value in (shared or {}).items():
+            flag = next((o for o in getattr(params.get(key), "opts", ()) if o.startswith("--")), None)
+            if flag:
+                args += [flag, str(value)]
         log(f"itera-bench {' '.join(args)}")
         proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", *args], capture_output=True, text=True)
         err_file, rows_file = out / f"{name}.err", out / f"{name}.jsonl"
