@@ -127,8 +127,10 @@ def _is_joules(r: Record) -> bool:
     return r.metric in ("joules_per_token", "joules_per_token_net")
 
 
-def energy_source(r: Record) -> str:
-    return str(r.extra.get("energy_source") or r.extra.get("energy_backend") or r.extra.get("source") or r.method or "?")
+def energy_source(r: Record) -> str | None:
+    """The counter a row's joules came from, as the energy subcommand recorded it."""
+    found = r.extra.get("energy_source") or r.extra.get("energy_backend") or r.extra.get("source")
+    return None if found is None else str(found)
 
 
 def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
@@ -140,7 +142,7 @@ def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
     if pairs:
         ratios = {r.test + (" net" if r.metric.endswith("_net") else ""): ref.median / r.median
                   for r, ref in pairs if r.median}
-        sources = sorted({energy_source(r) for r, _ in pairs})
+        sources = sorted({energy_source(r) or "source not recorded" for r, _ in pairs})
         verdict = MET if ratios and min(ratios.values()) >= ENERGY_TARGET[0] else NOT_MET
         measured = "; ".join(f"{t} {_x(v)}" for t, v in ratios.items())
         if cpu_text:

@@ -199,8 +199,8 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
 
     from .curves import RunError, load_runs
     from .plot import PlotError
-    from .report import ReportError, load_results, render
-    from .suite import run_all
+    from .report import ReportError, render
+    from .suite import collect, run_all
 
     try:
         load_runs(runs)  # a bad run folder is refused before minutes of measuring
@@ -211,7 +211,7 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
             raise ValueError(f"every depth in {n_depth} exceeds the bundles' max_seq_len {limit}")
         status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip,
                          log=lambda m: click.echo(m, err=True))
-        records, reasons = load_results([out_dir])
+        records, reasons = collect(out_dir, status)
         path = render(records, Path(out_dir) / "report", runs=runs, reasons=reasons, baseline=baseline,
                       sources=[out_dir, *runs])
     except (BundleError, RunError, ReportError, PlotError, ValueError, OSError) as e:

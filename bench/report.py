@@ -30,6 +30,7 @@ from pathlib import Path
 from .plot import PALETTE, figure, save
 from .claims import energy_source
 from .record import Record, markdown, parse
+from .sweep import compare_to_baseline
 
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 REPORT_NAME = "report.md"
@@ -49,11 +50,28 @@ def _read_records(path: Path) -> list[Record]:
     if fmt is None:
         raise ReportError(f"{path}: not a record file (expected {', '.join(RECORD_SUFFIXES)})")
     try:
-        return parse(path.read_text(encoding="utf-8"), fmt)
+        records = parse(path.read_text(encoding="utf-8"), fmt)
     except (OSError, UnicodeDecodeError) as e:
         raise ReportError(f"{path}: unreadable ({e.strerror if isinstance(e, OSError) else e})") from None
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ReportError(f"{path}: not a record file written by itera-bench ({type(e).__name__}: {e})") from None
+    bad = next((r for r in records if not _valid(r)), None)
+    if bad is not None:
+        raise ReportError(f"{path}: not a record file written by itera-bench (a row without kind, metric or "
+                          "numeric samples)")
+    return records
+
+
+def _valid(r: Record) -> bool:
+    """What the report relies on. csv.DictReader fills missing columns with nothing, so any
+    table would otherwise parse into empty rows; json could carry strings as samples."""
+    def num(x):
+        return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+    return (all(isinstance(v, str) and v for v in (r.kind, r.metric, r.test)) and isinstance(r.unit, str)
+            and isinstance(r.samples, list) and all(num(x) for x in r.samples) and isinstance(r.extra, dict)
+            and isinstance(r.provenance, dict) and isinstance(r.bundle, str) and isinstance(r.family, str)
+            and (r.model_size is None or num(r.model_size)) and num(r.n_depth))
 
 
 def load_results(paths) -> tuple[list[Record], dict[str, str]]:
@@ -79,14 +97,14 @@ def load_results(paths) -> tuple[list[Record], dict[str, str]]:
 
 def _labeller(records: list[Record]):
     """Series names: the bundle folder, plus threads/host only when they vary."""
-    threads = {r.n_threads for r in records}
+    threads = {r.n_threads for r in records if r.n_threads is not None}  # None: not a per-thread row
     hosts = {r.host for r in records}
 
     def label(r: Record) -> str:
         name = r.model_filename or os.path.basename(os.path.normpath(r.bundle)) or r.family
         if r.quantization and r.quantization not in ("none", "fp32") and r.quantization not in name:
             name += f" {r.quantization}"
-        if len(threads) > 1:
+        if len(threads) > 1 and r.n_threads is not None:
             name += f" t{r.n_threads}"
         if len(hosts) > 1:
             name += f" @{r.host}"
@@ -122,7 +140,8 @@ def _plot_vs_depth(rows: list[Record], label, ylabel: str, title: str, path: Pat
     positive = [r.n_depth for r in rows if r.n_depth > 0]
     if positive and max(positive) > 20 * min(positive):  # 128 and 2048 on one axis
         ax.set_xscale("symlog", linthresh=min(positive))
-    if log_y:
+    values = [r.median for r in rows if r.median]
+    if log_y or (values and min(values) > 0 and max(values) > 100 * min(values)):  # constant SSM state vs KV cache
         ax.set_yscale("log")
     ax.legend(fontsize=7)
     ax.set_title(title, fontsize=10)
@@ -167,6 +186,11 @@ def _plot_quality_vs_size(rows: list[Record], label, path: Path):
             ax.annotate(f"{label(r)}{_est(r)}", (r.model_size / 1e6, r.median), fontsize=7,
                         textcoords="offset points", xytext=(4, 4))
     ax.set_xscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _: f"{v:g}")
+    ax.xaxis.set_major_formatter(plain)
+    ax.xaxis.set_minor_formatter(plain)
     ax.set_xlabel("bundle size on disk (MB, log)")
     ax.set_ylabel(f"{pts[0].metric} ({pts[0].unit}; lower is better)")
     ax.set_title("Quality against bundle size", fontsize=10)
@@ -263,8 +287,8 @@ def _energy(records, label, out: Path) -> list[str]:
         png = _plot_bars(mine, label, f"{metric} ({mine[0].unit})", what + (" (hatched: est.)" if any(
             r.estimated for r in mine) else ""), out / f"energy_{_slug(metric)}.png")
         parts += [f"### {what}", "", *_image(what, png), _table(mine), ""]
-        sources = sorted({energy_source(r) for r in mine if not r.estimated} | {f"(est.) {r.method}" for r in mine
-                                                                             if r.estimated and r.method})
+        sources = sorted({energy_source(r) for r in mine if not r.estimated and energy_source(r)}
+                         | {f"(est.) {r.method}" for r in mine if r.estimated and r.method})
         if sources:
             parts += ["Source: " + "; ".join(sources) + ("" if not any(r.estimated for r in mine) else
                                                          ". Rows marked (est.) are estimates, not measurements."), ""]
@@ -334,6 +358,7 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
     try:
         label = _labeller(records)
+        compare_to_baseline(records, baseline)  # rows from different files get their ratio too
         parts = [f"# {title}", ""]
         if sources:
             parts += [f"From {', '.join(f'`{s}`' for s in sources)}: {len(records)} record(s)"

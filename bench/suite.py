@@ -90,3 +90,12 @@ def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "
             status[name] = reason
             log(f"{name}: {reason}")
     return status
+
+
+def collect(results_dir: str | os.PathLike, status: dict[str, str]):
+    """The records and the not-measured reasons of this run only (no stale files of an earlier one)."""
+    from .report import load_results
+
+    out = Path(results_dir)
+    records, _ = load_results([out / f"{name}.jsonl" for name, s in status.items() if s == "ok"])
+    return records, {name: s for name, s in status.items() if s != "ok"}

@@ -55,8 +55,8 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.plot import PlotError, pyplot
     from itera_bench.record import format_records
-    from itera_bench.report import CLAIMS_JSON, ReportError, load_results, render
-    from itera_bench.suite import run_all
+    from itera_bench.report import CLAIMS_JSON, ReportError, render
+    from itera_bench.suite import collect, run_all
     from itera_export.exporter import ExportError, export_checkpoint
     from itera_runtime import Generator, SamplingConfig
     from itera_runtime.provenance import provenance
@@ -109,7 +109,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         status = run_all(paths, results, threads=str(bench_threads), repetitions=5, depths=ctx, baseline=baseline,
                          skip=("profile",), options={"latency": ["-p", "512", "-n", "64", "-d", depths]},
                          shared={"data": data}, log=lambda m: click.echo(f"· {m}", err=True))
-        records, reasons = load_results([results])
+        records, reasons = collect(results, status)
         decode = [r for r in records if r.kind == "latency" and r.test.startswith("tg") and r.n_depth in ctx]
         if not decode:
             raise ValueError(f"the decode benchmark measured nothing: {status.get('latency')}")

@@ -258,3 +258,27 @@ def test_long_ssm_prompt_prefills_in_bounded_memory(tiny_itera):
         growth[mode] = float(proc.stdout)
     # Measured: +13 MB chunked vs +280 MB in one call (2-layer test model, vocab 256).
     assert growth["default"] < 50 and growth["one-call"] > 4 * growth["default"], growth
+
+
+# --------------------------------------------------------------------------- itera-bench report
+
+
+@pytest.mark.parametrize("name, text", [
+    ("table.csv", "a,b\n1,2\n"),  # any CSV: DictReader would fill every record field with nothing
+    ("rows.json", '[{"kind": "latency", "test": "tg4", "metric": "tokens_per_s", "unit": "tok/s", '
+                  '"samples": ["fast"]}]'),
+    ("rows.json", "[1, 2, 3]"),
+    ("rows.jsonl", '{"kind": "latency"\n'),
+    ("rows.json", '{"kind": "latency", "test": "x", "metric": "m", "unit": "u"}'),
+    ("rows.txt", "hello"),
+    ("rows.jsonl", b"\xff\xfe\x00\x81 not text"),
+])
+def test_report_refuses_foreign_record_files_in_one_line(tmp_path, name, text):
+    f = tmp_path / name
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", "report", str(f), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert not (out / "report.md").exists()
