@@ -35,7 +35,7 @@ from .sweep import compare_to_baseline
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 REPORT_NAME = "report.md"
 CLAIMS_JSON = "claims.json"
-KNOWN_KINDS = ("latency", "step", "memory", "energy", "quality", "flops")
+SECTIONS = ("latency", "step", "memory", "energy", "quality")  # kinds with a section of their own
 
 
 class ReportError(ValueError):
@@ -150,21 +150,23 @@ def _plot_vs_depth(rows: list[Record], label, ylabel: str, title: str, path: Pat
 
 def _plot_bars(rows: list[Record], label, ylabel: str, title: str, path: Path, scale: float = 1.0):
     """Grouped bars: one group per test, one bar per series; estimates hatched and named."""
-    tests = list(dict.fromkeys(r.test for r in rows))
-    names = list(dict.fromkeys(label(r) for r in rows))
     if not rows:
         return None
-    fig, (ax,) = figure(1, width=max(5.0, 1.2 + 0.9 * len(tests) * max(1, len(names)) / 2), height=4.0)
+    tests = list(dict.fromkeys(r.test for r in rows))
+    names = list(dict.fromkeys(label(r) for r in rows))
+    fig, (ax,) = figure(1, width=max(5.0, 1.5 + 0.35 * len(tests) * len(names)), height=4.0)
     width = 0.8 / len(names)
+    named = set()
     for i, (colour, name) in enumerate(zip(PALETTE * 8, names)):
         for j, test in enumerate(tests):
             r = next((r for r in rows if r.test == test and label(r) == name), None)
             if r is None or r.median is None:
                 continue
+            legend = name + _est(r)
             ax.bar(j + (i - (len(names) - 1) / 2) * width, r.median / scale, width, yerr=(r.stddev or 0) / scale,
-                   color=colour, capsize=3, hatch="//" if r.estimated else None, edgecolor="black" if r.estimated
-                   else colour, label=name + _est(r) if j == 0 or name + _est(r) not in
-                   ax.get_legend_handles_labels()[1] else None)
+                   color=colour, capsize=3, hatch="//" if r.estimated else None,
+                   edgecolor="black" if r.estimated else colour, label=None if legend in named else legend)
+            named.add(legend)
     ax.set_xticks(range(len(tests)), tests)
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=7)
@@ -309,15 +311,22 @@ def _quality(records, label, out: Path) -> list[str]:
 
 
 def _generic(kind: str, rows: list[Record], label, out: Path) -> list[str]:
+    """Any other kind (flops, profile, one merged later): its table, and its metric against
+    depth where it was measured at several, one line per bundle and test name."""
     parts = [f"## {kind}", ""]
     for metric in dict.fromkeys(r.metric for r in rows):
         mine = [r for r in rows if r.metric == metric]
-        png = _plot_vs_depth(mine, label, f"{metric} ({mine[0].unit})", f"{kind}: {metric} against depth",
-                             out / f"{_slug(kind)}_{_slug(metric)}.png", log_y=True) if kind == "flops" else None
-        parts += [*_image(f"{kind} {metric}", png)]
+        base = lambda r: re.sub(r"@d\d+$", "", r.test)  # noqa: E731  ("flops@d128" → "flops")
+        several = len({base(r) for r in mine}) > 1
+        series = {label(r) + (f" {base(r)}" if several else "") for r in mine}
+        if len(series) <= len(PALETTE):  # more lines than colours is a table's job
+            png = _plot_vs_depth(mine, label, f"{metric} ({mine[0].unit})", f"{kind}: {metric} against depth",
+                                 out / f"{_slug(kind)}_{_slug(metric)}.png",
+                                 series_key=lambda r: label(r) + (f" {base(r)}" if several else ""))
+            parts += _image(f"{kind} {metric}", png)
     table = _table(rows)
     if len(rows) > 12:  # long breakdowns (profile) stay out of the way
-        parts += ["<details><summary>" + f"{len(rows)} rows</summary>", "", table, "", "</details>", ""]
+        parts += [f"<details><summary>{len(rows)} rows</summary>", "", table, "", "</details>", ""]
     else:
         parts += [table, ""]
     return parts
@@ -375,7 +384,7 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         parts += _energy(records, label, tmp)
         parts += _quality(records, label, tmp)
         for kind in dict.fromkeys(r.kind for r in records):
-            if kind not in KNOWN_KINDS or kind == "flops":
+            if kind not in SECTIONS:
                 parts += _generic(kind, [r for r in records if r.kind == kind], label, tmp)
         noisy = [r for r in records if r.noisy]
         if noisy:
