@@ -25,6 +25,7 @@ SMALL = {
     "latency": lambda depths: ["-p", "512", "-n", "32", "-d", ",".join(map(str, [0, *depths]))],
     "step": lambda depths: ["-n", "64", "-d", ",".join(map(str, depths))],
     "profile": lambda depths: ["-n", "64", "-d", str(depths[0])],
+    "energy": lambda depths: ["-p", "128", "-n", "64", "-d", "0", "--min-time", "1", "--idle", "2"],
 }
 
 
@@ -49,6 +50,7 @@ def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "
     pipeline's `data` to whichever subcommand reads text).
     """
     from .cli import main as group
+    from .llamacpp import is_gguf
 
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,7 +59,11 @@ def run_all(bundles: list[str], results_dir: str | os.PathLike, threads: str = "
         if name in skip or (only is not None and name not in only):
             continue
         params = {p.name: p for p in cmd.params}
-        args = [name, *bundles, "-o", "jsonl"]
+        # .gguf models (llama.cpp) go only to the subcommands that measure them
+        models = [b for b in bundles if getattr(cmd.callback, "accepts_gguf", False) or not is_gguf(b)]
+        if not models:
+            continue
+        args = [name, *models, "-o", "jsonl"]
         if "threads" in params:
             args += ["-t", threads]
         if "repetitions" in params:
