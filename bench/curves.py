@@ -195,19 +195,31 @@ def _summary_table(runs: list[Run]) -> str:
     return "\n".join(rows)
 
 
-def _expert_table(run: Run, threshold: float = 0.5) -> str | None:
-    """The last logged expert load per layer, with experts below threshold/E named."""
-    loads = run.expert_load
-    if not loads:
+# itera-train's threshold for an underused expert (a quarter of an even share); its summary
+# names them itself (summary["experts"]), and this applies the same rule to the logged load
+# of runs whose summary predates that.
+UNDERUSED_SHARE = 0.25
+
+
+def _expert_table(run: Run) -> str | None:
+    """Per layer: min/max share of tokens and the underused experts, with a collapsed router flagged."""
+    experts = (run.summary or {}).get("experts")
+    if experts and experts.get("layers"):
+        where = f"best.pt on the {experts.get('split', 'val')} split (itera-train's summary)"
+        layers = [(ly["layer"], ly["share"], ly["underused"], ly.get("collapsed", False)) for ly in experts["layers"]]
+    elif run.expert_load:
+        step, last = run.expert_load[-1]
+        where = f"the last logged training step ({step})"
+        layers = [(i, shares, [e for e, x in enumerate(shares) if x < UNDERUSED_SHARE / len(shares)], None)
+                  for i, shares in enumerate(last)]
+    else:
         return None
-    step, last = loads[-1]
-    rows = [f"Expert load of {run.label} at step {step} (share of tokens; experts under "
-            f"{threshold:.0%} of an even share named):", "", "| layer | min | max | under-used experts |",
-            "|---|---|---|---|"]
-    for layer, shares in enumerate(last):
-        even = 1 / len(shares)
-        low = [str(i) for i, s in enumerate(shares) if s < threshold * even]
-        rows.append(f"| {layer} | {min(shares):.3f} | {max(shares):.3f} | {', '.join(low) or '-'} |")
+    rows = [f"Expert load of {run.label}, {where}: share of tokens per expert; underused = under "
+            f"{UNDERUSED_SHARE:.0%} of an even share.", "", "| layer | min | max | underused experts | collapsed |",
+            "|---|---|---|---|---|"]
+    for layer, shares, low, collapsed in layers:
+        flag = "-" if collapsed is None else ("**yes**" if collapsed else "no")
+        rows.append(f"| {layer} | {min(shares):.3f} | {max(shares):.3f} | {', '.join(map(str, low)) or '-'} | {flag} |")
     return "\n".join(rows)
 
 

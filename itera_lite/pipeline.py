@@ -106,7 +106,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         paths = [str(p) for p in bundles.values()]
         baseline = str(bundles["baseline"])
         depths = ",".join(map(str, [0, *ctx]))
-        status = run_all(paths, results, threads=str(bench_threads), repetitions=5, depths=ctx, baseline=baseline,
+        status = run_all(paths, results, threads=str(bench_threads), repetitions=3, depths=ctx, baseline=baseline,
                          skip=("profile",), options={"latency": ["-p", "512", "-n", "64", "-d", depths]},
                          shared={"data": data}, log=lambda m: click.echo(f"· {m}", err=True))
         records, reasons = collect(results, status)

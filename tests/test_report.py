@@ -186,7 +186,7 @@ def test_run_curves_from_a_real_training_run(train_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = (tmp_path / "out" / "report.md").read_text()
     assert "| itera-tiny |" in text and "| half |" in text and "no summary.json" in text
-    assert "under-used experts" in text and f"| {n_layers - 1} |" in text  # one row per layer
+    assert "underused experts" in text and f"| {n_layers - 1} |" in text  # one row per layer
     pngs = images(tmp_path / "out" / "report.md")
     assert {p.name for p in pngs} >= {"runs_loss.png", "runs_bits_per_byte.png", "runs_optimisation.png",
                                       "runs_experts_0.png", "runs_experts_1.png"}
@@ -302,3 +302,22 @@ def test_all_runs_every_subcommand_then_the_report(tiny_itera, tiny_baseline, tm
     assert (out / "report" / "report.md").exists() and (out / "report" / "claims.json").exists()
     for png in images(out / "report" / "report.md"):
         assert_drawn(png)
+
+
+def test_expert_table_uses_the_runs_own_utilisation_when_its_summary_has_it(train_run, tmp_path):
+    # itera-train's summary names underused experts and collapsed routers (measured on the
+    # validation split with best.pt); the report shows that rather than its own reading.
+    from itera_bench.curves import load_run, runs_section
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text((train_run / "metrics.jsonl").read_text())
+    summary = json.loads((train_run / "summary.json").read_text())
+    summary["experts"] = {"split": "val", "threshold": 0.03125, "collapsed": True, "collapsed_layers": [1],
+                          "layers": [{"layer": 0, "share": [0.25] * 4, "underused": [], "collapsed": False},
+                                     {"layer": 1, "share": [0.97, 0.01, 0.01, 0.01], "underused": [1, 2, 3],
+                                      "collapsed": True}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = runs_section([load_run(run)], tmp_path)
+    assert "best.pt on the val split (itera-train's summary)" in text
+    assert "| 1 | 0.010 | 0.970 | 1, 2, 3 | **yes** |" in text and "| 0 | 0.250 | 0.250 | - | no |" in text
