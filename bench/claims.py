@@ -67,7 +67,10 @@ def _of(records: list[Record], bundle: str) -> list[Record]:
 def _pairs(mine: list[Record], base: list[Record], accept) -> list[tuple[Record, Record]]:
     """(itera row, baseline row) of the same test, metric, threads and host, where accept(row)."""
     key = lambda r: (r.kind, r.test, r.metric, r.n_threads, r.host)  # noqa: E731
-    refs = {key(r): r for r in base if accept(r) and r.median is not None}
+    refs: dict = {}
+    for r in base:  # the first row of a key, as for the Itera side
+        if accept(r) and r.median is not None:
+            refs.setdefault(key(r), r)
     out = [(r, refs[key(r)]) for r in mine if accept(r) and r.median is not None and key(r) in refs]
     return sorted(out, key=lambda p: (p[0].n_threads or 0))
 
@@ -242,7 +245,9 @@ def measure_claims(itera: list[str], baseline: str, results=(), threads: int = 1
                     skipped.append(str(e))
                     continue
                 cases.append(make(target, n, depth))
-        records += run_cases(cases, repetitions, warmup, desc="claims: speed")
+        # speed measured here replaces any latency rows of the given files (one source per row)
+        records = [r for r in records if r.kind != "latency"] + run_cases(cases, repetitions, warmup,
+                                                                           desc="claims: speed")
         if skipped:
             reasons.setdefault("speed", "; ".join(skipped))
     return claims_from_records(records, itera=list(itera), baseline=baseline, reasons=reasons, sizes=sizes)

@@ -321,3 +321,11 @@ def test_expert_table_uses_the_runs_own_utilisation_when_its_summary_has_it(trai
     text = runs_section([load_run(run)], tmp_path)
     assert "best.pt on the val split (itera-train's summary)" in text
     assert "| 1 | 0.010 | 0.970 | 1, 2, 3 | **yes** |" in text and "| 0 | 0.250 | 0.250 | - | no |" in text
+
+
+def test_claims_and_all_refuse_in_one_line(tiny_itera, tmp_path):
+    assert one_error_line(bench("claims", tiny_itera.bundle, "--baseline", tmp_path))
+    assert one_error_line(bench("all", tmp_path, "-o", tmp_path / "res"))
+    assert "not a training run" in one_error_line(bench("all", tiny_itera.bundle, "-o", tmp_path / "res",
+                                                        "--runs", tmp_path))
+    assert not (tmp_path / "res").exists()  # refused before anything was measured or written
