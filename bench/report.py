@@ -271,7 +271,7 @@ def _memory(records, label, out: Path) -> list[str]:
             parts += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
             for r in _sorted_by_depth(mine):
                 cells = [label(r), r.test, str(r.n_depth)] + [
-                    f"{r.extra[k]:,}" if isinstance(r.extra.get(k), (int, float)) else "-" for k in keys]
+                    f"{round(r.extra[k]):,}" if isinstance(r.extra.get(k), (int, float)) else "-" for k in keys]
                 parts.append("| " + " | ".join(cells) + " |")
             parts.append("")
     return parts
