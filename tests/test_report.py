@@ -299,9 +299,11 @@ def test_all_runs_every_subcommand_then_the_report(tiny_itera, tiny_baseline, tm
 
     records, reasons = load_results([out])
     kinds = {r.kind for r in records}
-    assert {"latency", "step"} <= kinds and "profile" not in kinds
+    assert {"latency", "step", "memory", "flops"} <= kinds and not {"profile", "quality", "energy"} & kinds
     assert all(not r.interrupted for r in records)
     assert (out / "report" / "report.md").exists() and (out / "report" / "claims.json").exists()
+    text = (out / "report" / "report.md").read_text()
+    assert "## Memory" in text and "## flops" in text and "memory_state_bytes.png" in text
     for png in images(out / "report" / "report.md"):
         assert_drawn(png)
 
