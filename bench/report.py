@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .plot import PALETTE, figure, save
 from .claims import energy_source
-from .record import Record, markdown, parse
+from .record import SPREAD_WARNING, Record, markdown, parse
 from .sweep import compare_to_baseline
 
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
@@ -388,7 +388,7 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
                 parts += _generic(kind, [r for r in records if r.kind == kind], label, tmp)
         noisy = [r for r in records if r.noisy]
         if noisy:
-            parts += [f"Noisy rows (spread over 10% between repetitions; compare within one run): "
+            parts += [f"Noisy rows (spread over {SPREAD_WARNING:.0%} between repetitions; compare within one run): "
                       f"{len(noisy)} of {len(records)}.", ""]
         if reasons:
             parts += ["## Not measured", ""] + [f"- {name}: {why}" for name, why in sorted(reasons.items())] + [""]
@@ -397,6 +397,8 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         parts += _provenance(records)
         (tmp / REPORT_NAME).write_text("\n".join(parts).rstrip() + "\n")
         names = sorted(os.listdir(tmp), key=lambda n: n == REPORT_NAME)  # the report last
+        if not claims:  # a claims.json of an earlier report would otherwise pass for this one's
+            (out_dir / CLAIMS_JSON).unlink(missing_ok=True)
         for name in names:
             os.replace(tmp / name, out_dir / name)
     finally:
