@@ -7,6 +7,9 @@
     itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
     itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
     itera-bench energy BUNDLE... -p 128 -n 64         # J/token gross and net of idle; CPU time always
+    itera-bench all BUNDLE... -o results/             # every subcommand above, then the report
+    itera-bench report results/ --runs runs/itera-tiny -o report/   # tables, plots, curves
+    itera-bench claims ITERA_BUNDLE... --baseline BUNDLE --results results/
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
 across repetitions; every row carries its provenance. Errors a user can cause end in one
@@ -58,7 +61,7 @@ def bench_command(fn):
                   help="bundle the ratios are against [default: the first baseline-family bundle]")
     @functools.wraps(fn)
     def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, **kw):
-        from itera_runtime.bundle import BundleError, load_bundle
+        from itera_runtime.bundle import BundleError
         from itera_runtime.session import DeviceError, check_threads
 
         from .sweep import compare_to_baseline
@@ -258,6 +261,99 @@ def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, ener
     if note:
         click.echo(f"energy: {note}", err=True)
     return records
+
+
+@main.command()
+@click.argument("results", nargs=-1, type=click.Path(path_type=str))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="folder for report.md, its PNG plots and claims.json")
+@click.option("--runs", multiple=True, type=click.Path(path_type=str),
+              help="training run folder (itera-train --out) to draw curves of; repeat for several")
+@click.option("--baseline", default=None, help="bundle the claims are against [default: the first baseline-family one]")
+def report(results, out_dir, runs, baseline):
+    """Markdown report with plots from RESULTS (record files or results folders) and training runs."""
+    from .curves import RunError
+    from .plot import PlotError
+    from .report import ReportError, load_results, render
+
+    try:
+        records, reasons = load_results(results)
+        path = render(records, out_dir, runs=runs, reasons=reasons, baseline=baseline, sources=[*results, *runs])
+    except (ReportError, RunError, PlotError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("--baseline", required=True, type=click.Path(path_type=str), help="the Transformer baseline bundle")
+@click.option("--results", multiple=True, type=click.Path(path_type=str),
+              help="record files or results folders with energy / quality (and latency) rows; repeatable")
+@click.option("-t", "--threads", default=1, show_default=True, type=click.IntRange(1))
+@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(1))
+@click.option("-n", "--n-gen", default=32, show_default=True, type=click.IntRange(1), help="decode steps per test")
+@click.option("--measure/--no-measure", default=True, show_default=True,
+              help="measure speed here; --no-measure takes it from --results only")
+@click.option("--no-warmup", is_flag=True)
+@click.option("-o", "--output", type=click.Choice(["md", "json"]), default="md", show_default=True)
+def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_warmup, output):
+    """The four claims (size, speed, energy, quality) of each Itera BUNDLE against --baseline."""
+    import json
+
+    from itera_runtime.bundle import BundleError
+    from itera_runtime.session import DeviceError, check_threads
+
+    from .claims import claims_markdown, claims_to_json, measure_claims
+    from .report import ReportError
+
+    try:
+        check_threads(threads)
+        tables = measure_claims(list(bundles), baseline, results, threads, repetitions, n_gen, measure, not no_warmup)
+    except (BundleError, DeviceError, ReportError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(json.dumps(claims_to_json(tables), indent=2) if output == "json" else claims_markdown(tables))
+
+
+@main.command(name="all")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=str))
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False, path_type=str),
+              help="results folder: one NAME.jsonl per subcommand, the report in report/")
+@click.option("-t", "--threads", default="1", show_default=True, help="onnxruntime threads (list)")
+@click.option("-r", "--repetitions", default=3, show_default=True, type=click.IntRange(1))
+@click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(),
+              help="depths for the speed subcommands (those over a bundle's max_seq_len are dropped)")
+@click.option("--baseline", default=None, type=click.Path(path_type=str))
+@click.option("--runs", multiple=True, type=click.Path(path_type=str), help="training runs to draw in the report")
+@click.option("--skip", multiple=True, help="subcommand to leave out; repeatable")
+def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
+    """Every measuring subcommand on the BUNDLEs with small defaults, then the report."""
+    from pathlib import Path
+
+    from itera_runtime.bundle import BundleError, load_bundle
+
+    from .curves import RunError, load_runs
+    from .llamacpp import is_gguf
+    from .plot import PlotError
+    from .report import ReportError, render
+    from .suite import collect, run_all
+
+    try:
+        load_runs(runs)  # a bad run folder is refused before minutes of measuring
+        loaded = [load_bundle(b) for b in bundles if not is_gguf(b)]
+        limit = min((b.max_seq_len for b in loaded if b.max_seq_len), default=None)
+        depths = [d for d in n_depth if limit is None or d + 512 <= limit]  # room for pp512 after the depth
+        if not depths:
+            raise ValueError(f"every depth in {n_depth} exceeds the bundles' max_seq_len {limit}")
+        status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip,
+                         log=lambda m: click.echo(m, err=True))
+        records, reasons = collect(out_dir, status)
+        path = render(records, Path(out_dir) / "report", runs=runs, reasons=reasons, baseline=baseline,
+                      sources=[out_dir, *runs])
+    except (BundleError, RunError, ReportError, PlotError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(f"report: {path}")
+    if not any(v == "ok" for v in status.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """itera-pipeline: the main job end to end on the built-in data, in minutes on 2 cores.
 
 data → train Itera-Lite and the baseline (same wall-clock budget) → compare quality →
-export both to bundles → generate from both without torch → decode tokens/s side by side.
-Writes report.json and report.md in --out; every number in them was measured by this run.
+export both to fp32 and int8 bundles → generate from both without torch → every
+`itera-bench` subcommand on the four bundles (results/, one jsonl each) → the report.
+Writes report.md (tables, claims, plots of speed and of both training runs), its PNGs,
+claims.json and report.json in --out; every number in them was measured by this run.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import sys
 from pathlib import Path
 
 import click
+
+QUANTIZE = ("none", "int8")  # the bundles the report compares: fp32 and int8 of each family
 
 
 def _train(family: str, preset: str, data: str, out: Path, minutes: float, max_steps: int, threads: int | None):
@@ -49,17 +53,23 @@ def _quality_table(summaries: dict) -> str:
 @click.option("--out", default="runs/pipeline", type=click.Path(file_okay=False))
 def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out):
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
-    from itera_bench.latency import Target, gen_case
+    from itera_bench.plot import PlotError, pyplot
     from itera_bench.record import format_records
-    from itera_bench.sweep import compare_to_baseline, run_cases
+    from itera_bench.report import CLAIMS_JSON, ReportError, render
+    from itera_bench.suite import collect, run_all
     from itera_export.exporter import ExportError, export_checkpoint
-    from itera_runtime import Generator, SamplingConfig, load_bundle
+    from itera_runtime import Generator, SamplingConfig
     from itera_runtime.provenance import provenance
 
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import TrainError
 
+    try:
+        pyplot()  # the report's plots need matplotlib: say so now, not after minutes of training
+    except PlotError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     ctx = [int(c) for c in contexts.split(",") if c]
@@ -74,40 +84,61 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
 
         bundles = {}
         for family in families:
-            click.echo(f"== export {family}", err=True)
-            bundles[family], _ = export_checkpoint(out / family / "best.pt", out / "bundles" / family, force=True,
-                                                   log=lambda m: click.echo(f"· {m}", err=True))
+            for quantize in QUANTIZE:
+                name = family if quantize == "none" else f"{family}-{quantize}"
+                click.echo(f"== export {name}", err=True)
+                bundles[name], _ = export_checkpoint(out / family / "best.pt", out / "bundles" / name,
+                                                     quantize=quantize, force=True,
+                                                     log=lambda m: click.echo(f"· {m}", err=True))
 
         prompt = "ROMEO:\n"
         click.echo(f"\n## Greedy continuations of {prompt!r} (onnxruntime, no torch)\n")
         samples = {}
-        for family, path in bundles.items():
-            gen = Generator(path, threads=bench_threads)
+        for family in families:
+            gen = Generator(bundles[family], threads=bench_threads)
             samples[family] = "".join(gen.generate(prompt, max_new_tokens=48, sampling=SamplingConfig(temperature=0)))
             click.echo(f"{family}: {samples[family]!r}")
 
-        click.echo(f"\n## Decode speed, {bench_threads} thread(s)\n", err=False)
-        targets = [Target(load_bundle(p), bench_threads) for p in bundles.values()]  # verify once
-        records = run_cases([gen_case(t, 64, c) for c in ctx for t in targets], repetitions=5, desc="decode bench")
-        compare_to_baseline(records, None)
-        click.echo(format_records(records, "md"))
-        for r in records:
+        # Every measuring subcommand of itera-bench, as `itera-bench all` runs them; profile
+        # is a diagnosis, not a comparison, and would only lengthen the job.
+        click.echo(f"\n## Benchmarks, {bench_threads} thread(s)\n", err=True)
+        results = out / "results"
+        paths = [str(p) for p in bundles.values()]
+        baseline = str(bundles["baseline"])
+        depths = ",".join(map(str, [0, *ctx]))
+        status = run_all(paths, results, threads=str(bench_threads), repetitions=3, depths=ctx, baseline=baseline,
+                         skip=("profile",), options={"latency": ["-p", "512", "-n", "64", "-d", depths]},
+                         shared={"data": data}, log=lambda m: click.echo(f"· {m}", err=True))
+        records, reasons = collect(results, status)
+        decode = [r for r in records if r.kind == "latency" and r.test.startswith("tg") and r.n_depth in ctx]
+        if not decode:
+            raise ValueError(f"the decode benchmark measured nothing: {status.get('latency')}")
+        click.echo(format_records(decode, "md"))
+        for r in decode:
             if r.family == "itera" and r.vs_baseline is not None:
-                click.echo(f"\n{r.test}: Itera-Lite decodes {r.vs_baseline:.2f}x the baseline's tokens/s")
-    except (TrainError, CheckpointError, DataError, ExportError, ValueError) as e:
+                click.echo(f"\n{r.model_filename} {r.test}: Itera-Lite decodes {r.vs_baseline:.2f}x the baseline's "
+                           "tokens/s")
+        preamble = ("## Quality on held-out text (same wall-clock budget, torch evaluation)\n\n"
+                    + _quality_table(summaries) + f"\n\n## Greedy continuations of {prompt!r}\n\n```text\n"
+                    + "\n".join(f"{f}: {samples[f]!r}" for f in families) + "\n```")
+        report_md = render(records, out, runs=[out / f for f in families], reasons=reasons, baseline=baseline,
+                           title="Itera-Lite vs Transformer baseline", sources=[str(results)], preamble=preamble)
+    except (TrainError, CheckpointError, DataError, ExportError, ReportError, PlotError, ValueError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
 
+    claims = json.loads((out / CLAIMS_JSON).read_text())["claims"] if (out / CLAIMS_JSON).exists() else []
+    for table in claims:
+        click.echo(f"\n## Claims: {Path(table['bundle']).name} vs {Path(table['baseline']).name}")
+        for c in table["claims"]:
+            click.echo(f"- {c['claim']} ({c['target']}): {c['measured']} → {c['verdict']}")
     prov = provenance(bench_threads)
-    report = {"quality": summaries, "samples": samples, "decode": [r.to_dict() for r in records], "provenance": prov}
+    report = {"quality": summaries, "samples": samples, "decode": [r.to_dict() for r in decode],
+              "bench_status": status, "claims": claims, "provenance": prov}
     tmp = out / "report.json.tmp"
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, out / "report.json")
-    (out / "report.md").write_text(
-        "# Itera-Lite vs Transformer baseline\n\n" + _quality_table(summaries) + "\n\n"
-        + format_records(records, "md") + f"\n\nCommand: `{prov['command']}`; "
-        f"commit {prov['git_commit']}; CPU {prov['cpu']}.\n")
-    click.echo(f"\nreport: {out / 'report.md'}, {out / 'report.json'}")
+    click.echo(f"\nreport: {report_md}, {out / 'report.json'}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -444,3 +443,25 @@ def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tm
     assert proc.returncode != 0
     assert "not an itera-train run" in proc.stderr
     assert tree(user_folder) == before
+# --------------------------------------------------------------------------- itera-bench report
+
+
+@pytest.mark.parametrize("name, text", [
+    ("table.csv", "a,b\n1,2\n"),  # any CSV: DictReader would fill every record field with nothing
+    ("rows.json", '[{"kind": "latency", "test": "tg4", "metric": "tokens_per_s", "unit": "tok/s", '
+                  '"samples": ["fast"]}]'),
+    ("rows.json", "[1, 2, 3]"),
+    ("rows.jsonl", '{"kind": "latency"\n'),
+    ("rows.json", '{"kind": "latency", "test": "x", "metric": "m", "unit": "u"}'),
+    ("rows.txt", "hello"),
+    ("rows.jsonl", b"\xff\xfe\x00\x81 not text"),
+])
+def test_report_refuses_foreign_record_files_in_one_line(tmp_path, name, text):
+    f = tmp_path / name
+    f.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", "report", str(f), "-o", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert not (out / "report.md").exists()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,5 +34,20 @@ def test_pipeline_trains_exports_generates_and_benches(tmp_path):
                for r in report["decode"])
     assert set(report["samples"]) == {"itera", "baseline"}
     assert "decodes" in proc.stdout and (out / "report.md").read_text().startswith("# Itera-Lite")
-    for family in ("itera", "baseline"):
-        assert (out / "bundles" / family / "manifest.json").exists()
+    for name in ("itera", "itera-int8", "baseline", "baseline-int8"):
+        assert (out / "bundles" / name / "manifest.json").exists()
+    # The report: every measuring subcommand's rows, the claims of both Itera bundles against
+    # the fp32 baseline, speed plots and both runs' curves, drawn.
+    assert report["bench_status"]["latency"] == "ok" and (out / "results" / "latency.jsonl").exists()
+    assert [Path(t["bundle"]).name for t in report["claims"]] == ["itera", "itera-int8"]
+    for table in report["claims"]:
+        assert Path(table["baseline"]).name == "baseline"
+        assert [c["claim"] for c in table["claims"]] == ["size", "speed", "energy", "quality"]
+        assert all(c["verdict"] in ("met", "not met", "not measured") for c in table["claims"])
+    text = (out / "report.md").read_text()
+    for heading in ("## Claims", "### Decode tokens/s", "## Training runs", "### Loss", "### Expert load"):
+        assert heading in text, heading
+    import matplotlib.image
+
+    for name in ("decode_tokens_per_s.png", "runs_loss.png", "runs_optimisation.png", "runs_experts_0.png"):
+        assert f"]({name})" in text and matplotlib.image.imread(out / name).var() > 0, name

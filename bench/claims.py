@@ -1,0 +1,253 @@
+"""The product's four claims against the Transformer baseline, each measured, never projected.
+
+| claim   | target                                   | measured from                               |
+|---------|------------------------------------------|---------------------------------------------|
+| size    | 100–300x smaller bundle                  | bytes of every bundle file                  |
+| speed   | 2–10x decode tokens/s at depth 128 and   | latency records (tgN@d128, tgN@d2048,       |
+|         | 2048, and prompt tokens/s at 512         | pp512), measured here or given              |
+| energy  | 50–200x less J/token                     | energy records with a real counter; else    |
+|         |                                          | "not measurable here" + CPU-s/token ratio   |
+| quality | under 20% bits/byte loss                 | quality records (bits_per_byte)             |
+
+A ratio at or above the low end of a range meets the claim (beating the high end is no
+failure). Speed is met only when all three of its ratios are measured and meet it; any one
+below the target makes it not met. Estimates (`estimated: true`) never count as measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+from .record import Record
+
+MET, NOT_MET, NOT_MEASURED = "met", "not met", "not measured"
+SIZE_TARGET = (100.0, 300.0)
+SPEED_TARGET = (2.0, 10.0)
+ENERGY_TARGET = (50.0, 200.0)
+QUALITY_MAX_LOSS = 0.20
+SPEED_DEPTHS = (128, 2048)
+SPEED_PROMPT = 512
+
+
+@dataclass
+class Claim:
+    """One row of the claims table, with the numbers behind its text."""
+
+    claim: str
+    target: str
+    measured: str
+    how: str
+    verdict: str
+    numbers: dict = field(default_factory=dict)
+
+
+@dataclass
+class ClaimsTable:
+    bundle: str
+    baseline: str
+    claims: list[Claim]
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _of(records: list[Record], bundle: str) -> list[Record]:
+    """The records of one bundle: same path, else (records from another folder or machine)
+    the same bundle folder name."""
+    mine = [r for r in records if r.bundle and _same(r.bundle, bundle)]
+    if mine:
+        return mine
+    name = os.path.basename(os.path.normpath(bundle))
+    return [r for r in records if r.model_filename == name or os.path.basename(os.path.normpath(r.bundle)) == name]
+
+
+def _pairs(mine: list[Record], base: list[Record], accept) -> list[tuple[Record, Record]]:
+    """(itera row, baseline row) of the same test, metric, threads and host, where accept(row)."""
+    key = lambda r: (r.kind, r.test, r.metric, r.n_threads, r.host)  # noqa: E731
+    refs: dict = {}
+    for r in base:  # the first row of a key, as for the Itera side
+        if accept(r) and r.median is not None:
+            refs.setdefault(key(r), r)
+    out = [(r, refs[key(r)]) for r in mine if accept(r) and r.median is not None and key(r) in refs]
+    return sorted(out, key=lambda p: (p[0].n_threads or 0))
+
+
+def _x(v: float) -> str:
+    return f"{v:.3g}x" if v < 100 else f"{v:,.0f}x"
+
+
+def _range(lo: float, hi: float, what: str) -> str:
+    return f"{lo:g}–{hi:g}x {what}"
+
+
+def _size(bundle: str, baseline: str, mine, base, sizes: dict) -> Claim:
+    target = _range(*SIZE_TARGET, "smaller")
+    how = "bytes on disk of every bundle file (manifest, graphs, weights, tokenizer): baseline / Itera"
+    a = sizes.get(bundle) or next((r.model_size for r in mine if r.model_size), None)
+    b = sizes.get(baseline) or next((r.model_size for r in base if r.model_size), None)
+    if not a or not b:
+        return Claim("size", target, "not measured: no bundle size known", how, NOT_MEASURED)
+    ratio = b / a
+    return Claim("size", target, f"{_x(ratio)} ({b / 1e6:.2f} MB / {a / 1e6:.2f} MB)", how,
+                 MET if ratio >= SIZE_TARGET[0] else NOT_MET,
+                 {"ratio": ratio, "bundle_bytes": a, "baseline_bytes": b})
+
+
+def _speed(mine, base, reasons: dict) -> Claim:
+    target = _range(*SPEED_TARGET, f"decode tokens/s at depth {' and '.join(map(str, SPEED_DEPTHS))}; "
+                    f"prompt tokens/s at {SPEED_PROMPT}")
+    wanted = [(f"decode@d{d}", lambda r, d=d: r.test.startswith("tg") and r.n_depth == d) for d in SPEED_DEPTHS]
+    wanted.append((f"pp{SPEED_PROMPT}", lambda r: r.test == f"pp{SPEED_PROMPT}"))
+    parts, numbers, verdicts, threads = [], {}, [], set()
+    for name, match in wanted:
+        pairs = _pairs(mine, base, lambda r: r.kind == "latency" and r.metric == "tokens_per_s" and not r.estimated
+                       and match(r))
+        if not pairs:
+            parts.append(f"{name} not measured")
+            verdicts.append(NOT_MEASURED)
+            continue
+        r, ref = pairs[0]  # fewest threads: the edge-device case
+        ratio = r.median / ref.median
+        threads.add(r.n_threads)
+        numbers[name] = {"test": r.test, "ratio": ratio, "tokens_per_s": r.median, "baseline_tokens_per_s": ref.median,
+                         "n_threads": r.n_threads, "noisy": r.noisy or ref.noisy}
+        parts.append(f"{r.test} {_x(ratio)} ({r.median:,.0f} vs {ref.median:,.0f} tok/s"
+                     f"{', noisy' if r.noisy or ref.noisy else ''})")
+        verdicts.append(MET if ratio >= SPEED_TARGET[0] else NOT_MET)
+    verdict = NOT_MET if NOT_MET in verdicts else MET if set(verdicts) == {MET} else NOT_MEASURED
+    why = reasons.get("speed") or reasons.get("latency")
+    how = (f"itera-bench latency: median tokens/s, Itera / baseline, {'/'.join(map(str, sorted(threads)))} "
+           "thread(s); decode timed as the generate loop runs it" if threads else "itera-bench latency")
+    measured = "; ".join(parts) + (f" ({why})" if why and verdict == NOT_MEASURED else "")
+    return Claim("speed", target, measured, how, verdict, numbers)
+
+
+def _is_joules(r: Record) -> bool:
+    """J/token rows: gross, or net of the idle baseline (`joules_per_token_net`)."""
+    return r.metric in ("joules_per_token", "joules_per_token_net")
+
+
+def energy_source(r: Record) -> str | None:
+    """The counter a row's joules came from, as the energy subcommand recorded it."""
+    found = r.extra.get("energy_source") or r.extra.get("energy_backend") or r.extra.get("source")
+    return None if found is None else str(found)
+
+
+def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
+    target = _range(*ENERGY_TARGET, "less J/token")
+    pairs = _pairs(mine, base, lambda r: r.kind == "energy" and _is_joules(r) and not r.estimated)
+    cpu = _pairs(mine, base, lambda r: r.kind == "energy" and r.metric.startswith("cpu_"))
+    cpu_numbers = {r.test: ref.median / r.median for r, ref in cpu if r.median}
+    cpu_text = "; ".join(f"{t} {_x(v)}" for t, v in cpu_numbers.items())
+    if pairs:
+        ratios = {r.test + (" net" if r.metric.endswith("_net") else ""): ref.median / r.median
+                  for r, ref in pairs if r.median}
+        sources = sorted({energy_source(r) or "source not recorded" for r, _ in pairs})
+        verdict = MET if ratios and min(ratios.values()) >= ENERGY_TARGET[0] else NOT_MET
+        measured = "; ".join(f"{t} {_x(v)}" for t, v in ratios.items())
+        if cpu_text:
+            measured += f" (CPU-seconds/token ratio, CPU time not energy: {cpu_text})"
+        return Claim("energy", target, measured, f"itera-bench energy: J/token, baseline / Itera ({', '.join(sources)})",
+                     verdict, {"ratio": ratios, "cpu_s_ratio": cpu_numbers})
+    reason = reasons.get("energy") or next(
+        (str(r.extra[k]) for r in energy_rows for k in ("energy", "reason") if isinstance(r.extra.get(k), str)),
+        None) or "no energy records among the results (itera-bench energy writes them)"
+    if any(_is_joules(r) and r.estimated for r in energy_rows):
+        reason += "; estimated J/token rows exist and are not used"
+    measured = f"not measurable here: {reason.removeprefix('error: ').removeprefix('not measurable here: ')}"
+    if cpu_text:
+        measured += f". CPU-seconds/token ratio (CPU time, not energy): {cpu_text}"
+    return Claim("energy", target, measured, "itera-bench energy (a readable energy counter)", NOT_MEASURED,
+                 {"cpu_s_ratio": cpu_numbers, "reason": reason})
+
+
+def _quality(mine, base, reasons: dict) -> Claim:
+    target = f"under {QUALITY_MAX_LOSS:.0%} bits/byte loss"
+    pairs = _pairs(mine, base, lambda r: r.kind == "quality" and r.metric == "bits_per_byte" and not r.estimated)
+    if not pairs:
+        why = reasons.get("quality") or "no quality records among the results (itera-bench quality writes them)"
+        return Claim("quality", target, f"not measured: {why.removeprefix('error: ')}", "itera-bench quality",
+                     NOT_MEASURED)
+    r, ref = pairs[0]
+    change = (r.median - ref.median) / ref.median
+    return Claim("quality", target, f"{change:+.1%} ({r.median:.4f} vs {ref.median:.4f} bits/byte, {r.test})",
+                 "itera-bench quality: bits/byte through onnxruntime, (Itera − baseline) / baseline",
+                 MET if change < QUALITY_MAX_LOSS else NOT_MET,
+                 {"relative_change": change, "bits_per_byte": r.median, "baseline_bits_per_byte": ref.median,
+                  "test": r.test})
+
+
+def claims_from_records(records: list[Record], itera: list[str] | None = None, baseline: str | None = None,
+                        reasons: dict[str, str] | None = None, sizes: dict[str, int] | None = None) -> list[ClaimsTable]:
+    """One claims table per Itera bundle against the baseline bundle; [] when either is missing.
+
+    itera: bundle paths (default: every itera-family bundle in the records); baseline: a
+    bundle path (default: the first baseline-family bundle); sizes: bytes per bundle path,
+    else the records' model_size.
+    """
+    reasons, sizes = reasons or {}, sizes or {}
+    if baseline is None:
+        baseline = next((r.bundle for r in records if r.family == "baseline"), None)
+    if itera is None:
+        itera = list(dict.fromkeys(r.bundle for r in records if r.family == "itera"))
+    if baseline is None or not itera:
+        return []
+    base = _of(records, baseline)
+    energy_rows = [r for r in records if r.kind == "energy"]
+    tables = []
+    for bundle in itera:
+        mine = _of(records, bundle)
+        tables.append(ClaimsTable(bundle, baseline, [
+            _size(bundle, baseline, mine, base, sizes), _speed(mine, base, reasons),
+            _energy(mine, base, energy_rows, reasons), _quality(mine, base, reasons)]))
+    return tables
+
+
+def claims_to_json(tables: list[ClaimsTable]) -> dict:
+    return {"claims": [dataclasses.asdict(t) for t in tables]}
+
+
+def claims_markdown(tables: list[ClaimsTable]) -> str:
+    name = lambda p: os.path.basename(os.path.normpath(p))  # noqa: E731
+    out = []
+    for t in tables:
+        out += [f"**{name(t.bundle)}** against **{name(t.baseline)}**", "",
+                "| claim | target | measured | how | verdict |", "|---|---|---|---|---|"]
+        out += [f"| {c.claim} | {c.target} | {c.measured} | {c.how} | {c.verdict} |" for c in t.claims]
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def measure_claims(itera: list[str], baseline: str, results=(), threads: int = 1, repetitions: int = 3,
+                   n_gen: int = 32, measure_speed: bool = True, warmup: bool = True) -> list[ClaimsTable]:
+    """Load and verify the bundles, measure size and speed here, read the rest from results files."""
+    from itera_runtime.bundle import load_bundle
+
+    from .latency import Target, check_depth, gen_case, prompt_case
+    from .report import load_results
+    from .sweep import run_cases
+
+    records, reasons = load_results(results)
+    bundles = {p: load_bundle(p) for p in dict.fromkeys([*itera, baseline])}
+    sizes = {p: b.size_bytes for p, b in bundles.items()}
+    if measure_speed:
+        cases, skipped = [], []
+        for path, bundle in bundles.items():
+            target = Target(bundle, threads)
+            wanted = [(SPEED_PROMPT, 0, prompt_case), *((n_gen, d, gen_case) for d in SPEED_DEPTHS)]
+            for n, depth, make in wanted:
+                try:
+                    check_depth(bundle, depth, n + 1)
+                except ValueError as e:
+                    skipped.append(str(e))
+                    continue
+                cases.append(make(target, n, depth))
+        # speed measured here replaces any latency rows of the given files (one source per row)
+        records = [r for r in records if r.kind != "latency"] + run_cases(cases, repetitions, warmup,
+                                                                           desc="claims: speed")
+        if skipped:
+            reasons.setdefault("speed", "; ".join(skipped))
+    return claims_from_records(records, itera=list(itera), baseline=baseline, reasons=reasons, sizes=sizes)

@@ -1,0 +1,335 @@
+"""itera-bench report / claims / all: real plots from real runs, records of every kind read back
+from every format, the claims table on two real bundles, and refusals in one line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from itera_bench.record import Record, format_records
+
+pytest.importorskip("matplotlib")
+REPO = Path(__file__).resolve().parents[1]
+BLUE = (0x1F / 255, 0x77 / 255, 0xB4 / 255)  # plot.PALETTE[0]: the first series of every plot
+
+
+def bench(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def one_error_line(proc) -> str:
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+def assert_drawn(png: Path):
+    """The PNG exists, is not blank, and the first series' colour was drawn on it."""
+    import matplotlib.image
+
+    assert png.exists(), png
+    pixels = matplotlib.image.imread(png)[..., :3]
+    assert pixels.var() > 0, f"{png} is blank"
+    near_blue = (np.abs(pixels - BLUE).max(axis=-1) < 0.06).sum()
+    assert near_blue > 30, f"{png}: no data drawn ({near_blue} pixels of the first series' colour)"
+
+
+def images(report: Path) -> list[Path]:
+    text = report.read_text()
+    names = [line.split("](")[1].rstrip(")") for line in text.splitlines() if line.startswith("![")]
+    return [report.parent / n for n in names]
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def train_run(tmp_path_factory):
+    """A real (tiny, seconds-long) itera-train run on real text: the repo's own prose and code."""
+    pytest.importorskip("torch")
+    root = tmp_path_factory.mktemp("run")
+    data = root / "text"
+    data.mkdir()
+    for i, src in enumerate(["README.md", "itera_lite/train.py", "itera_lite/data.py", "runtime/bundle.py",
+                             "export/exporter.py", "bench/record.py"]):
+        (data / f"{i}.txt").write_text((REPO / src).read_text())
+    out = root / "itera"
+    proc = subprocess.run([sys.executable, "-m", "itera_lite.cli", "--model", "itera", "--data", str(data),
+                           "--out", str(out), "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4",
+                           "--threads", "1", "--max-steps", "12", "--eval-every", "4", "--eval-batches", "2",
+                           "--final-eval-batches", "2", "--warmup-steps", "2", "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def latency_file(tiny_itera, tiny_baseline, tmp_path_factory):
+    """Real latency rows of both families at two depths (tiny, so seconds), as jsonl."""
+    proc = bench("latency", tiny_itera.bundle, tiny_baseline.bundle, "-p", "16", "-n", "4", "-d", "8,32",
+                 "-r", "2", "-o", "jsonl")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    path = tmp_path_factory.mktemp("results") / "latency.jsonl"
+    path.write_text(proc.stdout)
+    return path
+
+
+def crafted(bundle: Path, kind: str, test: str, metric: str, unit: str, samples, **kw) -> Record:
+    """A record of a kind other helpers' subcommands write, on a real bundle's fields."""
+    from itera_bench.sweep import bundle_fields
+    from itera_runtime.bundle import load_bundle
+
+    return Record(kind=kind, test=test, metric=metric, unit=unit, samples=list(samples), higher_is_better=False,
+                  repetitions=len(samples), n_threads=1, **bundle_fields(load_bundle(bundle)), **kw)
+
+
+@pytest.fixture(scope="module")
+def other_kinds(tiny_itera, tiny_baseline) -> list[Record]:
+    rows = []
+    for b, peak, state, bpb, cpu in ((tiny_itera.bundle, 60e6, lambda d: 9_000, 2.30, 0.4),
+                                     (tiny_baseline.bundle, 62e6, lambda d: 4_096 * (d + 1), 2.10, 1.3)):
+        for d in (8, 32, 128):
+            rows.append(crafted(b, "memory", f"tg4@d{d}", "peak_rss_bytes", "B", [peak + d * 1e4, peak + d * 1e4 + 5e4],
+                                n_depth=d, n_gen=4, extra={"model_bytes": 1_000_000, "state_bytes": state(d)}))
+            rows.append(crafted(b, "memory", f"state@d{d}", "state_bytes", "B", [float(state(d))], n_depth=d))
+            rows.append(crafted(b, "flops", f"flops@d{d}", "flops_per_token", "FLOP", [1e6 + d * 1e3], n_depth=d))
+        rows.append(crafted(b, "energy", "tg4@d8", "cpu_ms_per_token", "CPU time ms/token", [cpu, cpu * 1.02],
+                            extra={"energy": "not measurable here: powercap: energy_uj is readable only by root"}))
+        rows.append(crafted(b, "energy", "tg4@d8", "joules_per_token", "J/token (est.)", [cpu * 0.01], estimated=True,
+                            method="CPU time x 5 W per busy core (assumed)"))
+        rows.append(crafted(b, "quality", "text:test", "bits_per_byte", "bit/B", [bpb]))
+        rows.append(crafted(b, "quality", "text:test", "perplexity", "ppl", [bpb * 3]))
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def test_every_format_parses_back_for_every_kind(other_kinds, tmp_path):
+    from itera_bench.report import load_results
+
+    files = []
+    for fmt in ("json", "jsonl", "csv"):
+        files.append(tmp_path / f"rows.{fmt}")
+        files[-1].write_text(format_records(other_kinds, fmt))
+    for f in files:
+        back, reasons = load_results([f])
+        assert [r.to_dict() for r in back] == [r.to_dict() for r in other_kinds], f.suffix
+        assert reasons == {}
+    everything, _ = load_results([tmp_path])  # a results folder: every record file in it
+    assert len(everything) == 3 * len(other_kinds)
+
+
+def test_report_renders_every_kind_with_real_plots(latency_file, other_kinds, train_run, tmp_path):
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "latency.jsonl").write_text(latency_file.read_text())
+    (results / "other.csv").write_text(format_records(other_kinds, "csv"))
+    (results / "energy.err").write_text("error: no readable energy counter: powercap: permission denied\n")
+    out = tmp_path / "report"
+    proc = bench("report", results, "--runs", train_run, "-o", out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = out / "report.md"
+    text = report.read_text()
+    for heading in ("## Claims", "## Speed", "### Decode tokens/s", "### Prompt processing tokens/s", "## Memory",
+                    "## Energy", "## Quality", "## flops", "## Not measured", "## Training runs",
+                    "## How these numbers were made"):
+        assert heading in text, heading
+    assert "CPU time (user+sys) per token: CPU time, not energy" in text
+    assert "(est.)" in text  # the estimated J/token rows are marked wherever they appear
+    pngs = images(report)
+    names = {p.name for p in pngs}
+    assert {"decode_tokens_per_s.png", "prompt_tokens_per_s.png", "memory_peak_rss_bytes.png",
+            "memory_state_bytes.png", "energy_cpu_ms_per_token.png", "quality_vs_size.png",
+            "runs_loss.png", "runs_experts_0.png"} <= names, names
+    for png in pngs:
+        assert_drawn(png)
+    claims = json.loads((out / "claims.json").read_text())["claims"]
+    assert [c["claim"] for c in claims[0]["claims"]] == ["size", "speed", "energy", "quality"]
+    assert not list(out.glob(".report-*")) and not list(out.glob("*.tmp"))
+
+
+def test_report_refusals_are_one_line_and_write_nothing(tmp_path, train_run):
+    out = tmp_path / "out"
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"not": "records"}')
+    assert "not a record file written by itera-bench" in one_error_line(bench("report", foreign, "-o", out))
+    assert "no such file" in one_error_line(bench("report", tmp_path / "missing.jsonl", "-o", out))
+    assert "not a training run" in one_error_line(bench("report", "--runs", tmp_path, "-o", out))
+    assert "nothing to report" in one_error_line(bench("report", "-o", out))
+    assert not (out / "report.md").exists()
+
+
+# --------------------------------------------------------------------------- training curves
+
+
+def test_run_curves_from_a_real_training_run(train_run, tmp_path):
+    from itera_bench.curves import load_run, load_runs
+
+    run = load_run(train_run)
+    assert [r["step"] for r in run.train] == list(range(1, 13)) and [r["step"] for r in run.eval] == [4, 8, 12]
+    n_layers = len(run.expert_load[-1][1])
+    assert [r.label for r in load_runs([train_run, train_run])] == ["itera-tiny (itera)"] * 2
+    # A second run to overlay: the first half of the same run, as a killed run leaves it (no summary).
+    half = tmp_path / "half"
+    half.mkdir()
+    lines = (train_run / "metrics.jsonl").read_text().splitlines()
+    (half / "metrics.jsonl").write_text("".join(ln + "\n" for ln in lines if json.loads(ln)["step"] <= 6))
+    proc = bench("report", "--runs", train_run, "--runs", half, "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "| itera-tiny |" in text and "| half |" in text and "no summary.json" in text
+    assert "underused experts" in text and f"| {n_layers - 1} |" in text  # one row per layer
+    pngs = images(tmp_path / "out" / "report.md")
+    assert {p.name for p in pngs} >= {"runs_loss.png", "runs_bits_per_byte.png", "runs_optimisation.png",
+                                      "runs_experts_0.png", "runs_experts_1.png"}
+    for png in pngs:
+        assert_drawn(png)
+
+
+def test_a_run_without_expert_columns_still_draws(train_run, tmp_path):
+    # A baseline run (or an older train.csv) has no expert load: the heatmap is skipped, the rest drawn.
+    run = tmp_path / "csv-only"
+    run.mkdir()
+    (run / "train.csv").write_text((train_run / "train.csv").read_text())
+    (run / "eval.csv").write_text((train_run / "eval.csv").read_text())
+    proc = bench("report", "--runs", run, "-o", tmp_path / "out")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    pngs = images(tmp_path / "out" / "report.md")
+    assert "runs_loss.png" in {p.name for p in pngs} and not any("experts" in p.name for p in pngs)
+    for png in pngs:
+        assert_drawn(png)
+
+
+# --------------------------------------------------------------------------- claims
+
+
+def test_claims_table_on_two_real_bundles(tiny_itera, tiny_baseline, other_kinds, tmp_path):
+    from itera_runtime.bundle import load_bundle
+
+    given = tmp_path / "given.jsonl"
+    given.write_text(format_records(other_kinds, "jsonl"))
+    proc = bench("claims", tiny_itera.bundle, "--baseline", tiny_baseline.bundle, "--results", given,
+                 "-r", "1", "-n", "4", "--no-warmup", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (table,) = json.loads(proc.stdout)["claims"]
+    rows = {c["claim"]: c for c in table["claims"]}
+    assert list(rows) == ["size", "speed", "energy", "quality"]
+    assert all(c["verdict"] in ("met", "not met", "not measured") for c in rows.values())
+    size = load_bundle(tiny_baseline.bundle).size_bytes / load_bundle(tiny_itera.bundle).size_bytes
+    assert rows["size"]["numbers"]["ratio"] == pytest.approx(size) and rows["size"]["verdict"] == "not met"
+    speed = rows["speed"]["numbers"]
+    assert set(speed) == {"decode@d128", "decode@d2048", "pp512"}  # measured here, all three
+    for v in speed.values():
+        assert v["ratio"] == pytest.approx(v["tokens_per_s"] / v["baseline_tokens_per_s"])
+    assert rows["speed"]["verdict"] == ("met" if min(v["ratio"] for v in speed.values()) >= 2 else "not met")
+    # No counter: not measurable, the reason given, CPU-time ratio beside it; the estimate is not used.
+    energy = rows["energy"]
+    assert energy["verdict"] == "not measured"
+    assert energy["measured"].startswith("not measurable here: powercap: energy_uj is readable only by root")
+    assert "CPU-seconds/token ratio (CPU time, not energy): tg4@d8 3.25x" in energy["measured"]
+    assert "estimated J/token rows exist and are not used" in energy["measured"]
+    assert rows["quality"]["numbers"]["relative_change"] == pytest.approx(2.30 / 2.10 - 1)
+    assert rows["quality"]["verdict"] == "met"  # +9.5% < 20%
+
+    md = bench("claims", tiny_itera.bundle, "--baseline", tiny_baseline.bundle, "--no-measure", "-o", "md")
+    assert md.returncode == 0, md.stderr
+    lines = [ln for ln in md.stdout.splitlines() if ln.startswith("| ") and not ln.startswith("| claim")]
+    assert [ln.split(" | ")[0] for ln in lines] == ["| size", "| speed", "| energy", "| quality"]
+    assert all(ln.rstrip(" |").endswith(("| met", "| not met", "| not measured")) for ln in lines)
+
+
+def test_claims_never_count_an_estimate_or_a_missing_row(tiny_itera, tiny_baseline, other_kinds):
+    from itera_bench.claims import claims_from_records
+
+    (table,) = claims_from_records([r for r in other_kinds if r.kind == "energy"])
+    rows = {c.claim: c for c in table.claims}
+    assert rows["energy"].verdict == "not measured" and rows["speed"].verdict == "not measured"
+    assert rows["quality"].verdict == "not measured" and rows["size"].verdict == "not met"
+    # A real counter's rows: the ratio, and a verdict against 50x.
+    real = [Record.from_dict({**r.to_dict(), "metric": "joules_per_token", "unit": "J/token", "estimated": False,
+                              "extra": {"energy_source": "powercap package-0"}})
+            for r in other_kinds if r.metric == "cpu_ms_per_token"]
+    (table,) = claims_from_records(real)
+    energy = next(c for c in table.claims if c.claim == "energy")
+    assert energy.verdict == "not met" and energy.numbers["ratio"] == {"tg4@d8": pytest.approx(1.3 / 0.4)}
+    assert "powercap package-0" in energy.how
+
+
+# --------------------------------------------------------------------------- all
+
+
+def test_all_finds_measuring_subcommands_by_name():
+    import click
+
+    from itera_bench.cli import bench_command, main
+    from itera_bench.suite import measuring_commands
+
+    assert {"latency", "step", "profile"} <= set(measuring_commands(main))
+    assert not {"all", "report", "claims"} & set(measuring_commands(main))
+
+    @main.command(name="widgets")
+    @bench_command
+    @click.option("-n", default=1)
+    def widgets(bundles, threads, repetitions, warmup, n):
+        return []
+
+    try:  # a subcommand merged later is picked up without touching `all`
+        assert "widgets" in measuring_commands(main)
+    finally:
+        del main.commands["widgets"]
+
+
+def test_all_runs_every_subcommand_then_the_report(tiny_itera, tiny_baseline, tmp_path):
+    out = tmp_path / "results"
+    # quality reads the Shakespeare corpus (network on first use) and energy measures in
+    # seconds-long windows: both are tested in their own files
+    proc = bench("all", tiny_itera.bundle, tiny_baseline.bundle, "-o", out, "-r", "1", "-d", "8,32",
+                 "--skip", "profile", "--skip", "quality", "--skip", "energy")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "latency" in proc.stderr and "step" in proc.stderr and "profile" not in proc.stderr
+    from itera_bench.report import load_results
+
+    records, reasons = load_results([out])
+    kinds = {r.kind for r in records}
+    assert {"latency", "step", "memory", "flops"} <= kinds and not {"profile", "quality", "energy"} & kinds
+    assert all(not r.interrupted for r in records)
+    assert (out / "report" / "report.md").exists() and (out / "report" / "claims.json").exists()
+    text = (out / "report" / "report.md").read_text()
+    assert "## Memory" in text and "## flops" in text and "memory_state_bytes.png" in text
+    for png in images(out / "report" / "report.md"):
+        assert_drawn(png)
+
+
+def test_expert_table_uses_the_runs_own_utilisation_when_its_summary_has_it(train_run, tmp_path):
+    # itera-train's summary names underused experts and collapsed routers (measured on the
+    # validation split with best.pt); the report shows that rather than its own reading.
+    from itera_bench.curves import load_run, runs_section
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text((train_run / "metrics.jsonl").read_text())
+    summary = json.loads((train_run / "summary.json").read_text())
+    summary["experts"] = {"split": "val", "threshold": 0.03125, "collapsed": True, "collapsed_layers": [1],
+                          "layers": [{"layer": 0, "share": [0.25] * 4, "underused": [], "collapsed": False},
+                                     {"layer": 1, "share": [0.97, 0.01, 0.01, 0.01], "underused": [1, 2, 3],
+                                      "collapsed": True}]}
+    (run / "summary.json").write_text(json.dumps(summary))
+    text = runs_section([load_run(run)], tmp_path)
+    assert "best.pt on the val split (itera-train's summary)" in text
+    assert "| 1 | 0.010 | 0.970 | 1, 2, 3 | **yes** |" in text and "| 0 | 0.250 | 0.250 | - | no |" in text
+
+
+def test_claims_and_all_refuse_in_one_line(tiny_itera, tmp_path):
+    assert one_error_line(bench("claims", tiny_itera.bundle, "--baseline", tmp_path))
+    assert one_error_line(bench("all", tmp_path, "-o", tmp_path / "res"))
+    assert "not a training run" in one_error_line(bench("all", tiny_itera.bundle, "-o", tmp_path / "res",
+                                                        "--runs", tmp_path))
+    assert not (tmp_path / "res").exists()  # refused before anything was measured or written
