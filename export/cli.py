@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .lower import LOWER_MODES
 from .quantize import SCHEMES
 
 
@@ -14,8 +15,10 @@ from .quantize import SCHEMES
 @click.option("-o", "--out", default=None, help="bundle folder [default: bundles/<run name>]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default="none",
               help="; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values()))
-@click.option("--lower", type=click.Choice(["auto", "fused", "none"]), default="auto",
-              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, or the portable ai.itera functions")
+@click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
+              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
+                   "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
+                   "runs fused where it can")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")

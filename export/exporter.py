@@ -13,14 +13,16 @@ import shutil
 import warnings
 from pathlib import Path
 
-from itera_runtime.bundle import Manifest, Quantization, write_manifest
+from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, write_manifest
+from itera_runtime.requires import installed_version, requires_for
 
-from .graphfile import check_graph, graph_spec
+from .graphfile import check_graph, graph_ops, graph_spec
+from .lower import LOWER_MODES
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
 from .quantize import SCHEMES
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 
-LOWER_MODES = ("auto", "fused", "none")
+PORTABLE_SUFFIX = ".portable"  # prefill.portable.onnx, decode.portable.onnx in a dual bundle
 VALIDATION_TOKENS = 96
 
 
@@ -91,13 +93,19 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         raise ExportError(_os_error(e, out)) from None
     try:
         manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log)
-        log("validating against torch")
-        result = compare(model, tmp, tokens, text=source)
         tolerance = FP32_TOLERANCE if quantize == "none" else None
-        if tolerance is not None and result.max_abs_diff > tolerance:
-            raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
-                              f"(> {tolerance:g}); nothing written")
-        manifest.validation = dataclasses.replace(result, tolerance=tolerance)
+        for set_name in manifest.graph_sets():
+            log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
+            result = compare(model, tmp, tokens, text=source, graph_set=set_name)
+            if tolerance is not None and result.max_abs_diff > tolerance:
+                raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
+                                  f"(> {tolerance:g}) on the {set_name} graphs; nothing written")
+            result = dataclasses.replace(result, tolerance=tolerance)
+            if set_name == manifest.main_set:
+                manifest.validation = result
+            else:
+                manifest.alt_graph_sets[set_name] = dataclasses.replace(manifest.alt_graph_sets[set_name],
+                                                                        validation=result)
         write_manifest(tmp, manifest)
         publish(tmp, out, seen, log)
     except PublishError as e:
@@ -128,17 +136,23 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
 
     family = model.config.family
     log(f"exporting {family} graphs")
+    alt = None  # the portable set of a dual bundle
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
         if family == "itera":
             from .itera import export_itera_graphs
 
-            parts = export_itera_graphs(model, tmp, lower=lower)
+            parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower)
+            if lower == "dual":
+                alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True)
         else:
             from .baseline import export_baseline_graphs
 
             parts = export_baseline_graphs(model, tmp)
-    graph_files = sorted({g.file for g in parts.graphs.values()})
+    sets = {_set_name(family, parts.ssm_path): parts.graphs}
+    if alt is not None:
+        sets["portable"] = alt.graphs
+    graph_files = sorted({g.file for graphs in sets.values() for g in graphs.values()})
     try:
         checks = {f: check_graph(tmp / f) for f in graph_files}
     except ValueError as e:
@@ -162,13 +176,18 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
         weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     prov = provenance()
+    # Re-read from the files: quantization and weight sharing rewrote them.
+    specs = {s: {name: graph_spec(tmp / g.file) for name, g in graphs.items()} for s, graphs in sets.items()}
+    main, *alts = specs
     manifest = Manifest(
         family=family,
         model_config=dict(ckpt["model_config"]),
         vocab_size=model.config.vocab_size,
         params=count_params(model),
-        # Re-read from the files: quantization and weight sharing rewrote them.
-        graphs={name: graph_spec(tmp / g.file) for name, g in parts.graphs.items()},
+        graphs=specs[main],
+        graph_set=main,
+        requires=graphs_requires(tmp, specs[main]),
+        alt_graph_sets={s: GraphSet(specs[s], graphs_requires(tmp, specs[s])) for s in alts},
         io=parts.io,
         state=parts.state,
         ssm_path=parts.ssm_path,
@@ -184,3 +203,21 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
     )
     write_manifest(tmp, manifest)
     return manifest
+
+
+def _set_name(family: str, ssm_path: str | None) -> str:
+    """What the runtime calls a graph set: fused / portable (Itera-Lite), default (baseline)."""
+    return {"lowered": "fused", "function": "portable"}.get(ssm_path, "default") if family == "itera" else "default"
+
+
+def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
+    """What a set of written graphs needs from onnxruntime, read from the graph files themselves."""
+    import onnx
+
+    ops, ir, opset = {}, 0, 0
+    for name, spec in graphs.items():
+        model = onnx.load(str(Path(folder) / spec.file), load_external_data=False)
+        ops[name] = graph_ops(model)
+        ir = max(ir, model.ir_version)
+        opset = max(opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+    return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version())

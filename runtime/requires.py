@@ -1,0 +1,164 @@
+"""What a bundle needs from onnxruntime, checked before any session is made.
+
+A bundle made on a laptop runs on whatever onnxruntime a device has. Graphs that use
+onnxruntime's contrib kernels (com.microsoft: the fused SSM/MoE path, the quantized
+kernels) fail to load on releases older than the kernel, with onnxruntime's own error
+("... is not a registered function/op"), which says neither what is needed nor what to do.
+So the exporter records in the manifest (`Manifest.requires`) the contrib ops of each graph
+and the lowest onnxruntime that runs them all, computed from the graphs it wrote
+(`export.graphfile.graph_ops` + `requires_for`); `check_requires` compares that with the
+installed onnxruntime, and `choose_graph_set` picks the first graph set of a bundle (fused,
+then portable) that this onnxruntime runs.
+
+The versions below were measured, not read from release notes: for each onnxruntime
+release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaway venv
+tried to create a session on one node of each op, cut from our exported graphs with the
+attributes we emit. Re-check with (network, minutes):
+
+    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE
+
+An op whose first release is X.Y.Z here may also have run on an earlier patch of X.Y.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping
+
+from .bundle import Requires
+
+__all__ = [
+    "FIRST_VERSION",
+    "OLDEST_PROBED",
+    "op_key",
+    "parse_version",
+    "installed_version",
+    "available_ops",
+    "requires_for",
+    "check_requires",
+    "refusal",
+    "choose_graph_set",
+]
+
+# "domain::op" (or "ir::N", "opset::N" for the graph format) → first onnxruntime release
+# whose CPU build created a session on it, among those probed (see the module docstring).
+FIRST_VERSION: dict[str, str] = {
+    # filled from `python -m itera_export.opcheck` (see module docstring)
+}
+OLDEST_PROBED = "1.15.1"  # older releases have no CPython 3.11 wheels; not probed
+
+
+def op_key(domain: str, op_type: str) -> str:
+    """The name an op goes by in the table and in manifests: "com.microsoft::MoE"."""
+    return f"{domain or 'ai.onnx'}::{op_type}"
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    """"1.20.1" → (1, 20, 1); local or pre-release tails ("1.22.0+cu12", "1.24.0.dev1") are dropped."""
+    m = re.match(r"\s*(\d+(?:\.\d+)*)", str(v))
+    if not m:
+        raise ValueError(f"not a version: {v!r}")
+    parts = [int(p) for p in m.group(1).split(".")]
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)
+
+
+def installed_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def available_ops() -> set[str] | None:
+    """Contrib ops (domain::op) the installed onnxruntime registers, or None when it cannot say."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return None
+    return {op_key(s.domain, s.name) for s in get_all_operator_schema() if s.domain not in ("", "ai.onnx")}
+
+
+def requires_for(ops_by_graph: Mapping[str, Iterable[str]], ir_version: int | None = None,
+                 opset: int | None = None, made_with: str | None = None) -> Requires:
+    """What running these graphs needs: their contrib ops and the lowest onnxruntime that has them all.
+
+    made_with: the onnxruntime the exporter validated with; an op (or format) the table does
+    not know needs at least that one, since it is the only release known to run it.
+    """
+    ops = {g: sorted(set(o)) for g, o in ops_by_graph.items()}
+    keys = {k for o in ops.values() for k in o}
+    if ir_version is not None:
+        keys.add(f"ir::{ir_version}")
+    if opset is not None:
+        keys.add(f"opset::{opset}")
+    floor = parse_version(OLDEST_PROBED)
+    version = OLDEST_PROBED
+    for k in sorted(keys):
+        first = FIRST_VERSION.get(k, made_with)
+        if first is not None and parse_version(first) > floor:
+            floor, version = parse_version(first), first
+    return Requires(onnxruntime=version, ops=ops)
+
+
+def check_requires(requires: Requires | None, ort_version: str | None = None,
+                   have_ops: set[str] | None = None) -> list[str]:
+    """Why this onnxruntime cannot run graphs with these requirements; empty when it can.
+
+    ort_version: default the installed one. have_ops: contrib ops this onnxruntime registers
+    (default: asked of it); an op missing from it is a problem whatever the version says.
+    """
+    if requires is None:  # a bundle from before `requires` existed: nothing to check
+        return []
+    ort_version = ort_version or installed_version()
+    if have_ops is None:
+        have_ops = available_ops()
+    problems = []
+    installed = parse_version(ort_version)
+    ops = sorted({(op, g) for g, o in requires.ops.items() for op in o}, key=lambda x: (x[0], x[1]))
+    seen = set()
+    for op, graph in ops:
+        if op in seen:
+            continue
+        first = FIRST_VERSION.get(op, requires.onnxruntime)
+        missing = have_ops is not None and op not in have_ops
+        if missing or parse_version(first) > installed:
+            seen.add(op)
+            graphs = sorted(g for g, o in requires.ops.items() if op in o)
+            problems.append(f"{op} (graphs {', '.join(graphs)}) needs onnxruntime >= {first}")
+    if not problems and parse_version(requires.onnxruntime) > installed:
+        problems.append(f"the graph format needs onnxruntime >= {requires.onnxruntime}")
+    return problems
+
+
+def refusal(where: str, requires: Requires, problems: list[str], ort_version: str | None = None,
+            alternatives: Iterable[str] = ()) -> str:
+    """The one line a user gets when no graph set of a bundle runs on this onnxruntime."""
+    ort_version = ort_version or installed_version()
+    tried = list(alternatives)
+    also = f" (its {', '.join(tried)} graphs do not run here either)" if tried else ""
+    return (f"{where}: {problems[0]}{' and more' if len(problems) > 1 else ''}; installed onnxruntime is "
+            f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
+            f"or use a portable bundle (itera-export --lower none, or --lower dual to carry both)")
+
+
+def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | None = None,
+                     have_ops: set[str] | None = None) -> tuple[str | None, dict[str, list[str]]]:
+    """The first graph set (in preference order) this onnxruntime runs, and every set's problems.
+
+    Returns (name or None when none runs, {set name: problems}).
+    """
+    ort_version = ort_version or installed_version()
+    if have_ops is None:
+        have_ops = available_ops()
+    problems = {}
+    for name, req in sets.items():
+        problems[name] = check_requires(req, ort_version, have_ops)
+        if not problems[name]:
+            return name, problems
+    return None, problems
+
+
+if __name__ == "__main__":  # pragma: no cover - a pointer for people who look here first
+    sys.exit("the table is re-checked by: python -m itera_export.opcheck BUNDLE... (needs onnx and network)")
