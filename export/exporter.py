@@ -16,7 +16,7 @@ from pathlib import Path
 from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, write_manifest
 from itera_runtime.requires import installed_version, requires_for
 
-from .graphfile import check_graph, graph_ops, graph_spec
+from .graphfile import check_graph, graph_functions, graph_ops, graph_spec
 from .lower import LOWER_MODES
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
 from .quantize import SCHEMES
@@ -141,7 +141,16 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
         if family == "itera":
             from .itera import export_itera_graphs
+            from .lower import fused_ops_available
 
+            if lower == "auto" and quantize == "none":
+                # Both sets when this onnxruntime can validate the fused one: fused decode ran
+                # ~4x faster than portable on tiny, and the portable set costs only its graph
+                # files (+5% of tiny fp32's bytes), so the bundle is fast where it can be and
+                # runs on any onnxruntime >= the portable floor. Quantized portable graphs keep
+                # fp32 experts (QMoE is a fused kernel), which would triple an int8/int4
+                # bundle: there auto stays fused-only and --lower dual is asked for.
+                lower = "dual" if fused_ops_available() else "none"
             parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower)
             if lower == "dual":
                 alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True)
@@ -214,10 +223,11 @@ def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
     """What a set of written graphs needs from onnxruntime, read from the graph files themselves."""
     import onnx
 
-    ops, ir, opset = {}, 0, 0
+    ops, functions, ir, opset = {}, set(), 0, 0
     for name, spec in graphs.items():
         model = onnx.load(str(Path(folder) / spec.file), load_external_data=False)
         ops[name] = graph_ops(model)
+        functions |= set(graph_functions(model))
         ir = max(ir, model.ir_version)
         opset = max(opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
-    return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version())
+    return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version(), functions=functions)

@@ -145,3 +145,17 @@ def graph_ops(model: onnx.ModelProto | Path) -> list[str]:
     for f in model.functions:
         walk(f.node)
     return sorted(found)
+
+
+def graph_functions(model: onnx.ModelProto | Path) -> list[str]:
+    """"domain::name" of the model-local functions the graph calls (ai.itera), sorted.
+
+    onnxruntime inlines them, so what they need is the kernels of their bodies' standard ops:
+    not a contrib op to look up, but still a floor (`requires_for(functions=...)`).
+    """
+    from itera_runtime.requires import op_key
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    local = {(f.domain, f.name) for f in model.functions}
+    return sorted({op_key(n.domain, n.op_type) for n in model.graph.node if (n.domain, n.op_type) in local})

@@ -33,7 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from itera_runtime.bundle import load_bundle
 from itera_runtime.requires import FIRST_VERSION, op_key, parse_version
 
-from .graphfile import graph_ops
+from .graphfile import graph_functions, graph_ops
 
 # The probe each venv runs: onnxruntime and numpy only, so it works on any version.
 PROBE_SCRIPT = r"""
@@ -60,8 +60,12 @@ def _value_types(model: onnx.ModelProto) -> dict[str, onnx.TypeProto]:
 
 
 def _single_node_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
-                       types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
-    """`node` alone: initializers it reads kept, every other input a graph input of its inferred type."""
+                       types: dict[str, onnx.TypeProto], source: onnx.ModelProto) -> onnx.ModelProto:
+    """`node` alone: initializers it reads kept, every other input a graph input of its inferred type.
+
+    A call of a model-local function (ai.itera) keeps that function and the model's opsets,
+    so the probe tests the standard ops of its body.
+    """
     inputs, initializers = [], []
     for name in node.input:
         if not name:
@@ -81,6 +85,10 @@ def _single_node_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
             vi.type.CopyFrom(types[name])
         outputs.append(vi)
     graph = helper.make_graph([node], f"probe_{node.op_type}", inputs, outputs, initializer=initializers)
+    functions = [f for f in source.functions if (f.domain, f.name) == (node.domain, node.op_type)]
+    if functions:
+        return helper.make_model(graph, opset_imports=list(source.opset_import), ir_version=PROBE_IR_VERSION,
+                                 functions=functions)
     opsets = [helper.make_opsetid("", PROBE_OPSET)]
     if node.domain not in ("", "ai.onnx"):
         opsets.append(helper.make_opsetid(node.domain, 1))
@@ -88,16 +96,16 @@ def _single_node_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
 
 
 def probes_from_graph(path: Path) -> dict[str, onnx.ModelProto]:
-    """One single-node model per contrib op of a graph file (the first node of each)."""
+    """One single-node model per contrib op and model-local function of a graph file (first node of each)."""
     model = onnx.load(str(path))  # with external data: the probes carry real weights
-    wanted = set(graph_ops(model))
+    wanted = set(graph_ops(model)) | set(graph_functions(model))
     types = _value_types(model)
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for node in model.graph.node:
         key = op_key(node.domain, node.op_type)
         if key in wanted and key not in out:
-            out[key] = _single_node_model(node, inits, types)
+            out[key] = _single_node_model(node, inits, types, model)
     return out
 
 
@@ -207,9 +215,12 @@ def main(bundles, versions, venvs, as_json):
         root.mkdir(parents=True, exist_ok=True)
         probes = dict(extra_probes())
         whole: dict[str, Path] = {}
+        claimed: dict[str, str | None] = {}  # bundle:set → the onnxruntime its manifest requires
         for b in bundles:
             bundle = load_bundle(b)
-            for set_name, graphs in bundle.graph_sets().items():
+            for set_name, graphs in bundle.manifest.graph_sets().items():
+                req = bundle.manifest.set_requires()[set_name]
+                claimed[f"{b.name}:{set_name}"] = req.onnxruntime if req else None
                 for gname, spec in graphs.items():
                     path = bundle.path / spec.file
                     whole[f"{b.name}:{set_name}:{gname}"] = path
@@ -243,7 +254,15 @@ def main(bundles, versions, venvs, as_json):
                 (parse_version(first) == parse_version(wanted[0]) and parse_version(table) <= parse_version(first)))
             note = "agrees" if ok else f"TABLE SAYS {table}"
             disagree += not ok
-        click.echo(f"{name:45s} first runs on {first or 'none probed'}  {note}")
+        click.echo(f"{name:45s} first runs on {first or 'none probed'}  {note}", err=as_json)
+    # A graph set's recorded requirement must be where its graphs first all ran.
+    for key, table in sorted(claimed.items()):
+        firsts_of_set = [firsts[name] for name in whole if name.rsplit(":", 1)[0] == key]
+        first = None if None in firsts_of_set else max(firsts_of_set, key=parse_version)
+        ok = first is not None and table is not None and parse_version(table) == parse_version(first)
+        disagree += not ok
+        click.echo(f"{key:45s} all graphs run from {first or 'none probed'}  "
+                   f"{'agrees' if ok else f'MANIFEST SAYS {table}'}", err=as_json)
     sys.exit(1 if disagree else 0)
 
 

@@ -31,6 +31,8 @@ from .bundle import Requires
 __all__ = [
     "FIRST_VERSION",
     "OLDEST_PROBED",
+    "PROBED_VERSIONS",
+    "PORTABLE_FLOOR",
     "op_key",
     "parse_version",
     "installed_version",
@@ -44,9 +46,49 @@ __all__ = [
 # "domain::op" (or "ir::N", "opset::N" for the graph format) → first onnxruntime release
 # whose CPU build created a session on it, among those probed (see the module docstring).
 FIRST_VERSION: dict[str, str] = {
-    # filled from `python -m itera_export.opcheck` (see module docstring)
+    # Graph format: IR version, default-domain opset (an Identity stamped with each).
+    "ir::8": "1.15.1",
+    "ir::9": "1.15.1",
+    "ir::10": "1.18.1",
+    "ir::11": "1.23.2",
+    "ir::12": "1.24.4",
+    "ir::13": "1.24.4",
+    "ir::14": "1.32.0",
+    "opset::17": "1.15.1",
+    "opset::18": "1.15.1",
+    "opset::19": "1.16.3",
+    "opset::20": "1.17.3",
+    "opset::21": "1.18.1",
+    "opset::22": "1.21.1",
+    "opset::23": "1.23.2",
+    "opset::24": "1.24.4",
+    "opset::25": "1.24.4",
+    "opset::26": "1.25.1",
+    "opset::27": "1.32.0",
+    "opset::28": "1.32.0",
+    # Contrib kernels (com.microsoft), with the attributes our exporters write: the fused
+    # SSM/MoE path, then the quantized kernels.
+    "com.microsoft::LinearAttention": "1.25.1",  # update_rule="gated"
+    "com.microsoft::CausalConvWithState": "1.30.0",  # activation="silu", channels_last=1
+    "com.microsoft::MoE": "1.23.2",  # swiglu_fusion=1 (1.22 has MoE but refuses these attributes)
+    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0
+    "com.microsoft::MatMulNBits": "1.17.3",  # 4 bits, block 32, accuracy_level 4
+    "com.microsoft::GatherBlockQuantized": "1.22.1",  # uint8-packed 4-bit table, block 32
+    "com.microsoft::DynamicQuantizeMatMul": "1.15.1",
+    # The portable path's model-local functions (their bodies are standard ops): one call of
+    # each with its function, at the model's opset 18.
+    "ai.itera::SelectiveScan": "1.19.0",  # its body's Trilu has no kernel in 1.18
+    "ai.itera::SsmStep": "1.15.1",
+    "ai.itera::CausalConv1d": "1.15.1",
+    "ai.itera::TopKMoE": "1.16.3",
 }
 OLDEST_PROBED = "1.15.1"  # older releases have no CPython 3.11 wheels; not probed
+PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "1.20.1", "1.21.1", "1.22.1", "1.23.2",
+                   "1.24.4", "1.25.1", "1.26.0", "1.27.0", "1.28.0", "1.29.0", "1.30.0", "1.31.1", "1.32.0")
+# The oldest release that runs the portable graph set (ai.itera functions over standard ops)
+# of every quantization mode: 1.18 loads IR 10 but lacks the Trilu kernel SelectiveScan's body
+# uses. pyproject's onnxruntime floor is this, and a slow+network test runs a bundle on it.
+PORTABLE_FLOOR = "1.19.0"
 
 
 def op_key(domain: str, op_type: str) -> str:
@@ -81,14 +123,18 @@ def available_ops() -> set[str] | None:
 
 
 def requires_for(ops_by_graph: Mapping[str, Iterable[str]], ir_version: int | None = None,
-                 opset: int | None = None, made_with: str | None = None) -> Requires:
+                 opset: int | None = None, made_with: str | None = None,
+                 functions: Iterable[str] = ()) -> Requires:
     """What running these graphs needs: their contrib ops and the lowest onnxruntime that has them all.
+
+    functions: model-local functions the graphs call ("ai.itera::SelectiveScan"); they raise
+    the version floor (their bodies need kernels) but are not ops onnxruntime registers.
 
     made_with: the onnxruntime the exporter validated with; an op (or format) the table does
     not know needs at least that one, since it is the only release known to run it.
     """
     ops = {g: sorted(set(o)) for g, o in ops_by_graph.items()}
-    keys = {k for o in ops.values() for k in o}
+    keys = {k for o in ops.values() for k in o} | set(functions)
     if ir_version is not None:
         keys.add(f"ir::{ir_version}")
     if opset is not None:
@@ -128,7 +174,7 @@ def check_requires(requires: Requires | None, ort_version: str | None = None,
             graphs = sorted(g for g, o in requires.ops.items() if op in o)
             problems.append(f"{op} (graphs {', '.join(graphs)}) needs onnxruntime >= {first}")
     if not problems and parse_version(requires.onnxruntime) > installed:
-        problems.append(f"the graph format needs onnxruntime >= {requires.onnxruntime}")
+        problems.append(f"the graphs (format, opset, functions) need onnxruntime >= {requires.onnxruntime}")
     return problems
 
 

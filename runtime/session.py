@@ -129,7 +129,7 @@ def _same_shape(declared: list, actual: list) -> bool:
 
 
 def pick_graph_set(bundle: Bundle, graph_set: str | None = None) -> str:
-    """The graph set to run: `graph_set` (or $ITERA_GRAPH_SET) if given, else the first this onnxruntime runs.
+    """The graph set to run: `graph_set` (or $ITERA_GRAPH_SET, if the bundle has it), else the first this onnxruntime runs.
 
     Refuses in one line, before any session is made, when the set asked for (or every set)
     needs contrib ops or a release this onnxruntime lacks.
@@ -137,7 +137,9 @@ def pick_graph_set(bundle: Bundle, graph_set: str | None = None) -> str:
     m = bundle.manifest
     sets = m.set_requires()
     where = str(bundle.path)
-    graph_set = graph_set or os.environ.get(GRAPH_SET_ENV) or None
+    if graph_set is None and os.environ.get(GRAPH_SET_ENV) in sets:
+        # Only bundles that have the set: a bench run may mix dual and baseline bundles.
+        graph_set = os.environ[GRAPH_SET_ENV]
     if graph_set is not None:
         if graph_set not in sets:
             raise BundleError(f"{where}: no graph set {graph_set!r} (has: {', '.join(sets)})")
