@@ -2,7 +2,7 @@
 # Run a bundle with itera-run under an emulated aarch64 (what a Raspberry Pi 4/5 with a 64-bit
 # OS runs), and check its greedy text equals this machine's.
 #
-#   devices/aarch64_smoke.sh BUNDLE [WORKDIR]
+#   devices/aarch64_smoke.sh BUNDLE [WORKDIR]      (ORT=1.24.4 devices/aarch64_smoke.sh ... for another release)
 #
 # Needs: Debian/Ubuntu with `apt-get install -y qemu-user-static` (x86-64 host), network for
 # apt and pip. Nothing is installed system-wide beyond qemu: an arm64 Python 3.11 comes from
@@ -10,11 +10,17 @@
 # (the host's apt lists and architectures are untouched), and the base install's aarch64 wheels
 # (the same `pip download --platform` set the network test resolves) go into WORKDIR/site.
 # WORKDIR is reused between runs (default: /tmp/itera-aarch64).
+#
+# onnxruntime defaults to the portable floor (pyproject's), i.e. what an old device has: a dual
+# bundle runs its portable graphs. Under Debian 12's qemu 7.2, aarch64 onnxruntime 1.30.0 and
+# 1.32.0 die with SIGSEGV on import (1.19.x and 1.24.4 import fine), so the fused graphs
+# (>= 1.30) cannot be smoke-tested this way; that says nothing about real aarch64 hardware.
 set -euo pipefail
 BUNDLE=$(realpath "${1:?usage: devices/aarch64_smoke.sh BUNDLE [WORKDIR]}")
 W=${2:-/tmp/itera-aarch64}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 HOST_PY=${HOST_PY:-python3}
+ORT=${ORT:-1.19.0}
 PROMPT="To be, or not to be"
 N=24
 command -v qemu-aarch64-static >/dev/null || { echo "error: qemu-aarch64-static not found (apt-get install -y qemu-user-static)" >&2; exit 1; }
@@ -37,11 +43,14 @@ fi
 PY=(qemu-aarch64-static -L "$W/sysroot" "$W/sysroot/usr/bin/python3.11")
 
 # 2. The base install for aarch64: wheels only, into a plain folder on PYTHONPATH.
-if [ ! -d "$W/site/onnxruntime" ]; then
+if [ ! -d "$W/site/numpy" ]; then
   "$HOST_PY" -m pip install -q --target "$W/site" --only-binary=:all: --python-version 3.11 \
     --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --platform manylinux2014_aarch64 \
-    numpy onnxruntime tokenizers psutil click tqdm
+    numpy tokenizers psutil click tqdm
 fi
+PLAT=(--only-binary=:all: --python-version 3.11 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64
+      --platform manylinux2014_aarch64)
+[ -d "$W/ort-$ORT/onnxruntime" ] || "$HOST_PY" -m pip install -q --no-deps --target "$W/ort-$ORT" "${PLAT[@]}" "onnxruntime==$ORT"
 rm -rf "$W/site/itera_runtime" "$W/site/itera_bench"
 cp -r "$REPO/runtime" "$W/site/itera_runtime"  # the runtime is pure Python: the checkout as is
 ready=$(date +%s)
@@ -49,7 +58,7 @@ ready=$(date +%s)
 # 3. The same greedy generation here and under emulation.
 "$HOST_PY" -m itera_runtime.cli "$BUNDLE" -p "$PROMPT" -n $N --temperature 0 --threads 1 --json > "$W/x86.json"
 t0=$(date +%s)
-PYTHONPATH="$W/site" "${PY[@]}" -m itera_runtime.cli "$BUNDLE" -p "$PROMPT" -n $N --temperature 0 --threads 1 \
+PYTHONPATH="$W/ort-$ORT:$W/site" "${PY[@]}" -m itera_runtime.cli "$BUNDLE" -p "$PROMPT" -n $N --temperature 0 --threads 1 \
   --json > "$W/aarch64.json"
 t1=$(date +%s)
 "$HOST_PY" - "$W/x86.json" "$W/aarch64.json" <<'EOF'

@@ -53,6 +53,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -312,6 +313,8 @@ class Requires:
         if d is None:
             return None
         d = _need(d, ("onnxruntime",), where)
+        if not isinstance(d["onnxruntime"], str) or not re.match(r"\d+(\.\d+)*", d["onnxruntime"]):
+            raise BundleError(f"{where}: onnxruntime must be a version such as \"1.19.0\", got {d['onnxruntime']!r}")
         ops = d.get("ops", {})
         if not isinstance(ops, Mapping) or not all(isinstance(v, list) for v in ops.values()):
             raise BundleError(f"{where}: ops must map graph names to lists of op names")
@@ -409,6 +412,13 @@ class Manifest:
         if not isinstance(d["model_config"], Mapping):
             raise BundleError(f"{where}: model_config must be an object")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        graph_set = d.get("graph_set")
+        if graph_set is not None:
+            graph_set = _str(graph_set, f"{where}: graph_set")
+        alts = d.get("alt_graph_sets")
+        alts = {} if alts is None else _need(alts, (), f"{where}: alt_graph_sets")
+        if (graph_set or "default") in alts:
+            raise BundleError(f"{where}: alt_graph_sets repeats the main graph set {graph_set or 'default'!r}")
         return cls(
             format=d["format"],
             format_version=d["format_version"],
@@ -422,10 +432,9 @@ class Manifest:
             state=StateSpec.from_dict(d.get("state"), f"{where}: state"),
             params=d.get("params"),
             ssm_path=d.get("ssm_path"),
-            graph_set=d.get("graph_set"),
+            graph_set=graph_set,
             requires=Requires.from_dict(d.get("requires"), f"{where}: requires"),
-            alt_graph_sets={str(k): GraphSet.from_dict(v, f"{where}: alt_graph_sets.{k}")
-                            for k, v in _need(d.get("alt_graph_sets") or {}, (), f"{where}: alt_graph_sets").items()},
+            alt_graph_sets={str(k): GraphSet.from_dict(v, f"{where}: alt_graph_sets.{k}") for k, v in alts.items()},
             opset=d.get("opset"),
             custom_domains=dict(d.get("custom_domains") or {}),
             quantization=Quantization.from_dict(d.get("quantization"), f"{where}: quantization"),

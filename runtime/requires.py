@@ -152,14 +152,17 @@ def check_requires(requires: Requires | None, ort_version: str | None = None,
                    have_ops: set[str] | None = None) -> list[str]:
     """Why this onnxruntime cannot run graphs with these requirements; empty when it can.
 
-    ort_version: default the installed one. have_ops: contrib ops this onnxruntime registers
-    (default: asked of it); an op missing from it is a problem whatever the version says.
+    ort_version: default the installed one (whose registered ops are then asked too); pass a
+    device's version to check a bundle against an onnxruntime elsewhere (`itera-devices check`).
+    have_ops: contrib ops that onnxruntime registers, when known; an op missing from it is a
+    problem whatever the version says (a build without contrib ops).
     """
     if requires is None:  # a bundle from before `requires` existed: nothing to check
         return []
-    ort_version = ort_version or installed_version()
-    if have_ops is None:
-        have_ops = available_ops()
+    if ort_version is None:
+        ort_version = installed_version()
+        if have_ops is None:
+            have_ops = available_ops()
     problems = []
     installed = parse_version(ort_version)
     ops = sorted({(op, g) for g, o in requires.ops.items() for op in o}, key=lambda x: (x[0], x[1]))
@@ -193,11 +196,13 @@ def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | Non
                      have_ops: set[str] | None = None) -> tuple[str | None, dict[str, list[str]]]:
     """The first graph set (in preference order) this onnxruntime runs, and every set's problems.
 
-    Returns (name or None when none runs, {set name: problems}).
+    Returns (name or None when none runs, {set name: problems}). ort_version / have_ops as
+    for `check_requires` (default: the installed onnxruntime).
     """
-    ort_version = ort_version or installed_version()
-    if have_ops is None:
-        have_ops = available_ops()
+    if ort_version is None:
+        ort_version = installed_version()
+        if have_ops is None:
+            have_ops = available_ops()
     problems = {}
     for name, req in sets.items():
         problems[name] = check_requires(req, ort_version, have_ops)

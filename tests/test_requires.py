@@ -263,9 +263,11 @@ def test_the_base_install_resolves_on_aarch64(tmp_path):
     import tomllib
 
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
-    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--platform", "manylinux_2_28_aarch64",
-                           "--only-binary=:all:", "--python-version", "3.11", "-d", str(tmp_path), *deps],
-                          capture_output=True, text=True)
+    # Raspberry Pi OS 12 has glibc 2.36: wheels tagged manylinux_2_28 and older all install.
+    platforms = [a for p in ("manylinux_2_28_aarch64", "manylinux_2_17_aarch64", "manylinux2014_aarch64")
+                 for a in ("--platform", p)]
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", *platforms, "--only-binary=:all:",
+                           "--python-version", "3.11", "-d", str(tmp_path), *deps], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = [p.name for p in tmp_path.iterdir()]
     assert any(w.startswith("onnxruntime-") and "aarch64" in w for w in wheels), wheels
