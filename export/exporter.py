@@ -143,13 +143,12 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
             from .itera import export_itera_graphs
             from .lower import fused_ops_available
 
-            if lower == "auto" and quantize == "none":
+            if lower == "auto":
                 # Both sets when this onnxruntime can validate the fused one: fused decode ran
                 # ~4x faster than portable on tiny, and the portable set costs only its graph
-                # files (+5% of tiny fp32's bytes), so the bundle is fast where it can be and
-                # runs on any onnxruntime >= the portable floor. Quantized portable graphs keep
-                # fp32 experts (QMoE is a fused kernel), which would triple an int8/int4
-                # bundle: there auto stays fused-only and --lower dual is asked for.
+                # files (tiny: +5% fp32, +19% int8; a fixed ~150 KB, less for bigger models),
+                # so the bundle is fast where it can be and runs on any onnxruntime >= the
+                # portable floor.
                 lower = "dual" if fused_ops_available() else "none"
             parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower)
             if lower == "dual":
@@ -177,6 +176,9 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
             records.append(scheme.apply(src, dst))
             dst.replace(src)
             checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
+        if alt is not None:
+            _share_quantized_experts(tmp, sets[next(iter(sets))], sets["portable"])
+            checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets["portable"].values()})
 
     weights = None
     if len(graph_files) > 1:
@@ -231,3 +233,19 @@ def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
         ir = max(ir, model.ir_version)
         opset = max(opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
     return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version(), functions=functions)
+
+
+def _share_quantized_experts(folder: Path, fused: dict[str, GraphSpec], portable: dict[str, GraphSpec]) -> None:
+    """Portable graphs of a quantized dual bundle read the fused graphs' QMoE expert bytes."""
+    import onnx
+
+    from .graphfile import save_model
+    from .quantize import read_quantized_experts
+
+    for name, spec in portable.items():
+        model = onnx.load(str(folder / spec.file))
+        if read_quantized_experts(model, onnx.load(str(folder / fused[name].file))):
+            from .graph_passes import prune
+
+            prune(model)
+            save_model(model, folder / spec.file)

@@ -75,9 +75,20 @@ class _Rewriter:
         return name
 
     def derived(self, key: str, make) -> str:
-        """An initializer computed from others, made once however many nodes share it."""
+        """An initializer computed from others, made once however many nodes share it.
+
+        Named `key` itself when free, so the fused and portable graphs of a dual bundle name
+        the same derived tensor alike (quantize.read_quantized_experts pairs them by name).
+        """
         if key not in self.memo:
-            self.memo[key] = self.const(key, make())
+            if key in self.names or key in self.inits:
+                self.memo[key] = self.const(key, make())
+            else:
+                self.names.add(key)
+                init = numpy_helper.from_array(make(), key)
+                self.model.graph.initializer.append(init)
+                self.inits[key] = init
+                self.memo[key] = key
         return self.memo[key]
 
     def ints(self, *values: int) -> str:

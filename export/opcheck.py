@@ -200,6 +200,11 @@ def first_versions(results: dict[str, dict[str, str]], versions: list[str]) -> d
     return out
 
 
+def consistent(first: str, by_version: dict[str, str]) -> bool:
+    """True when exactly the probed releases >= `first` ran the probe (any subset of releases works)."""
+    return all((parse_version(v) >= parse_version(first)) == (r == "ok") for v, r in by_version.items())
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundles", nargs=-1, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--versions", default=None, help="comma-separated onnxruntime versions [default: last patch of "
@@ -244,23 +249,19 @@ def main(bundles, versions, venvs, as_json):
     disagree = 0
     for name in sorted(firsts):
         table = FIRST_VERSION.get(name)
-        probed = name in probes
-        first = firsts[name]
         note = ""
-        if probed:
-            # The table's version must be the first probed one that works (or older than all probed).
-            ok = first is not None and table is not None and (
-                parse_version(table) == parse_version(first) or
-                (parse_version(first) == parse_version(wanted[0]) and parse_version(table) <= parse_version(first)))
+        if name in probes:
+            ok = table is not None and consistent(table, results[name])
             note = "agrees" if ok else f"TABLE SAYS {table}"
             disagree += not ok
-        click.echo(f"{name:45s} first runs on {first or 'none probed'}  {note}", err=as_json)
-    # A graph set's recorded requirement must be where its graphs first all ran.
+        click.echo(f"{name:45s} first runs on {firsts[name] or 'none probed'}  {note}", err=as_json)
+    # A graph set's recorded requirement must split the probed releases the way its graphs did.
     for key, table in sorted(claimed.items()):
-        firsts_of_set = [firsts[name] for name in whole if name.rsplit(":", 1)[0] == key]
-        first = None if None in firsts_of_set else max(firsts_of_set, key=parse_version)
-        ok = first is not None and table is not None and parse_version(table) == parse_version(first)
+        graphs = [results[name] for name in whole if name.rsplit(":", 1)[0] == key]
+        together = {v: "ok" if all(r[v] == "ok" for r in graphs) else "fails" for v in wanted}
+        ok = table is not None and consistent(table, together)
         disagree += not ok
+        first = first_versions({key: together}, wanted)[key]
         click.echo(f"{key:45s} all graphs run from {first or 'none probed'}  "
                    f"{'agrees' if ok else f'MANIFEST SAYS {table}'}", err=as_json)
     sys.exit(1 if disagree else 0)
