@@ -231,7 +231,7 @@ def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
         ops[name] = graph_ops(model)
         functions |= set(graph_functions(model))
         ir = max(ir, model.ir_version)
-        opset = max(opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")))
+        opset = max([opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))])
     return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version(), functions=functions)
 
 
