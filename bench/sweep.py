@@ -45,7 +45,13 @@ _SET_SSM_PATH = {"fused": "lowered", "portable": "function"}
 
 
 def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
-    """The record fields that describe a bundle (and the graph set of it that ran)."""
+    """The record fields that describe a bundle and the graph set of it that ran.
+
+    graph_set: what the session ran; None: the set the runtime picks here (`pick_graph_set`).
+    """
+    from itera_runtime.session import pick_graph_set
+
+    graph_set = graph_set or pick_graph_set(bundle)
     params = bundle.manifest.params or {}
     return {
         "bundle": str(bundle.path),
@@ -53,7 +59,7 @@ def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
         "family": bundle.family,
         "quantization": bundle.quantization,
         "ssm_path": _SET_SSM_PATH.get(graph_set, bundle.manifest.ssm_path),
-        "graph_set": graph_set or bundle.manifest.main_set,
+        "graph_set": graph_set,
         "model_size": bundle.size_bytes,
         "model_n_params": params.get("total"),
         "model_n_params_active": params.get("active_per_token"),
