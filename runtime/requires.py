@@ -163,7 +163,7 @@ def check_requires(requires: Requires | None, ort_version: str | None = None,
         ort_version = installed_version()
         if have_ops is None:
             have_ops = available_ops()
-    problems = []
+    problems = []  # (needed version, line)
     installed = parse_version(ort_version)
     ops = sorted({(op, g) for g, o in requires.ops.items() for op in o}, key=lambda x: (x[0], x[1]))
     seen = set()
@@ -175,10 +175,12 @@ def check_requires(requires: Requires | None, ort_version: str | None = None,
         if missing or parse_version(first) > installed:
             seen.add(op)
             graphs = sorted(g for g, o in requires.ops.items() if op in o)
-            problems.append(f"{op} (graphs {', '.join(graphs)}) needs onnxruntime >= {first}")
+            problems.append((parse_version(first), f"{op} (graphs {', '.join(graphs)}) needs onnxruntime >= {first}"))
     if not problems and parse_version(requires.onnxruntime) > installed:
-        problems.append(f"the graphs (format, opset, functions) need onnxruntime >= {requires.onnxruntime}")
-    return problems
+        problems.append((parse_version(requires.onnxruntime),
+                         f"the graphs (format, opset, functions) need onnxruntime >= {requires.onnxruntime}"))
+    # The op that needs the newest release first: it is the one the upgrade is for.
+    return [line for _, line in sorted(problems, key=lambda p: p[0], reverse=True)]
 
 
 def refusal(where: str, requires: Requires, problems: list[str], ort_version: str | None = None,
@@ -187,7 +189,8 @@ def refusal(where: str, requires: Requires, problems: list[str], ort_version: st
     ort_version = ort_version or installed_version()
     tried = list(alternatives)
     also = f" (its {', '.join(tried)} graphs do not run here either)" if tried else ""
-    return (f"{where}: {problems[0]}{' and more' if len(problems) > 1 else ''}; installed onnxruntime is "
+    more = f" (and {len(problems) - 1} more op{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return (f"{where}: {problems[0]}{more}; installed onnxruntime is "
             f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
             f"or use a portable bundle (itera-export --lower none, or --lower dual to carry both)")
 
