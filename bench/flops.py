@@ -120,9 +120,11 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
     except ImportError:
         raise ValueError("counting FLOPs from the graph needs the onnx package: "
                          "pip install 'itera-lite[train]' (or pip install onnx)") from None
-    from itera_runtime.session import make_session
+    from itera_runtime.session import make_session, pick_graph_set
 
-    model = onnx.load(str(bundle.graph_path("decode")))  # external weights too: the graph runs
+    # The decode graph the runtime would run here (fused or portable set of a dual bundle);
+    # external weights too: the graph runs.
+    model = onnx.load(str(bundle.graph_path("decode", pick_graph_set(bundle))))
     counted = [n for n in model.graph.node if n.op_type in MATMUL_OPS + FUSED_OPS]
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model)

@@ -63,7 +63,7 @@ class Target:
     def template(self, kind: str, test: str, metric: str, unit: str, higher_is_better: bool = True,
                  **how) -> Record:
         return Record(kind=kind, test=test, metric=metric, unit=unit, higher_is_better=higher_is_better,
-                      n_threads=self.threads, **bundle_fields(self.bundle), **how)
+                      n_threads=self.threads, **bundle_fields(self.bundle, self.session.graph_set), **how)
 
 
 def check_depth(bundle: Bundle, n_depth: int, n_tokens: int) -> None:

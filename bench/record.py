@@ -40,6 +40,7 @@ class Record:
     family: str = ""
     quantization: str = ""
     ssm_path: str | None = None
+    graph_set: str | None = None  # which graphs of the bundle ran: fused | portable | default
     engine: str = "onnxruntime"
     model_size: int | None = None  # bytes on disk, every file of the bundle
     model_n_params: int | None = None

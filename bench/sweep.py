@@ -39,15 +39,27 @@ class Case:
     extras: list[dict] = field(default_factory=list)
 
 
-def bundle_fields(bundle: Bundle) -> dict:
-    """The record fields that describe a bundle."""
+# The SSM path each graph set of an Itera-Lite bundle holds (a dual bundle's manifest names its
+# preferred set's path only).
+_SET_SSM_PATH = {"fused": "lowered", "portable": "function"}
+
+
+def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
+    """The record fields that describe a bundle and the graph set of it that ran.
+
+    graph_set: what the session ran; None: the set the runtime picks here (`pick_graph_set`).
+    """
+    from itera_runtime.session import pick_graph_set
+
+    graph_set = graph_set or pick_graph_set(bundle)
     params = bundle.manifest.params or {}
     return {
         "bundle": str(bundle.path),
         "model_filename": os.path.basename(os.path.normpath(bundle.path)),
         "family": bundle.family,
         "quantization": bundle.quantization,
-        "ssm_path": bundle.manifest.ssm_path,
+        "ssm_path": _SET_SSM_PATH.get(graph_set, bundle.manifest.ssm_path),
+        "graph_set": graph_set,
         "model_size": bundle.size_bytes,
         "model_n_params": params.get("total"),
         "model_n_params_active": params.get("active_per_token"),

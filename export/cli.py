@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .lower import LOWER_MODES
 from .quantize import SCHEMES
 
 
@@ -17,8 +18,10 @@ from .quantize import SCHEMES
 @click.option("--quant-option", "quant_options", multiple=True, metavar="KEY=VALUE",
               help="change one quantization setting (repeatable), e.g. block_size=64, weights=dynamic, "
                    "table_bits=8; the defaults were chosen by measurement (export/quantize.py SETTINGS)")
-@click.option("--lower", type=click.Choice(["auto", "fused", "none"]), default="auto",
-              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, or the portable ai.itera functions")
+@click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
+              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
+                   "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
+                   "runs fused where it can")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",

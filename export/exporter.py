@@ -15,14 +15,16 @@ import shutil
 import warnings
 from pathlib import Path
 
-from itera_runtime.bundle import Manifest, Quantization, write_manifest
+from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, write_manifest
+from itera_runtime.requires import installed_version, requires_for
 
-from .graphfile import check_graph, graph_spec
+from .graphfile import check_graph, graph_functions, graph_ops, graph_spec
+from .lower import LOWER_MODES
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
 from .quantize import SCHEMES, parse_options
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 
-LOWER_MODES = ("auto", "fused", "none")
+PORTABLE_SUFFIX = ".portable"  # prefill.portable.onnx, decode.portable.onnx in a dual bundle
 VALIDATION_TOKENS = 96
 # The decode check of a quantized bundle against its fp32 source: interleaved rounds of
 # greedy decoding, medians compared (a few hundred ms at the base preset).
@@ -117,13 +119,19 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         raise ExportError(_os_error(e, out)) from None
     try:
         manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides)
-        log("validating against torch")
-        result = compare(model, tmp, tokens, text=source)
         tolerance = FP32_TOLERANCE if quantize == "none" else None
-        if tolerance is not None and result.max_abs_diff > tolerance:
-            raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
-                              f"(> {tolerance:g}); nothing written")
-        manifest.validation = dataclasses.replace(result, tolerance=tolerance)
+        for set_name in manifest.graph_sets():
+            log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
+            result = compare(model, tmp, tokens, text=source, graph_set=set_name)
+            if tolerance is not None and result.max_abs_diff > tolerance:
+                raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
+                                  f"(> {tolerance:g}) on the {set_name} graphs; nothing written")
+            result = dataclasses.replace(result, tolerance=tolerance)
+            if set_name == manifest.main_set:
+                manifest.validation = result
+            else:
+                manifest.alt_graph_sets[set_name] = dataclasses.replace(manifest.alt_graph_sets[set_name],
+                                                                        validation=result)
         if ref is not None:
             log(f"timing {quantize} decode against fp32")
             speed = decode_speed_check(ref, tmp, tokens[:16].tolist())
@@ -194,17 +202,31 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
     """Graphs, tokenizer and manifest into `tmp`; with a quantization, the fp32 bundle into `ref` too."""
     family = model.config.family
     log(f"exporting {family} graphs")
+    alt = None  # the portable set of a dual bundle
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
         if family == "itera":
             from .itera import export_itera_graphs
+            from .lower import fused_ops_available
 
-            parts = export_itera_graphs(model, tmp, lower=lower)
+            if lower == "auto":
+                # Both sets when this onnxruntime can validate the fused one: fused decode ran
+                # ~4x faster than portable on tiny, and the portable set costs only its graph
+                # files (tiny: +5% fp32, +19% int8; a fixed ~150 KB, less for bigger models),
+                # so the bundle is fast where it can be and runs on any onnxruntime >= the
+                # portable floor.
+                lower = "dual" if fused_ops_available() else "none"
+            parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower)
+            if lower == "dual":
+                alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True)
         else:
             from .baseline import export_baseline_graphs
 
             parts = export_baseline_graphs(model, tmp)
-    graph_files = sorted({g.file for g in parts.graphs.values()})
+    sets = {_set_name(family, parts.ssm_path): parts.graphs}
+    if alt is not None:
+        sets["portable"] = alt.graphs
+    graph_files = sorted({g.file for graphs in sets.values() for g in graphs.values()})
     try:
         checks = {f: check_graph(tmp / f) for f in graph_files}
     except ValueError as e:
@@ -215,7 +237,7 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
     if scheme.apply is not None and ref is not None:
         for f in tmp.iterdir():  # the graphs and any external data of theirs
             shutil.copy2(f, ref / f.name)
-        _finish(model, ckpt, checkpoint, tokenizer_json, ref, parts, graph_files, dict(checks), [])
+        _finish(model, ckpt, checkpoint, tokenizer_json, ref, parts, sets, graph_files, dict(checks), [])
     if scheme.apply is not None:
         log(f"quantizing to {quantize}")
         for f in graph_files:
@@ -224,11 +246,14 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
             records.append(scheme.apply(src, dst, overrides))
             dst.replace(src)
             checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
-    return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, graph_files, checks, records)
+        if alt is not None:
+            _share_quantized_experts(tmp, sets[next(iter(sets))], sets["portable"])
+            checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets["portable"].values()})
+    return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, sets, graph_files, checks, records)
 
 
-def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, parts, graph_files: list[str],
-            checks: dict, records: list[Quantization]) -> Manifest:
+def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, parts, sets: dict,
+            graph_files: list[str], checks: dict, records: list[Quantization]) -> Manifest:
     """Share the graphs' weights, write the tokenizer and the manifest of the bundle in `tmp`."""
     from itera_lite.models import count_params
     from itera_runtime.provenance import provenance
@@ -241,13 +266,18 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
         weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     prov = provenance()
+    # Re-read from the files: quantization and weight sharing rewrote them.
+    specs = {s: {name: graph_spec(tmp / g.file) for name, g in graphs.items()} for s, graphs in sets.items()}
+    main, *alts = specs
     manifest = Manifest(
         family=family,
         model_config=dict(ckpt["model_config"]),
         vocab_size=model.config.vocab_size,
         params=count_params(model),
-        # Re-read from the files: quantization and weight sharing rewrote them.
-        graphs={name: graph_spec(tmp / g.file) for name, g in parts.graphs.items()},
+        graphs=specs[main],
+        graph_set=main,
+        requires=graphs_requires(tmp, specs[main]),
+        alt_graph_sets={s: GraphSet(specs[s], graphs_requires(tmp, specs[s])) for s in alts},
         io=parts.io,
         state=parts.state,
         ssm_path=parts.ssm_path,
@@ -263,3 +293,38 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
     )
     write_manifest(tmp, manifest)
     return manifest
+
+
+def _set_name(family: str, ssm_path: str | None) -> str:
+    """What the runtime calls a graph set: fused / portable (Itera-Lite), default (baseline)."""
+    return {"lowered": "fused", "function": "portable"}.get(ssm_path, "default") if family == "itera" else "default"
+
+
+def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
+    """What a set of written graphs needs from onnxruntime, read from the graph files themselves."""
+    import onnx
+
+    ops, functions, ir, opset = {}, set(), 0, 0
+    for name, spec in graphs.items():
+        model = onnx.load(str(Path(folder) / spec.file), load_external_data=False)
+        ops[name] = graph_ops(model)
+        functions |= set(graph_functions(model))
+        ir = max(ir, model.ir_version)
+        opset = max([opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))])
+    return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version(), functions=functions)
+
+
+def _share_quantized_experts(folder: Path, fused: dict[str, GraphSpec], portable: dict[str, GraphSpec]) -> None:
+    """Portable graphs of a quantized dual bundle read the fused graphs' QMoE expert bytes."""
+    import onnx
+
+    from .graphfile import save_model
+    from .quantize import read_quantized_experts
+
+    for name, spec in portable.items():
+        model = onnx.load(str(folder / spec.file))
+        if read_quantized_experts(model, onnx.load(str(folder / fused[name].file))):
+            from .graph_passes import prune
+
+            prune(model)
+            save_model(model, folder / spec.file)

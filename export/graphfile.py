@@ -114,3 +114,48 @@ def check_graph(path: Path) -> dict:
         raise ValueError(f"{Path(path).name}: onnx.checker failed: {str(e).strip().splitlines()[0][:200]}") from None
     model = onnx.load(str(path), load_external_data=False)
     return {"nodes": len(model.graph.node), "functions": len(model.functions), "bytes": Path(path).stat().st_size}
+
+
+def graph_ops(model: onnx.ModelProto | Path) -> list[str]:
+    """"domain::op" of every node onnxruntime must provide a kernel for, sorted.
+
+    Ops of the standard domain are left out (the opset says what they need), and so are ops
+    of a domain the model defines itself as functions (ai.itera: the model carries their
+    bodies); bodies of functions and of If/Loop/Scan subgraphs are walked too.
+    """
+    from itera_runtime.requires import op_key
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    local = {(f.domain, f.name) for f in model.functions}
+    found: set[str] = set()
+
+    def walk(nodes) -> None:
+        for n in nodes:
+            if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in local:
+                found.add(op_key(n.domain, n.op_type))
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g.node)
+                elif a.type == onnx.AttributeProto.GRAPHS:
+                    for g in a.graphs:
+                        walk(g.node)
+
+    walk(model.graph.node)
+    for f in model.functions:
+        walk(f.node)
+    return sorted(found)
+
+
+def graph_functions(model: onnx.ModelProto | Path) -> list[str]:
+    """"domain::name" of the model-local functions the graph calls (ai.itera), sorted.
+
+    onnxruntime inlines them, so what they need is the kernels of their bodies' standard ops:
+    not a contrib op to look up, but still a floor (`requires_for(functions=...)`).
+    """
+    from itera_runtime.requires import op_key
+
+    if not isinstance(model, onnx.ModelProto):
+        model = onnx.load(str(model), load_external_data=False)
+    local = {(f.domain, f.name) for f in model.functions}
+    return sorted({op_key(n.domain, n.op_type) for n in model.graph.node if (n.domain, n.op_type) in local})

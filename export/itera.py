@@ -126,12 +126,15 @@ def _custom_domains(models) -> dict[str, int]:
     return {o.domain: o.version for m in models for o in m.opset_import if o.domain not in ("", "ai.onnx")}
 
 
-def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18) -> ExportedGraphs:
-    """Write prefill.onnx and decode.onnx for an IteraLite into out_dir; return what was written.
+def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18,
+                        suffix: str = "", fused_weights: bool = False) -> ExportedGraphs:
+    """Write prefill{suffix}.onnx and decode{suffix}.onnx for an IteraLite into out_dir; return what was written.
 
     lower: "none" keeps the ai.itera function path, "fused" rewrites to onnxruntime's contrib
     kernels, "auto" picks fused when the installed onnxruntime has them (faster decode:
     `itera-bench step` times both).
+    fused_weights: a portable ("none") graph reads its expert weights in the fused layout, so
+    it shares them with fused graphs in one weights file (dual bundles).
     """
     if lower not in ("auto", "none", "fused"):
         raise ValueError(f"lower must be 'auto', 'none' or 'fused', not {lower!r}")
@@ -144,12 +147,14 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
     for m in graphs.values():
         if lower == "fused":
             lowering.lower_to_fused(m)
+        elif fused_weights:
+            lowering.read_fused_moe_weights(m)
         name_nodes_by_layer(m)
 
     specs, nodes = {}, {}
     for name, m in graphs.items():
-        save_model(m, out_dir / f"{name}.onnx")
-        specs[name] = graph_spec(out_dir / f"{name}.onnx")
+        save_model(m, out_dir / f"{name}{suffix}.onnx")
+        specs[name] = graph_spec(out_dir / f"{name}{suffix}.onnx")
         nodes[name] = len(m.graph.node)
 
     conv_shape, ssm_shape = model.blocks[0].mixer.state_shapes(1)

@@ -21,6 +21,10 @@ from .graph_passes import collapse_reshapes, prune
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
+# itera-export --lower: fused (these kernels), none (the portable ai.itera functions: standard
+# ops, older onnxruntime), dual (both sets over one weights file; the runtime runs fused where
+# it can), auto (see export_itera_graphs / the exporter).
+LOWER_MODES = ("auto", "fused", "none", "dual")
 FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")
 
 
@@ -71,9 +75,20 @@ class _Rewriter:
         return name
 
     def derived(self, key: str, make) -> str:
-        """An initializer computed from others, made once however many nodes share it."""
+        """An initializer computed from others, made once however many nodes share it.
+
+        Named `key` itself when free, so the fused and portable graphs of a dual bundle name
+        the same derived tensor alike (quantize.read_quantized_experts pairs them by name).
+        """
         if key not in self.memo:
-            self.memo[key] = self.const(key, make())
+            if key in self.names or key in self.inits:
+                self.memo[key] = self.const(key, make())
+            else:
+                self.names.add(key)
+                init = numpy_helper.from_array(make(), key)
+                self.model.graph.initializer.append(init)
+                self.inits[key] = init
+                self.memo[key] = key
         return self.memo[key]
 
     def ints(self, *values: int) -> str:
@@ -167,21 +182,53 @@ class _Rewriter:
             if w not in self.inits:
                 raise ValueError(f"{n.name}: expert weight {w!r} must be an initializer to lower")
 
-        def interleave():
-            # swiglu_fusion=1: FC1 rows [g0, u0, g1, u1, ...], the only fused layout the
-            # CPU kernel accepts.
-            g = numpy_helper.to_array(self.inits[w_gate])  # (E, F, D)
-            u = numpy_helper.to_array(self.inits[w_up])
-            E, Fw, D = g.shape
-            return np.stack([g, u], axis=2).reshape(E, 2 * Fw, D)
-
-        fc1 = self.derived(f"{w_gate}+{w_up}.fc1", interleave)
+        fc1 = self.derived(_fc1_name(w_gate, w_up), lambda: _interleave(self.inits[w_gate], self.inits[w_up]))
         moe, _ = self.node(
             "MoE", [x, logits, fc1, "", w_down], domain=MS, outputs=list(n.output),
             k=top_k, activation_type="swiglu", swiglu_fusion=1, activation_alpha=1.0,
             activation_beta=0.0, normalize_routing_weights=1,
         )
         return [moe]
+
+
+def _fc1_name(w_gate: str, w_up: str) -> str:
+    return f"{w_gate}+{w_up}.fc1"
+
+
+def _interleave(gate: onnx.TensorProto, up: onnx.TensorProto) -> np.ndarray:
+    """MoE FC1 from gate and up weights (E, F, D): rows [g0, u0, g1, u1, ...] (E, 2F, D).
+
+    swiglu_fusion=1 is the only fused layout onnxruntime's CPU kernel accepts.
+    """
+    g, u = numpy_helper.to_array(gate), numpy_helper.to_array(up)
+    E, Fw, D = g.shape
+    return np.stack([g, u], axis=2).reshape(E, 2 * Fw, D)
+
+
+def read_fused_moe_weights(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Make a portable graph read its expert gate/up weights out of the fused graphs' FC1.
+
+    In a dual bundle both graph sets share one weights file, deduplicated by content; the
+    fused MoE reads gate and up interleaved, so without this the expert weights (most of an
+    Itera-Lite model) would be stored twice. Each TopKMoE's gate and up become strided
+    Slices of the interleaved FC1, which onnxruntime folds into constants at load.
+    """
+    rw = _Rewriter(model)
+    nodes = []
+    for n in model.graph.node:
+        if n.domain == DOMAIN and n.op_type == "TopKMoE" and n.input[2] in rw.inits and n.input[3] in rw.inits:
+            w_gate, w_up = n.input[2], n.input[3]
+            fc1 = rw.derived(_fc1_name(w_gate, w_up), lambda: _interleave(rw.inits[w_gate], rw.inits[w_up]))
+            rows = 2 * rw.inits[w_gate].dims[1]
+            for i, first in ((2, 0), (3, 1)):
+                s, (out,) = rw.node("Slice", [fc1, rw.ints(first), rw.ints(rows), rw.ints(1), rw.ints(2)])
+                nodes.append(s)
+                n.input[i] = out
+        nodes.append(n)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    prune(model)
+    return model
 
 
 def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -434,3 +434,88 @@ SCHEMES: dict[str, Scheme] = {
                    lambda src, dst, overrides=None: quantize_graph(src, dst, "int4", overrides)),
 }
 MODES = tuple(name for name, scheme in SCHEMES.items() if scheme.apply is not None)
+
+
+def read_quantized_experts(portable, fused) -> int:
+    """Make a portable graph compute its fp32 expert weights from the fused graph's QMoE weights.
+
+    A quantized dual bundle would otherwise store the experts twice: packed for QMoE (fused
+    set) and fp32 for the portable TopKMoE, which has no quantized form. Each fp32 expert
+    initializer of `portable` that a QMoE of `fused` quantized (same name before the `_q{bits}`
+    suffix) becomes standard-op dequantization of those very bytes (Cast, Sub, Mul; nibble
+    unpacking for 4 bits), which onnxruntime folds into constants at load. The portable
+    experts then carry the fused set's quantization error, so the two sets agree. Returns the
+    number of tensors rewritten.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    fused_inits = {t.name: t for t in fused.graph.initializer}
+    sources = {}  # fp32 name → (packed name, scales name, bits)
+    for node in fused.graph.node:
+        if node.op_type != "QMoE" or node.domain != "com.microsoft":
+            continue
+        bits = next(a.i for a in node.attribute if a.name == "expert_weight_bits")
+        for q_name, s_name in ((node.input[2], node.input[3]), (node.input[5], node.input[6])):
+            suffix = f"_q{bits}"
+            if q_name.endswith(suffix) and q_name in fused_inits and s_name in fused_inits:
+                sources[q_name[: -len(suffix)]] = (q_name, s_name, bits)
+    g = portable.graph
+    inits = {t.name: t for t in g.initializer}
+    nodes, done = [], 0
+
+    def const(name, value):
+        g.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    for name, (q_name, s_name, bits) in sorted(sources.items()):
+        if name not in inits:
+            continue
+        w = inits[name]
+        E, N, K = w.dims
+        for src in (q_name, s_name):
+            if src not in inits:
+                g.initializer.append(fused_inits[src])
+                inits[src] = fused_inits[src]
+        scales = list(fused_inits[s_name].dims)
+        p = f"{name}.deq"
+        if bits == 4:
+            # Two codes per byte, low nibble first: (E, N, K/2) → (E, N, K/2, 2) → (E, N, K).
+            nodes += [
+                helper.make_node("BitwiseAnd", [q_name, const(f"{p}.mask", np.uint8(15))], [f"{p}.lo"]),
+                helper.make_node("BitShift", [q_name, const(f"{p}.four", np.uint8(4))], [f"{p}.hi"],
+                                 direction="RIGHT"),
+                helper.make_node("Unsqueeze", [f"{p}.lo", const(f"{p}.last", np.array([-1], np.int64))], [f"{p}.lo1"]),
+                helper.make_node("Unsqueeze", [f"{p}.hi", f"{p}.last"], [f"{p}.hi1"]),
+                helper.make_node("Concat", [f"{p}.lo1", f"{p}.hi1"], [f"{p}.pairs"], axis=-1),
+                helper.make_node("Reshape", [f"{p}.pairs", const(f"{p}.shape", np.array([E, N, K], np.int64))],
+                                 [f"{p}.codes"]),
+            ]
+            codes = f"{p}.codes"
+        else:
+            codes = q_name
+        nodes += [
+            helper.make_node("Cast", [codes], [f"{p}.f"], to=TensorProto.FLOAT),
+            helper.make_node("Sub", [f"{p}.f", const(f"{p}.zero", np.float32(2 ** (bits - 1)))], [f"{p}.c"]),
+        ]
+        if len(scales) == 3:  # blocks along K: (E, N, K/B) scales
+            block = K // scales[2]
+            nodes += [
+                helper.make_node("Reshape", [f"{p}.c", const(f"{p}.blocks", np.array([E, N, K // block, block], np.int64))],
+                                 [f"{p}.cb"]),
+                helper.make_node("Unsqueeze", [s_name, const(f"{p}.slast", np.array([-1], np.int64))], [f"{p}.s"]),
+                helper.make_node("Mul", [f"{p}.cb", f"{p}.s"], [f"{p}.wb"]),
+                helper.make_node("Reshape", [f"{p}.wb", const(f"{p}.full", np.array([E, N, K], np.int64))], [name]),
+            ]
+        else:  # one scale per output channel: (E, N)
+            nodes += [
+                helper.make_node("Unsqueeze", [s_name, const(f"{p}.slast", np.array([-1], np.int64))], [f"{p}.s"]),
+                helper.make_node("Mul", [f"{p}.c", f"{p}.s"], [name]),
+            ]
+        g.initializer.remove(w)
+        done += 1
+    for i, n in enumerate(nodes):  # constants first: they depend on initializers only
+        n.name = f"dequantize_experts_{i}"
+        g.node.insert(i, n)
+    return done
+

@@ -71,14 +71,15 @@ def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
 
 @torch.no_grad()
 def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: int = PROMPT_LEN,
-            threads: int | None = 1, text: str = "") -> Validation:
+            threads: int | None = 1, text: str = "", graph_set: str | None = None) -> Validation:
     """Worst absolute differences, ORT vs torch: prefill logits, state, decode logits.
 
     tokens: (T,) held-out ids; the first `prompt_len` are prefilled, the rest decoded one
     by one (teacher-forced), each step's logits compared with torch's at that position.
+    graph_set: which graph set of a dual bundle to run (default: what the runtime would pick).
     """
     bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-    session = ModelSession(bundle, threads=threads)
+    session = ModelSession(bundle, threads=threads, graph_set=graph_set)
     tokens = np.asarray(tokens, dtype=np.int64)
     ref_logits = model(torch.from_numpy(tokens)[None]).logits[0].float().numpy()  # (T, V)
     chunks, state = [], None

@@ -41,7 +41,9 @@ def share_weights(folder: Path, graph_files: list[str], min_bytes: int = 1024) -
                 if len(raw) < min_bytes:
                     continue
                 inline += len(raw)
-                key = (t.data_type, tuple(t.dims), hashlib.sha256(raw).hexdigest())
+                # Content, not shape: the fused graphs of a dual bundle read some portable
+                # weights reshaped (conv kernels (C, K) vs (C, 1, K)); each tensor keeps its dims.
+                key = (t.data_type, hashlib.sha256(raw).hexdigest())
                 if key not in placed:
                     offset = -out.tell() % _ALIGN + out.tell()
                     out.seek(offset)

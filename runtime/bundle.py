@@ -25,6 +25,10 @@ int or a symbolic name such as "batch", "seq", "past_sequence"):
                 "tensors": [{"input": "past.0.conv", "output": "present.0.conv",
                              "dtype": "float32", "shape": ["batch", 384, 3]}, ...]},
       "ssm_path": "function" | "lowered" | null,
+      "graph_set": "fused" | "portable" | "default",   # name of the set in "graphs"
+      "requires": {"onnxruntime": "1.24.4",  # lowest release that runs "graphs" (runtime/requires.py)
+                   "ops": {"decode": ["com.microsoft::LinearAttention", ...], ...}},  # contrib ops per graph
+      "alt_graph_sets": {"portable": {"graphs": {...}, "requires": {...}}},  # fallbacks, in order
       "opset": int, "custom_domains": {"ai.itera": 1, ...},
       "quantization": {"mode": "none" | "int8" | "int4", "method": ..., "settings": {...}, ...},
       "graph_checks": {"<graph file>": {"nodes": int, "functions": int, "bytes": int}},
@@ -32,6 +36,11 @@ int or a symbolic name such as "batch", "seq", "past_sequence"):
       "validation": {"text", "tolerance", "max_abs_diff", "decode_top1_agreement", ...},
       "versions": {...}, "created": "<ISO 8601>", "source_checkpoint": {"path", "step", "metrics"}
     }
+
+A bundle may carry a second graph set over the same weights (`--lower dual`): "graphs" is
+the preferred one (fused onnxruntime kernels), "alt_graph_sets" the fallbacks (portable
+standard ops), and the runtime runs the first set the installed onnxruntime can. Bundles
+written before "requires" existed load as one set with nothing to check.
 
 Keys this runtime does not know are kept (and written back) untouched. A runtime refuses a
 bundle whose format_version is newer than BUNDLE_FORMAT_VERSION; a change that old
@@ -44,6 +53,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -66,6 +76,8 @@ __all__ = [
     "IoNames",
     "Quantization",
     "Validation",
+    "Requires",
+    "GraphSet",
     "Manifest",
     "Bundle",
     "sha256_file",
@@ -296,6 +308,45 @@ class Validation:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+@dataclass(frozen=True)
+class Requires:
+    """What a graph set needs from onnxruntime: the lowest release, and its contrib ops per graph."""
+
+    onnxruntime: str
+    ops: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Requires | None:
+        if d is None:
+            return None
+        d = _need(d, ("onnxruntime",), where)
+        if not isinstance(d["onnxruntime"], str) or not re.match(r"\d+(\.\d+)*", d["onnxruntime"]):
+            raise BundleError(f"{where}: onnxruntime must be a version such as \"1.19.0\", got {d['onnxruntime']!r}")
+        ops = d.get("ops", {})
+        if not isinstance(ops, Mapping) or not all(isinstance(v, list) for v in ops.values()):
+            raise BundleError(f"{where}: ops must map graph names to lists of op names")
+        return cls(_str(d["onnxruntime"], where), {str(k): [_str(o, where) for o in v] for k, v in ops.items()})
+
+
+@dataclass(frozen=True)
+class GraphSet:
+    """An alternative set of the bundle's graphs (same io and state, other ops) and its needs."""
+
+    graphs: dict[str, GraphSpec]
+    requires: Requires | None = None
+    validation: Validation | None = None  # the exporter's check of these graphs against torch
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> GraphSet:
+        d = _need(d, ("graphs",), where)
+        graphs = d["graphs"]
+        if not isinstance(graphs, Mapping) or not graphs:
+            raise BundleError(f"{where}: \"graphs\" must name at least one graph")
+        return cls({str(k): GraphSpec.from_dict(v, f"{where}.graphs.{k}") for k, v in graphs.items()},
+                   Requires.from_dict(d.get("requires"), f"{where}.requires"),
+                   Validation.from_dict(d.get("validation"), f"{where}.validation"))
+
+
 def _plain(obj: Any) -> Any:
     """Dataclasses → dicts recursively (dataclasses.asdict would also copy unknown dicts)."""
     if dataclasses.is_dataclass(obj):
@@ -321,6 +372,9 @@ class Manifest:
     files: dict[str, FileEntry] = field(default_factory=dict)
     params: dict[str, int] | None = None
     ssm_path: str | None = None
+    graph_set: str | None = None  # name of the set in `graphs` (None: a bundle from before dual sets)
+    requires: Requires | None = None
+    alt_graph_sets: dict[str, GraphSet] = field(default_factory=dict)
     opset: int | None = None
     custom_domains: dict[str, int] = field(default_factory=dict)
     quantization: Quantization = field(default_factory=Quantization)
@@ -365,6 +419,13 @@ class Manifest:
         if not isinstance(d["model_config"], Mapping):
             raise BundleError(f"{where}: model_config must be an object")
         known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        graph_set = d.get("graph_set")
+        if graph_set is not None:
+            graph_set = _str(graph_set, f"{where}: graph_set")
+        alts = d.get("alt_graph_sets")
+        alts = {} if alts is None else _need(alts, (), f"{where}: alt_graph_sets")
+        if (graph_set or "default") in alts:
+            raise BundleError(f"{where}: alt_graph_sets repeats the main graph set {graph_set or 'default'!r}")
         return cls(
             format=d["format"],
             format_version=d["format_version"],
@@ -378,6 +439,9 @@ class Manifest:
             state=StateSpec.from_dict(d.get("state"), f"{where}: state"),
             params=d.get("params"),
             ssm_path=d.get("ssm_path"),
+            graph_set=graph_set,
+            requires=Requires.from_dict(d.get("requires"), f"{where}: requires"),
+            alt_graph_sets={str(k): GraphSet.from_dict(v, f"{where}: alt_graph_sets.{k}") for k, v in alts.items()},
             opset=d.get("opset"),
             custom_domains=dict(d.get("custom_domains") or {}),
             quantization=Quantization.from_dict(d.get("quantization"), f"{where}: quantization"),
@@ -393,10 +457,25 @@ class Manifest:
     def referenced_files(self) -> list[tuple[str, str]]:
         """(what refers to it, file name) for every file the runtime will open."""
         refs = [("tokenizer", self.tokenizer)]
-        for name, g in self.graphs.items():
-            refs.append((f"graphs.{name}", g.file))
-            refs += [(f"graphs.{name}.external_data", e) for e in g.external_data]
+        for set_name, graphs in self.graph_sets().items():
+            prefix = "graphs" if set_name == self.main_set else f"alt_graph_sets.{set_name}.graphs"
+            for name, g in graphs.items():
+                refs.append((f"{prefix}.{name}", g.file))
+                refs += [(f"{prefix}.{name}.external_data", e) for e in g.external_data]
         return refs
+
+    @property
+    def main_set(self) -> str:
+        """Name of the graph set in `graphs` ("default" for bundles that do not name it)."""
+        return self.graph_set or "default"
+
+    def graph_sets(self) -> dict[str, dict[str, GraphSpec]]:
+        """Every graph set, preferred first: {set name: {graph name: GraphSpec}}."""
+        return {self.main_set: self.graphs, **{k: v.graphs for k, v in self.alt_graph_sets.items()}}
+
+    def set_requires(self) -> dict[str, Requires | None]:
+        """What each graph set needs from onnxruntime, preferred first."""
+        return {self.main_set: self.requires, **{k: v.requires for k, v in self.alt_graph_sets.items()}}
 
     @property
     def total_bytes(self) -> int:
@@ -542,16 +621,20 @@ class Bundle:
     def graph_names(self) -> list[str]:
         return list(self.manifest.graphs)
 
-    def graph(self, name: str) -> GraphSpec:
-        """The graph called `name` ("prefill", "decode", ...)."""
-        graphs = self.manifest.graphs
+    def graph(self, name: str, graph_set: str | None = None) -> GraphSpec:
+        """The graph called `name` ("prefill", "decode", ...) of a graph set (default: the preferred one)."""
+        sets = self.manifest.graph_sets()
+        graph_set = graph_set or self.manifest.main_set
+        if graph_set not in sets:
+            raise BundleError(f"{self.manifest_path}: no graph set {graph_set!r} (has: {', '.join(sets)})")
+        graphs = sets[graph_set]
         if name not in graphs:
             raise BundleError(f"{self.manifest_path}: no graph {name!r} (has: {', '.join(graphs) or 'none'})")
         return graphs[name]
 
-    def graph_path(self, name: str) -> Path:
-        """Absolute path of the graph called `name`."""
-        return _safe_member(self.path, self.graph(name).file, f"{self.manifest_path}: graphs.{name}")
+    def graph_path(self, name: str, graph_set: str | None = None) -> Path:
+        """Absolute path of the graph called `name` (of a graph set, default the preferred one)."""
+        return _safe_member(self.path, self.graph(name, graph_set).file, f"{self.manifest_path}: graphs.{name}")
 
     @property
     def state_kind(self) -> str | None:

@@ -19,6 +19,7 @@ import click
 from .bundle import BundleError
 from .generate import Generator
 from .sampling import SamplingConfig
+from .requires import installed_version as ort_version
 from .session import DeviceError, check_threads
 
 EXIT_PROMPTS = ("exit", "quit")
@@ -53,6 +54,8 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
         "stats": stats.as_dict(),
         "bundle": str(generator.bundle.path),
         "family": generator.family,
+        "graph_set": generator.session.graph_set,  # which graphs of a dual bundle ran
+        "onnxruntime": ort_version(),
         "device": generator.device,
         "threads": generator.threads,
         "sampling": {**dataclasses.asdict(gen.sampling), "stop": list(stop)},
@@ -101,10 +104,13 @@ def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingCon
 @click.option("--seed", default=None, type=int, help="Sampling seed; unset draws one and reports it (--json).")
 @click.option("--stop", multiple=True, help="Stop when the text contains this (not printed); repeatable.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: its own choice).")
+@click.option("--graph-set", default=None,
+              help="Run this graph set of a dual bundle (fused, portable). Default: fused when this "
+                   "onnxruntime has its kernels, else portable.")
 @click.option("--no-stream", is_flag=True, help="Print the text at the end instead of as it comes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt, stats, sampling.")
 def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-         stop, threads, no_stream, as_json):
+         stop, threads, graph_set, no_stream, as_json):
     """Generate text from the itera bundle folder BUNDLE."""
     try:
         check_threads(threads)
@@ -116,7 +122,7 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
         elif prompt is not None:
             # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
             prompt = _utf8(prompt.encode("utf-8", "surrogateescape"), "--prompt")
-        generator = Generator(bundle, device=device, threads=threads)
+        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set)
         if prompt is None:
             interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
         else:

@@ -193,12 +193,15 @@ class Generator:
     bundle: bundle folder (all files checked against their sha256 first) or a loaded Bundle.
     device: "cpu", "cuda", ... (DeviceError lists what this onnxruntime has).
     threads: onnxruntime intra-op threads; None lets onnxruntime choose.
+    graph_set: which of a dual bundle's graph sets to run; None picks the first this
+    onnxruntime has the kernels for (`session.graph_set` says which).
     """
 
-    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", threads: int | None = None):
+    def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", threads: int | None = None,
+                 graph_set: str | None = None):
         self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.tokenizer = self.bundle.load_tokenizer()
-        self.session = ModelSession(self.bundle, device=device, threads=threads)
+        self.session = ModelSession(self.bundle, device=device, threads=threads, graph_set=graph_set)
         self.device, self.threads = device, threads
         self.last_stats: GenerationStats | None = None
 

@@ -23,6 +23,7 @@ from collections.abc import Iterator
 import numpy as np
 import onnxruntime as ort
 
+from . import requires as _requires
 from .bundle import Bundle, BundleError, TensorSpec, initial_state
 
 # User-facing device names → onnxruntime execution providers.
@@ -36,6 +37,10 @@ DEVICES = {
     "qnn": "QNNExecutionProvider",
     "xnnpack": "XnnpackExecutionProvider",
 }
+
+# Names a graph set to run instead of choosing one (`itera-bench` on the portable set of a
+# dual bundle, say); `itera-run --graph-set` sets it for one run.
+GRAPH_SET_ENV = "ITERA_GRAPH_SET"
 
 # Tokens per prefill call. Bounds the logits (chunk × vocab × 4 bytes) and the attention or
 # SSD work of one call; a 20k-token prompt no longer needs 20k × vocab floats at once.
@@ -123,7 +128,34 @@ def _same_shape(declared: list, actual: list) -> bool:
                for a, b in zip(declared, actual))
 
 
-def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.InferenceSession]) -> None:
+def pick_graph_set(bundle: Bundle, graph_set: str | None = None) -> str:
+    """The graph set to run: `graph_set` (or $ITERA_GRAPH_SET, if the bundle has it), else the first this onnxruntime runs.
+
+    Refuses in one line, before any session is made, when the set asked for (or every set)
+    needs contrib ops or a release this onnxruntime lacks.
+    """
+    m = bundle.manifest
+    sets = m.set_requires()
+    where = str(bundle.path)
+    if graph_set is None and os.environ.get(GRAPH_SET_ENV) in sets:
+        # Only bundles that have the set: a bench run may mix dual and baseline bundles.
+        graph_set = os.environ[GRAPH_SET_ENV]
+    if graph_set is not None:
+        if graph_set not in sets:
+            raise BundleError(f"{where}: no graph set {graph_set!r} (has: {', '.join(sets)})")
+        problems = _requires.check_requires(sets[graph_set])
+        if problems:
+            raise BundleError(_requires.refusal(where, sets[graph_set], problems))
+        return graph_set
+    chosen, problems = _requires.choose_graph_set(sets)
+    if chosen is None:
+        first = next(iter(sets))
+        raise BundleError(_requires.refusal(where, sets[first], problems[first], alternatives=list(sets)[1:]))
+    return chosen
+
+
+def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.InferenceSession],
+                                  graph_set: str | None = None) -> None:
     """Refuse, in one line, a manifest that does not describe its graphs.
 
     The graphs are pinned by hashes; the manifest's own fields (state shapes and dtypes, io
@@ -140,7 +172,7 @@ def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.Infere
         raise BundleError(f"{where}: family {m.family!r} does not match the io names "
                           f"(attention_mask {m.io.attention_mask!r})")
     for gname, sess in sessions.items():
-        spec = m.graphs[gname]
+        spec = bundle.graph(gname, graph_set)
         gwhere = f"{where}: graphs.{gname} ({spec.file})"
         actual_in = {a.name: _actual(a) for a in sess.get_inputs()}
         actual_out = {a.name: _actual(a) for a in sess.get_outputs()}
@@ -203,14 +235,16 @@ class ModelSession:
     """onnxruntime sessions for a bundle's prefill and decode graphs, checked against the manifest."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
-                 profile_prefix: str | None = None):
+                 profile_prefix: str | None = None, graph_set: str | None = None):
         self.bundle = bundle
         providers_for(device)  # DeviceError / ValueError before any graph is read
         check_threads(threads)
+        # Which graphs: the fused set when this onnxruntime has its kernels, else the portable one.
+        self.graph_set = pick_graph_set(bundle, graph_set)
         sessions: dict[str, ort.InferenceSession] = {}
         self.graphs: dict[str, ort.InferenceSession] = {}
         for name in ("prefill", "decode"):
-            path = bundle.graph_path(name)
+            path = bundle.graph_path(name, self.graph_set)
             if path not in sessions:
                 try:
                     sessions[path] = make_session(path, threads, device, profile_prefix=profile_prefix)
@@ -218,7 +252,7 @@ class ModelSession:
                     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                     raise BundleError(f"{path}: onnxruntime cannot load this graph ({first[:200]})") from None
             self.graphs[name] = sessions[path]
-        check_manifest_against_graphs(bundle, self.graphs)
+        check_manifest_against_graphs(bundle, self.graphs, self.graph_set)
         io = bundle.io
         self.input_ids, self.logits = io.input_ids, io.logits
         self.attention_mask, self.position_ids = io.attention_mask, io.position_ids

@@ -200,6 +200,8 @@ EDITS = {
     "vocab larger": lambda m: m.__setitem__("vocab_size", m["vocab_size"] + 1),
     "family": lambda m: m.__setitem__("family", "baseline" if m["family"] == "itera" else "itera"),
     "graph input dtype": lambda m: m["graphs"]["decode"]["inputs"][0].__setitem__("dtype", "int32"),
+    "requires version": lambda m: m["requires"].__setitem__("onnxruntime", "newest"),
+    "graph set repeated": lambda m: m.__setitem__("alt_graph_sets", {m["graph_set"]: {"graphs": m["graphs"]}}),
 }
 
 
@@ -212,6 +214,22 @@ def test_edited_manifest_is_refused_by_run_and_bench(tiny_bundle, tmp_path, edit
     assert "manifest" in line or "vocab" in line
     line = one_error_line(bench("latency", bundle, "-p", "0", "-n", "2", "-d", "4", "-r", "1"))
     assert "manifest" in line or "vocab" in line
+
+
+def test_edited_portable_set_of_a_dual_bundle_is_refused_when_it_runs(tiny_itera, tmp_path):
+    m = load_bundle(tiny_itera.bundle).manifest
+    if "portable" not in m.alt_graph_sets:
+        pytest.skip("this onnxruntime exports portable-only bundles")
+
+    def edit(d):
+        d["alt_graph_sets"]["portable"]["graphs"]["decode"]["inputs"][1]["dtype"] = "float16"
+
+    bundle = _edit(tiny_itera.bundle, tmp_path, edit)
+    env = {**os.environ, "ITERA_GRAPH_SET": "portable"}
+    proc = subprocess.run([sys.executable, "-m", "itera_runtime.cli", str(bundle), "-p", "To be", "-n", "4"],
+                          capture_output=True, text=True, env=env)
+    line = one_error_line(proc)
+    assert "decode.portable.onnx" in line and "float16" in line
 
 
 def test_bundle_files_are_readable_by_others(tiny_bundle):

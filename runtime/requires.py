@@ -1,0 +1,218 @@
+"""What a bundle needs from onnxruntime, checked before any session is made.
+
+A bundle made on a laptop runs on whatever onnxruntime a device has. Graphs that use
+onnxruntime's contrib kernels (com.microsoft: the fused SSM/MoE path, the quantized
+kernels) fail to load on releases older than the kernel, with onnxruntime's own error
+("... is not a registered function/op"), which says neither what is needed nor what to do.
+So the exporter records in the manifest (`Manifest.requires`) the contrib ops of each graph
+and the lowest onnxruntime that runs them all, computed from the graphs it wrote
+(`export.graphfile.graph_ops` + `requires_for`); `check_requires` compares that with the
+installed onnxruntime, and `choose_graph_set` picks the first graph set of a bundle (fused,
+then portable) that this onnxruntime runs.
+
+The versions below were measured, not read from release notes: for each onnxruntime
+release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaway venv
+tried to create a session on one node of each op, cut from our exported graphs with the
+attributes we emit. Re-check with (network, minutes):
+
+    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE
+
+An op whose first release is X.Y.Z here may also have run on an earlier patch of X.Y.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Iterable, Mapping
+
+from .bundle import Requires
+
+__all__ = [
+    "FIRST_VERSION",
+    "OLDEST_PROBED",
+    "PROBED_VERSIONS",
+    "PORTABLE_FLOOR",
+    "op_key",
+    "parse_version",
+    "installed_version",
+    "available_ops",
+    "requires_for",
+    "check_requires",
+    "refusal",
+    "choose_graph_set",
+]
+
+# "domain::op" (or "ir::N", "opset::N" for the graph format) → first onnxruntime release
+# whose CPU build created a session on it, among those probed (see the module docstring).
+FIRST_VERSION: dict[str, str] = {
+    # Graph format: IR version, default-domain opset (an Identity stamped with each).
+    "ir::8": "1.15.1",
+    "ir::9": "1.15.1",
+    "ir::10": "1.18.1",
+    "ir::11": "1.23.2",
+    "ir::12": "1.24.4",
+    "ir::13": "1.24.4",
+    "ir::14": "1.32.0",
+    "opset::17": "1.15.1",
+    "opset::18": "1.15.1",
+    "opset::19": "1.16.3",
+    "opset::20": "1.17.3",
+    "opset::21": "1.18.1",
+    "opset::22": "1.21.1",
+    "opset::23": "1.23.2",
+    "opset::24": "1.24.4",
+    "opset::25": "1.24.4",
+    "opset::26": "1.25.1",
+    "opset::27": "1.32.0",
+    "opset::28": "1.32.0",
+    # Contrib kernels (com.microsoft), with the attributes our exporters write: the fused
+    # SSM/MoE path, then the quantized kernels.
+    "com.microsoft::LinearAttention": "1.25.1",  # update_rule="gated"
+    "com.microsoft::CausalConvWithState": "1.30.0",  # activation="silu", channels_last=1
+    "com.microsoft::MoE": "1.23.2",  # swiglu_fusion=1 (1.22 has MoE but refuses these attributes)
+    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0
+    "com.microsoft::MatMulNBits": "1.17.3",  # 4 bits, block 32, accuracy_level 4
+    "com.microsoft::GatherBlockQuantized": "1.22.1",  # uint8-packed 4-bit table, block 32
+    "com.microsoft::DynamicQuantizeMatMul": "1.15.1",
+    # The portable path's model-local functions (their bodies are standard ops): one call of
+    # each with its function, at the model's opset 18.
+    "ai.itera::SelectiveScan": "1.19.0",  # its body's Trilu has no kernel in 1.18
+    "ai.itera::SsmStep": "1.15.1",
+    "ai.itera::CausalConv1d": "1.15.1",
+    "ai.itera::TopKMoE": "1.16.3",
+}
+OLDEST_PROBED = "1.15.1"  # older releases have no CPython 3.11 wheels; not probed
+PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "1.20.1", "1.21.1", "1.22.1", "1.23.2",
+                   "1.24.4", "1.25.1", "1.26.0", "1.27.0", "1.28.0", "1.29.0", "1.30.0", "1.31.1", "1.32.0")
+# The oldest release that runs the portable graph set (ai.itera functions over standard ops)
+# of every quantization mode: 1.18 loads IR 10 but lacks the Trilu kernel SelectiveScan's body
+# uses. pyproject's onnxruntime floor is this, and a slow+network test runs a bundle on it.
+PORTABLE_FLOOR = "1.19.0"
+
+
+def op_key(domain: str, op_type: str) -> str:
+    """The name an op goes by in the table and in manifests: "com.microsoft::MoE"."""
+    return f"{domain or 'ai.onnx'}::{op_type}"
+
+
+def parse_version(v: str) -> tuple[int, ...]:
+    """"1.20.1" → (1, 20, 1); local or pre-release tails ("1.22.0+cu12", "1.24.0.dev1") are dropped."""
+    m = re.match(r"\s*(\d+(?:\.\d+)*)", str(v))
+    if not m:
+        raise ValueError(f"not a version: {v!r}")
+    parts = [int(p) for p in m.group(1).split(".")]
+    while len(parts) < 3:
+        parts.append(0)
+    return tuple(parts)
+
+
+def installed_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__
+
+
+def available_ops() -> set[str] | None:
+    """Contrib ops (domain::op) the installed onnxruntime registers, or None when it cannot say."""
+    try:
+        from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
+    except ImportError:
+        return None
+    return {op_key(s.domain, s.name) for s in get_all_operator_schema() if s.domain not in ("", "ai.onnx")}
+
+
+def requires_for(ops_by_graph: Mapping[str, Iterable[str]], ir_version: int | None = None,
+                 opset: int | None = None, made_with: str | None = None,
+                 functions: Iterable[str] = ()) -> Requires:
+    """What running these graphs needs: their contrib ops and the lowest onnxruntime that has them all.
+
+    functions: model-local functions the graphs call ("ai.itera::SelectiveScan"); they raise
+    the version floor (their bodies need kernels) but are not ops onnxruntime registers.
+
+    made_with: the onnxruntime the exporter validated with; an op (or format) the table does
+    not know needs at least that one, since it is the only release known to run it.
+    """
+    ops = {g: sorted(set(o)) for g, o in ops_by_graph.items()}
+    keys = {k for o in ops.values() for k in o} | set(functions)
+    if ir_version is not None:
+        keys.add(f"ir::{ir_version}")
+    if opset is not None:
+        keys.add(f"opset::{opset}")
+    floor = parse_version(OLDEST_PROBED)
+    version = OLDEST_PROBED
+    for k in sorted(keys):
+        first = FIRST_VERSION.get(k, made_with)
+        if first is not None and parse_version(first) > floor:
+            floor, version = parse_version(first), first
+    return Requires(onnxruntime=version, ops=ops)
+
+
+def check_requires(requires: Requires | None, ort_version: str | None = None,
+                   have_ops: set[str] | None = None) -> list[str]:
+    """Why this onnxruntime cannot run graphs with these requirements; empty when it can.
+
+    ort_version: default the installed one (whose registered ops are then asked too); pass a
+    device's version to check a bundle against an onnxruntime elsewhere (`itera-devices check`).
+    have_ops: contrib ops that onnxruntime registers, when known; an op missing from it is a
+    problem whatever the version says (a build without contrib ops).
+    """
+    if requires is None:  # a bundle from before `requires` existed: nothing to check
+        return []
+    if ort_version is None:
+        ort_version = installed_version()
+        if have_ops is None:
+            have_ops = available_ops()
+    problems = []  # (needed version, line)
+    installed = parse_version(ort_version)
+    ops = sorted({(op, g) for g, o in requires.ops.items() for op in o}, key=lambda x: (x[0], x[1]))
+    seen = set()
+    for op, graph in ops:
+        if op in seen:
+            continue
+        first = FIRST_VERSION.get(op, requires.onnxruntime)
+        missing = have_ops is not None and op not in have_ops
+        if missing or parse_version(first) > installed:
+            seen.add(op)
+            graphs = sorted(g for g, o in requires.ops.items() if op in o)
+            problems.append((parse_version(first), f"{op} (graphs {', '.join(graphs)}) needs onnxruntime >= {first}"))
+    if not problems and parse_version(requires.onnxruntime) > installed:
+        problems.append((parse_version(requires.onnxruntime),
+                         f"the graphs (format, opset, functions) need onnxruntime >= {requires.onnxruntime}"))
+    # The op that needs the newest release first: it is the one the upgrade is for.
+    return [line for _, line in sorted(problems, key=lambda p: p[0], reverse=True)]
+
+
+def refusal(where: str, requires: Requires, problems: list[str], ort_version: str | None = None,
+            alternatives: Iterable[str] = ()) -> str:
+    """The one line a user gets when no graph set of a bundle runs on this onnxruntime."""
+    ort_version = ort_version or installed_version()
+    tried = list(alternatives)
+    also = f" (its {', '.join(tried)} graphs do not run here either)" if tried else ""
+    more = f" (and {len(problems) - 1} more op{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    return (f"{where}: {problems[0]}{more}; installed onnxruntime is "
+            f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
+            f"or use a portable bundle (itera-export --lower none, or --lower dual to carry both)")
+
+
+def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | None = None,
+                     have_ops: set[str] | None = None) -> tuple[str | None, dict[str, list[str]]]:
+    """The first graph set (in preference order) this onnxruntime runs, and every set's problems.
+
+    Returns (name or None when none runs, {set name: problems}). ort_version / have_ops as
+    for `check_requires` (default: the installed onnxruntime).
+    """
+    if ort_version is None:
+        ort_version = installed_version()
+        if have_ops is None:
+            have_ops = available_ops()
+    problems = {}
+    for name, req in sets.items():
+        problems[name] = check_requires(req, ort_version, have_ops)
+        if not problems[name]:
+            return name, problems
+    return None, problems
+
+
+if __name__ == "__main__":  # pragma: no cover - a pointer for people who look here first
+    sys.exit("the table is re-checked by: python -m itera_export.opcheck BUNDLE... (needs onnx and network)")
