@@ -229,10 +229,10 @@ def markdown(records: list[Record]) -> str:
     for r in records:
         groups.setdefault((r.kind, r.metric, r.unit), []).append(r)
     hosts = {r.host for r in records}
+    host_col = len(hosts) > 1 or hosts != {"local"}
     for (kind, metric, unit), rows in groups.items():
         if lines:
             lines.append("")
-        host_col = len(hosts) > 1 or hosts != {"local"}
         head = ["host"] * host_col + ["model", "family", "quant", "size", "test", "threads",
                                       f"{metric} ({unit}, median ± sd)", "vs baseline"]
         lines.append("| " + " | ".join(head) + " |")
@@ -247,9 +247,15 @@ def markdown(records: list[Record]) -> str:
     if noisy:
         lines.append(f"\nwarning: {len(noisy)} row(s) spread more than {SPREAD_WARNING:.0%} between repetitions "
                      "(noisy): compare within one run, or add repetitions")
-    p = records[0].provenance
-    if p:
+    firsts = {r.host: r for r in reversed(records)}  # one provenance line per host, in row order
+    lines.append("")
+    for r in sorted(firsts.values(), key=records.index):
+        p = r.provenance
+        if not p:
+            continue
         versions = p.get("versions", {})
-        lines.append(f"\ncommit {p.get('git_commit')}, {p.get('cpu')}, {p.get('cpu_count')} CPUs, "
-                     f"onnxruntime {versions.get('onnxruntime')}, `{p.get('command')}`")
+        where = f"{r.host}: " if host_col else ""
+        system = f" {p.get('system')}, Python {versions.get('python')}," if host_col else ""
+        lines.append(f"{where}commit {r.build_commit or p.get('git_commit')}, {p.get('cpu')}, {p.get('cpu_count')} CPUs,"
+                     f"{system} onnxruntime {versions.get('onnxruntime')}, `{p.get('command')}`")
     return "\n".join(lines)
