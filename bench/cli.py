@@ -71,14 +71,15 @@ def bench_command(fn):
         try:
             for t in threads:
                 check_threads(t)
-            loaded = [load_bundle(b) for b in bundles]  # verified once, before any progress
-            if baseline is not None and baseline not in bundles:
-                raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
-            run_here, records = True, []
+            devices, run_here, records = [], True, []
             if remote_errors:
                 from itera_devices.remote import bench_on_devices, select_devices
 
                 devices, run_here = select_devices(hosts, device_profiles, fleet)
+            loaded = [load_bundle(b) for b in bundles]  # verified once, before any progress
+            if baseline is not None and baseline not in bundles:
+                raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
+            if devices:
                 records, code = bench_on_devices(click.get_current_context(), loaded, devices, threads)
             if run_here and code != 130:
                 records = fn(loaded, threads=threads, repetitions=repetitions, warmup=not no_warmup, **kw) + records

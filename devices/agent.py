@@ -5,6 +5,7 @@ itera_runtime.provenance, so the device describes itself (CPU, versions) by the 
 as every local record, before anything of ours is installed there. Commands:
 
     probe CACHE [SHA256...]     what the device is and has; which objects the cache lacks
+    wheels CACHE                the newest onnxruntime wheel pip finds for this Python
     receive CACHE               a tar stream of objects named by their sha256 on stdin
     prepare CACHE SPEC_JSON     bundle folders from objects, the venv, the wheel installed
 
@@ -138,7 +139,24 @@ def probe(root, shas):
         "missing": [s for s in shas if _is_sha(s) and not os.path.isfile(os.path.join(root, "objects", s))],
         "venv": _venv_state(root),
         "energy": _energy(),
+        "packages": package_versions(),  # noqa: F821  (the device Python's own, outside our venv)
     }
+
+
+def wheels(root):
+    """Whether pip finds an onnxruntime wheel for this Python and architecture (`pip index`)."""
+    venv = _venv_python(venv_dir(_cache(root)))
+    python = venv if os.path.isfile(venv) else sys.executable
+    try:
+        r = subprocess.run([python, "-m", "pip", "index", "versions", "onnxruntime"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        return {"onnxruntime_wheel": None, "detail": "pip index timed out after 120 s (no network?)"}
+    first = r.stdout.strip().splitlines()[:1]
+    if r.returncode == 0 and first and "(" in first[0]:
+        return {"onnxruntime_wheel": first[0].split("(", 1)[1].rstrip(")"), "detail": "pip index, " + python}
+    errors = [ln for ln in r.stderr.splitlines() if ln.startswith("ERROR")] or r.stderr.strip().splitlines()[-1:]
+    return {"onnxruntime_wheel": None, "detail": (errors[0] if errors else "pip index failed") + " (" + python + ")"}
 
 
 def receive(root):
@@ -271,6 +289,8 @@ def main(argv):
         out = probe(root, argv[2:])
     elif command == "receive":
         out = receive(root)
+    elif command == "wheels":
+        out = wheels(root)
     elif command == "prepare":
         out = prepare(root, argv[2])
     else:

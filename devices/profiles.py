@@ -202,7 +202,7 @@ def load_fleet(path: str | os.PathLike) -> list[Profile]:
                 p = load_profile(name)
             except ProfileError as e:
                 raise ProfileError(f"{here}: {e}") from None
-            base = {k: getattr(p, k) for k in _FIELDS}
+            base = {k: getattr(p, k) for k in _FIELDS if getattr(p, k) is not None}
         if timeout is not None:  # the fleet's per-host timeout beats a profile's; an entry's own beats both
             base["timeout_s"] = timeout
         for k, v in entry.items():

@@ -183,6 +183,14 @@ def _json(r, what: str) -> dict:
         raise SshError(f"{what}: unexpected output from the device", tail_lines(r.stderr)) from None
 
 
+def agent_call(conn: Connection, command: str, *args: str, feed=None) -> dict:
+    """Run one agent command with the profile's Python on the device; its JSON answer."""
+    p = conn.profile
+    r = conn.run([p.python, "-c", agent.script(), command, p.cache_dir, *args], feed=feed,
+                 what=f"{p.python} (itera-devices agent {command})")
+    return _json(r, f"agent {command}")
+
+
 class HostRun:
     """Everything one host does; `kill()` stops it from another thread."""
 
@@ -204,10 +212,7 @@ class HostRun:
             self.conn.kill()
 
     def _agent(self, command: str, *args: str, feed=None) -> dict:
-        p = self.profile
-        r = self.conn.run([p.python, "-c", agent.script(), command, p.cache_dir, *args], feed=feed,
-                          what=f"{p.python} (itera-devices agent {command})")
-        return _json(r, f"agent {command}")
+        return agent_call(self.conn, command, *args, feed=feed)
 
     def run(self) -> HostResult:
         res, p = self.result, self.profile

@@ -44,25 +44,27 @@ def tail_lines(text: str, n: int = TAIL_LINES) -> list[str]:
     return lines[-n:]
 
 
-def explain(stderr: str, target: str) -> str:
+def explain(stderr: str, target: str, port: int | None = None) -> str:
     """One line saying why ssh itself failed (exit 255), from what ssh printed."""
+    retry = f"ssh -p {port} {target}" if port else f"ssh {target}"
+    where = f"{target} port {port}" if port else target
     if "REMOTE HOST IDENTIFICATION HAS CHANGED" in stderr:
-        return (f"host key of {target} has CHANGED since it was stored in known_hosts (a reinstalled device, or "
+        return (f"host key of {where} has CHANGED since it was stored in known_hosts (a reinstalled device, or "
                 "someone in between): check it, then remove the old key with `ssh-keygen -R HOST`")
     if "Host key verification failed" in stderr or "host key is known" in stderr:
-        return (f"host key of {target} is not in known_hosts and strict checking is on: run `ssh {target}` once, "
+        return (f"host key of {where} is not in known_hosts and strict checking is on: run `{retry}` once, "
                 "check the fingerprint, accept it, then retry")
     if "Connection refused" in stderr:
-        return f"connection refused by {target} (no ssh server listening there?)"
+        return f"connection refused by {where} (no ssh server listening there?)"
     if "timed out" in stderr:
-        return f"connection to {target} timed out"
+        return f"connection to {where} timed out"
     if "Could not resolve hostname" in stderr or "Name or service not known" in stderr:
         return f"cannot resolve the host name of {target}"
     if "Permission denied" in stderr:
-        return (f"login to {target} refused (key not accepted; passwords are not asked for: "
+        return (f"login to {where} refused (key not accepted; passwords are not asked for: "
                 "use a key, e.g. `ssh-copy-id`)")
     last = tail_lines(stderr, 1)
-    return f"ssh to {target} failed: {last[0] if last else 'no message'}"
+    return f"ssh to {where} failed: {last[0] if last else 'no message'}"
 
 
 @dataclass
@@ -158,14 +160,14 @@ class Connection:
         argv = ["ssh", *self._options(True), "-N", "-f", "--", self.profile.host]
         r = self._popen(argv, None)
         if r.returncode != 0:
-            raise SshError(explain(r.stderr, self.profile.host), tail_lines(r.stderr))
+            raise SshError(explain(r.stderr, self.profile.host, self.profile.port), tail_lines(r.stderr))
 
     def run(self, remote: list[str], feed: Callable[[BinaryIO], None] | None = None,
             what: str | None = None, check: bool = True) -> Result:
         """Run an argument list on the device; a failure is an SshError with its stderr tail."""
         r = self._popen(self.ssh_argv(remote), feed)
         if r.returncode == 255:  # ssh's own failure (the connection), not the command's
-            raise SshError(explain(r.stderr, self.profile.host), tail_lines(r.stderr))
+            raise SshError(explain(r.stderr, self.profile.host, self.profile.port), tail_lines(r.stderr))
         if check and r.returncode != 0:
             raise SshError(f"{what or remote[0]} exited {r.returncode} on {self.profile.host}",
                            tail_lines(r.stderr))

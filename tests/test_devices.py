@@ -1,0 +1,289 @@
+"""Device profiles and remote runs over ssh, against a real OpenSSH server on loopback.
+
+The "device" is this machine reached through `sshd -D` on a high loopback port with its
+own keys (tests/sshd.py). Nothing is mocked: the system ssh client, the push, the remote
+venv and pip, the remote itera-bench and the merge are the real ones. sshd missing is a
+failure, not a skip (CI installs openssh-server).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from sshd import SSHD, Sshd, base_dependency_site, keygen  # noqa: E402
+
+from itera_bench.record import parse  # noqa: E402
+from itera_devices.profiles import (  # noqa: E402
+    BUILTIN_DIR,
+    EXAMPLE_FLEET,
+    ProfileError,
+    load_fleet,
+    load_profile,
+    user_dir,
+)
+
+BENCH = [sys.executable, "-m", "itera_bench.cli", "latency"]
+QUICK = ["-p", "16", "-n", "8", "-d", "0", "-r", "2", "--no-warmup"]
+
+
+# --------------------------------------------------------------------------- profiles (fast)
+
+
+def test_builtin_profiles_and_example_fleet_load():
+    for name in ("laptop", "pi4", "pi5"):
+        p = load_profile(name)
+        assert p.name == name and p.host and p.energy in ("powercap", "pi5-pmic", "none")
+    assert load_profile("pi5").arch == "aarch64" and load_profile("pi5").energy == "pi5-pmic"
+    fleet = load_fleet(EXAMPLE_FLEET)
+    assert [p.name for p in fleet] == ["pi5-a", "pi5-b", "pi4", "desk"]
+    assert fleet[0].host == "pi@pi5-a.local" and fleet[0].energy == "pi5-pmic"  # from the pi5 profile
+    assert fleet[2].timeout_s == 2400  # the fleet's per-host timeout beats the profile's
+
+
+def test_user_profile_dir_hides_builtin(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path))
+    user_dir().mkdir(parents=True)
+    (user_dir() / "pi5.toml").write_text('host = "me@my-pi"\narch = "aarch64"\n')
+    p = load_profile("pi5")
+    assert p.host == "me@my-pi" and p.name == "pi5" and p.source.startswith(str(tmp_path))
+
+
+@pytest.mark.parametrize("text, field", [
+    ('host = "a"\nthreads = 0\n', "threads"),
+    ('host = "a"\nenergy = "rapl"\n', "energy"),
+    ('host = "a"\nhots = "b"\n', "hots"),
+    ('host = "-oProxyCommand=touch x"\n', "host"),
+    ('host = "a"\nssh_options = ["StrictHostKeyChecking=no"]\n', "ssh_options"),
+    ('host = "a"\nport = "22"\n', "port"),
+    ('name = "x"\n', "host"),
+    ('host = "a"\nthreads = [1,\n', None),  # not TOML at all
+])
+def test_bad_profile_is_one_line_naming_file_and_field(tmp_path, text, field):
+    path = tmp_path / "dev.toml"
+    path.write_text(text)
+    with pytest.raises(ProfileError) as e:
+        load_profile(str(path))
+    msg = str(e.value)
+    assert str(path) in msg and "\n" not in msg
+    assert (f"'{field}'" in msg) if field else ("not valid TOML" in msg)
+
+
+def test_bad_profile_from_the_cli(tmp_path):
+    path = tmp_path / "dev.toml"
+    path.write_text('host = "a"\nenergy = "rapl"\n')
+    r = subprocess.run([*BENCH, str(tmp_path), "--device-profile", str(path)], capture_output=True, text=True)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "'energy'" in r.stderr
+
+
+def test_host_that_looks_like_an_option_runs_nothing(tmp_path, tiny_baseline):
+    marker = tmp_path / "pwned"
+    r = subprocess.run([*BENCH, str(tiny_baseline.bundle), "--host", f"-oProxyCommand=touch {marker}"],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and r.stderr.startswith("error: ") and "'host'" in r.stderr
+    assert not marker.exists()
+
+
+def test_builtin_profile_files_are_shipped():
+    assert sorted(p.name for p in BUILTIN_DIR.glob("*.toml")) == ["laptop.toml", "pi4.toml", "pi5.toml"]
+
+
+# --------------------------------------------------------------------------- a real sshd
+
+
+@pytest.fixture(scope="module")
+def device(tmp_path_factory):
+    """One sshd for the module, its device cache shared (the venv is made once)."""
+    if not os.path.exists(SSHD):
+        pytest.fail(f"{SSHD} is missing: CI must `apt-get install -y openssh-server`")
+    root = tmp_path_factory.mktemp("device")
+    site = base_dependency_site(root / "site")
+    server = Sshd(root / "sshd", site)
+    server.start()
+    yield server, root
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """The local side's environment: its own config and cache dirs (the wheel is built once)."""
+    root = tmp_path_factory.mktemp("local")
+    return {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(root / "cache")}
+
+
+def _bench(bundles, *args, env, timeout=600):
+    return subprocess.run([*BENCH, *map(str, bundles), *QUICK, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout)
+
+
+def _pushed(stderr: str, name: str) -> tuple[int, int]:
+    line = next(ln for ln in stderr.splitlines() if ln.startswith(f"{name} (") and "pushed" in ln)
+    part = line.split("pushed ", 1)[1]
+    files = int(part.split(" file", 1)[0])
+    nbytes = int(part.split(", ", 1)[1].split(" bytes", 1)[0].replace(",", ""))
+    return files, nbytes
+
+
+def _changed_copy(bundle: Path, dest: Path) -> Path:
+    """The bundle with tokenizer.json re-serialised (same tokens, other bytes), manifest re-hashed."""
+    from itera_runtime.bundle import load_bundle, write_manifest
+
+    shutil.copytree(bundle, dest)
+    tok = dest / "tokenizer.json"
+    tok.write_text(json.dumps(json.loads(tok.read_text()), indent=1))
+    write_manifest(dest, load_bundle(dest, verify=False).manifest)
+    return dest
+
+
+@pytest.mark.slow
+def test_push_install_bench_pull_then_nothing_then_only_the_change(device, env, tiny_itera, tmp_path):
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    logins = server.logins()
+
+    first = _bench([tiny_itera.bundle], "--device-profile", prof, "-o", "jsonl", env=env)
+    assert first.returncode == 0, first.stderr
+    rows = parse(first.stdout, "jsonl")
+    assert {r.test for r in rows} == {"pp16", "tg8"} and all(len(r.samples) == 2 for r in rows)
+    for r in rows:
+        assert r.host == "dev" and r.bundle == str(tiny_itera.bundle)  # the bundle as named here
+        h = r.provenance["host"]
+        assert h["machine"] == os.uname().machine and h["cores"] == os.cpu_count()
+        assert h["python"] and h["os"] and h["cpu"] and h["onnxruntime"]
+        assert r.provenance["versions"]["onnxruntime"] == h["onnxruntime"]
+        assert r.build_commit  # the wheel's source commit (the device has no git)
+    files1, bytes1 = _pushed(first.stderr, "dev")
+    bundle_bytes = sum(p.stat().st_size for p in tiny_itera.bundle.iterdir())
+    assert files1 >= 2 and bytes1 > bundle_bytes  # every bundle file and the wheel
+    assert "installed the wheel" in first.stderr or "venv up to date" in first.stderr
+    assert server.logins() == logins + 1  # one connection carried every step
+
+    second = _bench([tiny_itera.bundle], "--device-profile", prof, "-o", "jsonl", env=env)
+    assert second.returncode == 0, second.stderr
+    assert _pushed(second.stderr, "dev") == (0, 0) and "venv up to date" in second.stderr
+    assert len(parse(second.stdout, "jsonl")) == 2
+
+    changed = _changed_copy(tiny_itera.bundle, tmp_path / "changed")
+    third = _bench([changed], "--device-profile", prof, "-o", "jsonl", env=env)
+    assert third.returncode == 0, third.stderr
+    want = (changed / "tokenizer.json").stat().st_size + (changed / "manifest.json").stat().st_size
+    assert _pushed(third.stderr, "dev") == (2, want)  # tokenizer + manifest, nothing else
+    print(f"\nupload: first run {files1} files {bytes1:,} B; second 0 B; changed bundle 2 files {want:,} B")
+    print(first.stderr)
+
+
+@pytest.mark.slow
+def test_hostile_bundle_name_runs_nothing_on_either_side(device, env, tiny_baseline, tmp_path):
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    home = Path(os.path.expanduser("~"))
+    names = ["itd-pwned-1", "itd-pwned-2", "itd-pwned-3"]
+    hostile = tmp_path / f"b $(touch {names[0]}) `touch {names[1]}` 'q\" ;touch {names[2]}"
+    shutil.copytree(tiny_baseline.bundle, hostile)
+    r = _bench([hostile], "--device-profile", prof, "-o", "jsonl", env=env)
+    assert r.returncode == 0, r.stderr
+    rows = parse(r.stdout, "jsonl")
+    assert rows and all(row.model_filename == hostile.name and row.bundle == str(hostile) for row in rows)
+    assert hostile.name in rows[0].provenance["host"]["remote_bundle"]  # the device's folder has the same name
+    for where in (home, Path.cwd(), root, tmp_path):
+        assert not any((where / n).exists() for n in names)
+
+
+def test_host_not_listening_is_one_clear_error(tmp_path, env, tiny_baseline):
+    from sshd import free_port
+
+    port = free_port()
+    prof = tmp_path / "dev.toml"
+    prof.write_text(f'host = "127.0.0.1"\nport = {port}\n')
+    r = _bench([tiny_baseline.bundle], "--device-profile", prof, env=env, timeout=120)
+    assert r.returncode == 1 and r.stdout.strip() == "(no records)"
+    err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "connection refused" in err[0] and str(port) in err[0]
+
+
+def test_wrong_or_unknown_host_key_is_refused(device, env, tiny_baseline, tmp_path):
+    server, root = device
+    other = keygen(tmp_path / "other_host")  # what an impostor would present
+    kh = tmp_path / "known_hosts"
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache",
+                          ssh_options=[f"UserKnownHostsFile={kh}", "GlobalKnownHostsFile=/dev/null"])
+    logins = server.logins()
+    kh.write_text(f"[127.0.0.1]:{server.port} {other}\n")
+    r = _bench([tiny_baseline.bundle], "--device-profile", prof, env=env, timeout=120)
+    assert r.returncode == 1 and "has CHANGED" in r.stderr
+    kh.write_text("")
+    r = _bench([tiny_baseline.bundle], "--device-profile", prof, env=env, timeout=120)
+    assert r.returncode == 1 and "not in known_hosts" in r.stderr
+    assert kh.read_text() == ""  # nothing was accepted on the user's behalf
+    assert server.logins() == logins
+
+
+@pytest.mark.slow
+def test_fleet_keeps_the_good_host_when_the_other_sshd_dies_mid_run(device, env, tiny_baseline, tmp_path):
+    server, root = device
+    doomed = Sshd(tmp_path / "sshd-b", root / "site")
+    doomed.start()
+    try:
+        a = server.profile(tmp_path / "a.toml", "a", root / "cache")
+        b = doomed.profile(tmp_path / "b.toml", "b", root / "cache")
+        fleet = tmp_path / "fleet.toml"
+        fleet.write_text(f'[[hosts]]\nprofile = "{a}"\n\n[[hosts]]\nprofile = "{b}"\n')
+        proc = subprocess.Popen([*BENCH, str(tiny_baseline.bundle), *QUICK, "--fleet", str(fleet), "-o", "jsonl"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        killed = threading.Event()
+
+        def kill_b_when_its_bench_runs():
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline and proc.poll() is None:
+                for p in doomed.processes():
+                    try:
+                        if any("itera-bench" in part for part in p.cmdline()):
+                            doomed.stop()
+                            killed.set()
+                            return
+                    except Exception:  # a process that ended while we looked
+                        continue
+                time.sleep(0.02)
+
+        watcher = threading.Thread(target=kill_b_when_its_bench_runs)
+        watcher.start()
+        out, err = proc.communicate(timeout=600)
+        watcher.join()
+    finally:
+        doomed.stop()
+    assert killed.is_set(), err
+    assert proc.returncode == 1, err
+    rows = parse(out, "jsonl")
+    assert rows and {r.host for r in rows} == {"a"} and {r.test for r in rows} == {"pp16", "tg8"}
+    assert any(ln.startswith("error: b (") for ln in err.splitlines()), err
+    assert any(ln.startswith("a (") and "row(s)" in ln for ln in err.splitlines()), err
+
+
+@pytest.mark.slow
+def test_check_reports_what_the_device_has(device, env, tiny_itera, tmp_path):
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", energy="none")
+    r = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", str(prof), "--bundle",
+                        str(tiny_itera.bundle), "--json"], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode in (0, 1), r.stderr
+    report = json.loads(r.stdout)
+    f = report["facts"]
+    assert f["machine"] == os.uname().machine and f["python_ok"] and f["cores"] == os.cpu_count()
+    assert f["free_bytes"] > 0 and set(f["energy"]) == {"powercap", "pi5-pmic", "perf"}
+    import onnxruntime
+
+    assert report["onnxruntime"]["installed"] == onnxruntime.__version__
+    assert report["bundle"]["verdict"]  # requires: known or said to be unknown
+    text = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", str(prof), "--no-index"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert "architecture  " + os.uname().machine in text.stdout and "free disk" in text.stdout
