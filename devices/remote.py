@@ -323,19 +323,10 @@ def run_hosts(profiles: list[Profile], bundles: list[Bundle], subcommand: str,
     specs = [bundle_spec(b) for b in bundles]
     runs = [HostRun(p, wheel, specs, subcommand, options_for(p), requirement) for p in profiles]
     interrupted = False
-    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(runs))) as pool:
-        futures = {pool.submit(r.run): r for r in runs}
-        try:
-            pending = set(futures)
-            while pending:  # short waits: the main thread must stay able to take Ctrl-C
-                done, pending = concurrent.futures.wait(pending, timeout=0.2)
-        except KeyboardInterrupt:
-            interrupted = True
-            for r in runs:
-                r.kill()
-    results = [r.result for r in runs]
-    for res in results:
-        name = f"{res.profile.name} ({res.profile.host})" if res.profile.name != res.profile.host else res.profile.host
+
+    def report(res: HostResult) -> None:  # as each host finishes, so a long fleet shows progress
+        p = res.profile
+        name = f"{p.name} ({p.host})" if p.name != p.host else p.host
         if res.error:
             log(f"error: {name}: {res.error}")
             for line in res.tail:
@@ -344,6 +335,22 @@ def run_hosts(profiles: list[Profile], bundles: list[Bundle], subcommand: str,
             log(f"{name}: {len(res.records)} row(s) in {res.seconds:.1f} s; pushed {res.uploaded_files} file(s), "
                 f"{res.uploaded_bytes:,} bytes ({res.cached_files} already there); "
                 f"{'installed the wheel' if res.installed else 'venv up to date'}")
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, len(runs))) as pool:
+        futures = {pool.submit(r.run): r for r in runs}
+        pending = set(futures)
+        try:
+            while pending:  # short waits: the main thread must stay able to take Ctrl-C
+                done, pending = concurrent.futures.wait(pending, timeout=0.2)
+                for f in done:
+                    report(f.result())
+        except KeyboardInterrupt:
+            interrupted = True
+            for r in runs:
+                r.kill()
+    for f in pending:
+        report(f.result())
+    results = [r.result for r in runs]
     return results, interrupted
 
 

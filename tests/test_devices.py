@@ -287,3 +287,46 @@ def test_check_reports_what_the_device_has(device, env, tiny_itera, tmp_path):
     text = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", str(prof), "--no-index"],
                           capture_output=True, text=True, env=env, timeout=300)
     assert "architecture  " + os.uname().machine in text.stdout and "free disk" in text.stdout
+
+
+@pytest.mark.slow
+def test_slow_host_times_out_and_ctrl_c_keeps_finished_hosts(device, env, tiny_baseline, tmp_path):
+    """a: a normal host; b: its Python hangs, 4 s timeout; c: hangs with a long timeout, so the
+    run is still going when Ctrl-C comes: a's rows are printed, b timed out, c interrupted."""
+    server, root = device
+    real = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+    slow = tmp_path / "slow python"  # a space in the path too: it is one word on the device
+    slow.write_text(f"#!/bin/sh\nsleep 60\nexec {real} \"$@\"\n")
+    slow.chmod(0o755)
+    a = server.profile(tmp_path / "a.toml", "a", root / "cache")
+    b = server.profile(tmp_path / "b.toml", "b", root / "cache", python=str(slow), timeout_s=4)
+    c = server.profile(tmp_path / "c.toml", "c", root / "cache", python=str(slow))
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("".join(f'[[hosts]]\nprofile = "{p}"\n\n' for p in (a, b, c)))
+    proc = subprocess.Popen([*BENCH, str(tiny_baseline.bundle), *QUICK, "--fleet", str(fleet), "-o", "jsonl"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: list[str] = []
+
+    def read_stderr():
+        for line in proc.stderr:
+            seen.append(line)
+
+    reader = threading.Thread(target=read_stderr)
+    reader.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # each host is logged as it ends
+        text = "".join(seen)
+        if "\na (" in "\n" + text and "error: b (" in text:
+            break
+        time.sleep(0.1)
+    proc.send_signal(2)  # SIGINT, as Ctrl-C sends
+    out = proc.stdout.read()
+    proc.wait(timeout=60)
+    reader.join()
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    rows = parse(out, "jsonl")
+    assert rows and {r.host for r in rows} == {"a"}, err
+    assert "error: b (" in err and "timed out after 4 s" in err, err
+    assert "error: c (" in err and "interrupted" in err, err
+
