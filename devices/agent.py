@@ -244,6 +244,15 @@ def prepare(root, spec_json):
     lock = open(os.path.join(root, ".lock"), "w")
     fcntl.flock(lock, fcntl.LOCK_EX)
     bundles = {b["key"] + "/" + b["name"]: _bundle(root, b) for b in spec["bundles"]}
+    files = {}
+    for f in spec.get("files") or []:  # files named by options (a text to score, ...)
+        _safe_name(f["name"], "file name")
+        if "/" in f["name"]:
+            _fail("unsafe file name %r" % f["name"])
+        path = os.path.join(root, "files", f["sha256"][:16], f["name"])
+        if not os.path.isfile(path):
+            _place(root, f["sha256"], path)
+        files[f["sha256"]] = path
     venv = venv_dir(root)
     if not os.path.isfile(_venv_python(venv)):
         cmd = [sys.executable, "-m", "venv"] + (["--system-site-packages"] if spec.get("system_site_packages") else []) + [venv]
@@ -277,7 +286,7 @@ def prepare(root, spec_json):
         os.replace(marker + ".tmp", marker)
         ran_pip = True
     state = _venv_state(root)
-    return {"bundles": bundles, "bench": os.path.join(venv, "bin", "itera-bench"), "installed": ran_pip,
+    return {"bundles": bundles, "files": files, "bench": os.path.join(venv, "bin", "itera-bench"), "installed": ran_pip,
             "onnxruntime": state["onnxruntime"], "venv": venv}
 
 

@@ -72,7 +72,7 @@ def check_device(profile: Profile, bundle: str | None = None, index: bool = True
     if not ort_installed and not wheels["onnxruntime_wheel"]:
         blockers.append("no onnxruntime installed and pip finds no wheel for this Python and architecture")
     energy = facts["energy"]
-    if profile.energy != "none" and energy.get(profile.energy) != "readable":
+    if profile.energy not in (None, "none") and energy.get(profile.energy) != "readable":
         blockers.append(f"energy backend {profile.energy} (the profile's) is not readable: {energy.get(profile.energy)}")
     out = {"name": profile.name, "host": profile.host, "facts": facts, "onnxruntime": {
         "installed": ort_installed, "where": ort_where if ort_installed else None,
@@ -117,7 +117,7 @@ def render(report: dict, profile: Profile) -> str:
     if "bundle" in report:
         lines.append(f"  bundle        {report['bundle']['verdict']}")
     energy = "; ".join(f"{k}: {v}" for k, v in f["energy"].items())
-    lines.append(f"  energy        {energy} (profile: {profile.energy})")
+    lines.append(f"  energy        {energy} (profile: {profile.energy or 'not set'})")
     lines.append(f"  free disk     {_gb(f['free_bytes'])} at {f['cache']}")
     lines.append(f"  itera venv    {'present' if venv['exists'] else 'not yet (made on the first run)'} ({venv['path']})")
     if report["blockers"]:

@@ -49,7 +49,7 @@ class Profile:
     ssh_options: list[str] = field(default_factory=list)  # extra `-o Key=Value`
     python: str = "python3"  # the device's interpreter that creates the venv
     threads: list[int] | None = None  # default -t for this device
-    energy: str = "none"
+    energy: str | None = None  # the energy backend this device reads; None: the subcommand's default (auto)
     arch: str | None = None  # what `uname -m` must say there
     cache_dir: str = ".cache/itera-lite"  # on the device, relative to the login directory
     timeout_s: float = DEFAULT_TIMEOUT_S  # the whole run on this host: connect, push, install, bench

@@ -195,12 +195,12 @@ class HostRun:
     """Everything one host does; `kill()` stops it from another thread."""
 
     def __init__(self, profile: Profile, wheel: Wheel | None, specs: list[BundleSpec], subcommand: str,
-                 options: list[str], requirement: str):
+                 options: tuple[list[str], dict[int, Path]], requirement: str):
         self.profile = profile
         self.wheel = wheel
         self.specs = specs
         self.subcommand = subcommand
-        self.options = options
+        self.options, self.option_files = options  # option files: argv index → local file to push
         self.requirement = requirement
         self.result = HostResult(profile)
         self.conn: Connection | None = None
@@ -224,6 +224,8 @@ class HostRun:
             with self.conn:
                 self.conn.connect()
                 objects = objects_of(self.wheel, self.specs)
+                shas = {i: sha256_file(f) for i, f in self.option_files.items()}
+                objects.update({shas[i]: f for i, f in self.option_files.items()})
                 facts = self._agent("probe", *objects)
                 res.facts = facts
                 if p.arch and facts["machine"] != p.arch:
@@ -241,6 +243,7 @@ class HostRun:
                     "wheel": None if self.wheel is None else {"sha256": self.wheel.sha256, "name": self.wheel.name},
                     "requirement": self.requirement,
                     "bundles": [{"key": s.key, "name": s.name, "files": s.files} for s in self.specs],
+                    "files": [{"sha256": shas[i], "name": f.name} for i, f in self.option_files.items()],
                     "pip_args": p.pip_args,
                     "system_site_packages": p.system_site_packages,
                 }
@@ -248,7 +251,10 @@ class HostRun:
                 res.installed = prep["installed"]
                 facts["onnxruntime"] = prep["onnxruntime"]
                 remote_paths = [prep["bundles"][f"{s.key}/{s.name}"] for s in self.specs]
-                argv = [prep["bench"], self.subcommand, *remote_paths, *self.options, "-o", "jsonl"]
+                options = list(self.options)
+                for i in self.option_files:
+                    options[i] = prep["files"][shas[i]]
+                argv = [prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"]
                 r = self.conn.run(argv, check=False)
                 if r.returncode not in (0, 130):
                     raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}",
@@ -264,6 +270,8 @@ class HostRun:
             res.error, res.tail = str(e), e.tail
             if self._killed:
                 res.error = "interrupted"
+        except Exception as e:  # noqa: BLE001  one host's surprise must not take the fleet's rows with it
+            res.error = f"{type(e).__name__}: {e}"
         finally:
             res.seconds = time.monotonic() - start
         return res
@@ -358,20 +366,24 @@ def merged_records(results: list[HostResult]) -> list[Record]:
     return [r for res in results for r in res.records]
 
 
-def remote_options(ctx, skip: set[str]) -> list[str]:
+def remote_options(ctx, skip: set[str], overrides: dict | None = None) -> tuple[list[str], dict[int, Path]]:
     """The subcommand's options as the device's itera-bench takes them, from the parsed values.
 
     Built from click's own parameter list, so a subcommand added later is covered without
     knowing its options: lists come back comma-joined (as `-p 128,512` went in), flags as
-    flags, anything named in `skip` (bundles, threads, output, the device options) is left out.
+    flags, anything named in `skip` (bundles, threads, output, the device options) is left
+    out, `overrides` replace values. Returns (argv, {argv index: local file}): a file given
+    on the command line to a path option (e.g. a text to score) is pushed like a bundle file
+    and its device path put in its place.
     """
     import click
 
     argv: list[str] = []
+    files: dict[int, Path] = {}
     for param in ctx.command.params:
         if not isinstance(param, click.Option) or param.name in skip:
             continue
-        value = ctx.params.get(param.name)
+        value = (overrides or {}).get(param.name, ctx.params.get(param.name))
         if value is None:
             continue
         flag = max(param.opts, key=len)
@@ -381,9 +393,13 @@ def remote_options(ctx, skip: set[str]) -> list[str]:
             elif param.secondary_opts:
                 argv.append(max(param.secondary_opts, key=len))
             continue
+        given = ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
         for v in (value if param.multiple else [value]):
-            argv += [flag, ",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)]
-    return argv
+            argv.append(flag)
+            if isinstance(param.type, click.Path) and given and os.path.isfile(str(v)):
+                files[len(argv)] = Path(str(v))
+            argv.append(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
+    return argv, files
 
 
 def bench_on_devices(ctx, bundles: list[Bundle], devices: list[Profile], threads: list[int]) -> tuple[list[Record], int]:
@@ -395,11 +411,15 @@ def bench_on_devices(ctx, bundles: list[Bundle], devices: list[Profile], threads
 
     threads_given = ctx.get_parameter_source("threads") == click.core.ParameterSource.COMMANDLINE
     skip = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
-    options = remote_options(ctx, skip)
+    backend_given = ("energy_backend" in ctx.params
+                     and ctx.get_parameter_source("energy_backend") == click.core.ParameterSource.COMMANDLINE)
 
-    def options_for(p: Profile) -> list[str]:
+    def options_for(p: Profile) -> tuple[list[str], dict[int, Path]]:
         t = threads if threads_given or not p.threads else p.threads
-        return [*options, "-t", ",".join(map(str, t))]
+        # the profile says which counter the device has, unless the command line chose one
+        overrides = {"energy_backend": p.energy} if p.energy and "energy_backend" in ctx.params and not backend_given else {}
+        argv, files = remote_options(ctx, skip, overrides)
+        return [*argv, "-t", ",".join(map(str, t))], files
 
     results, interrupted = run_hosts(devices, bundles, ctx.command.name, options_for)
     code = 130 if interrupted else (1 if any(r.error for r in results) else 0)

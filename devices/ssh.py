@@ -92,7 +92,7 @@ class Connection:
                 "-o", f"ControlPath={self._dir}/%C",
                 "-o", f"ConnectTimeout={CONNECT_TIMEOUT_S}",
                 "-o", "ServerAliveInterval=10", "-o", "ServerAliveCountMax=3"]
-        opts += ["-o", "ControlMaster=yes", "-o", "ControlPersist=yes"] if master else ["-o", "ControlMaster=no"]
+        opts += ["-o", "ControlMaster=yes", "-o", "ControlPersist=120"] if master else ["-o", "ControlMaster=no"]
         if p.port:
             opts += ["-p", str(p.port)]
         if p.identity_file:

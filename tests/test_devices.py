@@ -94,6 +94,45 @@ def test_host_that_looks_like_an_option_runs_nothing(tmp_path, tiny_baseline):
     assert not marker.exists()
 
 
+def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_path):
+    """The device's argv, rebuilt from click's parsed values, parses back to the same values:
+    for every subcommand, including those added after this code (none is named here)."""
+    import click
+
+    from itera_bench.cli import main
+    from itera_devices.remote import remote_options
+
+    skip = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
+    text = tmp_path / "some text.txt"
+    text.write_text("x")
+    from itera_bench.cli import bench_command
+
+    @click.command()
+    @bench_command
+    @click.option("--text", type=click.Path(dir_okay=False), help="a subcommand with a file option")
+    def scored(bundles, threads, repetitions, warmup, text):
+        return []
+
+    for name, cmd in {**main.commands, "scored": scored}.items():
+        names = {p.name for p in cmd.params}
+        if "bundles" not in names or "device_profiles" not in names:
+            continue  # not a bench_command
+        args = ["b1", "b2", "-r", "3", "--no-warmup"]
+        for p in cmd.params:  # give every list option two values and every file option a file
+            if isinstance(p, click.Option) and p.name not in skip and p.callback is not None and not p.is_flag:
+                args += [max(p.opts, key=len), "1,2"]
+            elif isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.name not in skip:
+                args += [max(p.opts, key=len), str(text)]
+        ctx = cmd.make_context(name, list(args))
+        argv, files = remote_options(ctx, skip)
+        again = cmd.make_context(name, ["b1", "b2", *argv])
+        for key in names - skip:
+            assert again.params[key] == ctx.params[key], (name, key)
+        assert all(argv[i] == str(text) for i in files)  # files to push, by argv position
+        assert bool(files) == any(isinstance(p, click.Option) and isinstance(p.type, click.Path)
+                                  and p.name not in skip for p in cmd.params)
+
+
 def test_builtin_profile_files_are_shipped():
     assert sorted(p.name for p in BUILTIN_DIR.glob("*.toml")) == ["laptop.toml", "pi4.toml", "pi5.toml"]
 
