@@ -71,7 +71,8 @@ def bench_command(fn):
         try:
             for t in threads:
                 check_threads(t)
-            devices, run_here, records = [], True, []
+            devices, run_here = [], True
+            records: list[Record] = []
             if remote_errors:
                 from itera_devices.remote import bench_on_devices, select_devices
 

@@ -26,6 +26,11 @@ import subprocess
 import sys
 import tarfile
 
+try:  # sent to the device after provenance.py (see script()); imported here, from the package
+    cpu_model, package_versions  # noqa: B018
+except NameError:
+    from itera_runtime.provenance import cpu_model, package_versions
+
 MIN_PYTHON = (3, 10)
 _HEX = set("0123456789abcdef")
 
@@ -129,7 +134,7 @@ def probe(root, shas):
         "executable": sys.executable,
         "os": _os_name(),
         "system": "%s %s" % (platform.system(), platform.release()),
-        "cpu": cpu_model(),  # noqa: F821  (from provenance.py, sent ahead of this script)
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "hostname": platform.node(),
         "cache": root,
@@ -139,7 +144,7 @@ def probe(root, shas):
         "missing": [s for s in shas if _is_sha(s) and not os.path.isfile(os.path.join(root, "objects", s))],
         "venv": _venv_state(root),
         "energy": _energy(),
-        "packages": package_versions(),  # noqa: F821  (the device Python's own, outside our venv)
+        "packages": package_versions(),  # the device Python's own, outside our venv
     }
 
 

@@ -111,7 +111,7 @@ def render(report: dict, profile: Profile) -> str:
         f"  cpu           {f['cpu']}, {f['cores']} cores",
         f"  python        {f['executable']} {f['python']}{'' if f['python_ok'] else ' (too old: 3.10+ needed)'}; "
         f"venv module {'yes' if f['venv_module'] else 'no'}; pip {'yes' if f['pip'] else 'no'}",
-        f"  onnxruntime   " + (f"{ort['installed']} {ort['where']}" if ort["installed"] else "not installed")
+        "  onnxruntime   " + (f"{ort['installed']} {ort['where']}" if ort["installed"] else "not installed")
         + "; wheel pip finds: " + (ort["installable_wheel"] or f"none ({ort['detail']})"),
     ]
     if "bundle" in report:
