@@ -77,7 +77,7 @@ def bench_command(fn):
                 from itera_devices.remote import bench_on_devices, select_devices
 
                 devices, run_here = select_devices(hosts, device_profiles, fleet)
-            loaded = [load_bundle(b) for b in bundles]  # verified once, before any progress
+            loaded = [_load(b, fn) for b in bundles]  # verified once, before any progress
             if baseline is not None and baseline not in bundles:
                 raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
             if devices:
@@ -96,6 +96,25 @@ def bench_command(fn):
     return wrapper
 
 
+def accepts_gguf(fn):
+    """Mark a subcommand that also measures .gguf files through llama.cpp (put under @bench_command)."""
+    fn.accepts_gguf = True
+    return fn
+
+
+def _load(path: str, fn):
+    """A bundle, verified; or, for subcommands that take one, a .gguf model for llama.cpp."""
+    from itera_runtime.bundle import load_bundle
+
+    from .llamacpp import GgufModel, is_gguf
+
+    if is_gguf(path):
+        if not getattr(fn, "accepts_gguf", False):
+            raise ValueError(f"{path}: a GGUF file is measured by `itera-bench latency` only")
+        return GgufModel(path)
+    return load_bundle(path)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Benchmark exported bundles; every row carries its provenance."""
@@ -107,6 +126,20 @@ def _targets(bundles, threads):
     return [Target(b, t) for b in bundles for t in threads]
 
 
+def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"):
+    """ONNX bundles and llama.cpp models in the order given, each at every thread count."""
+    from . import latency, llamacpp
+
+    cases = []
+    for b in bundles:
+        for t in threads:
+            if isinstance(b, llamacpp.GgufModel):
+                cases += llamacpp.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth)
+            else:
+                cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth)
+    return cases
+
+
 @main.command()
 @bench_command
 @click.option("-p", "--n-prompt", default="512", show_default=True, callback=_list(True),
@@ -115,12 +148,14 @@ def _targets(bundles, threads):
               help="decode steps per generation test (list; 0 skips)")
 @click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True),
               help="tokens already in the context (list)")
-def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth):
-    """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE at each depth and thread count."""
-    from .latency import latency_cases
+@click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+              help="llama.cpp (.gguf) only: auto times both and keeps the faster")
+@accepts_gguf
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, flash_attn):
+    """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE (or .gguf, in llama.cpp)."""
     from .sweep import run_cases
 
-    cases = latency_cases(_targets(bundles, threads), n_prompt, n_gen, n_depth)
+    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn)
     return run_cases(cases, repetitions, warmup, desc="latency")
 
 

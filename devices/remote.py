@@ -409,6 +409,10 @@ def bench_on_devices(ctx, bundles: list[Bundle], devices: list[Profile], threads
     """
     import click
 
+    others = [b for b in bundles if not isinstance(b, Bundle)]
+    if others:  # a .gguf model (llama.cpp) needs llama-cpp-python built on the device: not pushed
+        raise ValueError(f"{getattr(others[0], 'path', others[0])}: only itera bundles run on devices "
+                         "(--host/--device-profile/--fleet); measure .gguf files locally")
     threads_given = ctx.get_parameter_source("threads") == click.core.ParameterSource.COMMANDLINE
     skip = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
     backend_given = ("energy_backend" in ctx.params

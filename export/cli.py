@@ -18,15 +18,32 @@ from .quantize import SCHEMES
               help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, or the portable ai.itera functions")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
+              help="onnx: a bundle folder; gguf: one file for llama.cpp (baseline only, f32/q8_0/q4_0)")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def main(checkpoint, out, quantize, lower, validate_text, force, as_json):
+def main(checkpoint, out, quantize, lower, validate_text, fmt, force, as_json):
     """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
     from itera_lite.checkpoint import CheckpointError
     from itera_runtime.bundle import BundleError
 
     from .exporter import ExportError, export_checkpoint
+    from .gguf import GgufError, export_gguf
 
+    if fmt == "gguf":
+        try:
+            summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
+                                  log=lambda m: click.echo(f"· {m}", err=True))
+        except (GgufError, CheckpointError, ExportError) as e:
+            click.echo("error: " + " ".join(str(e).split()), err=True)
+            sys.exit(1)
+        if as_json:
+            import json
+
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            click.echo(f"{summary['path']}: GGUF {summary['file_type']}, {summary['bytes'] / 1e6:.2f} MB")
+        return
     try:
         path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, lower=lower, force=force,
                                            validate_text=validate_text,
