@@ -260,7 +260,9 @@ class HostRun:
                     raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}",
                                    tail_lines(r.stderr))
                 try:
-                    records = parse(r.stdout.decode("utf-8"), "jsonl")
+                    # rows only: a login script that echoes something must not break the parse
+                    rows = [ln for ln in r.stdout.decode("utf-8").splitlines() if ln.startswith("{")]
+                    records = parse("\n".join(rows), "jsonl")
                 except (ValueError, TypeError) as e:
                     raise SshError(f"itera-bench on {p.host} printed rows that do not parse ({e})",
                                    tail_lines(r.stderr)) from None

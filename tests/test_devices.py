@@ -217,6 +217,10 @@ def test_push_install_bench_pull_then_nothing_then_only_the_change(device, env, 
     assert third.returncode == 0, third.stderr
     want = (changed / "tokenizer.json").stat().st_size + (changed / "manifest.json").stat().st_size
     assert _pushed(third.stderr, "dev") == (2, want)  # tokenizer + manifest, nothing else
+    step = subprocess.run([*BENCH[:-1], "step", str(tiny_itera.bundle), "-n", "8", "-d", "0", "-r", "2",
+                           "--device-profile", str(prof), "-o", "jsonl"], capture_output=True, text=True, env=env)
+    assert step.returncode == 0, step.stderr  # any subcommand, not only latency
+    assert [(r.host, r.kind, r.test) for r in parse(step.stdout, "jsonl")] == [("dev", "step", "step@d0")]
     print(f"\nupload: first run {files1} files {bytes1:,} B; second 0 B; changed bundle 2 files {want:,} B")
     print(first.stderr)
 
