@@ -113,7 +113,12 @@ def _energy():
             paranoid = f.read().strip()
     except OSError:
         paranoid = "?"
-    out["perf"] = ("perf at %s, perf_event_paranoid=%s" % (perf, paranoid)) if perf else "absent (no perf)"
+    if not perf:
+        out["perf"] = "absent (no perf)"
+    elif os.geteuid() == 0 or (paranoid.lstrip("-").isdigit() and int(paranoid) <= 0):
+        out["perf"] = "readable"  # system-wide power/energy-* events need root or paranoid <= 0
+    else:
+        out["perf"] = "perf present, perf_event_paranoid=%s (energy events need <= 0 or root)" % paranoid
     return out
 
 

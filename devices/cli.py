@@ -52,6 +52,20 @@ def bundle_requires(path: str) -> tuple[str | None, bool]:
     return version, bool(alt)
 
 
+def requires_verdict(needs: str | None, have: str | None, portable: bool) -> tuple[str, bool]:
+    """(what to say about a bundle's onnxruntime needs on a device that has `have`, whether it runs)."""
+    if needs is None:
+        return "requires unknown: the bundle's manifest has no `requires` (made before it was recorded)", True
+    if _version(have) is None:
+        return f"needs onnxruntime >= {needs}; the device has none", False
+    if _version(have) >= _version(needs):
+        return f"ok: needs onnxruntime >= {needs}, device has {have}", True
+    if portable:
+        return f"device has onnxruntime {have} < {needs}: the bundle's portable graph set will run instead", True
+    return (f"bundle needs onnxruntime >= {needs}, device has {have}: upgrade onnxruntime there, "
+            "or export a portable bundle"), False
+
+
 def check_device(profile: Profile, bundle: str | None = None, index: bool = True) -> dict:
     """Everything `check` reports, as one dict (the --json output)."""
     from .remote import agent_call
@@ -80,17 +94,9 @@ def check_device(profile: Profile, bundle: str | None = None, index: bool = True
     if bundle is not None:
         needs, portable = bundle_requires(bundle)
         have = ort_installed or wheels["onnxruntime_wheel"]
-        if needs is None:
-            verdict = "unknown: the bundle's manifest has no `requires` (made before it was recorded)"
-        elif _version(have) is None:
-            verdict = f"needs onnxruntime >= {needs}; the device has none"
-        elif _version(have) >= _version(needs):
-            verdict = f"ok: needs onnxruntime >= {needs}, device has {have}"
-        elif portable:
-            verdict = f"device has {have} < {needs}: the bundle's portable graph set will run instead"
-        else:
-            verdict = f"device has {have} < {needs}: upgrade onnxruntime there, or export a portable bundle"
-            blockers.append(f"bundle needs onnxruntime >= {needs}, device has {have}")
+        verdict, ok = requires_verdict(needs, have, portable)
+        if not ok:
+            blockers.append(verdict)
         out["bundle"] = {"path": bundle, "requires_onnxruntime": needs, "portable_set": portable, "verdict": verdict}
     out["blockers"] = blockers
     return out

@@ -133,6 +133,43 @@ def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_pat
                                   and p.name not in skip for p in cmd.params)
 
 
+def test_requires_verdict_against_the_device_version(tmp_path, tiny_baseline):
+    from itera_devices.cli import bundle_requires, requires_verdict
+
+    assert requires_verdict("1.24.4", "1.32.0", False)[1]
+    assert requires_verdict("1.24.4", "1.9.0", False) == (
+        "bundle needs onnxruntime >= 1.24.4, device has 1.9.0: upgrade onnxruntime there, "
+        "or export a portable bundle", False)
+    assert requires_verdict("1.24.4", "1.20.1", True)[1]  # the portable set runs
+    assert requires_verdict("1.24.4", None, False)[1] is False
+    text, ok = requires_verdict(None, "1.20.1", False)
+    assert ok and "requires unknown" in text
+    # a manifest that records it (the key newer exporters write) is read, an older one is not
+    from itera_runtime.bundle import MANIFEST_NAME
+
+    b = tmp_path / "b"
+    shutil.copytree(tiny_baseline.bundle, b)
+    assert bundle_requires(str(b)) == (None, False)
+    d = json.loads((b / MANIFEST_NAME).read_text())
+    d["requires"] = {"onnxruntime": "1.24.4", "ops": {}}
+    (b / MANIFEST_NAME).write_text(json.dumps(d))
+    assert bundle_requires(str(b))[0] == "1.24.4"
+
+
+def test_devices_cli_lists_profiles_and_refuses_an_unreachable_host(tmp_path):
+    from sshd import free_port
+
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path)}
+    (tmp_path / "itera-lite" / "devices").mkdir(parents=True)
+    (tmp_path / "itera-lite" / "devices" / "mine.toml").write_text(f'host = "127.0.0.1"\nport = {free_port()}\n')
+    r = subprocess.run([sys.executable, "-m", "itera_devices.cli", "profiles"], capture_output=True, text=True, env=env)
+    assert r.returncode == 0 and [ln.split()[0] for ln in r.stdout.splitlines()] == ["laptop", "mine", "pi4", "pi5"]
+    r = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", "mine"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 1 and r.stdout == ""
+    assert r.stderr.startswith("error: mine: connection refused by 127.0.0.1 port ")
+
+
 def test_builtin_profile_files_are_shipped():
     assert sorted(p.name for p in BUILTIN_DIR.glob("*.toml")) == ["laptop.toml", "pi4.toml", "pi5.toml"]
 
