@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,8 +105,10 @@ def base_wheel() -> Wheel | None:
             # SOURCE_DATE_EPOCH pins the zip timestamps: the same source gives the same bytes, so
             # the device's content-addressed cache recognises it.
             env = {**os.environ, "SOURCE_DATE_EPOCH": "315532800"}
-            r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(built), str(src)],
-                               capture_output=True, text=True, env=env)
+            cmd = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(built), str(src)]
+            r = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            if r.returncode:  # no index for the isolated build env (offline): this env's setuptools
+                r = subprocess.run([*cmd, "--no-build-isolation"], capture_output=True, text=True, env=env)
             wheels = sorted(built.glob("itera_lite-*.whl"))
             if r.returncode or not wheels:
                 raise DeviceRunError("could not build the itera-lite wheel to push: "
@@ -116,6 +119,29 @@ def base_wheel() -> Wheel | None:
             os.replace(tmp_dest, out / wheels[0].name)
         found = sorted(out.glob("itera_lite-*.whl"))
     return Wheel(found[0], sha256_file(found[0]), git_commit())
+
+
+class LazyWheel:
+    """The base wheel, built by the first host that gets past connecting (so an unreachable
+    host fails fast, and a fleet builds it once)."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._done = False
+        self._wheel: Wheel | None = None
+        self._error: DeviceRunError | None = None
+
+    def get(self) -> Wheel | None:
+        with self._lock:
+            if not self._done:
+                try:
+                    self._wheel = base_wheel()
+                except DeviceRunError as e:
+                    self._error = e
+                self._done = True
+        if self._error is not None:
+            raise self._error
+        return self._wheel
 
 
 @dataclass
@@ -194,10 +220,11 @@ def agent_call(conn: Connection, command: str, *args: str, feed=None) -> dict:
 class HostRun:
     """Everything one host does; `kill()` stops it from another thread."""
 
-    def __init__(self, profile: Profile, wheel: Wheel | None, specs: list[BundleSpec], subcommand: str,
+    def __init__(self, profile: Profile, wheel: LazyWheel, specs: list[BundleSpec], subcommand: str,
                  options: tuple[list[str], dict[int, Path]], requirement: str):
         self.profile = profile
-        self.wheel = wheel
+        self.lazy_wheel = wheel
+        self.wheel: Wheel | None = None
         self.specs = specs
         self.subcommand = subcommand
         self.options, self.option_files = options  # option files: argv index → local file to push
@@ -223,6 +250,7 @@ class HostRun:
                 self.conn.kill()
             with self.conn:
                 self.conn.connect()
+                self.wheel = self.lazy_wheel.get()
                 objects = objects_of(self.wheel, self.specs)
                 shas = {i: sha256_file(f) for i, f in self.option_files.items()}
                 objects.update({shas[i]: f for i, f in self.option_files.items()})
@@ -272,6 +300,8 @@ class HostRun:
             res.error, res.tail = str(e), e.tail
             if self._killed:
                 res.error = "interrupted"
+        except DeviceRunError as e:
+            res.error = str(e)
         except Exception as e:  # noqa: BLE001  one host's surprise must not take the fleet's rows with it
             res.error = f"{type(e).__name__}: {e}"
         finally:
@@ -326,7 +356,7 @@ def run_hosts(profiles: list[Profile], bundles: list[Bundle], subcommand: str,
               options_for: callable, log=None) -> tuple[list[HostResult], bool]:
     """Every host in parallel; (results in profile order, interrupted by Ctrl-C)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    wheel = base_wheel()
+    wheel = LazyWheel()
     from importlib import metadata
 
     requirement = f"itera-lite=={metadata.version('itera-lite')}"

@@ -96,7 +96,10 @@ SetEnv PYTHONPATH={site} PIP_NO_INDEX=1 PIP_CONFIG_FILE=/dev/null PIP_DISABLE_PI
     def start(self) -> None:
         if not os.path.exists(SSHD):
             raise RuntimeError(f"{SSHD} not found: install openssh-server (apt-get install -y openssh-server)")
-        os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory
+        try:
+            os.makedirs("/run/sshd", exist_ok=True)  # sshd's privilege-separation directory (root only)
+        except OSError:
+            pass  # not root: sshd says what it lacks, and start() fails with its log
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(self.config)], stdout=log, stderr=log)
         for _ in range(200):

@@ -86,9 +86,9 @@ def test_bad_profile_from_the_cli(tmp_path):
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: ") and "'energy'" in r.stderr
 
 
-def test_host_that_looks_like_an_option_runs_nothing(tmp_path, tiny_baseline):
+def test_host_that_looks_like_an_option_runs_nothing(tmp_path):
     marker = tmp_path / "pwned"
-    r = subprocess.run([*BENCH, str(tiny_baseline.bundle), "--host", f"-oProxyCommand=touch {marker}"],
+    r = subprocess.run([*BENCH, str(tmp_path), "--host", f"-oProxyCommand=touch {marker}"],
                        capture_output=True, text=True)
     assert r.returncode == 1 and r.stderr.startswith("error: ") and "'host'" in r.stderr
     assert not marker.exists()
