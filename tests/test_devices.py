@@ -410,3 +410,16 @@ def test_slow_host_times_out_and_ctrl_c_keeps_finished_hosts(device, env, tiny_b
     assert "error: b (" in err and "timed out after 4 s" in err, err
     assert "error: c (" in err and "interrupted" in err, err
 
+
+
+@pytest.mark.slow
+def test_a_failing_remote_bench_brings_back_its_stderr(device, env, tiny_baseline, tmp_path):
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    r = subprocess.run([*BENCH, str(tiny_baseline.bundle), "-p", "8", "-n", "4", "-d", "1000000", "-r", "1",
+                        "--device-profile", str(prof)], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 1
+    lines = r.stderr.splitlines()
+    i = next(i for i, ln in enumerate(lines) if ln.startswith("error: dev ("))
+    assert "itera-bench latency exited 1" in lines[i]
+    assert any(ln.startswith("  | error: ") and "max_seq_len" in ln for ln in lines[i + 1:]), r.stderr
