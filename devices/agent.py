@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import shutil
+import struct
 import subprocess
 import sys
 import tarfile
@@ -134,6 +135,8 @@ def probe(root, shas):
                              stderr=subprocess.DEVNULL).returncode == 0
     return {
         "machine": platform.machine(),
+        # a 64-bit kernel under a 32-bit userland (older Raspberry Pi OS) says aarch64 above
+        "python_bits": struct.calcsize("P") * 8,
         "python": platform.python_version(),
         "python_ok": sys.version_info[:2] >= MIN_PYTHON,
         "executable": sys.executable,

@@ -77,6 +77,8 @@ def check_device(profile: Profile, bundle: str | None = None, index: bool = True
     blockers: list[str] = []
     if profile.arch and facts["machine"] != profile.arch:
         blockers.append(f"architecture is {facts['machine']}, the profile expects {profile.arch}")
+    if facts.get("python_bits") == 32:
+        blockers.append("32-bit Python (PyPI has no 32-bit ARM onnxruntime wheels): install the 64-bit OS")
     if not facts["python_ok"]:
         blockers.append(f"Python {facts['python']} is older than 3.10 (set `python` in the profile)")
     if not facts["venv_module"]:
@@ -115,7 +117,8 @@ def render(report: dict, profile: Profile) -> str:
         f"  architecture  {arch}",
         f"  os            {f['os']} ({f['system']})",
         f"  cpu           {f['cpu']}, {f['cores']} cores",
-        f"  python        {f['executable']} {f['python']}{'' if f['python_ok'] else ' (too old: 3.10+ needed)'}; "
+        f"  python        {f['executable']} {f['python']} ({f.get('python_bits')}-bit)"
+        f"{'' if f['python_ok'] else ' (too old: 3.10+ needed)'}; "
         f"venv module {'yes' if f['venv_module'] else 'no'}; pip {'yes' if f['pip'] else 'no'}",
         "  onnxruntime   " + (f"{ort['installed']} {ort['where']}" if ort["installed"] else "not installed")
         + "; wheel pip finds: " + (ort["installable_wheel"] or f"none ({ort['detail']})"),

@@ -323,6 +323,8 @@ class HostRun:
                      "cores": f.get("cores"), "os": f.get("os"), "system": f.get("system"),
                      "python": f.get("python"), "onnxruntime": f.get("onnxruntime"), "remote_bundle": remote},
             "wheel": None if self.wheel is None else {"name": self.wheel.name, "sha256": self.wheel.sha256},
+            "push": {"files": self.result.uploaded_files, "bytes": self.result.uploaded_bytes,
+                     "already_there": self.result.cached_files, "installed": self.result.installed},
         }
         return rec
 

@@ -247,6 +247,9 @@ def test_push_install_bench_pull_then_nothing_then_only_the_change(device, env, 
     second = _bench([tiny_itera.bundle], "--device-profile", prof, "-o", "jsonl", env=env)
     assert second.returncode == 0, second.stderr
     assert _pushed(second.stderr, "dev") == (0, 0) and "venv up to date" in second.stderr
+    assert rows[0].provenance["push"]["bytes"] == bytes1
+    assert parse(second.stdout, "jsonl")[0].provenance["push"] == {"files": 0, "bytes": 0, "already_there": files1,
+                                                                    "installed": False}
     assert len(parse(second.stdout, "jsonl")) == 2
 
     changed = _changed_copy(tiny_itera.bundle, tmp_path / "changed")
