@@ -242,6 +242,7 @@ class HostRun:
         return agent_call(self.conn, command, *args, feed=feed)
 
     def run(self) -> HostResult:
+        """Connect, push what is missing, prepare, bench, bring the rows back; never raises."""
         res, p = self.result, self.profile
         start = time.monotonic()
         try:
@@ -251,49 +252,13 @@ class HostRun:
             with self.conn:
                 self.conn.connect()
                 self.wheel = self.lazy_wheel.get()
-                objects = objects_of(self.wheel, self.specs)
                 shas = {i: sha256_file(f) for i, f in self.option_files.items()}
-                objects.update({shas[i]: f for i, f in self.option_files.items()})
-                facts = self._agent("probe", *objects)
-                res.facts = facts
-                if p.arch and facts["machine"] != p.arch:
-                    raise SshError(f"{p.host} is {facts['machine']}, but profile {p.name} expects {p.arch} "
-                                   f"(wrong host in {p.source}?)")
-                if not facts["python_ok"]:
-                    raise SshError(f"{p.python} on {p.host} is Python {facts['python']}; itera-lite needs "
-                                   f"{'.'.join(map(str, agent.MIN_PYTHON))} or newer (set `python` in the profile)")
-                missing = facts["missing"]
-                res.cached_files = len(objects) - len(missing)
-                if missing:
-                    got = self._agent("receive", feed=_tar_feed(objects, missing))
-                    res.uploaded_files, res.uploaded_bytes = got["received"], got["bytes"]
-                spec = {
-                    "wheel": None if self.wheel is None else {"sha256": self.wheel.sha256, "name": self.wheel.name},
-                    "requirement": self.requirement,
-                    "bundles": [{"key": s.key, "name": s.name, "files": s.files} for s in self.specs],
-                    "files": [{"sha256": shas[i], "name": f.name} for i, f in self.option_files.items()],
-                    "pip_args": p.pip_args,
-                    "system_site_packages": p.system_site_packages,
-                }
-                prep = self._agent("prepare", json.dumps(spec))
-                res.installed = prep["installed"]
-                facts["onnxruntime"] = prep["onnxruntime"]
-                remote_paths = [prep["bundles"][f"{s.key}/{s.name}"] for s in self.specs]
+                prep = self._push_and_prepare(shas)
                 options = list(self.options)
                 for i in self.option_files:
                     options[i] = prep["files"][shas[i]]
-                argv = [prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"]
-                r = self.conn.run(argv, check=False)
-                if r.returncode not in (0, 130):
-                    raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}",
-                                   tail_lines(r.stderr))
-                try:
-                    # rows only: a login script that echoes something must not break the parse
-                    rows = [ln for ln in r.stdout.decode("utf-8").splitlines() if ln.startswith("{")]
-                    records = parse("\n".join(rows), "jsonl")
-                except (ValueError, TypeError) as e:
-                    raise SshError(f"itera-bench on {p.host} printed rows that do not parse ({e})",
-                                   tail_lines(r.stderr)) from None
+                remote_paths = [prep["bundles"][f"{s.key}/{s.name}"] for s in self.specs]
+                records = self._bench([prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"])
                 local_of = {rp: str(s.bundle.path) for rp, s in zip(remote_paths, self.specs)}
                 res.records = [self._stamp(rec, local_of) for rec in records]
         except SshError as e:
@@ -307,6 +272,50 @@ class HostRun:
         finally:
             res.seconds = time.monotonic() - start
         return res
+
+    def _push_and_prepare(self, option_shas: dict[int, str]) -> dict:
+        """Probe, send the objects the device lacks, lay out bundles and the venv; prepare's answer."""
+        res, p = self.result, self.profile
+        objects = objects_of(self.wheel, self.specs)
+        objects.update({option_shas[i]: f for i, f in self.option_files.items()})
+        facts = res.facts = self._agent("probe", *objects)
+        if p.arch and facts["machine"] != p.arch:
+            raise SshError(f"{p.host} is {facts['machine']}, but profile {p.name} expects {p.arch} "
+                           f"(wrong host in {p.source}?)")
+        if not facts["python_ok"]:
+            raise SshError(f"{p.python} on {p.host} is Python {facts['python']}; itera-lite needs "
+                           f"{'.'.join(map(str, agent.MIN_PYTHON))} or newer (set `python` in the profile)")
+        missing = facts["missing"]
+        res.cached_files = len(objects) - len(missing)
+        if missing:
+            got = self._agent("receive", feed=_tar_feed(objects, missing))
+            res.uploaded_files, res.uploaded_bytes = got["received"], got["bytes"]
+        spec = {
+            "wheel": None if self.wheel is None else {"sha256": self.wheel.sha256, "name": self.wheel.name},
+            "requirement": self.requirement,
+            "bundles": [{"key": s.key, "name": s.name, "files": s.files} for s in self.specs],
+            "files": [{"sha256": option_shas[i], "name": f.name} for i, f in self.option_files.items()],
+            "pip_args": p.pip_args,
+            "system_site_packages": p.system_site_packages,
+        }
+        prep = self._agent("prepare", json.dumps(spec))
+        res.installed = prep["installed"]
+        facts["onnxruntime"] = prep["onnxruntime"]
+        return prep
+
+    def _bench(self, argv: list[str]) -> list[Record]:
+        """The device's itera-bench; its JSON-lines rows."""
+        p = self.profile
+        r = self.conn.run(argv, check=False)
+        if r.returncode not in (0, 130):  # 130: Ctrl-C there, rows so far are marked interrupted
+            raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}", tail_lines(r.stderr))
+        # rows only: a login script that echoes something must not break the parse
+        rows = [ln for ln in r.stdout.decode("utf-8", "replace").splitlines() if ln.startswith("{")]
+        try:
+            return parse("\n".join(rows), "jsonl")
+        except (ValueError, TypeError) as e:
+            raise SshError(f"itera-bench on {p.host} printed rows that do not parse ({e})",
+                           tail_lines(r.stderr)) from None
 
     def _stamp(self, rec: Record, local_of: dict[str, str]) -> Record:
         """The host and what it is on the row; the bundle as the user named it here."""
