@@ -3,6 +3,10 @@
     itera-bench latency BUNDLE... -p 512 -n 64 -d 128,2048 -t 1,2 -r 5 -o md
     itera-bench step BUNDLE... -d 128,2048            # the raw decode step, µs per token
     itera-bench profile BUNDLE... -d 128 -t 1         # per op type / layer / Python overhead
+    itera-bench memory BUNDLE... -d 0,512,2048        # peak RSS of a fresh process; state bytes
+    itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
+    itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
+    itera-bench energy BUNDLE... -p 128 -n 64         # J/token gross and net of idle; CPU time always
     itera-bench latency BUNDLE... --host pi@pi5.local # any subcommand, on a device over ssh
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
@@ -13,10 +17,12 @@ across repetitions; every row carries its provenance. Errors a user can cause en
 from __future__ import annotations
 
 import functools
+import os
 import sys
 
 import click
 
+from .energy import BACKENDS as ENERGY_BACKENDS
 from .record import FORMATS, Record, format_records
 
 
@@ -181,6 +187,99 @@ def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
     from .profile import profile_bundle
 
     return [r for b in bundles for t in threads for d in n_depth for r in profile_bundle(b, d, n_steps, t)]
+
+
+@main.command()
+@bench_command
+@click.option("-d", "--n-depth", default="0,512,2048", show_default=True, callback=_list(True),
+              help="tokens of context before generating (list)")
+@click.option("-n", "--n-gen", default=64, show_default=True, type=click.IntRange(1), help="tokens generated")
+def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
+    """Peak RSS of a fresh process that loads each BUNDLE and generates; carried state by depth."""
+    from .memory import memory_cases, state_records
+    from .sweep import run_cases
+
+    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory")
+    return measured + state_records(bundles, n_depth, n_gen, measured)
+
+
+@main.command()
+@bench_command
+@click.option("--data", default="shakespeare", show_default=True,
+              help="corpus name (shakespeare, hf:NAME) or a text FILE")
+@click.option("--split", type=click.Choice(["train", "val", "test"]), default=None,
+              help="split of the corpus, as training cut it [default: test; a FILE: the whole file]")
+@click.option("--window", default=256, show_default=True, type=click.IntRange(2),
+              help="most tokens one prediction sees (the same rule for both families)")
+@click.option("--stride", default=None, type=click.IntRange(1),
+              help="tokens scored per window [default: window/2; = window: disjoint windows]")
+@click.option("--carry-state", is_flag=True,
+              help="SSM bundles carry their state through the whole text (KV bundles keep the window)")
+@click.option("--max-tokens", default=None, type=click.IntRange(2), help="score only the text's first N tokens")
+@click.option("--reference", default=None, type=click.Path(path_type=str),
+              help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
+def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, reference):
+    """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime (deterministic: run once)."""
+    from .quality import quality_records
+
+    if reference is not None and all(os.path.normpath(reference) != os.path.normpath(str(b.path)) for b in bundles):
+        raise ValueError(f"--reference {reference} is not one of the bundles measured")
+    if stride is not None and stride > window:
+        raise ValueError(f"--stride {stride} is larger than --window {window}")
+    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference)
+
+
+@main.command()
+@bench_command
+@click.option("-d", "--n-depth", default="0,128,2048", show_default=True, callback=_list(True),
+              help="tokens of context before the decoded token (list)")
+def flops(bundles, threads, repetitions, warmup, n_depth):
+    """FLOPs per decoded token of each BUNDLE at each depth: counted from the graph and analytic."""
+    from .flops import flops_records
+
+    return flops_records(bundles, n_depth)
+
+
+@main.command()
+@bench_command
+@click.option("-p", "--n-prompt", default="128", show_default=True, callback=_list(True),
+              help="prompt tokens per prefill test (list; 0 skips)")
+@click.option("-n", "--n-gen", default="64", show_default=True, callback=_list(True),
+              help="tokens per generation test (list; 0 skips)")
+@click.option("-d", "--n-depth", default="0", show_default=True, callback=_list(True),
+              help="tokens already in the context (list)")
+@click.option("--energy-backend", type=click.Choice(ENERGY_BACKENDS), default="auto", show_default=True,
+              help="auto: the first of powercap, pi5-pmic, perf that reads here")
+@click.option("--energy-domains", default=None,
+              help="powercap/perf/pyrapl domains, comma-separated: package,dram,core,uncore,psys "
+                   "[default: package,dram; perf: package]")
+@click.option("--min-time", default=2.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="seconds each measurement window lasts at least (the loop repeats inside it)")
+@click.option("--idle", "idle_s", default=3.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="seconds of idle baseline before and after the sweep")
+@click.option("--sample-interval", default=None, type=click.FloatRange(0, min_open=True),
+              help="background sampling interval, s [default: powercap: a quarter of the fastest wrap "
+                   "time, at most 1 s; pi5-pmic: 0.1]")
+@click.option("--estimate", is_flag=True,
+              help="without a counter, also estimate joules from CPU time (stored estimated: true, shown (est.))")
+@click.option("--tdp-per-core-w", default=10.0, show_default=True, type=click.FloatRange(0, min_open=True),
+              help="the assumed watts per busy core that --estimate uses")
+@click.option("--powercap-root", default="/sys/class/powercap", show_default=True,
+              help="where the powercap zones are (another sysfs mount, or a test tree)")
+@click.option("--vcgencmd", default="vcgencmd", show_default=True, help="the vcgencmd to run (pi5-pmic)")
+def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, energy_backend, energy_domains,
+           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd):
+    """Joules per token (gross, net of idle) for prefill and decode; CPU time per token always."""
+    from .energy import EnergyOptions, run_energy
+
+    domains = tuple(d.strip() for d in energy_domains.split(",") if d.strip()) if energy_domains else None
+    opts = EnergyOptions(energy_backend, domains, min_time, idle_s, sample_interval, estimate, tdp_per_core_w,
+                         powercap_root, vcgencmd)
+    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts)
+    note = next((r.extra["energy"] for r in records if "energy" in r.extra), None)
+    if note:
+        click.echo(f"energy: {note}", err=True)
+    return records
 
 
 if __name__ == "__main__":

@@ -258,6 +258,10 @@ class HostRun:
                 for i in self.option_files:
                     options[i] = prep["files"][shas[i]]
                 remote_paths = [prep["bundles"][f"{s.key}/{s.name}"] for s in self.specs]
+                remote_of = {os.path.normpath(str(s.bundle.path)): rp for s, rp in zip(self.specs, remote_paths)}
+                for i, v in enumerate(options):  # an option naming a bundle (quality --reference)
+                    if i not in self.option_files and os.path.normpath(v) in remote_of and os.path.isdir(v):
+                        options[i] = remote_of[os.path.normpath(v)]
                 records = self._bench([prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"])
                 local_of = {rp: str(s.bundle.path) for rp, s in zip(remote_paths, self.specs)}
                 res.records = [self._stamp(rec, local_of) for rec in records]
@@ -415,9 +419,9 @@ def remote_options(ctx, skip: set[str], overrides: dict | None = None) -> tuple[
     Built from click's own parameter list, so a subcommand added later is covered without
     knowing its options: lists come back comma-joined (as `-p 128,512` went in), flags as
     flags, anything named in `skip` (bundles, threads, output, the device options) is left
-    out, `overrides` replace values. Returns (argv, {argv index: local file}): a file given
-    on the command line to a path option (e.g. a text to score) is pushed like a bundle file
-    and its device path put in its place.
+    out, `overrides` replace values. Returns (argv, {argv index: local file}): a file typed
+    on the command line as an option's value (e.g. a text to score) is pushed like a bundle
+    file and its device path put in its place (the local command would read that file too).
     """
     import click
 
@@ -439,8 +443,8 @@ def remote_options(ctx, skip: set[str], overrides: dict | None = None) -> tuple[
         given = ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
         for v in (value if param.multiple else [value]):
             argv.append(flag)
-            if isinstance(param.type, click.Path) and given and os.path.isfile(str(v)):
-                files[len(argv)] = Path(str(v))
+            if given and isinstance(v, str) and os.path.isfile(v):
+                files[len(argv)] = Path(v)
             argv.append(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
     return argv, files
 

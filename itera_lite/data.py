@@ -499,3 +499,26 @@ def bits_per_byte(mean_loss_nats: float, n_tokens: int, n_bytes: int) -> float:
 def perplexity(mean_loss_nats: float) -> float:
     """Per-token perplexity, exp(mean loss); only comparable at equal vocab size."""
     return math.exp(mean_loss_nats)
+
+
+# -------------------------------------------------------------- evaluation outside training
+
+
+def read_document(path: str | Path) -> Document:
+    """One text file as a Document, normalised as every corpus text is."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise DataError(f"no such file: {path}")
+    return Document(path.name, _text(path.read_bytes()))
+
+
+def encode_documents(tokenizer: Tokenizer, docs: list[Document]) -> np.ndarray:
+    """Ids of the documents joined with DOC_SEPARATOR, encoded exactly as prepare_data encodes a split.
+
+    Used by torch-free evaluation (itera-bench quality), so a bundle is scored on the same
+    ids training evaluated on; this module imports no torch.
+    """
+    pieces = list(_chunks(docs))
+    if not pieces:
+        return np.zeros(0, dtype=np.int64)
+    return np.concatenate([np.asarray(e.ids, dtype=np.int64) for e in tokenizer.encode_batch(pieces)])

@@ -98,11 +98,9 @@ def token_byte_lengths(tokenizer_json: str) -> np.ndarray:
     """UTF-8 byte length of every token id, so bits/byte is exact on any slice of text."""
     from tokenizers import Tokenizer
 
-    from itera_runtime.textstream import TextStreamer
+    from itera_runtime.textstream import token_byte_lengths as lengths
 
-    tok = Tokenizer.from_str(tokenizer_json)
-    streamer = TextStreamer(tok)
-    return np.array([len(streamer.decode_bytes([i])) for i in range(tok.get_vocab_size())], dtype=np.int64)
+    return lengths(Tokenizer.from_str(tokenizer_json))
 
 
 @torch.no_grad()

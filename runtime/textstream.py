@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from tokenizers import Tokenizer
 
-__all__ = ["TextStreamer", "bytes_to_unicode"]
+__all__ = ["TextStreamer", "bytes_to_unicode", "token_byte_lengths"]
 
 
 def bytes_to_unicode() -> dict[int, str]:
@@ -84,3 +84,15 @@ class TextStreamer:
         text = self._decoder.decode(b"", final=True)
         self._decoder.reset()
         return text
+
+
+def token_byte_lengths(tokenizer: Tokenizer) -> "np.ndarray":
+    """UTF-8 byte length of every token id, so bits/byte is exact on any slice of text.
+
+    The one definition of a token's bytes for bits per byte, in training's evaluation and
+    in `itera-bench quality` alike.
+    """
+    import numpy as np
+
+    streamer = TextStreamer(tokenizer)
+    return np.array([len(streamer.token_bytes(i)) for i in range(tokenizer.get_vocab_size())], dtype=np.int64)

@@ -110,19 +110,21 @@ def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_pat
         if "bundles" not in names or "device_profiles" not in names:
             continue  # not a bench_command
         args = ["b1", "b2", "-r", "3", "--no-warmup"]
-        for p in cmd.params:  # give every list option two values and every file option a file
+        for p in cmd.params:  # give every list option two values and every path option a file
             if isinstance(p, click.Option) and p.name not in skip and p.callback is not None and not p.is_flag:
                 args += [max(p.opts, key=len), "1,2"]
             elif isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.name not in skip:
                 args += [max(p.opts, key=len), str(text)]
+        if "data" in names:  # a str option that takes a corpus name or a FILE (quality --data)
+            args += ["--data", str(text)]
         ctx = cmd.make_context(name, list(args))
         argv, files = remote_options(ctx, skip)
         again = cmd.make_context(name, ["b1", "b2", *argv])
         for key in names - skip:
             assert again.params[key] == ctx.params[key], (name, key)
         assert all(argv[i] == str(text) for i in files)  # files to push, by argv position
-        assert bool(files) == any(isinstance(p, click.Option) and isinstance(p.type, click.Path)
-                                  and p.name not in skip for p in cmd.params)
+        assert bool(files) == ("data" in names or any(isinstance(p, click.Option) and isinstance(p.type, click.Path)
+                                                      and p.name not in skip for p in cmd.params))
 
 
 def test_requires_verdict_against_the_device_version(tmp_path, tiny_baseline):
@@ -384,3 +386,27 @@ def test_a_failing_remote_bench_brings_back_its_stderr(device, device_env, tiny_
     i = next(i for i, ln in enumerate(lines) if ln.startswith("error: dev ("))
     assert "itera-bench latency exited 1" in lines[i]
     assert any(ln.startswith("  | error: ") and "max_seq_len" in ln for ln in lines[i + 1:]), r.stderr
+
+
+@pytest.mark.slow
+def test_quality_over_ssh_pushes_its_text_and_maps_its_reference(device, device_env, tiny_itera, tiny_baseline,
+                                                                 tmp_path):
+    """Options naming local things reach the device as device paths: the text file is pushed,
+    --reference names the device's copy of that bundle."""
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    text = tmp_path / "my text.txt"
+    text.write_text("To be, or not to be, that is the question. " * 20)
+    args = ["quality", str(tiny_itera.bundle), str(tiny_baseline.bundle), "--data", str(text), "--window", "32",
+            "--max-tokens", "128", "--reference", str(tiny_baseline.bundle), "-o", "jsonl"]
+    local = subprocess.run([*BENCH[:-1], *args], capture_output=True, text=True, env=device_env, timeout=600)
+    remote = subprocess.run([*BENCH[:-1], *args, "--device-profile", str(prof)], capture_output=True, text=True,
+                            env=device_env, timeout=600)
+    assert local.returncode == 0, local.stderr
+    assert remote.returncode == 0, remote.stderr
+    here = {(r.bundle, r.metric): r.median for r in parse(local.stdout, "jsonl")}
+    there = {(r.bundle, r.metric): r.median for r in parse(remote.stdout, "jsonl")}
+    assert here.keys() == there.keys() and len(here) >= 2
+    for k in here:  # the same text scored by the same bundles: the same numbers
+        assert there[k] == pytest.approx(here[k], rel=1e-6), k
+    assert _pushed(remote.stderr, "dev")[0] >= 1  # the text (the bundles may already be there)

@@ -1,0 +1,186 @@
+"""Loss, perplexity and bits per byte of a bundle through onnxruntime (no torch).
+
+Text: the held-out split of a corpus (`--data shakespeare --split test`: the same documents
+and the same ids training evaluated on, via `itera_lite.data`, which imports no torch) or a
+text file (`--data FILE`: the whole file; `--split` cuts it as training would).
+
+The window rule, the same for both families. Every token after the first is scored once.
+Targets are taken in blocks of `stride` tokens; each block is predicted by one prefill of
+up to `window` input tokens ending just before its last target, started from an empty state
+(fresh SSM state, empty KV cache), and only the block's last `stride` positions are scored.
+So every scored token sees between `window - stride` and `window - 1` tokens of context
+(fewer at the start of the text). With `stride == window` the blocks are disjoint windows,
+exactly what training's `evaluate` computes; with a smaller stride this is the strided
+sliding window of Hugging Face's perplexity guide, costing window / stride prefills per token.
+
+`carry_state=True` (SSM only): the whole text runs through the prefill graph once, in
+chunks of `window` with the state carried, so every token sees everything before it. A KV
+cache cannot grow past the model's context, so KV bundles keep the window rule; the record
+says which rule each bundle got (`extra.context`).
+
+Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored tokens
+(`token_byte_lengths`, the same definition as training's), so models with different
+tokenizers are compared on the same text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from itera_runtime.bundle import Bundle
+from itera_runtime.session import PREFILL_CHUNK, ModelSession
+
+from .record import Record
+from .sweep import bundle_fields, stamp
+
+DEFAULT_WINDOW = 256  # training's default seq_len: the context the tiny models were evaluated at
+METRICS = (("bits_per_byte", "bit/B"), ("loss", "nat/token"), ("perplexity", "ppl"))
+
+
+@dataclass
+class Score:
+    """Summed negative log-likelihood of the scored tokens and what it was over."""
+
+    nats: float
+    n_tokens: int
+    n_bytes: int
+
+    @property
+    def loss(self) -> float:
+        return self.nats / self.n_tokens
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.loss)
+
+    @property
+    def bits_per_byte(self) -> float:
+        return self.nats / (math.log(2) * self.n_bytes)
+
+
+def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over rows of -log softmax(logits)[target]; logits (t, V), targets (t,)."""
+    x = logits.astype(np.float64)
+    top = x.max(axis=1)
+    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
+    return float((lse - x[np.arange(len(targets)), targets]).sum())
+
+
+def _logits(session: ModelSession, ids: np.ndarray, state=None, chunk: int = PREFILL_CHUNK):
+    """Per-position logits (T, V) of ids, one prefill chunk at a time (bounded memory)."""
+    for logits, state in session.forward_chunks(ids, state, chunk):
+        yield logits
+
+
+def score_windows(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, window: int,
+                  stride: int) -> Score:
+    """The window rule (module docstring): blocks of `stride` targets, `window` inputs each."""
+    if not 1 <= stride <= window:
+        raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
+    n = len(ids)
+    nats, n_tok, n_bytes = 0.0, 0, 0
+    for first in range(1, n, stride):  # first target of the block
+        last = min(first + stride, n)  # one past the block's last target
+        begin = max(0, last - 1 - window)  # inputs ids[begin:last-1], at most `window` of them
+        inputs = ids[begin:last - 1]
+        targets = ids[first:last]
+        rows = np.concatenate(list(_logits(session, inputs, chunk=min(window, PREFILL_CHUNK))))
+        nats += _nll(rows[len(rows) - len(targets):], targets)
+        n_tok += len(targets)
+        n_bytes += int(byte_len[targets].sum())
+    return Score(nats, n_tok, n_bytes)
+
+
+def score_carried(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, window: int) -> Score:
+    """The whole text through the prefill graph in chunks of `window`, the state carried."""
+    nats, start = 0.0, 1
+    for logits in _logits(session, ids[:-1], chunk=window):
+        targets = ids[start:start + len(logits)]
+        nats += _nll(logits, targets)
+        start += len(logits)
+    targets = ids[1:]
+    return Score(nats, len(targets), int(byte_len[targets].sum()))
+
+
+def load_text(data: str, split: str | None):
+    """Documents to evaluate: a corpus split (default test), or a whole file unless split is given."""
+    from itera_lite.data import DataError, load_corpus, read_document
+
+    try:
+        if data == "shakespeare" or data.startswith("hf:") or split is not None:
+            split = split or "test"
+            corpus = load_corpus(data)
+            if split not in corpus.splits:
+                raise DataError(f"{data} has no {split!r} split")
+            return corpus.splits[split], split
+        return [read_document(data)], "all"
+    except DataError as e:
+        raise ValueError(str(e)) from None
+
+
+def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stride: int,
+                    carry_state: bool = False, max_tokens: int | None = None) -> tuple[Score, dict]:
+    """Score one bundle on the documents; (score, details for the record's extra)."""
+    from itera_lite.data import encode_documents
+    from itera_runtime.textstream import token_byte_lengths
+
+    tokenizer = bundle.load_tokenizer()
+    ids = encode_documents(tokenizer, docs)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("the text has fewer than 2 tokens: nothing to predict")
+    byte_len = token_byte_lengths(tokenizer)
+    session = ModelSession(bundle, threads=threads)
+    carried = carry_state and bundle.state_kind == "ssm"
+    start = time.perf_counter_ns()
+    if carried:
+        score = score_carried(session, ids, byte_len, window)
+    else:
+        score = score_windows(session, ids, byte_len, window, stride)
+    ns = time.perf_counter_ns() - start
+    context = "carried" if carried else f"window {window}, stride {stride}"
+    return score, {"context": context, "window": window, "stride": None if carried else stride,
+                   "n_tokens": score.n_tokens, "n_bytes": score.n_bytes, "eval_ns": ns,
+                   "text_tokens_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
+
+
+def quality_records(bundles: list[Bundle], threads: int | None, data: str, split: str | None,
+                    window: int, stride: int | None, carry_state: bool, max_tokens: int | None,
+                    reference: str | None) -> list[Record]:
+    """bits_per_byte, loss and perplexity rows per bundle; change vs the reference bundle."""
+    from tqdm import tqdm
+
+    stride = stride or max(1, window // 2)
+    for b in bundles:  # refused before any progress is shown
+        if b.max_seq_len is not None and window > b.max_seq_len:
+            raise ValueError(f"{b.path}: window {window} exceeds the model's context of {b.max_seq_len} tokens")
+    docs, split = load_text(data, split)
+    records: list[Record] = []
+    scores: dict[str, Score] = {}
+    for b in tqdm(bundles, desc="quality", file=sys.stderr, leave=False):
+        score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens)
+        scores[str(b.path)] = score
+        extra = {"data": data, "split": split, **extra}
+        for metric, unit in METRICS:
+            records.append(Record(kind="quality", test=f"{os.path.basename(str(data))}:{split}", metric=metric,
+                                  unit=unit, samples=[getattr(score, metric)], higher_is_better=False,
+                                  n_threads=threads, repetitions=1, warmup=False, samples_ns=[extra["eval_ns"]],
+                                  method="onnxruntime prefill graph, " + extra["context"],
+                                  extra=dict(extra), **bundle_fields(b)))
+    if reference is not None:
+        ref = next((s for p, s in scores.items() if os.path.normpath(p) == os.path.normpath(reference)), None)
+        for r in records:
+            if ref is not None and r.metric == "bits_per_byte":
+                r.extra.update(reference=reference, bits_per_byte_reference=ref.bits_per_byte,
+                               bits_per_byte_delta=r.median - ref.bits_per_byte,
+                               bits_per_byte_change=r.median / ref.bits_per_byte - 1)
+    stamp(records)
+    return records
