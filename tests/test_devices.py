@@ -410,3 +410,21 @@ def test_quality_over_ssh_pushes_its_text_and_maps_its_reference(device, device_
     for k in here:  # the same text scored by the same bundles: the same numbers
         assert there[k] == pytest.approx(here[k], rel=1e-6), k
     assert _pushed(remote.stderr, "dev")[0] >= 1  # the text (the bundles may already be there)
+
+
+@pytest.mark.slow
+def test_energy_over_ssh_takes_the_profiles_backend(device, device_env, tiny_baseline, tmp_path):
+    """The profile says which counter the device has; the command line still wins."""
+    server, root = device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", energy="none")
+    base = [*BENCH[:-1], "energy", str(tiny_baseline.bundle), "-p", "8", "-n", "4", "-r", "1", "--min-time", "0.1",
+            "--idle", "0.1", "--device-profile", str(prof), "-o", "jsonl"]
+    r = subprocess.run(base, capture_output=True, text=True, env=device_env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = parse(r.stdout, "jsonl")
+    assert rows and all(row.host == "dev" for row in rows)
+    assert "--energy-backend none" in rows[0].provenance["command"]  # from the profile
+    r = subprocess.run([*base, "--energy-backend", "auto"], capture_output=True, text=True, env=device_env,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert "--energy-backend auto" in parse(r.stdout, "jsonl")[0].provenance["command"]
