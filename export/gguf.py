@@ -137,7 +137,10 @@ def write_gguf(model, tokenizer_json: str, out: Path, quantize: str, source: str
         w.add_tokenizer_pre("gpt-2")
         w.add_token_list(tokens)
         w.add_token_types(token_types)
-        w.add_token_merges(merges)
+        # llama.cpp refuses a BPE without merges, and gguf cannot write an empty array. A
+        # bytes-only vocabulary (--vocab-size 256) gets one merge whose result is not in the
+        # vocabulary: llama.cpp then falls back to the two one-byte tokens, so encoding is unchanged.
+        w.add_token_merges(merges or ["a b"])
         w.add_add_bos_token(False)
         w.add_add_eos_token(False)
         w.add_string(MARK, str(source))

@@ -113,4 +113,4 @@ def test_bench_latency_row(tiny_baseline, ggufs):
     assert all(row["vs_baseline"] for row in cpp)  # ratios against the ONNX baseline bundle, same run
     r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "step", ggufs["int8"]],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "latency only" in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "`itera-bench latency` only" in r.stderr
