@@ -247,15 +247,12 @@ def markdown(records: list[Record]) -> str:
     if noisy:
         lines.append(f"\nwarning: {len(noisy)} row(s) spread more than {SPREAD_WARNING:.0%} between repetitions "
                      "(noisy): compare within one run, or add repetitions")
-    firsts = {r.host: r for r in reversed(records)}  # one provenance line per host, in row order
-    lines.append("")
-    for r in sorted(firsts.values(), key=records.index):
-        p = r.provenance
-        if not p:
-            continue
-        versions = p.get("versions", {})
+    firsts = {r.host: r for r in reversed(records) if r.provenance}  # one provenance line per host
+    for i, r in enumerate(sorted(firsts.values(), key=records.index)):
+        p, versions = r.provenance, r.provenance.get("versions", {})
         where = f"{r.host}: " if host_col else ""
         system = f" {p.get('system')}, Python {versions.get('python')}," if host_col else ""
-        lines.append(f"{where}commit {r.build_commit or p.get('git_commit')}, {p.get('cpu')}, {p.get('cpu_count')} CPUs,"
-                     f"{system} onnxruntime {versions.get('onnxruntime')}, `{p.get('command')}`")
+        lines.append(("\n" if i == 0 else "") + f"{where}commit {r.build_commit or p.get('git_commit')}, "
+                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system} onnxruntime {versions.get('onnxruntime')}, "
+                     f"`{p.get('command')}`")
     return "\n".join(lines)

@@ -164,6 +164,22 @@ def test_devices_cli_lists_profiles_and_refuses_an_unreachable_host(tmp_path):
     assert r.stderr.startswith("error: mine: connection refused by 127.0.0.1 port ")
 
 
+def test_markdown_names_each_host_with_its_own_machine():
+    from itera_bench.record import Record, markdown
+
+    def row(host, cpu):
+        return Record(kind="latency", test="tg8", metric="tokens_per_s", unit="tok/s", samples=[1.0], host=host,
+                      provenance={"cpu": cpu, "cpu_count": 4, "system": "Linux", "command": "c",
+                                  "versions": {"python": "3.11.2", "onnxruntime": "1.32.0"}})
+
+    md = markdown([row("local", "Xeon"), row("pi5", "Cortex-A76"), row("pi5", "Cortex-A76")])
+    lines = md.splitlines()
+    assert [ln.split(" | ")[0] for ln in lines[2:5]] == ["| local", "| pi5", "| pi5"]
+    assert [ln for ln in lines if ln.startswith(("local:", "pi5:"))] == [
+        "local: commit None, Xeon, 4 CPUs, Linux, Python 3.11.2, onnxruntime 1.32.0, `c`",
+        "pi5: commit None, Cortex-A76, 4 CPUs, Linux, Python 3.11.2, onnxruntime 1.32.0, `c`"]
+
+
 def test_builtin_profile_files_are_shipped():
     assert sorted(p.name for p in BUILTIN_DIR.glob("*.toml")) == ["laptop.toml", "pi4.toml", "pi5.toml"]
 
