@@ -28,7 +28,7 @@ BUILTIN_DIR = Path(__file__).resolve().parent / "profiles"
 EXAMPLE_FLEET = Path(__file__).resolve().parent / "fleet.example.toml"
 DEFAULT_TIMEOUT_S = 1800.0
 # ssh options a profile may not set: strict host-key checking and batch mode stay ours.
-_LOCKED_SSH_OPTIONS = {"stricthostkeychecking", "userknownhostsfile.none", "batchmode", "controlpath",
+_LOCKED_SSH_OPTIONS = {"stricthostkeychecking", "batchmode", "controlpath",
                        "controlmaster", "controlpersist"}
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -123,6 +123,8 @@ class Connection:
                                     stdout=out, stderr=err)
             with self._lock:
                 self._procs.add(proc)
+                if self.closed:  # kill() ran between the check above and now
+                    proc.kill()
             timer = threading.Timer(remaining, proc.kill) if remaining is not None else None
             if timer:
                 timer.daemon = True
