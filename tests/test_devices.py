@@ -233,6 +233,13 @@ def test_push_install_bench_pull_then_nothing_then_only_the_change(device, devic
     assert files1 >= 2 and bytes1 > bundle_bytes  # every bundle file and the wheel
     assert "installed the wheel" in first.stderr or "venv up to date" in first.stderr
     assert server.logins() == logins + 1  # one connection carried every step
+    import zipfile
+
+    wheel = next(Path(device_env["XDG_CACHE_HOME"], "itera-lite", "wheels").glob("*/itera_lite-*.whl"))
+    with zipfile.ZipFile(wheel) as z:
+        meta = z.read(next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))).decode()
+    torch_reqs = [ln for ln in meta.splitlines() if ln.startswith("Requires-Dist: torch")]
+    assert torch_reqs and all("extra ==" in ln for ln in torch_reqs)  # the base install never needs torch
 
     second = _bench([tiny_itera.bundle], "--device-profile", prof, "-o", "jsonl", env=device_env)
     assert second.returncode == 0, second.stderr
