@@ -8,6 +8,7 @@ as every local record, before anything of ours is installed there. Commands:
     wheels CACHE                the newest onnxruntime wheel pip finds for this Python
     receive CACHE               a tar stream of objects named by their sha256 on stdin
     prepare CACHE SPEC_JSON     bundle folders from objects, the venv, the wheel installed
+    guard COMMAND...            run COMMAND until ssh goes away (from the venv: -m itera_devices.agent)
 
 Everything it prints on stdout is one JSON object; pip and errors go to stderr. The cache
 (default ~/.cache/itera-lite) holds `objects/<sha256>` (read-only, content-addressed),
@@ -299,13 +300,42 @@ def prepare(root, spec_json):
         os.replace(marker + ".tmp", marker)
         ran_pip = True
     state = _venv_state(root)
-    return {"bundles": bundles, "files": files, "bench": os.path.join(venv, "bin", "itera-bench"), "installed": ran_pip,
+    return {"bundles": bundles, "files": files, "bench": os.path.join(venv, "bin", "itera-bench"),
+            "python": _venv_python(venv), "installed": ran_pip,
             "onnxruntime": state["onnxruntime"], "venv": venv}
+
+
+def guard(argv):
+    """Run argv; stop it, and whatever it started, when stdin closes: the ssh client is gone
+    (Ctrl-C, a host timeout, a lost link), so no orphaned benchmark keeps loading the device."""
+    import signal
+    import threading
+
+    child = subprocess.Popen(argv, stdin=subprocess.DEVNULL, start_new_session=True)
+
+    def watch():
+        try:
+            while sys.stdin.buffer.read(65536):
+                pass
+        except OSError:
+            pass
+        try:
+            os.killpg(child.pid, signal.SIGTERM)
+        except OSError:
+            pass
+
+    threading.Thread(target=watch, daemon=True).start()
+    code = child.wait()
+    # _exit: the watcher thread is still blocked reading stdin, which a normal interpreter
+    # shutdown would wait on (and abort over); nothing of ours is left to flush.
+    os._exit(code if code >= 0 else 128 - code)
 
 
 def main(argv):
     if len(argv) < 2:
-        _fail("usage: agent probe|receive|prepare CACHE ...")
+        _fail("usage: agent probe|wheels|receive|prepare CACHE ... | guard COMMAND...")
+    if argv[0] == "guard":
+        guard(argv[1:])
     command, root = argv[0], argv[1]
     if command == "probe":
         out = probe(root, argv[2:])

@@ -262,7 +262,8 @@ class HostRun:
                 for i, v in enumerate(options):  # an option naming a bundle (quality --reference)
                     if i not in self.option_files and os.path.normpath(v) in remote_of and os.path.isdir(v):
                         options[i] = remote_of[os.path.normpath(v)]
-                records = self._bench([prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"])
+                records = self._bench([prep["python"], "-m", "itera_devices.agent", "guard",
+                                       prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"])
                 local_of = {rp: str(s.bundle.path) for rp, s in zip(remote_paths, self.specs)}
                 res.records = [self._stamp(rec, local_of) for rec in records]
         except SshError as e:
@@ -310,7 +311,7 @@ class HostRun:
     def _bench(self, argv: list[str]) -> list[Record]:
         """The device's itera-bench; its JSON-lines rows."""
         p = self.profile
-        r = self.conn.run(argv, check=False)
+        r = self.conn.run(argv, check=False, hold_stdin=True)
         if r.returncode not in (0, 130):  # 130: Ctrl-C there, rows so far are marked interrupted
             raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}", tail_lines(r.stderr))
         # rows only: a login script that echoes something must not break the parse

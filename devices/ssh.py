@@ -109,7 +109,7 @@ class Connection:
     def _remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def _popen(self, argv: list[str], feed: Callable[[BinaryIO], None] | None) -> Result:
+    def _popen(self, argv: list[str], feed: Callable[[BinaryIO], None] | None, hold_stdin: bool = False) -> Result:
         if shutil.which(argv[0]) is None:
             raise SshError(f"no `{argv[0]}` on this machine (install the OpenSSH client)")
         if self.closed:
@@ -119,7 +119,7 @@ class Connection:
             raise SshError(f"timed out after {self.profile.timeout_s:.0f} s (the profile's timeout_s)")
         # Files, not pipes, for the output: nothing blocks while we feed stdin.
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed else subprocess.DEVNULL,
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE if feed or hold_stdin else subprocess.DEVNULL,
                                     stdout=out, stderr=err)
             with self._lock:
                 self._procs.add(proc)
@@ -142,6 +142,8 @@ class Connection:
                             pass
                 proc.wait()
             finally:
+                if hold_stdin:
+                    proc.stdin.close()
                 if timer:
                     timer.cancel()
                 with self._lock:
@@ -165,9 +167,13 @@ class Connection:
             raise SshError(explain(r.stderr, self.profile.host, self.profile.port), tail_lines(r.stderr))
 
     def run(self, remote: list[str], feed: Callable[[BinaryIO], None] | None = None,
-            what: str | None = None, check: bool = True) -> Result:
-        """Run an argument list on the device; a failure is an SshError with its stderr tail."""
-        r = self._popen(self.ssh_argv(remote), feed)
+            what: str | None = None, check: bool = True, hold_stdin: bool = False) -> Result:
+        """Run an argument list on the device; a failure is an SshError with its stderr tail.
+
+        hold_stdin: keep the remote stdin open until the command ends, so that a remote
+        `agent guard` sees it close when this client goes away.
+        """
+        r = self._popen(self.ssh_argv(remote), feed, hold_stdin)
         if r.returncode == 255:  # ssh's own failure (the connection), not the command's
             raise SshError(explain(r.stderr, self.profile.host, self.profile.port), tail_lines(r.stderr))
         if check and r.returncode != 0:

@@ -451,3 +451,40 @@ def test_energy_over_ssh_takes_the_profiles_backend(device, device_env, tiny_bas
                        timeout=600)
     assert r.returncode == 0, r.stderr
     assert "--energy-backend auto" in parse(r.stdout, "jsonl")[0].provenance["command"]
+
+
+def _benches_running(marker: str) -> list:
+    import psutil
+
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "itera-bench" in cmd and marker in cmd and "itera_devices.agent" not in cmd:
+            found.append(p)
+    return found
+
+
+@pytest.mark.slow
+def test_a_timed_out_bench_does_not_keep_running_on_the_device(device, device_env, tiny_itera, tmp_path):
+    """The host timeout kills the local ssh; the device's guard sees its stdin close and stops
+    the bench, so no orphan keeps loading the device (and skewing the next run)."""
+    server, root = device
+    cache = root / "cache"
+    warm = server.profile(tmp_path / "warm.toml", "warm", cache)
+    r = _bench([tiny_itera.bundle], "--device-profile", warm, env=device_env)  # venv ready: no install below
+    assert r.returncode == 0, r.stderr
+    prof = server.profile(tmp_path / "dev.toml", "dev", cache, timeout_s=15)
+    proc = subprocess.Popen([*BENCH, str(tiny_itera.bundle), "-p", "0", "-n", "100000", "-d", "0", "-r", "1",
+                             "--no-warmup", "--device-profile", str(prof)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=device_env)
+    seen = False
+    while proc.poll() is None:
+        seen = seen or bool(_benches_running(str(cache)))
+        time.sleep(0.1)
+    out, err = proc.communicate()
+    assert seen, err  # the long bench did start on the device
+    assert proc.returncode == 1 and "error: dev (" in err and "timed out after 15 s" in err, err
+    deadline = time.monotonic() + 15
+    while _benches_running(str(cache)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not _benches_running(str(cache))
