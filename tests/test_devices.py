@@ -453,38 +453,41 @@ def test_energy_over_ssh_takes_the_profiles_backend(device, device_env, tiny_bas
     assert "--energy-backend auto" in parse(r.stdout, "jsonl")[0].provenance["command"]
 
 
-def _benches_running(marker: str) -> list:
+def test_guard_stops_the_device_command_when_ssh_goes_away(device, tmp_path):
+    """Without the guard, a command outlives its ssh client (sshd signals nothing when a session
+    without a tty closes); under `agent guard` it is stopped as soon as the client is gone."""
     import psutil
 
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or [])
-        if "itera-bench" in cmd and marker in cmd and "itera_devices.agent" not in cmd:
-            found.append(p)
-    return found
+    from itera_devices.profiles import load_profile_file
+    from itera_devices.ssh import Connection, SshError
 
-
-@pytest.mark.slow
-def test_a_timed_out_bench_does_not_keep_running_on_the_device(device, device_env, tiny_itera, tmp_path):
-    """The host timeout kills the local ssh; the device's guard sees its stdin close and stops
-    the bench, so no orphan keeps loading the device (and skewing the next run)."""
     server, root = device
-    cache = root / "cache"
-    warm = server.profile(tmp_path / "warm.toml", "warm", cache)
-    r = _bench([tiny_itera.bundle], "--device-profile", warm, env=device_env)  # venv ready: no install below
-    assert r.returncode == 0, r.stderr
-    prof = server.profile(tmp_path / "dev.toml", "dev", cache, timeout_s=15)
-    proc = subprocess.Popen([*BENCH, str(tiny_itera.bundle), "-p", "0", "-n", "100000", "-d", "0", "-r", "1",
-                             "--no-warmup", "--device-profile", str(prof)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=device_env)
-    seen = False
-    while proc.poll() is None:
-        seen = seen or bool(_benches_running(str(cache)))
-        time.sleep(0.1)
-    out, err = proc.communicate()
-    assert seen, err  # the long bench did start on the device
-    assert proc.returncode == 1 and "error: dev (" in err and "timed out after 15 s" in err, err
-    deadline = time.monotonic() + 15
-    while _benches_running(str(cache)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert not _benches_running(str(cache))
+    profile = load_profile_file(server.profile(tmp_path / "dev.toml", "dev", root / "cache"))
+
+    def sleeping(seconds: str) -> list:
+        return [p for p in psutil.process_iter(["cmdline"]) if (p.info["cmdline"] or []) == ["sleep", seconds]]
+
+    for guarded, seconds in ((False, "3987"), (True, "3988")):
+        with Connection(profile) as conn:
+            conn.connect()
+            argv = ([sys.executable, "-m", "itera_devices.agent", "guard"] if guarded else []) + ["sleep", seconds]
+
+            def run():
+                try:
+                    conn.run(argv, check=False, hold_stdin=True)
+                except SshError:
+                    pass  # "interrupted": we killed it
+
+            t = threading.Thread(target=run)
+            t.start()
+            deadline = time.monotonic() + 30
+            while not sleeping(seconds) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert sleeping(seconds)
+            conn.kill()  # what a host timeout or Ctrl-C does
+            t.join()
+        time.sleep(3)
+        left = sleeping(seconds)
+        for p in left:  # ours
+            p.kill()
+        assert bool(left) is not guarded, (guarded, left)
