@@ -14,6 +14,9 @@ from .quantize import SCHEMES
 @click.option("-o", "--out", default=None, help="bundle folder [default: bundles/<run name>]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default="none",
               help="; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values()))
+@click.option("--quant-option", "quant_options", multiple=True, metavar="KEY=VALUE",
+              help="change one quantization setting (repeatable), e.g. block_size=64, weights=dynamic, "
+                   "table_bits=8; the defaults were chosen by measurement (export/quantize.py SETTINGS)")
 @click.option("--lower", type=click.Choice(["auto", "fused", "none"]), default="auto",
               help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, or the portable ai.itera functions")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
@@ -22,7 +25,7 @@ from .quantize import SCHEMES
               help="onnx: a bundle folder; gguf: one file for llama.cpp (baseline only, f32/q8_0/q4_0)")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def main(checkpoint, out, quantize, lower, validate_text, fmt, force, as_json):
+def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, force, as_json):
     """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
     from itera_lite.checkpoint import CheckpointError
     from itera_runtime.bundle import BundleError
@@ -31,6 +34,10 @@ def main(checkpoint, out, quantize, lower, validate_text, fmt, force, as_json):
     from .gguf import GgufError, export_gguf
 
     if fmt == "gguf":
+        if quant_options:
+            click.echo("error: --quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize",
+                       err=True)
+            sys.exit(1)
         try:
             summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
                                   log=lambda m: click.echo(f"· {m}", err=True))
@@ -46,7 +53,7 @@ def main(checkpoint, out, quantize, lower, validate_text, fmt, force, as_json):
         return
     try:
         path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, lower=lower, force=force,
-                                           validate_text=validate_text,
+                                           validate_text=validate_text, quant_options=quant_options,
                                            log=lambda m: click.echo(f"· {m}", err=True))
     except (ExportError, CheckpointError, BundleError) as e:
         click.echo("error: " + " ".join(str(e).split()), err=True)
@@ -62,7 +69,13 @@ def main(checkpoint, out, quantize, lower, validate_text, fmt, force, as_json):
     click.echo(f"{path}: {manifest.family} bundle, quantization {manifest.quantization.mode}, "
                f"ssm path {manifest.ssm_path}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
     click.echo(f"validation vs torch on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
-               f"decode top-1 agreement {v.decode_top1_agreement:.1%}")
+               f"decode top-1 agreement {v.decode_top1_agreement:.1%}, "
+               f"bits/byte {v.bits_per_byte:.4f} (torch {v.bits_per_byte_torch:.4f})")
+    speed = manifest.quantization.decode_vs_fp32
+    if speed:
+        click.echo(f"decode {speed['tokens_per_s']:.0f} tokens/s vs fp32 {speed['fp32_tokens_per_s']:.0f} "
+                   f"({speed['ratio']:.2f}x; {speed['threads']} thread, median of {speed['rounds']} rounds, "
+                   "this machine)")
 
 
 if __name__ == "__main__":

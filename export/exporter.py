@@ -2,7 +2,9 @@
 
 Everything is written into a hidden temp folder beside the destination that is published
 (`publish.py`) only after validation passed, so a failed export never leaves a bundle (or
-half of one) behind, and `--force` only ever replaces a bundle of ours.
+half of one) behind, and `--force` only ever replaces a bundle of ours. A quantized export
+keeps the fp32 graphs in a second temp folder just long enough to time a short decode of both
+(`decode_speed_check`): a quantized bundle slower than its source is said, never silent.
 """
 
 from __future__ import annotations
@@ -17,11 +19,15 @@ from itera_runtime.bundle import Manifest, Quantization, write_manifest
 
 from .graphfile import check_graph, graph_spec
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
-from .quantize import SCHEMES
+from .quantize import SCHEMES, parse_options
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 
 LOWER_MODES = ("auto", "fused", "none")
 VALIDATION_TOKENS = 96
+# The decode check of a quantized bundle against its fp32 source: interleaved rounds of
+# greedy decoding, medians compared (a few hundred ms at the base preset).
+SPEED_CHECK_TOKENS = 32
+SPEED_CHECK_ROUNDS = 7
 
 
 class ExportError(Exception):
@@ -40,7 +46,15 @@ def _combine(records: list[Quantization]) -> Quantization:
     if not records:
         return Quantization()
     first = records[0]
-    return Quantization(mode=first.mode, method=first.method, settings=first.settings,
+    settings = dict(first.settings)
+    kept: dict[str, dict] = {}
+    for r in records:  # what each graph kept in float (the graphs name their tensors differently)
+        for kind, entry in r.settings.get("kept_float", {}).items():
+            seen = kept.setdefault(kind, {"why": entry["why"], "tensors": []})
+            seen["tensors"] = sorted(set(seen["tensors"]) | set(entry["tensors"]))
+    if kept:
+        settings["kept_float"] = kept
+    return Quantization(mode=first.mode, method=first.method, settings=settings,
                         bytes_before=sum(r.bytes_before or 0 for r in records),
                         bytes_after=sum(r.bytes_after or 0 for r in records),
                         nodes_quantized=sum(r.nodes_quantized or 0 for r in records))
@@ -59,8 +73,11 @@ def _tokenizer_json(ckpt: dict, checkpoint: Path) -> str:
 
 
 def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
-                      validate_text=None, log=lambda msg: None) -> tuple[Path, Manifest]:
-    """Export a checkpoint of either family to a validated bundle; returns (folder, manifest)."""
+                      validate_text=None, log=lambda msg: None, quant_options=()) -> tuple[Path, Manifest]:
+    """Export a checkpoint of either family to a validated bundle; returns (folder, manifest).
+
+    quant_options: `KEY=VALUE` changes to the scheme's settings (`quantize.parse_options`).
+    """
     from itera_lite.checkpoint import load_model
 
     # torch.onnx and optimum log advice meant for their developers (missing torchvision,
@@ -73,6 +90,10 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(SCHEMES)}")
     if lower not in LOWER_MODES:
         raise ExportError(f"unknown --lower {lower!r}; choose from {', '.join(LOWER_MODES)}")
+    try:
+        overrides = parse_options(quantize, quant_options) if quant_options else {}
+    except ValueError as e:
+        raise ExportError(str(e)) from None
     checkpoint = Path(checkpoint)
     model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
     tokenizer_json = _tokenizer_json(ckpt, checkpoint)
@@ -81,16 +102,21 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
     except ValidationTextError as e:
         raise ExportError(str(e)) from None
     out = Path(out) if out else default_output(checkpoint, quantize)
+    tmp = ref = None
     try:
         check_destination(out, force)
         seen = manifest_digest(out)
         tmp = make_temp_dir(out)
+        # The fp32 graphs, kept beside a quantized bundle only to time the two against each other.
+        ref = make_temp_dir(out) if quantize != "none" else None
     except PublishError as e:
+        _remove(tmp)
         raise ExportError(str(e)) from None
     except OSError as e:
+        _remove(tmp)
         raise ExportError(_os_error(e, out)) from None
     try:
-        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log)
+        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides)
         log("validating against torch")
         result = compare(model, tmp, tokens, text=source)
         tolerance = FP32_TOLERANCE if quantize == "none" else None
@@ -98,18 +124,60 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
             raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
                               f"(> {tolerance:g}); nothing written")
         manifest.validation = dataclasses.replace(result, tolerance=tolerance)
+        if ref is not None:
+            log(f"timing {quantize} decode against fp32")
+            speed = decode_speed_check(ref, tmp, tokens[:16].tolist())
+            manifest.quantization = dataclasses.replace(manifest.quantization, decode_vs_fp32=speed)
+            if speed["slower"]:
+                log(f"warning: this {quantize} bundle decodes slower than its fp32 source on this machine "
+                    f"({speed['tokens_per_s']:.0f} vs {speed['fp32_tokens_per_s']:.0f} tokens/s, "
+                    f"{speed['threads']} thread, median of {speed['rounds']} rounds); recorded in the manifest")
         write_manifest(tmp, manifest)
         publish(tmp, out, seen, log)
     except PublishError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise ExportError(str(e)) from None
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise ExportError(_os_error(e, out)) from None
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _remove(tmp)
         raise
+    finally:
+        _remove(ref)
     return out, manifest
+
+
+def _remove(folder: Path | None) -> None:
+    if folder is not None:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def decode_speed_check(fp32: Path, quantized: Path, prompt: list[int], threads: int = 1) -> dict:
+    """Greedy decode tokens/s of two bundles, interleaved rounds, medians: is `quantized` slower?
+
+    One thread: onnxruntime decode of these models does not gain from a second one on small
+    CPUs (see the README's speed table), and one thread disturbs the other less.
+    """
+    import statistics
+
+    from itera_runtime.bundle import load_bundle
+    from itera_runtime.generate import LoopTiming, generate_tokens
+    from itera_runtime.sampling import Sampler
+    from itera_runtime.session import ModelSession
+
+    sessions = {k: ModelSession(load_bundle(p), threads=threads) for k, p in (("fp32", fp32), ("q", quantized))}
+    samples: dict[str, list[float]] = {k: [] for k in sessions}
+    for r in range(SPEED_CHECK_ROUNDS + 1):  # round 0 warms up
+        for k, session in sessions.items():
+            timing = LoopTiming()
+            for _ in generate_tokens(session, prompt, SPEED_CHECK_TOKENS + 1, Sampler(), timing):
+                pass
+            if r:
+                samples[k].append(timing.decode_tokens_per_s)
+    q, f = statistics.median(samples["q"]), statistics.median(samples["fp32"])
+    return {"tokens_per_s": round(q, 1), "fp32_tokens_per_s": round(f, 1), "ratio": round(q / f, 3),
+            "slower": q < f, "threads": threads, "tokens": SPEED_CHECK_TOKENS, "rounds": SPEED_CHECK_ROUNDS}
 
 
 def _os_error(e: OSError, out: Path) -> str:
@@ -122,10 +190,8 @@ def _os_error(e: OSError, out: Path) -> str:
 
 
 def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, lower: str,
-           log) -> Manifest:
-    from itera_lite.models import count_params
-    from itera_runtime.provenance import provenance
-
+           log, ref: Path | None = None, overrides: dict | None = None) -> Manifest:
+    """Graphs, tokenizer and manifest into `tmp`; with a quantization, the fp32 bundle into `ref` too."""
     family = model.config.family
     log(f"exporting {family} graphs")
     with warnings.catch_warnings():
@@ -146,15 +212,28 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
 
     scheme = SCHEMES[quantize]
     records = []
+    if scheme.apply is not None and ref is not None:
+        for f in tmp.iterdir():  # the graphs and any external data of theirs
+            shutil.copy2(f, ref / f.name)
+        _finish(model, ckpt, checkpoint, tokenizer_json, ref, parts, graph_files, dict(checks), [])
     if scheme.apply is not None:
         log(f"quantizing to {quantize}")
         for f in graph_files:
             src = tmp / f
             dst = tmp / f"{src.stem}.{quantize}.tmp.onnx"
-            records.append(scheme.apply(src, dst))
+            records.append(scheme.apply(src, dst, overrides))
             dst.replace(src)
             checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
+    return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, graph_files, checks, records)
 
+
+def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, parts, graph_files: list[str],
+            checks: dict, records: list[Quantization]) -> Manifest:
+    """Share the graphs' weights, write the tokenizer and the manifest of the bundle in `tmp`."""
+    from itera_lite.models import count_params
+    from itera_runtime.provenance import provenance
+
+    family = model.config.family
     weights = None
     if len(graph_files) > 1:
         from .weights import share_weights

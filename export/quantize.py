@@ -1,16 +1,20 @@
-"""Weight quantization of exported float graphs with onnxruntime's own quantizers.
+"""Weight quantization of exported float graphs with onnxruntime's own quantizers and kernels.
 
-int8: `quantize_dynamic` (int8 weights, activations quantized at run time: MatMulInteger).
-int4: `MatMulNBitsQuantizer` (4-bit blocks of MatMul weights: com.microsoft MatMulNBits).
+int8: dense MatMuls through `quantize_dynamic` (int8 weights, activations quantized at run
+time). int4: symmetric 4-bit blocks along the input dimension (`MatMulNBitsQuantizer`,
+com.microsoft `MatMulNBits` with int8 activations, accuracy_level 4). A tied embedding is
+quantized once (`quantize_tied_table`): the embedding Gather reads it through
+`GatherBlockQuantized` and the tied head through `MatMulNBits`, so a bundle stores one
+quantized table and no fp32 copy. com.microsoft MoE experts become QMoE (`_quantize_moe`).
+What stays in float, and why, is `KEEP_FLOAT`; each bundle's manifest lists those tensors.
 Works on any float ONNX graph whose MatMul weights are initializers.
-Then, in both modes, every com.microsoft MoE node whose expert weights are initializers becomes
-a com.microsoft QMoE with 8- (int8) or 4-bit (int4) symmetric expert weights (`_quantize_moe`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,27 +25,66 @@ from itera_runtime.bundle import Quantization
 from .graph_passes import gemm_to_matmul, materialize_transposed_weights, prune
 from .graphfile import graph_bytes
 
-__all__ = ["quantize_graph", "SCHEMES", "Scheme", "MODES", "INT8_SETTINGS", "INT4_SETTINGS"]
+__all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "parse_options", "SCHEMES", "Scheme", "MODES",
+           "SETTINGS", "KEEP_FLOAT"]
 
-# Per-tensor, not per-channel: on the tiny baseline per-channel (which ORT pairs with a 7-bit
-# reduced range) gave 1.85 max |Δlogits| vs 0.67 per-tensor. The embedding Gather is
-# quantized too: the tied lm_head then reads the same int8 table (one copy in the file).
-INT8_SETTINGS = {
-    "weight_type": "QInt8",
-    "per_channel": False,
-    "reduce_range": False,
-    "op_types": ["MatMul", "Gather"],
+# Float tensors a quantized bundle keeps, by what they are (regex on the tensor name) and why.
+# Only MatMul weights, the tied table and MoE experts are ever quantized; the other rows say
+# why the rest is not worth it or not safe. `kept_float` lists the matches per bundle.
+KEEP_FLOAT: dict[str, tuple[str, str]] = {
+    "router": (r"\.router\.",
+               "MoE router (D×E, under 0.1% of the weights): its argmax picks the experts, so rounding it "
+               "flips expert choices for a few bytes saved"),
+    "ssm": (r"\.(A_log|D|dt_bias)$|^(neg|unsqueeze)(_\d+)?$",
+            "SSM decay A, skip D and dt bias (3·H floats per layer; traced names neg/unsqueeze are the "
+            "folded -exp(A_log) and D): exponentiated and compounded over every recurrence step"),
+    "norm": (r"norm", "RMSNorm gains: elementwise, D floats each"),
+    "conv": (r"conv", "depthwise causal conv kernel and bias (K taps per channel): CausalConvWithState "
+                      "takes fp32 weights only"),
 }
-# Only MatMul weights; the embedding Gather stays fp32. accuracy_level 4 (int8 activations):
-# tiny baseline decode step 1.55 vs 1.72 ms (level 0) at past 128, same logits error
-# (`itera-bench step` on the two bundles, 1 thread, busy 2-vCPU VM; re-measure on devices).
-INT4_SETTINGS = {
-    "bits": 4,
-    "block_size": 32,
-    "symmetric": True,
-    "accuracy_level": 4,
-    "op_types": ["MatMul"],
-    "materialize_transposed_weights": True,
+# MatMul weights (regex on the name) the quantizers must skip: the KEEP_FLOAT rows that are MatMuls.
+FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
+
+# Dense weights and the tied table, per scheme, chosen by measurement on Itera-Lite tiny (trained
+# 71 steps, vocab 2048) and small (random init), 2-vCPU Xeon shared with other jobs. Speed:
+# decode tokens per CPU-second of the one decode thread (wall time here was 3-10x lower and
+# +-25% noisy), depth 128, medians of 21 interleaved rounds. Quality: bits/byte change vs fp32
+# on 1024 held-out tokens (Macbeth, test split) through the runtime (`validate.compare`).
+#                              tiny tok/CPU-s   small tok/CPU-s   tiny Δbits/byte   tiny bytes
+#   fp32                            2,847             670                 -         6,245,681
+#   int8 dynamic + 8-bit table      3,810           1,010            +0.009%        1,909,605
+#   int8 MatMulNBits 8-bit b32      3,684             954            +0.002%        1,964,123
+#   int4 b32 (chosen)               4,454           1,419            -0.08%         1,292,531
+# (commands: `itera-export CKPT --quantize int8 [--quant-option weights=nbits]`, then
+# `itera-bench latency B... -p 0 -n 64 -d 128 -t 1 -r 9`; wall-clock rows were in the same order.
+# `itera-bench quality B... --reference FP32 --max-tokens 20000 --carry-state` on the test split:
+# int8 dynamic +0.013%, int8 MatMulNBits +0.008%, int4 -0.029%.)
+# Base (random init, 9 rounds of 32 steps): fp32 220, int8 dynamic 425, int8 MatMulNBits 383,
+# int4 652 tok/CPU-s; 90.4 / 23.4 / 24.3 / 14.6 MB.
+# - int8 dense weights: quantize_dynamic (per tensor) stays; 8-bit MatMulNBits was 3-10% slower
+#   in all three presets and only better in ways bits/byte cannot see here (max |Δlogits| on small
+#   0.80 vs 1.59). `--quant-option weights=nbits` selects it.
+# - no static (calibrated QDQ) int8: quantize_static on the tiny decode graph, calibrated on
+#   256 held-out decode steps, ran 2,808 tok/CPU-s vs dynamic's 3,154 (fp32 2,318) in the same
+#   run, with the same logits error (max |Δ| 0.706 vs 0.705): the QDQ pairs cost more than the
+#   run-time activation ranges they save at batch 1.
+# - accuracy_level 4 (int8 activations): int4 tiny 4,133 vs 3,495 tok/CPU-s at level 0; the
+#   8-bit tied head 2048x128 alone took ~1.5 ms at level 0 vs 65 us at level 4 (dequantizes per call).
+# - block 32: blocks of 64/128 were 2-5% faster (about the rounds' spread) and 3-5% smaller;
+#   their bits/byte differences on this barely trained model are noise (+0.016%, -0.055%), so
+#   the smallest block, the least rounding error (4-bit 2048x128 head, Gaussian weights: 0.10
+#   at 32, 0.14 at 64/128), wins.
+# - tied table at the scheme's bits: int4 with an 8-bit table was 10% larger (1,423,611 B) and
+#   no faster (3,962 tok/CPU-s); a float table (as before: fp32 Gather + 4-bit head copy) made
+#   the int4 bundle larger than int8 (2,340,684 B).
+# - in_proj stays quantized: keeping it float nearly doubled the int4 bundle (2,485,137 B) for
+#   no measurable bits/byte (-0.074% vs -0.08%).
+# With weights "dynamic" (int8), block_size and accuracy_level apply to the tied table only.
+SETTINGS = {
+    "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+             "table_bits": 8, "float_matmuls": FLOAT_MATMULS},
+    "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+             "table_bits": 4, "float_matmuls": FLOAT_MATMULS},
 }
 
 # QMoE expert weights: raw uint8 [E, N, K*bits/8] (weights_prepacked=0: the layout of the MoE
@@ -129,8 +172,185 @@ def _quantize_moe(model, bits: int, block_size: int) -> int:
     return done
 
 
-def quantize_graph(src: Path, dst: Path, mode: str) -> Quantization:
-    """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done."""
+def _block_for(k: int, block_size: int) -> int:
+    """The largest power-of-two block ≤ block_size that divides k (0 if under 16, the kernels' minimum)."""
+    b = block_size
+    while b >= 16 and k % b:
+        b //= 2
+    return b if b >= 16 else 0
+
+
+def _block_quantize(w, bits: int, block_size: int):
+    """onnxruntime's symmetric block quantizer on w (K, N): packed (N, K/block, block*bits/8), scales (N, K/block)."""
+    import numpy as np
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import (
+        DefaultWeightOnlyQuantConfig,
+        DefaultWeightOnlyQuantizer,
+    )
+
+    config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=True, bits=bits,
+                                          quant_format=QuantFormat.QOperator)
+    # The C++ kernel reads w's buffer as row-major: a transposed view would be read untransposed.
+    packed, scales, _ = DefaultWeightOnlyQuantizer(config).qbits_block_quant(np.ascontiguousarray(w))
+    return packed, scales
+
+
+def quantize_tied_table(model, bits: int, block_size: int, accuracy_level: int) -> list[str]:
+    """Quantize each embedding table once for its Gather and its tied head; returns the tables done.
+
+    Gather(E, ids) with a float (V, D) initializer E becomes GatherBlockQuantized, and every
+    MatMul(x, Transpose(E)) (the tied head, as both exporters trace it) becomes MatMulNBits
+    with N=V, K=D. Both kernels read blocks along D with the same packing and the same default
+    zero point 2^(bits-1), so MatMulNBits's B (V, D/block, blob) is the Gather's (V, D·bits/8)
+    table reshaped: one initializer on disk; the Reshape is folded when the session loads.
+    """
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    g = model.graph
+    inits = {t.name: t for t in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    done = []
+    for node in list(g.node):
+        if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[0] not in inits:
+            continue
+        table = inits[node.input[0]]
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        if table.data_type != TensorProto.FLOAT or len(table.dims) != 2 or axis != 0:
+            continue
+        v, d = table.dims
+        block = _block_for(d, block_size)
+        if not block:
+            continue
+        qname, sname = f"{table.name}_q{bits}", f"{table.name}_q{bits}_scales"
+        if qname not in inits:
+            packed, scales = _block_quantize(numpy_helper.to_array(table).T, bits, block)
+            g.initializer.extend([numpy_helper.from_array(packed.reshape(v, d * bits // 8), qname),
+                                  numpy_helper.from_array(scales.astype(np.float32), sname)])
+            inits[qname] = g.initializer[-2]
+        pos = list(g.node).index(node)
+        g.node.remove(node)
+        g.node.insert(pos, helper.make_node(
+            "GatherBlockQuantized", [qname, node.input[1], sname], list(node.output), name=node.name,
+            domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
+        for mm in list(g.node):
+            t = producers.get(mm.input[1]) if mm.op_type == "MatMul" and len(mm.input) > 1 else None
+            perm = next((list(a.ints) for a in t.attribute if a.name == "perm"), None) if t is not None else None
+            if t is None or t.op_type != "Transpose" or t.input[0] != table.name or perm not in (None, [1, 0]):
+                continue
+            bname = f"{qname}_blocks"
+            if bname not in inits:
+                shape = numpy_helper.from_array(np.array([v, d // block, block * bits // 8], np.int64),
+                                                f"{bname}_shape")
+                g.initializer.append(shape)
+                inits[bname] = shape
+                g.node.insert(0, helper.make_node("Reshape", [qname, shape.name], [bname], name=f"{bname}_reshape"))
+            pos = list(g.node).index(mm)
+            g.node.remove(mm)
+            g.node.insert(pos, helper.make_node(
+                "MatMulNBits", [mm.input[0], bname, sname], list(mm.output), name=mm.name or f"{bname}_head",
+                domain="com.microsoft", K=d, N=v, bits=bits, block_size=block, accuracy_level=accuracy_level))
+        done.append(table.name)
+    if done and not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    prune(model)
+    return done
+
+
+def _float_matmuls(model, patterns) -> list[str]:
+    """Names of the MatMul nodes whose weight name matches one of `patterns` (kept in float)."""
+    rules = [re.compile(p) for p in patterns]
+    names = []
+    for i, node in enumerate(model.graph.node):
+        if node.op_type == "MatMul" and len(node.input) > 1 and any(r.search(node.input[1]) for r in rules):
+            if not node.name:  # the quantizers exclude nodes by name
+                node.name = f"keep_float_matmul_{i}"
+            names.append(node.name)
+    return names
+
+
+def kept_float(path: Path) -> dict[str, dict]:
+    """The float initializers of a graph file that a KEEP_FLOAT row names: {row: {why, tensors}}."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    floats = [t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and len(t.dims)]
+    out = {}
+    for kind, (pattern, why) in KEEP_FLOAT.items():
+        names = sorted(n for n in floats if re.search(pattern, n))
+        if names:
+            out[kind] = {"why": why, "tensors": names}
+    return out
+
+
+def _quantize_matmuls(model, settings: dict, exclude: list[str], work: Path, out: Path):
+    """Dense MatMul weights per settings["weights"]; writes the quantized graph to `out`."""
+    import onnx
+
+    if settings["weights"] == "dynamic":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        onnx.save_model(model, str(work))
+        quantize_dynamic(
+            str(work), str(out), op_types_to_quantize=["MatMul"], per_channel=False, reduce_range=False,
+            weight_type=QuantType.QInt8, nodes_to_exclude=exclude,
+            # Graphs holding com.microsoft ops fail ORT's shape inference without this.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        return "onnxruntime.quantization.quantize_dynamic"
+    from onnxruntime.quantization import QuantFormat
+    from onnxruntime.quantization.matmul_nbits_quantizer import DefaultWeightOnlyQuantConfig, MatMulNBitsQuantizer
+
+    config = DefaultWeightOnlyQuantConfig(
+        block_size=settings["block_size"], is_symmetric=settings["symmetric"],
+        accuracy_level=settings["accuracy_level"], quant_format=QuantFormat.QOperator,
+        op_types_to_quantize=("MatMul",), bits=settings["bits"],
+    )
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=exclude, algo_config=config)
+    quantizer.process()
+    q = quantizer.model.model
+    if q.ByteSize() >= 2**31 - 2**24:
+        raise ValueError("quantized graph over 2 GiB; external data is not supported here")
+    onnx.save_model(q, str(out))
+    return "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+
+
+def parse_options(mode: str, items) -> dict:
+    """`KEY=VALUE` strings (itera-export --quant-option) → SETTINGS overrides, checked against SETTINGS[mode].
+
+    Values are JSON (`block_size=64`, `float_matmuls=["\\.router\\.", "\\.in_proj\\."]`) or a bare
+    string (`weights=dynamic`), and must have the type of the setting they replace.
+    """
+    import json
+
+    if mode not in MODES:
+        raise ValueError(f"quantization options need --quantize {' or '.join(MODES)}")
+    out = {}
+    for item in items:
+        key, sep, text = str(item).partition("=")
+        if not sep or key not in SETTINGS[mode]:
+            raise ValueError(f"--quant-option {item!r}: expected KEY=VALUE with KEY one of {', '.join(SETTINGS[mode])}")
+        try:
+            value = json.loads(text)
+        except ValueError:
+            value = text
+        default = SETTINGS[mode][key]
+        kind = list if isinstance(default, (list, tuple)) else type(default)
+        if not isinstance(value, kind) or isinstance(value, bool) != isinstance(default, bool):
+            kinds = {int: "an integer", str: "a string", list: "a JSON list", bool: "true or false"}
+            raise ValueError(f"--quant-option {item!r}: {key} takes {kinds.get(kind, kind.__name__)}, like {default!r}")
+        out[key] = value
+    if out.get("weights", "nbits") not in ("nbits", "dynamic"):
+        raise ValueError("--quant-option weights: 'nbits' or 'dynamic'")
+    return out
+
+
+def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = None) -> Quantization:
+    """Quantize the float graph `src` to `dst` ("int8" or "int4"); returns what was done.
+
+    overrides: SETTINGS entries to change (the measurements that chose SETTINGS use it).
+    """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import onnx
 
@@ -139,75 +359,53 @@ def quantize_graph(src: Path, dst: Path, mode: str) -> Quantization:
     src, dst = Path(src), Path(dst)
     if not src.is_file():
         raise FileNotFoundError(f"{src}: no such ONNX graph")
+    settings = dict(SETTINGS[mode], **(overrides or {}))
     dst.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
-    work = tmp.with_suffix(".gemm.onnx")  # src with Gemms rewritten, when it has any
-    # The quantizers log advice (pre-processing, etc.) through the root logger; keep it quiet.
+    work = tmp.with_suffix(".work.onnx")
+    # The quantizers log advice (pre-processing, parameters not given for tensors they skip)
+    # through the root logger, and importing matmul_nbits_quantizer runs
+    # logging.basicConfig(level=INFO): import it first, silence the root logger while we
+    # quantize, then leave logging as we found it.
     root = logging.getLogger()
-    level = root.level
+    level, handlers = root.level, list(root.handlers)
+    import onnxruntime.quantization.matmul_nbits_quantizer  # noqa: F401
+
     root.setLevel(logging.ERROR)
     # The int4 quantizer logs every node it skips at INFO through its own handler.
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     try:
         model = onnx.load(str(src))
-        gemms = gemm_to_matmul(model)
-        if gemms:
-            onnx.save_model(model, str(work))
-        if mode == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-
-            settings = dict(INT8_SETTINGS, gemm_rewritten=gemms)
-            quantize_dynamic(
-                str(work if gemms else src),
-                str(tmp),
-                op_types_to_quantize=settings["op_types"],
-                per_channel=settings["per_channel"],
-                reduce_range=settings["reduce_range"],
-                weight_type=QuantType.QInt8,
-                # Graphs holding com.microsoft ops fail ORT's shape inference without this.
-                extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-            )
-            method = "onnxruntime.quantization.quantize_dynamic"
-        else:
-            from onnxruntime.quantization import QuantFormat
-            from onnxruntime.quantization.matmul_nbits_quantizer import (
-                DefaultWeightOnlyQuantConfig,
-                MatMulNBitsQuantizer,
-            )
-
-            settings = dict(INT4_SETTINGS, gemm_rewritten=gemms)
-            settings["transposed_weights_materialized"] = materialize_transposed_weights(model)
-            config = DefaultWeightOnlyQuantConfig(
-                block_size=settings["block_size"],
-                is_symmetric=settings["symmetric"],
-                accuracy_level=settings["accuracy_level"],
-                quant_format=QuantFormat.QOperator,
-                op_types_to_quantize=tuple(settings["op_types"]),
-                bits=settings["bits"],
-            )
-            quantizer = MatMulNBitsQuantizer(model, algo_config=config)
-            quantizer.process()
-            q = quantizer.model.model
-            if q.ByteSize() >= 2**31 - 2**24:
-                raise ValueError(f"{src}: int4 graph over 2 GiB; external data is not supported here")
-            onnx.save_model(q, str(tmp))
-            method = "onnxruntime.quantization.matmul_nbits_quantizer.MatMulNBitsQuantizer"
+        settings["gemm_rewritten"] = gemm_to_matmul(model)
+        tables = []
+        if settings.get("table_bits"):
+            tables = quantize_tied_table(model, settings["table_bits"], settings["block_size"],
+                                         settings["accuracy_level"])
+        settings["tied_tables"] = tables
+        # An untied head MatMul(x, Transpose(W)) is skipped by the quantizers (B is not an
+        # initializer); storing W.T lets it be quantized like any other weight.
+        settings["transposed_weights_materialized"] = materialize_transposed_weights(model)
+        exclude = _float_matmuls(model, settings["float_matmuls"])
+        method = _quantize_matmuls(model, settings, exclude, work, tmp)
         q = onnx.load(str(tmp))
         moe = MOE_SETTINGS[mode]
         settings["moe_quantized"] = _quantize_moe(q, moe["bits"], moe["block_size"])
         if settings["moe_quantized"]:
             settings["moe_block_size"] = moe["block_size"]
-            prune(q)  # the fp32 expert weights the QMoE nodes replaced
-            onnx.save_model(q, str(tmp))
+        prune(q)  # the fp32 expert weights the QMoE nodes replaced
+        onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)
         if nodes == 0:
             raise ValueError(f"{src}: nothing to quantize (no MatMul with an initializer weight)")
+        settings["kept_float"] = kept_float(tmp)
         os.replace(tmp, dst)
     finally:
         root.setLevel(level)
+        for h in [h for h in root.handlers if h not in handlers]:
+            root.removeHandler(h)
         tmp.unlink(missing_ok=True)
         work.unlink(missing_ok=True)
     return Quantization(mode=mode, method=method, settings=settings, bytes_before=graph_bytes(src),
@@ -221,16 +419,18 @@ class Scheme:
     name: str
     description: str
     suffix: str  # appended to the default bundle folder name
-    apply: Callable[[Path, Path], Quantization] | None  # (float graph, destination) → record
+    apply: Callable[[Path, Path, dict], Quantization] | None  # (float graph, destination, overrides) → record
 
 
 # The one list of quantization schemes: itera-export's --quantize choices, the default output
 # names and what the exporter applies all come from here.
 SCHEMES: dict[str, Scheme] = {
     "none": Scheme("none", "fp32 weights as trained", "", None),
-    "int8": Scheme("int8", "8-bit weights (dynamic activation quantization; QMoE experts)", "-int8",
-                   lambda src, dst: quantize_graph(src, dst, "int8")),
-    "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits; QMoE experts)", "-int4",
-                   lambda src, dst: quantize_graph(src, dst, "int4")),
+    "int8": Scheme("int8", "8-bit weights (dynamic activation quantization), one 8-bit tied embedding table; "
+                           "QMoE experts", "-int8",
+                   lambda src, dst, overrides=None: quantize_graph(src, dst, "int8", overrides)),
+    "int4": Scheme("int4", "4-bit weight blocks (MatMulNBits), one 4-bit tied embedding table; QMoE experts",
+                   "-int4",
+                   lambda src, dst, overrides=None: quantize_graph(src, dst, "int4", overrides)),
 }
 MODES = tuple(name for name, scheme in SCHEMES.items() if scheme.apply is not None)

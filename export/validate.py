@@ -61,6 +61,14 @@ def held_out_tokens(ckpt: dict, n: int, text_file: str | Path | None = None) -> 
     return np.asarray(ids[:n], dtype=np.int64), "built-in passage (no held-out sample in the checkpoint)"
 
 
+def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Summed next-token loss in bits: logits (T, V) predict targets (T,)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
+    return float((logz - logits[np.arange(len(targets)), targets]).sum() / np.log(2))
+
+
 @torch.no_grad()
 def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: int = PROMPT_LEN,
             threads: int | None = 1, text: str = "") -> Validation:
@@ -84,12 +92,16 @@ def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: 
         flat = [t.numpy() for layer in ref_state for t in layer]
         prefill_state = float(max(np.abs(a - b).max() for a, b in zip(state.numpy(), flat)))
     # Decode, teacher-forced: feeding token i gives the logits torch has at position i.
-    worst, agree = 0.0, 0
+    worst, agree, decoded = 0.0, 0, []
     for i in range(prompt_len, len(tokens)):
         step_logits, state = session.decode(int(tokens[i]), state)
         worst = max(worst, float(np.abs(step_logits - ref_logits[i]).max()))
         agree += int(step_logits.argmax() == ref_logits[i].argmax())
+        decoded.append(np.asarray(step_logits).reshape(-1))
     steps = len(tokens) - prompt_len
+    # Bits per byte of tokens[1:], each predicted from the logits one position earlier.
+    ort_logits = np.concatenate([prefill, *[d[None] for d in decoded]])
+    n_bytes = len(bundle.load_tokenizer().decode(tokens[1:].tolist()).encode("utf-8"))
     return Validation(
         text=text,
         max_abs_diff=max(v for v in (prefill_logits, prefill_state, worst) if v is not None),
@@ -98,6 +110,8 @@ def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: 
         decode_logits=worst,
         decode_steps=steps,
         decode_top1_agreement=agree / max(1, steps),
+        bits_per_byte=_bits(ort_logits[:-1], tokens[1:]) / max(1, n_bytes),
+        bits_per_byte_torch=_bits(ref_logits[:-1], tokens[1:]) / max(1, n_bytes),
     )
 
 

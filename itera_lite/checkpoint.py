@@ -7,7 +7,9 @@ only tensors, numbers, strings, lists and dicts, never arbitrary pickled objects
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,19 +29,43 @@ class CheckpointError(Exception):
 def save_checkpoint(path: str | Path, payload: dict) -> None:
     """Write payload (plus the format header) to path atomically."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_FORMAT_VERSION,
                "itera_lite_version": __version__, **payload}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        cause = _write_failure(e, path.parent)
+        if cause is None:
+            raise
+        raise CheckpointError(f"{path}: cannot write checkpoint ({cause})") from None
+
+
+def _write_failure(e: BaseException, folder: Path) -> str | None:
+    """The cause of a failed write in words, or None when it is not about the file system.
+
+    torch.save reports a full disk as "enforce fail at inline_container.cc ... file write
+    failed", without the errno; the free space of the folder tells that case apart.
+    """
+    if isinstance(e, OSError):
+        return os.strerror(e.errno) + (" (disk full)" if e.errno == errno.ENOSPC else "") if e.errno else str(e)
+    if isinstance(e, RuntimeError) and ("inline_container" in str(e) or "write" in str(e).lower()):
+        try:
+            free = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        if free is not None and free < (1 << 20):
+            return f"No space left on device (disk full): {free:,} bytes free in {folder}"
+        return str(e).strip().splitlines()[0][:160]
+    return None
 
 
 def load_checkpoint(path: str | Path) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import sys
 
 import click
@@ -18,7 +19,28 @@ def fail(message: str) -> None:
 _D = TrainConfig()
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+class _OneLineErrors(click.Command):
+    """Usage errors (a bad option value) end like every other error: one `error:` line, exit 1."""
+
+    def main(self, *args, **kwargs):
+        try:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.Exit as e:
+            sys.exit(e.exit_code)
+        except click.Abort:
+            fail("interrupted")
+        except click.ClickException as e:
+            fail(" ".join(e.format_message().split()))
+
+
+def _finite_positive(ctx, param, value):
+    # click's FloatRange lets nan through (every comparison with nan is false).
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise click.BadParameter(f"must be a finite number > 0, got {value}", param=param)
+    return value
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", type=click.Choice(["itera", "baseline"]), default=_D.model)
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=_D.preset)
 @click.option("--data", default=_D.data, help="'shakespeare', a text file/folder/glob, or hf:NAME[:CONFIG]")
@@ -27,12 +49,13 @@ _D = TrainConfig()
 @click.option("--seq-len", type=click.IntRange(8), default=_D.seq_len)
 @click.option("--batch-size", type=click.IntRange(1), default=_D.batch_size, help="global, across processes")
 @click.option("--grad-accum", type=click.IntRange(1), default=_D.grad_accum)
-@click.option("--lr", type=float, default=_D.lr)
+@click.option("--lr", type=float, default=_D.lr, callback=_finite_positive)
 @click.option("--warmup-steps", type=click.IntRange(0), default=_D.warmup_steps)
-@click.option("--weight-decay", type=float, default=_D.weight_decay)
-@click.option("--grad-clip", type=float, default=_D.grad_clip)
+@click.option("--weight-decay", type=click.FloatRange(0), default=_D.weight_decay)
+@click.option("--grad-clip", type=float, default=_D.grad_clip, callback=_finite_positive)
 @click.option("--max-steps", type=click.IntRange(1), default=_D.max_steps)
-@click.option("--max-minutes", type=float, default=None, help="wall-clock budget")
+@click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, callback=_finite_positive,
+              help="wall-clock budget")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="training-token budget")
 @click.option("--eval-every", type=click.IntRange(1), default=_D.eval_every)
 @click.option("--eval-batches", type=click.IntRange(1), default=_D.eval_batches)
@@ -41,8 +64,10 @@ _D = TrainConfig()
 @click.option("--save-every", type=click.IntRange(1), default=None, help="[default: --eval-every]")
 @click.option("--patience", type=click.IntRange(1), default=None, help="early stop after N evals without gain")
 @click.option("--seed", type=int, default=_D.seed)
-@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads")
-@click.option("--resume", is_flag=True, help="continue the run in --out from last.pt")
+@click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (at most the CPUs)")
+@click.option("--tensorboard", is_flag=True, help="also write TensorBoard event files to OUT/tensorboard")
+@click.option("--resume", is_flag=True,
+              help="continue the run in --out from last.pt with its own settings; budgets given again replace its own")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def main(model, preset, out, resume, quiet, **kw):
     """Train a model; writes best.pt, last.pt, metrics.jsonl, train.csv, eval.csv, summary.json."""
@@ -50,11 +75,18 @@ def main(model, preset, out, resume, quiet, **kw):
     from .data import DataError
     from .train import TrainError, train
 
+    ctx = click.get_current_context()
+    # What the user typed, as opposed to defaults: a resumed run keeps its own settings.
+    given = {name for name in ("model", "preset", *kw)
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT}
     cfg = TrainConfig(model=model, preset=preset, out=out or f"runs/{model}-{preset}", **kw)
     try:
-        summary = train(cfg, resume=resume, progress=not quiet)
+        summary = train(cfg, resume=resume, progress=not quiet, given=given)
     except (TrainError, CheckpointError, DataError) as e:
         fail(str(e))
+    except OSError as e:
+        # An unwritable or full place the run writes to (logs, summary): name it and the cause.
+        fail(f"{e.filename or cfg.out}: {e.strerror or e}")
     except KeyboardInterrupt:
         fail("interrupted; continue with --resume")
     if summary is not None:
@@ -62,7 +94,11 @@ def main(model, preset, out, resume, quiet, **kw):
         click.echo(f"{summary['model']}-{summary['preset']}: {summary['params']['total']:,} params, "
                    f"{summary['steps']} steps ({summary['stop_reason']}), "
                    f"val bits/byte {best['val_bpb']:.4f}, val ppl {best['val_ppl']:.2f}, "
-                   f"test bits/byte {best['test_bpb']:.4f} → {cfg.out}/summary.json")
+                   f"test bits/byte {best['test_bpb']:.4f} → {summary['train_config']['out']}/summary.json")
+        experts = summary.get("experts")
+        if experts and experts["collapsed"]:
+            click.echo(f"warning: collapsed router in layer(s) {experts['collapsed_layers']} "
+                       "(see experts in summary.json)", err=True)
 
 
 if __name__ == "__main__":

@@ -1,25 +1,35 @@
-"""Training loop for both families: AdamW, warm-up + cosine, clipping, accumulation,
-early stopping, time and token budgets, atomic checkpoints and exact resume.
+"""Training loop for both families: AdamW, warm-up + cosine over the budget, clipping,
+accumulation, early stopping, step/token/time budgets, atomic checkpoints and exact resume.
+
+One `RunState` is what a checkpoint holds and what a resume restores: the configs, the
+tokenizer, the weights and optimizer, the position (step, tokens, elapsed time), the
+schedule's progress and the early-stopping record. Nothing else carries over.
 
 Exact resume without storing data-loader state: the batch of step s is a pure function of
-(seed, s, rank) (see `itera_lite.data.get_batch`), so a run resumed from `last.pt` at step
-s sees exactly the batches an uninterrupted run would have seen after s.
+(seed, s, rank) (see `itera_lite.data.get_batch`), and the learning rate is a pure function
+of the config and the saved budget fraction, so a run resumed from `last.pt` at step s
+sees exactly the batches and rates an uninterrupted run would have seen after s.
 
-Data parallel: launched by `torchrun` or `accelerate launch` (they set RANK/WORLD_SIZE),
-each process takes its own rows of the global batch and gradients are averaged with one
-all-reduce (gloo on CPU). Rank 0 writes logs and checkpoints.
+Data parallel: torch's DistributedDataParallel (gloo on CPU), launched by `torchrun` or
+`accelerate launch` (they set RANK/WORLD_SIZE); each process takes its own rows of the
+global batch. Rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import hashlib
+import importlib.util
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import bits_per_byte, get_batch, iter_eval_batches, perplexity, prepare_data
+from .data import DataError, get_batch, prepare_data
+from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
 
 
@@ -63,6 +74,38 @@ class TrainConfig:
     seed: int = 1337
     threads: int | None = None
     log_every: int = 1
+    tensorboard: bool = False  # event files in OUT/tensorboard beside the CSVs
+
+    def check(self) -> None:
+        """Refuse values no run can use, in one line each (click checks the CLI's ranges too)."""
+        positive = {"lr": self.lr, "grad_clip": self.grad_clip, "max_minutes": self.max_minutes}
+        for name, value in positive.items():
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise TrainError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
+        for name in ("max_steps", "max_tokens", "seq_len", "batch_size", "grad_accum", "eval_every",
+                     "eval_batches", "log_every", "save_every", "patience", "final_eval_batches"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise TrainError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
+            raise TrainError("--tensorboard needs the tensorboard extra: pip install 'itera-lite[tensorboard]'")
+        if self.threads is not None:
+            from itera_runtime.session import check_threads
+
+            try:
+                check_threads(self.threads)
+            except ValueError as e:
+                raise TrainError(f"--threads: {e}") from None
+
+
+# What a resumed run may change when given again on its command line: budgets and how it
+# reports. Everything else (model, data, seed, optimiser, schedule shape) is the run itself.
+RESUME_MAY_CHANGE = frozenset({"max_steps", "max_minutes", "max_tokens", "patience", "threads", "save_every",
+                               "log_every", "final_eval_batches", "tensorboard"})
 
 
 class TrainError(Exception):
@@ -72,16 +115,25 @@ class TrainError(Exception):
 # ---------------------------------------------------------------------------------------
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up to lr, then cosine down to min_lr_ratio * lr at max_steps."""
+def budget_fraction(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
+    """How much of the run's budget is used: the largest of steps, tokens and time (0..1)."""
+    used = [step / cfg.max_steps]
+    if cfg.max_tokens is not None:
+        used.append(tokens_seen / cfg.max_tokens)
+    if cfg.max_minutes is not None:
+        used.append(elapsed_s / (cfg.max_minutes * 60))
+    return min(1.0, max(used))
 
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return f
+def lr_at(cfg: TrainConfig, step: int, fraction: float, warmup_end_fraction: float | None) -> float:
+    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio * lr as the budget
+    fraction goes from where warm-up ended to 1, whichever budget (steps, tokens, time) ends
+    the run. With only a step budget this is the usual step-based cosine."""
+    if step < cfg.warmup_steps or warmup_end_fraction is None:
+        return cfg.lr * (step + 1) / max(1, cfg.warmup_steps)
+    progress = (fraction - warmup_end_fraction) / max(1e-12, 1.0 - warmup_end_fraction)
+    progress = min(1.0, max(0.0, progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
@@ -94,47 +146,146 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def token_byte_lengths(tokenizer_json: str) -> np.ndarray:
-    """UTF-8 byte length of every token id, so bits/byte is exact on any slice of text."""
-    from tokenizers import Tokenizer
-
-    from itera_runtime.textstream import token_byte_lengths as lengths
-
-    return lengths(Tokenizer.from_str(tokenizer_json))
+# ---------------------------------------------------------------------------- run state
 
 
-@torch.no_grad()
-def evaluate(model, tokens: np.ndarray, byte_len: np.ndarray, batch_size: int, seq_len: int,
-             max_batches: int | None) -> dict:
-    """Mean loss, perplexity and bits/byte over contiguous windows from the split's start."""
-    model.eval()
-    nats, n_tok, n_bytes = 0.0, 0, 0
-    for x, y in iter_eval_batches(tokens, batch_size, seq_len, max_batches):
-        logits = model(torch.from_numpy(x)).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), torch.from_numpy(y).flatten(), reduction="sum")
-        nats += loss.item()
-        n_tok += y.size
-        n_bytes += int(byte_len[y].sum())
-    model.train()
-    mean = nats / max(1, n_tok)
-    return {"loss": mean, "ppl": perplexity(mean), "bpb": bits_per_byte(mean, n_tok, n_bytes),
-            "tokens": n_tok, "bytes": n_bytes}
+@dataclass
+class RunState:
+    """A run: what `last.pt`/`best.pt` hold and what `--resume` restores, nothing more."""
+
+    cfg: TrainConfig
+    model_cfg: object
+    tokenizer_json: str
+    data_meta: dict
+    validation_sample: dict  # a few held-out ids and their text, for export validation
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed_s: float = 0.0
+    # Where warm-up ended (step, tokens, elapsed_s): the cosine runs from there to the end of
+    # the budget, measured against the current budgets (a resume may extend them).
+    warmup_end: list | None = None
+    best_val_loss: float = math.inf
+    evals_since_best: int = 0
+    last_eval_step: int | None = None
+    val: dict | None = None  # the last evaluation
+    params: dict = field(default_factory=dict)
+
+    def fraction(self) -> float:
+        return budget_fraction(self.cfg, self.step, self.tokens_seen, self.elapsed_s)
+
+    def warmup_end_fraction(self) -> float | None:
+        return None if self.warmup_end is None else budget_fraction(self.cfg, *self.warmup_end)
+
+    def lr(self) -> float:
+        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction())
+
+    def to_checkpoint(self) -> dict:
+        """The checkpoint payload (configs, tokenizer, weights, optimizer, position)."""
+        return {
+            "model_config": config_to_dict(self.model_cfg), "train_config": dataclasses.asdict(self.cfg),
+            "tokenizer_json": self.tokenizer_json, "data_meta": self.data_meta,
+            "validation_sample": self.validation_sample,
+            "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "rng": {"torch": torch.get_rng_state()}, "step": self.step, "tokens_seen": self.tokens_seen,
+            "elapsed_s": self.elapsed_s,
+            "schedule": {"fraction": self.fraction(), "warmup_end": self.warmup_end,
+                         "warmup_end_fraction": self.warmup_end_fraction()},
+            "best_val_loss": self.best_val_loss, "evals_since_best": self.evals_since_best,
+            "last_eval_step": self.last_eval_step, "metrics": {"val": self.val, "params": self.params},
+        }
+
+    def restore(self, ckpt: dict) -> None:
+        """Continue from a checkpoint written by `to_checkpoint`."""
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        self.step, self.tokens_seen, self.elapsed_s = ckpt["step"], ckpt["tokens_seen"], ckpt["elapsed_s"]
+        self.best_val_loss, self.evals_since_best = ckpt["best_val_loss"], ckpt["evals_since_best"]
+        schedule = ckpt.get("schedule") or {}
+        self.warmup_end = schedule.get("warmup_end")
+        if self.warmup_end is None and self.step >= self.cfg.warmup_steps:
+            # A checkpoint from before budget-fraction schedules: its cosine was step-based.
+            self.warmup_end = [self.cfg.warmup_steps, 0, 0.0]
+        self.last_eval_step = ckpt.get("last_eval_step", self.step)
+        self.val = (ckpt.get("metrics") or {}).get("val")
+
+
+# ------------------------------------------------------------------------------ run folder
+
+# Names a run folder of ours holds. A folder holding anything else is the user's.
+RUN_MARKER = ".itera-train"
+RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "train.csv", "eval.csv", "summary.json", RUN_MARKER)
+RUN_DIRS = ("tensorboard",)
+# Temp files of our own atomic writes (checkpoint.save_checkpoint, summary.json): a kill
+# mid-write leaves them; the next run into the folder removes them.
+STALE_TEMP = re.compile(r"^(\.(best|last)\.pt\..+\.tmp|summary\.json\.tmp)$")
+
+
+def _claim_run_folder(out: Path, resume: bool) -> bool:
+    """Check `out` may hold this run, clean our stale temp files; True if we create it."""
+    last = out / "last.pt"
+    if out.exists() and not out.is_dir():
+        raise TrainError(f"--out {out} is a file, not a folder")
+    if resume:
+        if not last.exists():
+            raise TrainError(f"{last}: nothing to resume (no last.pt in --out)")
+    elif last.exists():
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+    created = not out.exists()
+    if created:
+        return True
+    entries = [p for p in out.iterdir() if not STALE_TEMP.match(p.name)]
+    if entries and not resume and not (out / RUN_MARKER).exists():
+        names = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+        raise TrainError(f"--out {out} is not empty and is not an itera-train run (holds {names}); "
+                         "choose a new or empty folder")
+    for p in out.iterdir():
+        if STALE_TEMP.match(p.name) and p.is_file():
+            p.unlink(missing_ok=True)
+    if not resume:
+        # A run of ours killed before its first checkpoint: start it over from nothing.
+        _remove_run_files(out, created=False)
+    return False
+
+
+def _remove_run_files(out: Path, created: bool) -> None:
+    """Undo a run that never took a step: only the files we write, and the folder if ours."""
+    for name in RUN_FILES:
+        (out / name).unlink(missing_ok=True)
+    for name in RUN_DIRS:
+        shutil.rmtree(out / name, ignore_errors=True)
+    if created:
+        with contextlib.suppress(OSError):
+            out.rmdir()
+
+
+# ---------------------------------------------------------------------------------- logs
 
 
 class _Logs:
-    """metrics.jsonl (every record) + train.csv / eval.csv (fixed columns), rank 0 only."""
+    """metrics.jsonl (every record) + train.csv / eval.csv (fixed columns), rank 0 only;
+    TensorBoard event files in OUT/tensorboard when asked (the CSVs stay the record)."""
 
     TRAIN_COLS = ["step", "tokens", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "balance_loss",
                   "z_loss", "elapsed_s"]
     EVAL_COLS = ["step", "tokens", "val_loss", "val_ppl", "val_bpb", "best_val_loss", "elapsed_s"]
 
-    def __init__(self, out: Path, resume_step: int | None):
+    def __init__(self, out: Path, resume_step: int | None, tensorboard: bool):
         self.out = out
         if resume_step is not None:
             self._truncate(resume_step)
         else:
             for name in ("metrics.jsonl", "train.csv", "eval.csv"):
                 (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "tensorboard", ignore_errors=True)
+        self.tb = None
+        if tensorboard:  # TrainConfig.check made sure the package is there
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step drops events a killed run logged past its last checkpoint.
+            self.tb = SummaryWriter(str(out / "tensorboard"), purge_step=(resume_step + 1) if resume_step else None)
 
     def _truncate(self, step: int):
         # A killed run may have logged steps past its last checkpoint; they will be redone.
@@ -162,6 +313,17 @@ class _Logs:
             if new:
                 w.writeheader()
             w.writerow(rec)
+        if self.tb is not None:
+            for col in cols[2:]:
+                if isinstance(rec.get(col), (int, float)):
+                    self.tb.add_scalar(f"{kind}/{col}", rec[col], rec["step"])
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+# ----------------------------------------------------------------------- data parallel
 
 
 def _dist_setup():
@@ -172,53 +334,111 @@ def _dist_setup():
     return rank, world
 
 
-def _all_reduce_grads(model, world: int):
-    """Average gradients across processes in one flat all-reduce (experts with no tokens give zeros)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in params])
-    torch.distributed.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for p in params:
-        n = p.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
-        offset += n
+def params_sha256(model: torch.nn.Module) -> str:
+    """Digest of every parameter's bytes: equal on all ranks when they trained in sync."""
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode() + p.detach().contiguous().numpy().tobytes())
+    return h.hexdigest()
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) a training run; returns the summary also written to summary.json."""
+# --------------------------------------------------------------------------- settings
+
+
+def resolve_config(cfg: TrainConfig, saved: dict, given: set[str]) -> TrainConfig:
+    """The resumed run's config: its own settings, with budgets changed only where given.
+
+    A setting given again with the value the run already has is fine; a different one is
+    refused, since the run would silently stop being the run it was.
+    """
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    run = TrainConfig(**{k: v for k, v in saved.items() if k in names})
+    conflicts = []
+    for name in sorted(given - RESUME_MAY_CHANGE - {"out"}):
+        new, old = getattr(cfg, name), getattr(run, name)
+        if name == "data" and new != old and os.path.abspath(os.path.expanduser(new)) == os.path.abspath(
+                os.path.expanduser(old)):
+            continue
+        if new != old:
+            conflicts.append(f"--{name.replace('_', '-')} {new} (run has {old})")
+    if conflicts:
+        raise TrainError(f"{cfg.out} was started with other settings; --resume cannot change "
+                         f"{', '.join(conflicts)}: leave them out or train into a new --out")
+    return dataclasses.replace(run, out=cfg.out, **{k: getattr(cfg, k) for k in given & RESUME_MAY_CHANGE})
+
+
+def _given_by_default(cfg: TrainConfig) -> set[str]:
+    """For Python callers: the settings that differ from TrainConfig's defaults."""
+    default = TrainConfig()
+    return {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != getattr(default, f.name)}
+
+
+def _check_splits(cfg: TrainConfig, data) -> None:
+    for split in ("train", "val", "test"):
+        n = data.n_tokens(split)
+        if n < cfg.seq_len + 1:
+            raise TrainError(f"--data {cfg.data}: the {split} split has {n} tokens, too few for one window "
+                             f"of --seq-len {cfg.seq_len} (needs {cfg.seq_len + 1}); give more text or a "
+                             "shorter --seq-len")
+
+
+def validation_sample(cfg: TrainConfig, data, n: int = 256) -> dict:
+    """The first n ids of the test split and their text, for the exporter's parity check."""
+    ids = np.asarray(data.split("test")[:n], dtype=np.int64).tolist()
+    return {"ids": ids, "text": data.tokenizer.decode(ids),
+            "source": f"first {len(ids)} tokens of the test split of --data {cfg.data}"}
+
+
+# ------------------------------------------------------------------------------- train
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: set[str] | None = None) -> dict:
+    """Run (or resume) a training run; returns the summary also written to summary.json.
+
+    given: the settings the user gave (on resume only those may differ from the saved run,
+    and only budgets may change). None: those that differ from TrainConfig's defaults.
+    """
     from tqdm import tqdm
 
+    given = _given_by_default(cfg) if given is None else set(given)
     rank, world = _dist_setup()
-    if cfg.batch_size % world:
-        raise TrainError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     last_path = out / "last.pt"
-
     ckpt = None
     if resume:
         if not last_path.exists():
             raise TrainError(f"{last_path}: nothing to resume (no last.pt in --out)")
         ckpt = load_checkpoint(last_path)
-        saved = ckpt.get("train_config", {})
-        # The run continues with its own settings; only budgets may be extended on resume.
-        budget_keys = {"max_steps", "max_minutes", "max_tokens", "patience", "threads"}
-        cfg = dataclasses.replace(
-            TrainConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}),
-            **{k: getattr(cfg, k) for k in budget_keys}, out=cfg.out,
-        )
-    elif last_path.exists():
-        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        cfg = resolve_config(cfg, ckpt.get("train_config", {}), given)
+    cfg.check()
+    if cfg.batch_size % world:
+        raise TrainError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
 
+    created, error = False, None
     if rank == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        data = prepare_data(cfg.data, cfg.vocab_size)
+        try:
+            created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=progress)
+            _check_splits(cfg, data)
+            try:
+                out.mkdir(parents=True, exist_ok=True)
+                (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
+            except OSError as e:
+                raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+        except (TrainError, DataError, CheckpointError) as e:
+            error = e
     if world > 1:
-        torch.distributed.barrier()
-        if rank != 0:
-            data = prepare_data(cfg.data, cfg.vocab_size)
+        # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
+        failed = [None if error is None else str(error)]
+        torch.distributed.broadcast_object_list(failed, 0)
+        if failed[0] is not None and rank != 0:
+            raise TrainError(f"rank 0 failed: {failed[0]}")
+    if error is not None:
+        raise error
+    if rank != 0:
+        data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
     if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
         raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
 
@@ -228,153 +448,223 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> dict
     model = build_model(model_cfg)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=False)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
-    step, tokens_seen, elapsed0 = 0, 0, 0.0
-    best_val, evals_since_best = float("inf"), 0
+    state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
+                     params=count_params(model))
     if ckpt:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        torch.set_rng_state(ckpt["rng"]["torch"])
-        step, tokens_seen, elapsed0 = ckpt["step"], ckpt["tokens_seen"], ckpt["elapsed_s"]
-        best_val, evals_since_best = ckpt["best_val_loss"], ckpt["evals_since_best"]
+        state.restore(ckpt)
     model.train()
+    # Experts that get no tokens on a rank have no gradient there: DDP must not wait for them.
+    ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model)
 
     train_tokens, val_tokens = data.split("train"), data.split("val")
     byte_len = token_byte_lengths(data.tokenizer_json)
-    params = count_params(model)
-    logs = _Logs(out, step if ckpt else None) if rank == 0 else None
+    logs = _Logs(out, state.step if ckpt else None, cfg.tensorboard) if rank == 0 else None
     save_every = cfg.save_every or cfg.eval_every
     rows_per_rank = cfg.batch_size // world
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    t_start = time.perf_counter()
-    elapsed = lambda: elapsed0 + time.perf_counter() - t_start  # noqa: E731
-    val = None
+    start_step, saved_step = state.step, state.step
+    t_start, elapsed0 = time.perf_counter(), state.elapsed_s
     stop_reason = "max_steps"
 
-    def checkpoint_payload() -> dict:
-        return {
-            "model_config": config_to_dict(model_cfg), "train_config": dataclasses.asdict(cfg),
-            "tokenizer_json": data.tokenizer_json, "data_meta": data.meta, "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": {"torch": torch.get_rng_state()}, "step": step, "tokens_seen": tokens_seen,
-            "elapsed_s": elapsed(), "best_val_loss": best_val, "evals_since_best": evals_since_best,
-            "metrics": {"val": val, "params": params},
-        }
+    def tick():
+        state.elapsed_s = elapsed0 + time.perf_counter() - t_start
 
-    bar = tqdm(total=cfg.max_steps, initial=step, desc=f"train {model_cfg.family}-{cfg.preset}",
+    def save(path: Path):
+        nonlocal saved_step
+        tick()
+        save_checkpoint(path, state.to_checkpoint())
+        if path == last_path:
+            saved_step = state.step
+
+    def run_eval():
+        state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        state.last_eval_step = state.step
+        improved = state.val["loss"] < state.best_val_loss
+        state.best_val_loss = min(state.best_val_loss, state.val["loss"])
+        state.evals_since_best = 0 if improved else state.evals_since_best + 1
+        if rank == 0:
+            tick()
+            logs.write("eval", {"step": state.step, "tokens": state.tokens_seen, "val_loss": state.val["loss"],
+                                "val_ppl": state.val["ppl"], "val_bpb": state.val["bpb"],
+                                "best_val_loss": state.best_val_loss, "elapsed_s": state.elapsed_s})
+            bar.set_postfix(val_bpb=f"{state.val['bpb']:.3f}", refresh=False)
+            # best.pt only ever holds the best model seen: never a worse one after a resume.
+            if improved:
+                save(out / "best.pt")
+
+    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {model_cfg.family}-{cfg.preset}",
                disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
-    while True:
-        if step >= cfg.max_steps:
-            stop_reason = "max_steps"
-            break
-        if cfg.max_minutes is not None and elapsed() >= cfg.max_minutes * 60:
-            stop_reason = "max_minutes"
-            break
-        if cfg.max_tokens is not None and tokens_seen >= cfg.max_tokens:
-            stop_reason = "max_tokens"
-            break
-        t0 = time.perf_counter()
-        sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
-        load = None
-        for micro in range(cfg.grad_accum):
-            x, y = get_batch(train_tokens, step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
-                             cfg.seed, rank=rank, world_size=world)
-            res = model(torch.from_numpy(x))
-            loss = F.cross_entropy(res.logits.flatten(0, 1).float(), torch.from_numpy(y).flatten())
-            total = loss
-            if res.aux:
-                total = total + cfg.aux_loss_coef * res.aux["balance_loss"] + cfg.z_loss_coef * res.aux["z_loss"]
-                sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
-                sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
-                load = res.aux["load"] if load is None else load + res.aux["load"]
-            (total / cfg.grad_accum).backward()
-            sums["loss"] += loss.item() / cfg.grad_accum
-        if world > 1:
-            _all_reduce_grads(model, world)
-            # Log the global batch's losses, not rank 0's share of it.
-            logged = torch.tensor([sums["loss"], sums["balance_loss"], sums["z_loss"]])
-            torch.distributed.all_reduce(logged)
-            sums["loss"], sums["balance_loss"], sums["z_loss"] = (logged / world).tolist()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        tokens_seen += tokens_per_step
-        dt = time.perf_counter() - t0
-        bar.update(1)
-
-        if rank == 0 and (step % cfg.log_every == 0 or step == 1):
-            rec = {"step": step, "tokens": tokens_seen, "loss": sums["loss"], "ppl": perplexity(sums["loss"]),
-                   "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / dt,
-                   "balance_loss": sums["balance_loss"] if load is not None else None,
-                   "z_loss": sums["z_loss"] if load is not None else None, "elapsed_s": elapsed()}
-            if load is not None:
-                rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()
-            logs.write("train", rec)
-            bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
-
-        at_end = step >= cfg.max_steps
-        if step % cfg.eval_every == 0 or at_end:
-            val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-            improved = val["loss"] < best_val
-            best_val = min(best_val, val["loss"])
-            evals_since_best = 0 if improved else evals_since_best + 1
-            if rank == 0:
-                logs.write("eval", {"step": step, "tokens": tokens_seen, "val_loss": val["loss"], "val_ppl": val["ppl"],
-                                    "val_bpb": val["bpb"], "best_val_loss": best_val, "elapsed_s": elapsed()})
-                bar.set_postfix(loss=f"{sums['loss']:.3f}", val_bpb=f"{val['bpb']:.3f}", refresh=False)
-                if improved:
-                    save_checkpoint(out / "best.pt", checkpoint_payload())
-            if cfg.patience is not None and evals_since_best >= cfg.patience:
-                stop_reason = "early_stopping"
-                if rank == 0:
-                    save_checkpoint(last_path, checkpoint_payload())
+    try:
+        while True:
+            tick()
+            if world > 1:
+                # Ranks measure time apart: rank 0's clock decides the budget and the rate.
+                clock = torch.tensor([state.elapsed_s], dtype=torch.float64)
+                torch.distributed.broadcast(clock, 0)
+                state.elapsed_s = float(clock)
+            if state.step >= cfg.max_steps:
+                stop_reason = "max_steps"
                 break
-        if rank == 0 and (step % save_every == 0 or at_end):
-            save_checkpoint(last_path, checkpoint_payload())
-    bar.close()
+            if cfg.max_minutes is not None and state.elapsed_s >= cfg.max_minutes * 60:
+                stop_reason = "max_minutes"
+                break
+            if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
+                stop_reason = "max_tokens"
+                break
+            if cfg.patience is not None and state.evals_since_best >= cfg.patience:
+                stop_reason = "early_stopping"
+                break
+            if state.warmup_end is None and state.step >= cfg.warmup_steps:
+                state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
+            lr = state.lr()
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            t0 = time.perf_counter()
+            sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
+            load = None
+            for micro in range(cfg.grad_accum):
+                x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
+                                 cfg.seed, rank=rank, world_size=world)
+                # Gradients are averaged across ranks once per step, on the last micro-batch.
+                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
+                with sync:
+                    res = ddp(torch.from_numpy(x))
+                    loss = F.cross_entropy(res.logits.flatten(0, 1).float(), torch.from_numpy(y).flatten())
+                    total = loss
+                    if res.aux:
+                        total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
+                                 + cfg.z_loss_coef * res.aux["z_loss"])
+                        sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
+                        sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
+                        load = res.aux["load"] if load is None else load + res.aux["load"]
+                    (total / cfg.grad_accum).backward()
+                sums["loss"] += loss.item() / cfg.grad_accum
+            if world > 1:
+                # Log the global batch's losses and expert load, not rank 0's share of them.
+                logged = torch.tensor([sums["loss"], sums["balance_loss"], sums["z_loss"]])
+                torch.distributed.all_reduce(logged)
+                sums["loss"], sums["balance_loss"], sums["z_loss"] = (logged / world).tolist()
+                if load is not None:
+                    load = load.clone()
+                    torch.distributed.all_reduce(load)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            dt = time.perf_counter() - t0
+            bar.update(1)
 
-    if rank == 0 and (val is None or not (out / "best.pt").exists()):
-        # Budget ran out before the first eval: evaluate now so the run has a best.pt.
-        val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        best_val = min(best_val, val["loss"])
-        save_checkpoint(out / "best.pt", checkpoint_payload())
-    if rank == 0:
-        save_checkpoint(last_path, checkpoint_payload())
+            if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
+                tick()
+                rec = {"step": state.step, "tokens": state.tokens_seen, "loss": sums["loss"],
+                       "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
+                       "tokens_per_s": tokens_per_step / dt,
+                       "balance_loss": sums["balance_loss"] if load is not None else None,
+                       "z_loss": sums["z_loss"] if load is not None else None, "elapsed_s": state.elapsed_s}
+                if load is not None:
+                    rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
+                logs.write("train", rec)
+                bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
+
+            if state.step % cfg.eval_every == 0 or state.step >= cfg.max_steps:
+                run_eval()
+            if rank == 0 and state.step % save_every == 0:
+                save(last_path)
+    finally:
+        bar.close()
+
+    if state.step == 0:
+        # Nothing trained: leave nothing behind, not even a folder that now "holds a run".
+        if rank == 0:
+            logs.close()
+            _remove_run_files(out, created)
+        raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
+    if state.last_eval_step != state.step and stop_reason != "early_stopping":
+        # A time or token budget ended between evals: evaluate the model the run ends with.
+        run_eval()
+    if rank == 0 and saved_step != state.step:
+        save(last_path)
+    ranks = None
+    if world > 1:
+        digests = [None] * world
+        torch.distributed.all_gather_object(digests, params_sha256(model))
+        ranks = {"world_size": world, "params_sha256": digests, "in_sync": len(set(digests)) == 1}
     summary = None
     if rank == 0:
-        summary = _summarise(cfg, model_cfg, params, out, data, byte_len, step, tokens_seen, elapsed(), stop_reason)
+        logs.close()
+        summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
+                             resumed_spent=resume and state.step == start_step)
     if world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     return summary
 
 
-def _summarise(cfg, model_cfg, params, out, data, byte_len, step, tokens_seen, elapsed_s, stop_reason) -> dict:
+# ------------------------------------------------------------------------------ summary
+
+# An expert with less than this share of its uniform share (1/E) of tokens is underused; a
+# layer where no more than top_k experts are above it has a collapsed router.
+UNDERUSED_SHARE = 0.25
+
+
+def expert_utilisation(load: torch.Tensor, top_k: int) -> dict:
+    """Per layer: share of routed tokens per expert, underused experts; collapsed routers."""
+    share = (load.double() / load.sum(-1, keepdim=True).clamp(min=1)).tolist()  # (layers, E)
+    n_experts = load.shape[-1]
+    threshold = UNDERUSED_SHARE / n_experts
+    layers = []
+    for i, row in enumerate(share):
+        underused = [e for e, s in enumerate(row) if s < threshold]
+        layers.append({"layer": i, "share": row, "underused": underused,
+                       "collapsed": n_experts - len(underused) <= top_k})
+    collapsed = [ly["layer"] for ly in layers if ly["collapsed"]]
+    return {"threshold": threshold, "layers": layers, "collapsed_layers": collapsed, "collapsed": bool(collapsed)}
+
+
+def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent) -> dict:
     """Final evaluation of best.pt on the whole validation and test splits; summary.json."""
     from itera_runtime.provenance import provenance
 
+    cfg, model_cfg = state.cfg, state.model_cfg
     best = build_model(model_cfg)
     best.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    full = {s: evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
-            for s in ("val", "test")}
+    load = None
+    if model_cfg.family == "itera":
+        load = torch.zeros(model_cfg.n_layers, model_cfg.n_experts, dtype=torch.long)
+
+        def count(module, inputs, output):
+            nonlocal load
+            if output.aux:
+                load += output.aux["load"]
+
+        hook = best.register_forward_hook(count)
+    full = {}
+    for s in ("val", "test"):
+        full[s] = evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
+        if s == "val" and load is not None:
+            hook.remove()
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
     speeds = speeds[5:] or speeds  # skip warm-up steps when there are enough
     summary = {
         "model": model_cfg.family, "preset": cfg.preset, "data": cfg.data, "vocab_size": data.vocab_size,
-        "params": params, "steps": step, "tokens_seen": tokens_seen, "elapsed_s": elapsed_s,
-        "stop_reason": stop_reason,
+        "params": state.params, "steps": state.step, "tokens_seen": state.tokens_seen,
+        "elapsed_s": state.elapsed_s, "stop_reason": stop_reason,
+        "budget_fraction": state.fraction(),
         "train_tokens_per_s": float(np.median(speeds)) if speeds else None,
         "best": {"val_loss": full["val"]["loss"], "val_ppl": full["val"]["ppl"], "val_bpb": full["val"]["bpb"],
                  "test_loss": full["test"]["loss"], "test_ppl": full["test"]["ppl"], "test_bpb": full["test"]["bpb"]},
         "eval_tokens": {"val": full["val"]["tokens"], "test": full["test"]["tokens"]},
+        # Routing of best.pt over the validation split it was evaluated on above.
+        "experts": (None if load is None else
+                    {"split": "val", **expert_utilisation(load, model_cfg.top_k)}),
+        "ranks": ranks,
         "train_config": dataclasses.asdict(cfg), "model_config": config_to_dict(model_cfg),
         "provenance": provenance(torch.get_num_threads()),
     }
+    if resumed_spent:
+        summary["note"] = "resumed with its budget already spent: no step taken, best.pt unchanged"
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, out / "summary.json")

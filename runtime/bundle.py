@@ -257,6 +257,9 @@ class Quantization:
     bytes_before: int | None = None
     bytes_after: int | None = None
     nodes_quantized: int | None = None
+    # The exporter's short decode of this bundle next to its fp32 source on the exporting
+    # machine: tokens_per_s, fp32_tokens_per_s, ratio, slower, threads, tokens, rounds.
+    decode_vs_fp32: dict[str, Any] | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Quantization:
@@ -279,6 +282,10 @@ class Validation:
     decode_logits: float | None = None
     decode_steps: int = 0
     decode_top1_agreement: float | None = None
+    # Next-token loss on the validation text in bits per UTF-8 byte, through the bundle and
+    # through torch: what quantization costs in quality, comparable across vocabularies.
+    bits_per_byte: float | None = None
+    bits_per_byte_torch: float | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> Validation | None:

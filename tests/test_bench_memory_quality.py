@@ -106,7 +106,7 @@ def _ids(bundle_path, n: int) -> np.ndarray:
 
 def _torch_eval(tiny, ids: np.ndarray, seq_len: int) -> dict:
     from itera_lite.checkpoint import load_model
-    from itera_lite.train import evaluate, token_byte_lengths
+    from itera_lite.evaluation import evaluate, token_byte_lengths
 
     model, ckpt = load_model(tiny.checkpoint)
     return evaluate(model, ids, token_byte_lengths(ckpt["tokenizer_json"]), batch_size=2, seq_len=seq_len,

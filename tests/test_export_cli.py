@@ -47,6 +47,11 @@ def test_quantized_bundles_of_both_families_run(tmp_path, tiny_bundle, quantize)
     ids = gen.generate_ids(gen.encode("To be"), 16, SamplingConfig(temperature=0))
     assert len(ids) == 16 and all(0 <= i < gen.bundle.vocab_size for i in ids)
     assert proc.stdout.startswith(f"{out}: {tiny_bundle.family} bundle, quantization {quantize}")
+    # From quantization on, progress lines only: no quantizer advice or per-tensor INFO logs.
+    # (optimum's own tied-weight note during the baseline's graph export comes before.)
+    lines = proc.stderr.splitlines()
+    after = lines[lines.index(f"· quantizing to {quantize}"):]
+    assert all(line.startswith("· ") for line in after), proc.stderr[-2000:]
 
 
 def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):

@@ -161,6 +161,15 @@ def test_export_to_read_only_place_or_full_disk_is_one_line(tiny_itera, tmp_path
         assert list(full.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.parametrize("opts", [["--quantize", "int4", "--quant-option", "blocksize=64"],
+                                  ["--quantize", "int4", "--quant-option", "block_size=big"],
+                                  ["--quant-option", "block_size=64"]])
+def test_bad_quant_option_is_one_line(tiny_itera, tmp_path, opts):
+    line = one_error_line(export(tiny_itera.checkpoint, "-o", tmp_path / "b", *opts))
+    assert "--quant" in line
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_checkpoint_with_a_broken_tokenizer_is_one_line(tiny_itera, tmp_path):
     import torch
 
@@ -258,6 +267,183 @@ def test_long_ssm_prompt_prefills_in_bounded_memory(tiny_itera):
         growth[mode] = float(proc.stdout)
     # Measured: +13 MB chunked vs +280 MB in one call (2-layer test model, vocab 256).
     assert growth["default"] < 50 and growth["one-call"] > 4 * growth["default"], growth
+
+
+# --- training -----------------------------------------------------------------------------
+
+# Tiny and fast: byte vocab, short windows, one thread (bit-exact reruns).
+TRAIN_FAST = ["--model", "itera", "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4", "--threads", "1",
+              "--warmup-steps", "2", "--eval-batches", "2", "--final-eval-batches", "2", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory) -> Path:
+    """About 60 KB of made-up words: enough for every split at --seq-len 32, no network."""
+    rng = np.random.default_rng(0)
+    words = ["thou", "art", "the", "king", "of", "night", "and", "day", "to", "be", "or", "not", "café", "naïve"]
+    lines = [" ".join(rng.choice(words, size=10)) for _ in range(1200)]
+    path = tmp_path_factory.mktemp("text") / "words.txt"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_run(text_file, tmp_path_factory) -> Path:
+    """A finished 2-step run that tests may only read (copy it to change it)."""
+    out = tmp_path_factory.mktemp("tiny-run") / "run"
+    trained(out, text_file, out.parent, "--max-steps", "2", "--eval-every", "2")
+    return out
+
+
+def itera_train(*args, tmp_path: Path, timeout=300) -> subprocess.CompletedProcess:
+    # Prepared data is cached beside the text it came from, so tests share one preparation.
+    env = {**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache"), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "itera_lite.cli", *map(str, args)], capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def trained(out: Path, data: Path, tmp_path: Path, *args) -> None:
+    proc = itera_train("--out", out, "--data", data, *TRAIN_FAST, *args, tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_train_out_on_a_user_folder_is_refused(text_file, user_folder, tmp_path):
+    # Names a run writes, but the user's: no last.pt and no run marker, so not a run of ours.
+    for name in ("train.csv", "summary.json", "best.pt"):
+        (user_folder / name).write_text("mine")
+    before = tree(user_folder)
+    line = one_error_line(itera_train("--out", user_folder, "--data", text_file, "--max-steps", "2", *TRAIN_FAST,
+                                      tmp_path=tmp_path))
+    assert "not an itera-train run" in line and str(user_folder) in line
+    assert tree(user_folder) == before
+
+
+def test_resume_with_spent_budget_keeps_best_pt(text_file, tmp_path):
+    out = tmp_path / "run"
+    trained(out, text_file, tmp_path, "--max-steps", "4", "--eval-every", "2")
+    best, last = (out / "best.pt").read_bytes(), (out / "last.pt").read_bytes()
+    proc = itera_train("--out", out, "--resume", "--quiet", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "best.pt").read_bytes() == best and (out / "last.pt").read_bytes() == last
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_early_stopped_run_resumed_keeps_best_pt(text_file, tmp_path):
+    out = tmp_path / "run"
+    # A rate this high makes validation loss worse after the first eval: early stopping.
+    trained(out, text_file, tmp_path, "--max-steps", "40", "--eval-every", "2", "--patience", "1", "--lr", "2")
+    from itera_lite.checkpoint import load_checkpoint
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stop_reason"] == "early_stopping", summary["stop_reason"]
+    best_step, last_step = load_checkpoint(out / "best.pt")["step"], load_checkpoint(out / "last.pt")["step"]
+    assert best_step < last_step
+    best = (out / "best.pt").read_bytes()
+    for extra in ([], ["--max-steps", "40"]):
+        proc = itera_train("--out", out, "--resume", "--quiet", *extra, tmp_path=tmp_path)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (out / "best.pt").read_bytes() == best
+        assert load_checkpoint(out / "last.pt")["step"] == last_step
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-minutes", "0"], "--max-minutes"), (["--max-minutes", "-1"], "--max-minutes"),
+    (["--max-minutes", "nan"], "--max-minutes"), (["--max-steps", "0"], "--max-steps"),
+    (["--max-tokens", "-5"], "--max-tokens"), (["--lr", "nan"], "--lr"), (["--lr", "-1"], "--lr"),
+    (["--lr", "inf"], "--lr"), (["--threads", "1000"], "1000 threads"),
+])
+def test_bad_training_numbers_are_one_line_and_write_nothing(text_file, tmp_path, args, words):
+    out = tmp_path / "run"
+    line = one_error_line(itera_train("--out", out, "--data", text_file, *TRAIN_FAST, "--max-steps", "2", *args,
+                                      tmp_path=tmp_path))
+    assert words in line
+    assert not out.exists()
+
+
+def test_budget_that_ends_before_the_first_step_leaves_nothing(text_file, tmp_path):
+    out = tmp_path / "run"
+    line = one_error_line(itera_train("--out", out, "--data", text_file, "--max-minutes", "1e-9", *TRAIN_FAST,
+                                      tmp_path=tmp_path))
+    assert "before the first training step" in line
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("size, words", [(0, "too little text"), (1500, "--seq-len 128")])
+def test_too_little_data_is_one_line(tmp_path, size, words):
+    data = tmp_path / "small.txt"
+    data.write_text(("to be or not to be\n" * 200)[:size])  # 1500 bytes: a 75-byte val split
+    out = tmp_path / "run"
+    line = one_error_line(itera_train("--out", out, "--data", data, *TRAIN_FAST, "--seq-len", "128",
+                                      "--max-steps", "2", tmp_path=tmp_path))
+    assert words in line and "Traceback" not in line
+    assert not out.exists()
+
+
+def test_disk_full_while_saving_a_checkpoint_is_one_line(text_file, tmp_path):
+    # The logs fit in 256 KB; a tiny model's checkpoint (weights + Adam moments, ~15 MB) does not.
+    with tmpfs(tmp_path / "full", size="256k") as full:
+        line = one_error_line(itera_train("--out", full / "run", "--data", text_file, "--max-steps", "2",
+                                          "--eval-every", "2", *TRAIN_FAST, tmp_path=tmp_path))
+        assert "No space left on device" in line and str(full / "run") in line
+        assert not [p for p in (full / "run").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_unwritable_out_is_one_line(text_file, tmp_path):
+    with tmpfs(tmp_path / "ro", read_only=True) as ro:
+        line = one_error_line(itera_train("--out", ro / "run", "--data", text_file, "--max-steps", "2",
+                                          *TRAIN_FAST, tmp_path=tmp_path))
+        assert "Read-only file system" in line and str(ro / "run") in line
+
+
+def test_stale_checkpoint_temp_files_are_cleaned_next_run(tiny_run, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    # What a SIGKILL inside save_checkpoint leaves: 0-byte temp files of our naming.
+    for name in (".best.pt.k3j2h1.tmp", ".last.pt.a8b7c6.tmp", "summary.json.tmp"):
+        (out / name).write_bytes(b"")
+    (out / "mine.tmp").write_text("not ours")
+    proc = itera_train("--out", out, "--resume", "--max-steps", "4", "--quiet", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir() if p.name.endswith(".tmp")) == ["mine.tmp"]
+
+
+@pytest.mark.parametrize("args", [["--model", "baseline"], ["--preset", "small"], ["--seed", "7"],
+                                  ["--lr", "0.01"], ["--data", "OTHER"], ["--seq-len", "64"]])
+def test_resume_with_other_settings_is_refused(tiny_run, tmp_path, args):
+    out = tiny_run
+    before = tree(out)
+    args = [str(tmp_path / "other.txt") if a == "OTHER" else a for a in args]
+    line = one_error_line(itera_train("--out", out, "--resume", *args, tmp_path=tmp_path))
+    assert args[0] in line and "--resume cannot change" in line
+    assert tree(out) == before
+
+
+def test_run_killed_before_its_first_checkpoint_starts_over(text_file, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "itera_lite.cli", "--out", str(out), "--data", str(text_file),
+                             *TRAIN_FAST, "--max-steps", "1000", "--eval-every", "1000"],
+                            env={**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache")},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "train.csv").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "train.csv").exists() and not (out / "last.pt").exists()
+    trained(out, text_file, tmp_path, "--max-steps", "2", "--eval-every", "2")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 2
+
+
+def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tmp_path):
+    # Rank 0 refuses the folder; the other rank must stop too, not wait for it forever.
+    before = tree(user_folder)
+    env = {**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache"), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           "29541", "-m", "itera_lite.cli", "--out", str(user_folder), "--data", str(text_file),
+                           *TRAIN_FAST, "--max-steps", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "not an itera-train run" in proc.stderr
+    assert tree(user_folder) == before
 
 
 # --- devices over ssh (a real sshd: the `device` fixture in conftest.py) ------------------
