@@ -80,7 +80,7 @@ def tiny_bundle(request) -> TinyBundle:
 
 
 @pytest.fixture(scope="session")
-def device(tmp_path_factory):
+def ssh_device(tmp_path_factory):
     """One sshd on loopback for the session, its device cache shared (the venv is made once).
 
     sshd missing fails the tests instead of skipping them: CI installs openssh-server."""

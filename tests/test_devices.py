@@ -212,8 +212,8 @@ def _changed_copy(bundle: Path, dest: Path) -> Path:
 
 
 @pytest.mark.slow
-def test_push_install_bench_pull_then_nothing_then_only_the_change(device, device_env, tiny_itera, tmp_path):
-    server, root = device
+def test_push_install_bench_pull_then_nothing_then_only_the_change(ssh_device, device_env, tiny_itera, tmp_path):
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
     logins = server.logins()
 
@@ -275,8 +275,8 @@ def test_host_not_listening_is_one_clear_error(tmp_path, device_env, tiny_baseli
     assert len(err) == 1 and "connection refused" in err[0] and str(port) in err[0]
 
 
-def test_wrong_or_unknown_host_key_is_refused(device, device_env, tiny_baseline, tmp_path):
-    server, root = device
+def test_wrong_or_unknown_host_key_is_refused(ssh_device, device_env, tiny_baseline, tmp_path):
+    server, root = ssh_device
     other = keygen(tmp_path / "other_host")  # what an impostor would present
     kh = tmp_path / "known_hosts"
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache",
@@ -293,8 +293,8 @@ def test_wrong_or_unknown_host_key_is_refused(device, device_env, tiny_baseline,
 
 
 @pytest.mark.slow
-def test_fleet_keeps_the_good_host_when_the_other_sshd_dies_mid_run(device, device_env, tiny_baseline, tmp_path):
-    server, root = device
+def test_fleet_keeps_the_good_host_when_the_other_sshd_dies_mid_run(ssh_device, device_env, tiny_baseline, tmp_path):
+    server, root = ssh_device
     doomed = Sshd(tmp_path / "sshd-b", root / "site")
     doomed.start()
     try:
@@ -334,8 +334,8 @@ def test_fleet_keeps_the_good_host_when_the_other_sshd_dies_mid_run(device, devi
 
 
 @pytest.mark.slow
-def test_check_reports_what_the_device_has(device, device_env, tiny_itera, tmp_path):
-    server, root = device
+def test_check_reports_what_the_device_has(ssh_device, device_env, tiny_itera, tmp_path):
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", energy="none")
     r = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", str(prof), "--bundle",
                         str(tiny_itera.bundle), "--json"], capture_output=True, text=True, env=device_env,
@@ -355,10 +355,10 @@ def test_check_reports_what_the_device_has(device, device_env, tiny_itera, tmp_p
 
 
 @pytest.mark.slow
-def test_slow_host_times_out_and_ctrl_c_keeps_finished_hosts(device, device_env, tiny_baseline, tmp_path):
+def test_slow_host_times_out_and_ctrl_c_keeps_finished_hosts(ssh_device, device_env, tiny_baseline, tmp_path):
     """a: a normal host; b: its Python hangs, 4 s timeout; c: hangs with a long timeout, so the
     run is still going when Ctrl-C comes: a's rows are printed, b timed out, c interrupted."""
-    server, root = device
+    server, root = ssh_device
     real = os.path.realpath(getattr(sys, "_base_executable", sys.executable))
     slow = tmp_path / "slow python"  # a space in the path too: it is one word on the device
     slow.write_text(f"#!/bin/sh\nsleep 60\nexec {real} \"$@\"\n")
@@ -398,8 +398,8 @@ def test_slow_host_times_out_and_ctrl_c_keeps_finished_hosts(device, device_env,
 
 
 @pytest.mark.slow
-def test_a_failing_remote_bench_brings_back_its_stderr(device, device_env, tiny_baseline, tmp_path):
-    server, root = device
+def test_a_failing_remote_bench_brings_back_its_stderr(ssh_device, device_env, tiny_baseline, tmp_path):
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
     r = subprocess.run([*BENCH, str(tiny_baseline.bundle), "-p", "8", "-n", "4", "-d", "1000000", "-r", "1",
                         "--device-profile", str(prof)], capture_output=True, text=True, env=device_env,
@@ -412,11 +412,11 @@ def test_a_failing_remote_bench_brings_back_its_stderr(device, device_env, tiny_
 
 
 @pytest.mark.slow
-def test_quality_over_ssh_pushes_its_text_and_maps_its_reference(device, device_env, tiny_itera, tiny_baseline,
+def test_quality_over_ssh_pushes_its_text_and_maps_its_reference(ssh_device, device_env, tiny_itera, tiny_baseline,
                                                                  tmp_path):
     """Options naming local things reach the device as device paths: the text file is pushed,
     --reference names the device's copy of that bundle."""
-    server, root = device
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
     text = tmp_path / "my text.txt"
     text.write_text("To be, or not to be, that is the question. " * 20)
@@ -436,9 +436,9 @@ def test_quality_over_ssh_pushes_its_text_and_maps_its_reference(device, device_
 
 
 @pytest.mark.slow
-def test_energy_over_ssh_takes_the_profiles_backend(device, device_env, tiny_baseline, tmp_path):
+def test_energy_over_ssh_takes_the_profiles_backend(ssh_device, device_env, tiny_baseline, tmp_path):
     """The profile says which counter the device has; the command line still wins."""
-    server, root = device
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", energy="none")
     base = [*BENCH[:-1], "energy", str(tiny_baseline.bundle), "-p", "8", "-n", "4", "-r", "1", "--min-time", "0.1",
             "--idle", "0.1", "--device-profile", str(prof), "-o", "jsonl"]
@@ -453,7 +453,7 @@ def test_energy_over_ssh_takes_the_profiles_backend(device, device_env, tiny_bas
     assert "--energy-backend auto" in parse(r.stdout, "jsonl")[0].provenance["command"]
 
 
-def test_guard_stops_the_device_command_when_ssh_goes_away(device, tmp_path):
+def test_guard_stops_the_device_command_when_ssh_goes_away(ssh_device, tmp_path):
     """Without the guard, a command outlives its ssh client (sshd signals nothing when a session
     without a tty closes); under `agent guard` it is stopped as soon as the client is gone."""
     import psutil
@@ -461,7 +461,7 @@ def test_guard_stops_the_device_command_when_ssh_goes_away(device, tmp_path):
     from itera_devices.profiles import load_profile_file
     from itera_devices.ssh import Connection, SshError
 
-    server, root = device
+    server, root = ssh_device
     profile = load_profile_file(server.profile(tmp_path / "dev.toml", "dev", root / "cache"))
 
     def sleeping(seconds: str) -> list:

@@ -446,7 +446,7 @@ def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tm
     assert tree(user_folder) == before
 
 
-# --- devices over ssh (a real sshd: the `device` fixture in conftest.py) ------------------
+# --- devices over ssh (a real sshd: the `ssh_device` fixture in conftest.py) ------------------
 
 
 def test_device_host_that_looks_like_an_ssh_option_runs_nothing(tmp_path):
@@ -469,8 +469,8 @@ def _nothing_ran(*folders: Path) -> None:
         assert not any((where / n).exists() for n in PWNED), where
 
 
-def test_device_python_with_shell_syntax_is_one_word_there(device, device_env, tiny_baseline, tmp_path):
-    server, root = device
+def test_device_python_with_shell_syntax_is_one_word_there(ssh_device, device_env, tiny_baseline, tmp_path):
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", python=_hostile_name("python3"))
     r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_baseline.bundle),
                         "--device-profile", str(prof)], capture_output=True, text=True, env=device_env, timeout=300)
@@ -479,11 +479,11 @@ def test_device_python_with_shell_syntax_is_one_word_there(device, device_env, t
 
 
 @pytest.mark.slow
-def test_device_bundle_path_with_shell_syntax_runs_nothing_on_either_side(device, device_env, tiny_baseline,
+def test_device_bundle_path_with_shell_syntax_runs_nothing_on_either_side(ssh_device, device_env, tiny_baseline,
                                                                           tmp_path):
     from itera_bench.record import parse
 
-    server, root = device
+    server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
     hostile = tmp_path / _hostile_name("b")
     shutil.copytree(tiny_baseline.bundle, hostile)
