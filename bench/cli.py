@@ -10,6 +10,7 @@
     itera-bench all BUNDLE... -o results/             # every subcommand above, then the report
     itera-bench report results/ --runs runs/itera-tiny -o report/   # tables, plots, curves
     itera-bench claims ITERA_BUNDLE... --baseline BUNDLE --results results/
+    itera-bench latency BUNDLE... --host pi@pi5.local # any subcommand, on a device over ssh
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
 across repetitions; every row carries its provenance. Errors a user can cause end in one
@@ -59,26 +60,47 @@ def bench_command(fn):
     @click.option("-o", "--output", type=click.Choice(FORMATS), default="md", show_default=True)
     @click.option("--baseline", default=None, type=click.Path(path_type=str),
                   help="bundle the ratios are against [default: the first baseline-family bundle]")
+    @click.option("--host", "hosts", multiple=True, metavar="SSH_TARGET",
+                  help="run on this device over ssh instead (repeatable; `local` adds this machine)")
+    @click.option("--device-profile", "device_profiles", multiple=True, metavar="NAME",
+                  help="run on the device of this profile (a name, or a .toml file)")
+    @click.option("--fleet", default=None, type=click.Path(dir_okay=False, path_type=str),
+                  help="run on every host of this fleet file, in parallel")
     @functools.wraps(fn)
-    def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, **kw):
+    def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, hosts, device_profiles, fleet, **kw):
         from itera_runtime.bundle import BundleError
         from itera_runtime.session import DeviceError, check_threads
 
         from .sweep import compare_to_baseline
 
+        remote_errors: tuple = ()
+        if hosts or device_profiles or fleet:  # devices/ is imported only when asked for
+            from itera_devices.remote import ERRORS as remote_errors
+        code = 0
         try:
             for t in threads:
                 check_threads(t)
+            devices, run_here = [], True
+            records: list[Record] = []
+            if remote_errors:
+                from itera_devices.remote import bench_on_devices, select_devices
+
+                devices, run_here = select_devices(hosts, device_profiles, fleet)
             loaded = [_load(b, fn) for b in bundles]  # verified once, before any progress
             if baseline is not None and baseline not in bundles:
                 raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
-            records: list[Record] = fn(loaded, threads=threads, repetitions=repetitions, warmup=not no_warmup, **kw)
-        except (BundleError, DeviceError, ValueError, OSError) as e:
+            if devices:
+                records, code = bench_on_devices(click.get_current_context(), loaded, devices, threads)
+            if run_here and code != 130:
+                records = fn(loaded, threads=threads, repetitions=repetitions, warmup=not no_warmup, **kw) + records
+        except (BundleError, DeviceError, ValueError, OSError, *remote_errors) as e:
             _fail(str(e))
         compare_to_baseline(records, baseline)
         click.echo(format_records(records, output))
         if any(r.interrupted for r in records):
-            sys.exit(130)
+            code = 130
+        if code:
+            sys.exit(code)
 
     return wrapper
 

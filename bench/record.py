@@ -230,10 +230,10 @@ def markdown(records: list[Record]) -> str:
     for r in records:
         groups.setdefault((r.kind, r.metric, r.unit), []).append(r)
     hosts = {r.host for r in records}
+    host_col = len(hosts) > 1 or hosts != {"local"}
     for (kind, metric, unit), rows in groups.items():
         if lines:
             lines.append("")
-        host_col = len(hosts) > 1 or hosts != {"local"}
         head = ["host"] * host_col + ["model", "family", "quant", "size", "test", "threads",
                                       f"{metric} ({unit}, median ± sd)", "vs baseline"]
         lines.append("| " + " | ".join(head) + " |")
@@ -248,9 +248,12 @@ def markdown(records: list[Record]) -> str:
     if noisy:
         lines.append(f"\nwarning: {len(noisy)} row(s) spread more than {SPREAD_WARNING:.0%} between repetitions "
                      "(noisy): compare within one run, or add repetitions")
-    p = records[0].provenance
-    if p:
-        versions = p.get("versions", {})
-        lines.append(f"\ncommit {p.get('git_commit')}, {p.get('cpu')}, {p.get('cpu_count')} CPUs, "
-                     f"onnxruntime {versions.get('onnxruntime')}, `{p.get('command')}`")
+    firsts = {r.host: r for r in reversed(records) if r.provenance}  # one provenance line per host
+    for i, r in enumerate(sorted(firsts.values(), key=records.index)):
+        p, versions = r.provenance, r.provenance.get("versions", {})
+        where = f"{r.host}: " if host_col else ""
+        system = f" {p.get('system')}, Python {versions.get('python')}," if host_col else ""
+        lines.append(("\n" if i == 0 else "") + f"{where}commit {r.build_commit or p.get('git_commit')}, "
+                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system} onnxruntime {versions.get('onnxruntime')}, "
+                     f"`{p.get('command')}`")
     return "\n".join(lines)

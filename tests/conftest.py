@@ -74,3 +74,34 @@ def tiny_itera(tmp_path_factory) -> TinyBundle:
 def tiny_bundle(request) -> TinyBundle:
     """Each family in turn."""
     return request.getfixturevalue(f"tiny_{request.param}")
+
+
+# --- a real sshd for the device tests (tests/sshd.py; test_devices.py, test_hostile.py) ----------
+
+
+@pytest.fixture(scope="session")
+def ssh_device(tmp_path_factory):
+    """One sshd on loopback for the session, its device cache shared (the venv is made once).
+
+    sshd missing fails the tests instead of skipping them: CI installs openssh-server."""
+    import os
+
+    from sshd import SSHD, Sshd, base_dependency_site
+
+    if not os.path.exists(SSHD):
+        pytest.fail(f"{SSHD} is missing: CI must `apt-get install -y openssh-server`")
+    root = tmp_path_factory.mktemp("device")
+    server = Sshd(root / "sshd", base_dependency_site(root / "site"))
+    server.start()
+    yield server, root
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def device_env(tmp_path_factory):
+    """The local side's environment for device runs: its own config and cache dirs (the wheel
+    is built once per session)."""
+    import os
+
+    root = tmp_path_factory.mktemp("local")
+    return {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(root / "cache")}

@@ -461,6 +461,7 @@ def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tm
     assert proc.returncode != 0
     assert "not an itera-train run" in proc.stderr
     assert tree(user_folder) == before
+
 # --------------------------------------------------------------------------- itera-bench report
 
 
@@ -483,3 +484,54 @@ def test_report_refuses_foreign_record_files_in_one_line(tmp_path, name, text):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (out / "report.md").exists()
+
+
+# --- devices over ssh (a real sshd: the `ssh_device` fixture in conftest.py) ------------------
+
+
+def test_device_host_that_looks_like_an_ssh_option_runs_nothing(tmp_path):
+    marker = tmp_path / "pwned"
+    line = one_error_line(bench("latency", tmp_path, "--host", f"-oProxyCommand=touch {marker}"))
+    assert "'host'" in line
+    assert not marker.exists()
+
+
+PWNED = ["itd-pwned-1", "itd-pwned-2", "itd-pwned-3"]
+
+
+def _hostile_name(prefix: str) -> str:
+    """Shell syntax that would create the PWNED files if anything handed it to a shell unquoted."""
+    return f"{prefix} $(touch {PWNED[0]}) `touch {PWNED[1]}` 'q\" ;touch {PWNED[2]}"
+
+
+def _nothing_ran(*folders: Path) -> None:
+    for where in (Path.home(), Path.cwd(), *folders):
+        assert not any((where / n).exists() for n in PWNED), where
+
+
+def test_device_python_with_shell_syntax_is_one_word_there(ssh_device, device_env, tiny_baseline, tmp_path):
+    server, root = ssh_device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", python=_hostile_name("python3"))
+    r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_baseline.bundle),
+                        "--device-profile", str(prof)], capture_output=True, text=True, env=device_env, timeout=300)
+    assert r.returncode == 1 and "error: dev (" in r.stderr  # no such program on the device
+    _nothing_ran(root, tmp_path)
+
+
+@pytest.mark.slow
+def test_device_bundle_path_with_shell_syntax_runs_nothing_on_either_side(ssh_device, device_env, tiny_baseline,
+                                                                          tmp_path):
+    from itera_bench.record import parse
+
+    server, root = ssh_device
+    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    hostile = tmp_path / _hostile_name("b")
+    shutil.copytree(tiny_baseline.bundle, hostile)
+    r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", str(hostile), "-p", "8", "-n", "4",
+                        "-d", "0", "-r", "1", "--device-profile", str(prof), "-o", "jsonl"],
+                       capture_output=True, text=True, env=device_env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    rows = parse(r.stdout, "jsonl")
+    assert rows and all(row.model_filename == hostile.name and row.bundle == str(hostile) for row in rows)
+    assert rows[0].provenance["host"]["remote_bundle"].endswith("/" + hostile.name)  # same name on the device
+    _nothing_ran(root, tmp_path)

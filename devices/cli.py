@@ -1,0 +1,178 @@
+"""itera-devices: what a device has and lacks before a benchmark run, and the profiles known.
+
+    itera-devices check pi5                     # a profile name (built-in or ~/.config/itera-lite/devices/)
+    itera-devices check pi@10.0.0.7 --bundle runs/tiny/bundle
+    itera-devices profiles                      # every profile and the file it comes from
+
+`check` connects as a run would (same ssh options, strict host keys) and installs nothing.
+It exits 0 when the device is ready for `itera-bench ... --host`, 1 when something blocks
+(the reasons are listed), with one `error:` line when the device cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+import click
+
+from .profiles import Profile, ProfileError, adhoc_profile, load_profile, profile_paths
+from .ssh import Connection, SshError
+
+
+def _fail(message: str, tail: list[str] | None = None) -> None:
+    click.echo("error: " + " ".join(str(message).split()), err=True)
+    for line in tail or []:
+        click.echo(f"  | {line}", err=True)
+    sys.exit(1)
+
+
+def resolve(target: str) -> Profile:
+    """A profile name or .toml path, else an ssh destination with default settings."""
+    if target.endswith(".toml") or target in profile_paths():
+        return load_profile(target)
+    return adhoc_profile(target)
+
+
+def _version(text: str | None) -> tuple[int, ...] | None:
+    m = re.match(r"\s*(?:>=)?\s*(\d+(?:\.\d+)*)", text or "")
+    return tuple(int(x) for x in m.group(1).split(".")) if m else None
+
+
+def bundle_requires(path: str) -> tuple[str | None, bool]:
+    """(onnxruntime version the bundle's graphs need or None when its manifest does not say,
+    whether it also carries a portable graph set)."""
+    from itera_runtime.bundle import load_bundle
+
+    m = load_bundle(path, verify=False).manifest
+    req = getattr(m, "requires", None) or m.extra.get("requires")
+    version = req.get("onnxruntime") if isinstance(req, dict) else getattr(req, "onnxruntime", None)
+    alt = getattr(m, "alt_graph_sets", None) or m.extra.get("alt_graph_sets")
+    return version, bool(alt)
+
+
+def requires_verdict(needs: str | None, have: str | None, portable: bool) -> tuple[str, bool]:
+    """(what to say about a bundle's onnxruntime needs on a device that has `have`, whether it runs)."""
+    if needs is None:
+        return "requires unknown: the bundle's manifest has no `requires` (made before it was recorded)", True
+    if _version(have) is None:
+        return f"needs onnxruntime >= {needs}; the device has none", False
+    if _version(have) >= _version(needs):
+        return f"ok: needs onnxruntime >= {needs}, device has {have}", True
+    if portable:
+        return f"device has onnxruntime {have} < {needs}: the bundle's portable graph set will run instead", True
+    return (f"bundle needs onnxruntime >= {needs}, device has {have}: upgrade onnxruntime there, "
+            "or export a portable bundle"), False
+
+
+def check_device(profile: Profile, bundle: str | None = None, index: bool = True) -> dict:
+    """Everything `check` reports, as one dict (the --json output)."""
+    from .remote import agent_call
+
+    with Connection(profile) as conn:
+        conn.connect()
+        facts = agent_call(conn, "probe")
+        wheels = agent_call(conn, "wheels") if index else {"onnxruntime_wheel": None, "detail": "not asked (--no-index)"}
+    blockers: list[str] = []
+    if profile.arch and facts["machine"] != profile.arch:
+        blockers.append(f"architecture is {facts['machine']}, the profile expects {profile.arch}")
+    if facts.get("python_bits") == 32:
+        blockers.append("32-bit Python (PyPI has no 32-bit ARM onnxruntime wheels): install the 64-bit OS")
+    if not facts["python_ok"]:
+        blockers.append(f"Python {facts['python']} is older than 3.10 (set `python` in the profile)")
+    if not facts["venv_module"]:
+        blockers.append("no venv module for this Python (Debian/Raspberry Pi OS: sudo apt install python3-venv)")
+    ort_installed = facts["venv"]["onnxruntime"] or facts["packages"].get("onnxruntime")
+    ort_where = "in the itera venv" if facts["venv"]["onnxruntime"] else "in the device's Python"
+    if not ort_installed and not wheels["onnxruntime_wheel"]:
+        blockers.append("no onnxruntime installed and pip finds no wheel for this Python and architecture")
+    energy = facts["energy"]
+    if profile.energy not in (None, "none") and energy.get(profile.energy) != "readable":
+        blockers.append(f"energy backend {profile.energy} (the profile's) is not readable: {energy.get(profile.energy)}")
+    out = {"name": profile.name, "host": profile.host, "facts": facts, "onnxruntime": {
+        "installed": ort_installed, "where": ort_where if ort_installed else None,
+        "installable_wheel": wheels["onnxruntime_wheel"], "detail": wheels["detail"]}}
+    if bundle is not None:
+        needs, portable = bundle_requires(bundle)
+        have = ort_installed or wheels["onnxruntime_wheel"]
+        verdict, ok = requires_verdict(needs, have, portable)
+        if not ok:
+            blockers.append(verdict)
+        out["bundle"] = {"path": bundle, "requires_onnxruntime": needs, "portable_set": portable, "verdict": verdict}
+    out["blockers"] = blockers
+    return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def render(report: dict, profile: Profile) -> str:
+    f, ort = report["facts"], report["onnxruntime"]
+    arch = f["machine"] + (f" (profile expects {profile.arch})" if profile.arch else "")
+    venv = f["venv"]
+    lines = [
+        f"{report['name']} ({report['host']})" if report["name"] != report["host"] else report["host"],
+        f"  architecture  {arch}",
+        f"  os            {f['os']} ({f['system']})",
+        f"  cpu           {f['cpu']}, {f['cores']} cores",
+        f"  python        {f['executable']} {f['python']} ({f.get('python_bits')}-bit)"
+        f"{'' if f['python_ok'] else ' (too old: 3.10+ needed)'}; "
+        f"venv module {'yes' if f['venv_module'] else 'no'}; pip {'yes' if f['pip'] else 'no'}",
+        "  onnxruntime   " + (f"{ort['installed']} {ort['where']}" if ort["installed"] else "not installed")
+        + "; wheel pip finds: " + (ort["installable_wheel"] or f"none ({ort['detail']})"),
+    ]
+    if "bundle" in report:
+        lines.append(f"  bundle        {report['bundle']['verdict']}")
+    energy = "; ".join(f"{k}: {v}" for k, v in f["energy"].items())
+    lines.append(f"  energy        {energy} (profile: {profile.energy or 'not set'})")
+    lines.append(f"  free disk     {_gb(f['free_bytes'])} at {f['cache']}")
+    lines.append(f"  itera venv    {'present' if venv['exists'] else 'not yet (made on the first run)'} ({venv['path']})")
+    if report["blockers"]:
+        lines.append("not ready: " + "; ".join(report["blockers"]))
+    else:
+        lines.append("ready")
+    return "\n".join(lines)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """Devices for itera-bench --host/--device-profile/--fleet."""
+
+
+@main.command()
+@click.argument("host")
+@click.option("--bundle", default=None, type=click.Path(path_type=str),
+              help="also say whether the device's onnxruntime runs this bundle (its manifest's `requires`)")
+@click.option("--no-index", is_flag=True, help="do not ask pip for an installable onnxruntime wheel (offline)")
+@click.option("--json", "as_json", is_flag=True, help="the report as JSON")
+def check(host, bundle, no_index, as_json):
+    """What HOST (a profile name, a .toml file, or user@host) has and lacks for a benchmark run."""
+    from itera_runtime.bundle import BundleError
+
+    try:
+        profile = resolve(host)
+        report = check_device(profile, bundle, index=not no_index)
+    except (ProfileError, BundleError) as e:
+        _fail(str(e))
+    except SshError as e:
+        _fail(f"{profile.name}: {e}", e.tail)
+    click.echo(json.dumps(report, indent=2) if as_json else render(report, profile))
+    if report["blockers"]:
+        sys.exit(1)
+
+
+@main.command()
+def profiles():
+    """Every device profile known here and the file it comes from."""
+    for name, path in sorted(profile_paths().items()):
+        try:
+            p = load_profile(str(path))
+            click.echo(f"{name:12s} {p.host:28s} {p.description or ''}  [{path}]")
+        except ProfileError as e:
+            click.echo(f"{name:12s} error: {e}")
+
+
+if __name__ == "__main__":
+    main()
