@@ -40,30 +40,24 @@ def _version(text: str | None) -> tuple[int, ...] | None:
     return tuple(int(x) for x in m.group(1).split(".")) if m else None
 
 
-def bundle_requires(path: str) -> tuple[str | None, bool]:
-    """(onnxruntime version the bundle's graphs need or None when its manifest does not say,
-    whether it also carries a portable graph set)."""
+def bundle_verdict(path: str, have: str | None) -> tuple[str, bool, str | None]:
+    """(what to say about running this bundle on a device whose onnxruntime is `have`, whether it
+    runs, the graph set it would run) -- the runtime's own check, given the device's version."""
     from itera_runtime.bundle import load_bundle
+    from itera_runtime.requires import choose_graph_set, refusal
 
     m = load_bundle(path, verify=False).manifest
-    req = getattr(m, "requires", None) or m.extra.get("requires")
-    version = req.get("onnxruntime") if isinstance(req, dict) else getattr(req, "onnxruntime", None)
-    alt = getattr(m, "alt_graph_sets", None) or m.extra.get("alt_graph_sets")
-    return version, bool(alt)
-
-
-def requires_verdict(needs: str | None, have: str | None, portable: bool) -> tuple[str, bool]:
-    """(what to say about a bundle's onnxruntime needs on a device that has `have`, whether it runs)."""
-    if needs is None:
-        return "requires unknown: the bundle's manifest has no `requires` (made before it was recorded)", True
-    if _version(have) is None:
-        return f"needs onnxruntime >= {needs}; the device has none", False
-    if _version(have) >= _version(needs):
-        return f"ok: needs onnxruntime >= {needs}, device has {have}", True
-    if portable:
-        return f"device has onnxruntime {have} < {needs}: the bundle's portable graph set will run instead", True
-    return (f"bundle needs onnxruntime >= {needs}, device has {have}: upgrade onnxruntime there, "
-            "or export a portable bundle"), False
+    sets = m.set_requires()
+    if all(r is None for r in sets.values()):
+        return "requires unknown: the bundle's manifest has no `requires` (made before it was recorded)", True, None
+    if have is None:
+        floor = min((r.onnxruntime for r in sets.values() if r), key=lambda v: tuple(map(int, v.split("."))))
+        return f"needs onnxruntime >= {floor}; the device has none", False, None
+    chosen, problems = choose_graph_set(sets, ort_version=have)
+    if chosen is not None:
+        return f"ok: its {chosen} graph set runs on the device's onnxruntime {have}", True, chosen
+    main = m.main_set
+    return refusal(path, sets[main], problems[main], have, alternatives=[s for s in sets if s != main]), False, None
 
 
 def check_device(profile: Profile, bundle: str | None = None, index: bool = True) -> dict:
@@ -94,12 +88,11 @@ def check_device(profile: Profile, bundle: str | None = None, index: bool = True
         "installed": ort_installed, "where": ort_where if ort_installed else None,
         "installable_wheel": wheels["onnxruntime_wheel"], "detail": wheels["detail"]}}
     if bundle is not None:
-        needs, portable = bundle_requires(bundle)
         have = ort_installed or wheels["onnxruntime_wheel"]
-        verdict, ok = requires_verdict(needs, have, portable)
+        verdict, ok, graph_set = bundle_verdict(bundle, have)
         if not ok:
             blockers.append(verdict)
-        out["bundle"] = {"path": bundle, "requires_onnxruntime": needs, "portable_set": portable, "verdict": verdict}
+        out["bundle"] = {"path": bundle, "onnxruntime": have, "graph_set": graph_set, "verdict": verdict}
     out["blockers"] = blockers
     return out
 

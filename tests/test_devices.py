@@ -127,27 +127,30 @@ def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_pat
                                                       and p.name not in skip for p in cmd.params))
 
 
-def test_requires_verdict_against_the_device_version(tmp_path, tiny_baseline):
-    from itera_devices.cli import bundle_requires, requires_verdict
+def test_requires_verdict_against_the_device_version(tmp_path, tiny_itera):
+    """The device check asks the runtime's own requires check, with the device's version."""
+    from itera_devices.cli import bundle_verdict
+    from itera_runtime.bundle import MANIFEST_NAME, load_bundle
 
-    assert requires_verdict("1.24.4", "1.32.0", False)[1]
-    assert requires_verdict("1.24.4", "1.9.0", False) == (
-        "bundle needs onnxruntime >= 1.24.4, device has 1.9.0: upgrade onnxruntime there, "
-        "or export a portable bundle", False)
-    assert requires_verdict("1.24.4", "1.20.1", True)[1]  # the portable set runs
-    assert requires_verdict("1.24.4", None, False)[1] is False
-    text, ok = requires_verdict(None, "1.20.1", False)
-    assert ok and "requires unknown" in text
-    # a manifest that records it (the key newer exporters write) is read, an older one is not
-    from itera_runtime.bundle import MANIFEST_NAME
-
-    b = tmp_path / "b"
-    shutil.copytree(tiny_baseline.bundle, b)
-    assert bundle_requires(str(b)) == (None, False)
+    m = load_bundle(tiny_itera.bundle).manifest
+    assert m.requires is not None  # the exporter recorded it
+    text, ok, chosen = bundle_verdict(str(tiny_itera.bundle), "9.0.0")
+    assert ok and chosen == m.main_set and "9.0.0" in text
+    text, ok, chosen = bundle_verdict(str(tiny_itera.bundle), "1.0.0")  # older than any set needs
+    assert not ok and chosen is None and "installed onnxruntime is 1.0.0" in text and "upgrade" in text.lower()
+    if m.alt_graph_sets:  # a dual bundle: an onnxruntime with only the portable floor runs the portable set
+        floor = m.alt_graph_sets["portable"].requires.onnxruntime
+        assert bundle_verdict(str(tiny_itera.bundle), floor)[1:] == (True, "portable")
+    text, ok, _ = bundle_verdict(str(tiny_itera.bundle), None)
+    assert not ok and "the device has none" in text
+    # a manifest from before `requires` was recorded: said plainly, not refused
+    b = tmp_path / "old"
+    shutil.copytree(tiny_itera.bundle, b)
     d = json.loads((b / MANIFEST_NAME).read_text())
-    d["requires"] = {"onnxruntime": "1.24.4", "ops": {}}
+    for key in ("requires", "alt_graph_sets", "graph_set"):
+        d.pop(key, None)
     (b / MANIFEST_NAME).write_text(json.dumps(d))
-    assert bundle_requires(str(b))[0] == "1.24.4"
+    assert bundle_verdict(str(b), "1.20.1")[1:] == (True, None)
 
 
 def test_devices_cli_lists_profiles_and_refuses_an_unreachable_host(tmp_path):

@@ -57,7 +57,7 @@ def train_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("run")
     data = root / "text"
     data.mkdir()
-    for i, src in enumerate(["README.md", "itera_lite/train.py", "itera_lite/data.py", "runtime/bundle.py",
+    for i, src in enumerate(["README.md", "itera_lite/train.py", "itera_lite/data/corpus.py", "runtime/bundle.py",
                              "export/exporter.py", "bench/record.py"]):
         (data / f"{i}.txt").write_text((REPO / src).read_text())
     out = root / "itera"
