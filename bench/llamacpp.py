@@ -93,6 +93,7 @@ class GgufTarget:
         self._llama_cpp = _llama_cpp()
         self.flash_attn_mode = flash_attn
         self.llm = self._load(flash_attn == "on")
+        self.n_vocab = self.llm.n_vocab()
         self._text_ids = np.asarray(self.llm.tokenize(CONTEXT_TEXT.encode(), add_bos=False, special=False),
                                     dtype=np.int64)
         if flash_attn == "auto":
@@ -146,7 +147,10 @@ class GgufTarget:
                       extra={"flash_attn": self.flash_attn, "llama_cpp_python": self._llama_cpp.__version__}, **how)
 
     def _greedy(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        """Argmax of the last evaluated token's logits, read in place from llama.cpp (no copy):
+        llama-cpp-python fills `Llama.scores` only with logits_all, which would copy every row."""
+        ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
 
 
 def _check(target: GgufTarget, n_depth: int, n_tokens: int) -> None:

@@ -97,6 +97,15 @@ def test_llama_cpp_logits_match_torch(tiny_baseline, ggufs):
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(got - want).max() < 1e-3
+    # The bench's greedy pick reads llama.cpp's last logits in place, at any depth (past n_batch too)
+    from itera_bench.llamacpp import GgufModel, GgufTarget
+
+    target = GgufTarget(GgufModel(ggufs["none"]), 1, "off")
+    for depth in (20, 600):
+        target.at_depth(depth)
+        with torch.no_grad():
+            last = model(torch.tensor([target.context(depth).tolist()])).logits[0, -1].numpy()
+        assert target._greedy() == int(np.argmax(last))
 
 
 def test_bench_latency_row(tiny_baseline, ggufs):
