@@ -456,6 +456,7 @@ def test_energy_over_ssh_takes_the_profiles_backend(ssh_device, device_env, tiny
     assert "--energy-backend auto" in parse(r.stdout, "jsonl")[0].provenance["command"]
 
 
+@pytest.mark.slow
 def test_guard_stops_the_device_command_when_ssh_goes_away(ssh_device, tmp_path):
     """Without the guard, a command outlives its ssh client (sshd signals nothing when a session
     without a tty closes); under `agent guard` it is stopped as soon as the client is gone."""

@@ -492,6 +492,7 @@ def test_explicit_backend_that_cannot_measure_is_one_error_line(tiny_itera, tmp_
     assert line.startswith("error: energy: --energy-backend pyrapl cannot measure here: pyrapl: ")
 
 
+@pytest.mark.slow
 def test_powercap_end_to_end_at_a_known_power(tiny_itera, tmp_path):
     """A fixture package counter that runs at 5 W and wraps every 3 s: the bench must see 5 W.
 

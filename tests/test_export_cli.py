@@ -25,6 +25,7 @@ def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
 def test_quantized_bundles_of_both_families_run(tmp_path, tiny_bundle, quantize):
     out = tmp_path / f"{tiny_bundle.family}-{quantize}"
@@ -54,6 +55,7 @@ def test_quantized_bundles_of_both_families_run(tmp_path, tiny_bundle, quantize)
     assert all(line.startswith("· ") for line in after), proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):
     out = tmp_path / "b"
     out.mkdir()
@@ -67,6 +69,7 @@ def test_refuses_to_overwrite_without_force(tmp_path, tiny_baseline):
     assert leftovers(out) == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_default_output_derives_from_checkpoint(tmp_path, tiny_baseline):
     run = tmp_path / "runs" / "my-run"
     run.mkdir(parents=True)

@@ -64,6 +64,7 @@ def test_weights_round_trip(tiny_baseline, ggufs):
     assert sizes[0] > sizes[1] > sizes[2]
 
 
+@pytest.mark.slow
 def test_refusals(tiny_itera, tiny_baseline, ggufs, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "itera_export.cli", *map(str, args)],

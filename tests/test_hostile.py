@@ -92,6 +92,7 @@ def test_force_never_replaces_the_working_dir_its_parents_home_or_root(tiny_iter
     assert not [p for p in user_folder.parent.rglob(".*.tmp")]
 
 
+@pytest.mark.slow
 def test_force_never_replaces_a_folder_of_user_files_or_a_file(tiny_itera, user_folder):
     before = tree(user_folder)
     line = one_error_line(export(tiny_itera.checkpoint, "-o", user_folder / "proj", "--force"))
@@ -101,6 +102,7 @@ def test_force_never_replaces_a_folder_of_user_files_or_a_file(tiny_itera, user_
     assert tree(user_folder) == before
 
 
+@pytest.mark.slow
 def test_force_swaps_a_bundle_atomically_for_readers(tiny_itera, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_itera.bundle, out)
@@ -120,6 +122,7 @@ def test_force_swaps_a_bundle_atomically_for_readers(tiny_itera, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
 
 
+@pytest.mark.slow
 def test_concurrent_exports_to_one_place_say_who_won(tiny_itera, tmp_path):
     out = tmp_path / "b"
     procs = [subprocess.Popen([sys.executable, "-m", "itera_export.cli", str(tiny_itera.checkpoint), "-o", str(out),
@@ -133,6 +136,7 @@ def test_concurrent_exports_to_one_place_say_who_won(tiny_itera, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+@pytest.mark.slow
 def test_stale_temp_folder_of_a_killed_export_is_cleaned_next_time(tiny_itera, tmp_path):
     out = tmp_path / "b"
     proc = subprocess.Popen([sys.executable, "-m", "itera_export.cli", str(tiny_itera.checkpoint), "-o", str(out)],
@@ -150,6 +154,7 @@ def test_stale_temp_folder_of_a_killed_export_is_cleaned_next_time(tiny_itera, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
 
 
+@pytest.mark.slow
 def test_export_to_read_only_place_or_full_disk_is_one_line(tiny_itera, tmp_path):
     with tmpfs(tmp_path / "ro", read_only=True) as ro:
         line = one_error_line(export(tiny_itera.checkpoint, "-o", ro / "b"))
@@ -335,6 +340,7 @@ def test_train_out_on_a_user_folder_is_refused(text_file, user_folder, tmp_path)
     assert tree(user_folder) == before
 
 
+@pytest.mark.slow
 def test_resume_with_spent_budget_keeps_best_pt(text_file, tmp_path):
     out = tmp_path / "run"
     trained(out, text_file, tmp_path, "--max-steps", "4", "--eval-every", "2")
@@ -345,6 +351,7 @@ def test_resume_with_spent_budget_keeps_best_pt(text_file, tmp_path):
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
 
 
+@pytest.mark.slow
 def test_early_stopped_run_resumed_keeps_best_pt(text_file, tmp_path):
     out = tmp_path / "run"
     # A rate this high makes validation loss worse after the first eval: early stopping.
@@ -435,6 +442,7 @@ def test_resume_with_other_settings_is_refused(tiny_run, tmp_path, args):
     assert tree(out) == before
 
 
+@pytest.mark.slow
 def test_run_killed_before_its_first_checkpoint_starts_over(text_file, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "itera_lite.cli", "--out", str(out), "--data", str(text_file),

@@ -287,6 +287,7 @@ def test_all_finds_measuring_subcommands_by_name():
         del main.commands["widgets"]
 
 
+@pytest.mark.slow
 def test_all_runs_every_subcommand_then_the_report(tiny_itera, tiny_baseline, tmp_path):
     out = tmp_path / "results"
     # quality reads the Shakespeare corpus (network on first use) and energy measures in

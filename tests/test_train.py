@@ -43,6 +43,7 @@ def byte_data():
     return prepare_data("shakespeare", 256)
 
 
+@pytest.mark.slow
 def test_loss_beats_unigram_entropy_on_unseen_plays(tmp_path, byte_data):
     # A model that only learned byte frequencies scores the unigram cross-entropy of the
     # validation plays under training frequencies; beating it by a margin needs context.
@@ -71,6 +72,7 @@ def test_loss_beats_unigram_entropy_on_unseen_plays(tmp_path, byte_data):
     assert prov["git_commit"] and prov["versions"]["torch"] and prov["command"].startswith("cli.py")
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_keeps_settings_and_continues_exactly(tmp_path, byte_data):
     """Issue 13's sequence: --max-steps 60 --threads 1, killed after a checkpoint, resumed
     with only --out --resume: it stops at 60 with the losses of an uninterrupted run."""
@@ -105,6 +107,7 @@ def test_resume_after_sigkill_keeps_settings_and_continues_exactly(tmp_path, byt
     assert load_checkpoint(killed / "last.pt")["step"] == 60
 
 
+@pytest.mark.slow
 def test_resume_takes_budgets_given_again(tmp_path, byte_data):
     out = tmp_path / "r"
     args = ["--model", "baseline", "--eval-every", "2", *FAST]
@@ -116,6 +119,7 @@ def test_resume_takes_budgets_given_again(tmp_path, byte_data):
     assert sorted(train_losses(out)) == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_existing_run_without_resume_is_refused(tmp_path, byte_data):
     out = tmp_path / "r"
     run_train("--out", str(out), "--model", "baseline", "--max-steps", "2", "--eval-every", "2", *FAST)
@@ -124,6 +128,7 @@ def test_existing_run_without_resume_is_refused(tmp_path, byte_data):
     assert "--resume" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "foreign", "newer"])
 def test_bad_checkpoint_gives_one_clear_line(tmp_path, byte_data, damage):
     out = tmp_path / "r"
@@ -188,6 +193,7 @@ def single_process_run(tmp_path_factory, byte_data):
 DDP_ARGS = ["--model", "itera", "--max-steps", "6", "--eval-every", "3", *FAST]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("launcher", sorted(LAUNCHERS))
 def test_two_process_data_parallel(tmp_path, single_process_run, launcher):
     single, multi = single_process_run, tmp_path / "two"
@@ -210,6 +216,7 @@ def test_two_process_data_parallel(tmp_path, single_process_run, launcher):
     assert ranks["params_sha256"][0] == params_sha256(load_model(multi / "last.pt")[0])
 
 
+@pytest.mark.slow
 def test_tensorboard_events_beside_the_csvs(tmp_path, byte_data):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -242,6 +249,7 @@ def test_step_schedule_is_warmup_then_torch_cosine():
     assert ours == pytest.approx(torch_lrs, rel=1e-9)
 
 
+@pytest.mark.slow
 def test_time_budget_schedule_reaches_its_floor_and_resumes_from_its_fraction(tmp_path, byte_data):
     out = tmp_path / "t"
     args = ["--model", "baseline", "--max-steps", "100000", "--eval-every", "1000", *FAST, "--seq-len", "32",
@@ -280,6 +288,7 @@ def test_expert_utilisation_names_underused_experts_and_flags_a_collapsed_router
     assert not expert_utilisation(load[[0, 2]], top_k=2)["collapsed"]
 
 
+@pytest.mark.slow
 def test_run_started_before_run_state_checkpoints_still_resumes(tmp_path, byte_data):
     # A last.pt as main wrote it before: a LambdaLR "scheduler", no schedule, no eval step.
     out = tmp_path / "old"
