@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from itera_runtime.bundle import Bundle
+from itera_runtime.scoring import nll_nats
 from itera_runtime.session import PREFILL_CHUNK, ModelSession
 
 from .record import Record
@@ -65,14 +66,6 @@ class Score:
         return self.nats / (math.log(2) * self.n_bytes)
 
 
-def _nll(logits: np.ndarray, targets: np.ndarray) -> float:
-    """Sum over rows of -log softmax(logits)[target]; logits (t, V), targets (t,)."""
-    x = logits.astype(np.float64)
-    top = x.max(axis=1)
-    lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
-    return float((lse - x[np.arange(len(targets)), targets]).sum())
-
-
 def _logits(session: ModelSession, ids: np.ndarray, state=None, chunk: int = PREFILL_CHUNK):
     """Per-position logits (T, V) of ids, one prefill chunk at a time (bounded memory)."""
     for logits, state in session.forward_chunks(ids, state, chunk):
@@ -92,7 +85,7 @@ def score_windows(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, 
         inputs = ids[begin:last - 1]
         targets = ids[first:last]
         rows = np.concatenate(list(_logits(session, inputs, chunk=min(window, PREFILL_CHUNK))))
-        nats += _nll(rows[len(rows) - len(targets):], targets)
+        nats += nll_nats(rows[len(rows) - len(targets):], targets)
         n_tok += len(targets)
         n_bytes += int(byte_len[targets].sum())
     return Score(nats, n_tok, n_bytes)
@@ -103,7 +96,7 @@ def score_carried(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, 
     nats, start = 0.0, 1
     for logits in _logits(session, ids[:-1], chunk=window):
         targets = ids[start:start + len(logits)]
-        nats += _nll(logits, targets)
+        nats += nll_nats(logits, targets)
         start += len(logits)
     targets = ids[1:]
     return Score(nats, len(targets), int(byte_len[targets].sum()))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from itera_runtime.bundle import Bundle, Validation, load_bundle
+from itera_runtime.scoring import nll_nats
 from itera_runtime.session import ModelSession
 
 FP32_TOLERANCE = 1e-4
@@ -63,10 +64,7 @@ def held_out_tokens(ckpt: dict, n: int, text_file: str | Path | None = None) -> 
 
 def _bits(logits: np.ndarray, targets: np.ndarray) -> float:
     """Summed next-token loss in bits: logits (T, V) predict targets (T,)."""
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    logz = np.log(np.exp(logits - top).sum(-1)) + top[:, 0]
-    return float((logz - logits[np.arange(len(targets)), targets]).sum() / np.log(2))
+    return nll_nats(logits, targets) / np.log(2)
 
 
 @torch.no_grad()

@@ -329,3 +329,14 @@ def test_empty_prompt_starts_from_newline(baseline_gen):
     assert g.prompt_ids == baseline_gen.tokenizer.encode("\n").ids and g.stats.prompt_tokens == 1
     with pytest.raises(ValueError):
         baseline_gen.generate_ids([], 4)
+
+
+def test_nll_nats_is_the_log_softmax_loss_and_stays_finite_for_large_logits():
+    from itera_runtime.scoring import nll_nats
+
+    logits = np.array([[0.0, 1.0, 2.0], [3.0, 0.0, -1.0]], dtype=np.float32)
+    targets = np.array([2, 1])
+    want = -sum(np.log(np.exp(row[t]) / np.exp(row).sum()) for row, t in zip(logits.astype(np.float64), targets))
+    assert abs(nll_nats(logits, targets) - want) < 1e-12
+    big = logits * 1e4  # naive exp overflows here; the log-sum-exp does not
+    assert np.isfinite(nll_nats(big, targets)) and nll_nats(big, targets) > 0
