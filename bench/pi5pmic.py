@@ -26,6 +26,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from .sampler import BackgroundSampler
+
 LABEL = "PMIC rails"
 DEFAULT_COMMAND = "vcgencmd"
 DEFAULT_INTERVAL_S = 0.1
@@ -82,7 +84,7 @@ def _run(command: list[str]) -> str:
 
 
 @dataclass
-class PmicMeter:
+class PmicMeter(BackgroundSampler):
     """Samples total rail power every `interval_s` in a background thread; `joules(t0, t1)`
     integrates it between two monotonic times (a caller samples just before t0 and after t1)."""
 
@@ -95,9 +97,7 @@ class PmicMeter:
             raise PmicError(f"pi5-pmic: {self.command} not found on PATH (not a Raspberry Pi, or the firmware "
                             f"tools are not installed)")
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: PmicError | None = None
+        self._init_sampler()
         self.rails = sorted(self.read_rails())
         if not self.rails:
             raise PmicError(f"pi5-pmic: `{self.command} pmic_read_adc` printed no rail with both a voltage and a "
@@ -139,21 +139,8 @@ class PmicMeter:
             total += (hi - lo) * (at(lo) + at(hi)) / 2
         return total
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.sample()
-            except PmicError as e:
-                self.error = e
-                return
+    _error_type = PmicError
+    _thread_name = "pmic-sampler"
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="pmic-sampler", daemon=True)
-            self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _sample(self) -> None:
+        self.sample()

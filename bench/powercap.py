@@ -30,6 +30,8 @@ import re
 import threading
 from dataclasses import dataclass, field
 
+from .sampler import BackgroundSampler
+
 DEFAULT_ROOT = "/sys/class/powercap"
 DOMAINS = ("package", "dram", "core", "uncore", "psys")
 DEFAULT_DOMAINS = ("package", "dram")
@@ -182,7 +184,7 @@ class _Counter:
 
 
 @dataclass
-class PowercapMeter:
+class PowercapMeter(BackgroundSampler):
     """Background sampler of the chosen zones; `read()` gives joules accumulated since start.
 
     interval_s: None picks a quarter of the shortest wrap time at maximum power (at most 1 s).
@@ -207,9 +209,7 @@ class PowercapMeter:
         self.reads = 0
         self._lock = threading.Lock()
         self._counters = [_Counter(z, read_uj(z.energy_path)) for z in self.zones]
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self.error: PowercapError | None = None
+        self._init_sampler()
 
     @property
     def source(self) -> str:
@@ -246,22 +246,9 @@ class PowercapMeter:
     def wraps(self) -> int:
         return sum(c.wraps for c in self._counters)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.interval_s):
-            try:
-                self.poll()
-            except PowercapError as e:  # reported by the next read() on the caller's thread
-                self.error = e
-                return
+    _error_type = PowercapError
+    _thread_name = "powercap-sampler"
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._loop, name="powercap-sampler", daemon=True)
-            self._thread.start()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
+    def _sample(self) -> None:
+        self.poll()
 
