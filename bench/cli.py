@@ -143,7 +143,8 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
     for b in bundles:
         for t in threads:
             if isinstance(b, llamacpp.GgufModel):
-                cases += llamacpp.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth)
+                cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth,
+                                               prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
                 cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth)
     return cases

@@ -130,10 +130,14 @@ def step_case(target: Target, n_steps: int, n_depth: int) -> Case:
                                 n_gen=n_steps, n_depth=n_depth), run)
 
 
-def latency_cases(targets: list[Target], n_prompt: list[int], n_gen: list[int], n_depth: list[int]) -> list[Case]:
-    """The product of the lists for every target, llama-bench's order: pp tests, then tg tests."""
+def latency_cases(targets: list, n_prompt: list[int], n_gen: list[int], n_depth: list[int],
+                  prompt=prompt_case, gen=gen_case) -> list[Case]:
+    """The product of the lists for every target, llama-bench's order: pp tests, then tg tests.
+
+    prompt/gen: the case builders of the engine (bench/llamacpp.py passes its own).
+    """
     cases = []
     for target in targets:
-        cases += [prompt_case(target, p, d) for p in n_prompt if p for d in n_depth]
-        cases += [gen_case(target, n, d) for n in n_gen if n for d in n_depth]
+        cases += [prompt(target, p, d) for p in n_prompt if p for d in n_depth]
+        cases += [gen(target, n, d) for n in n_gen if n for d in n_depth]
     return cases

@@ -196,10 +196,3 @@ def gen_case(target: GgufTarget, n_gen: int, n_depth: int) -> Case:
 
     return Case(target.template(_name("tg", n_gen, n_depth), n_gen=n_gen, n_depth=n_depth), run)
 
-
-def latency_cases(targets: list[GgufTarget], n_prompt: list[int], n_gen: list[int], n_depth: list[int]) -> list[Case]:
-    cases = []
-    for target in targets:
-        cases += [prompt_case(target, p, d) for p in n_prompt if p for d in n_depth]
-        cases += [gen_case(target, n, d) for n in n_gen if n for d in n_depth]
-    return cases
