@@ -150,15 +150,20 @@ class PerfMeter:
                 pass
 
     def _command_fifo(self, word: str) -> None:
-        self._ctl.write(word + "\n")
-        self._ctl.flush()
-        reply = self._ack.readline()  # perf writes "ack\n" plus its C string's NUL
+        try:
+            self._ctl.write(word + "\n")
+            self._ctl.flush()
+            reply = self._ack.readline()  # perf writes "ack\n" plus its C string's NUL
+        except OSError:  # perf opened its ends and then died (e.g. an unknown event): say why
+            raise PerfError(self._failure()) from None
         if reply.strip("\0\n") != "ack":
             raise PerfError(self._failure())
 
     def _failure(self) -> str:
         """Why perf failed, from its stderr; perf and our FIFOs are cleaned up."""
-        if self._proc.poll() is None:
+        try:  # a perf that closed its FIFO is exiting: let it finish writing why
+            self._proc.wait(timeout=2)
+        except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
         for f in (getattr(self, "_ctl", None), getattr(self, "_ack", None)):
