@@ -66,6 +66,12 @@ def _finite_positive(ctx, param, value):
 @click.option("--seed", type=int, default=_D.seed)
 @click.option("--threads", type=click.IntRange(1), default=None, help="torch intra-op threads (at most the CPUs)")
 @click.option("--tensorboard", is_flag=True, help="also write TensorBoard event files to OUT/tensorboard")
+@click.option("--teacher", default=None, metavar="RUN_OR_CKPT",
+              help="distil from this run folder's best.pt or checkpoint (same --data and --vocab-size)")
+@click.option("--distill-alpha", type=click.FloatRange(0, 1), default=_D.distill_alpha,
+              help="weight of the labels' cross-entropy; the teacher's KL gets 1 - alpha")
+@click.option("--distill-temperature", type=float, default=_D.distill_temperature, callback=_finite_positive,
+              help="softens teacher and student logits in the KL term (scaled by T²)")
 @click.option("--resume", is_flag=True,
               help="continue the run in --out from last.pt with its own settings; budgets given again replace its own")
 @click.option("--quiet", is_flag=True, help="no progress bar")

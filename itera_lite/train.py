@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, get_batch, prepare_data
+from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
 
@@ -75,6 +76,12 @@ class TrainConfig:
     threads: int | None = None
     log_every: int = 1
     tensorboard: bool = False  # event files in OUT/tensorboard beside the CSVs
+    # Distillation (itera_lite.distill): the teacher's checkpoint, resolved to an absolute
+    # file path when the run starts; the weight of the labels' cross-entropy (the KL gets
+    # 1 - alpha) and the softening temperature.
+    teacher: str | None = None
+    distill_alpha: float = 0.5
+    distill_temperature: float = 2.0
 
     def check(self) -> None:
         """Refuse values no run can use, in one line each (click checks the CLI's ranges too)."""
@@ -84,6 +91,10 @@ class TrainConfig:
                 raise TrainError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             raise TrainError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise TrainError(f"--distill-temperature must be a finite number > 0, got {self.distill_temperature}")
+        if not 0 <= self.distill_alpha <= 1:
+            raise TrainError(f"--distill-alpha must be within [0, 1], got {self.distill_alpha}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise TrainError(f"min_lr_ratio must be within [0, 1], got {self.min_lr_ratio}")
         for name in ("max_steps", "max_tokens", "seq_len", "batch_size", "grad_accum", "eval_every",
@@ -171,6 +182,7 @@ class RunState:
     last_eval_step: int | None = None
     val: dict | None = None  # the last evaluation
     params: dict = field(default_factory=dict)
+    teacher: dict | None = None  # Teacher.describe() of a distilled run
 
     def fraction(self) -> float:
         return budget_fraction(self.cfg, self.step, self.tokens_seen, self.elapsed_s)
@@ -194,6 +206,7 @@ class RunState:
                          "warmup_end_fraction": self.warmup_end_fraction()},
             "best_val_loss": self.best_val_loss, "evals_since_best": self.evals_since_best,
             "last_eval_step": self.last_eval_step, "metrics": {"val": self.val, "params": self.params},
+            "teacher": self.teacher,
         }
 
     def restore(self, ckpt: dict) -> None:
@@ -268,8 +281,11 @@ class _Logs:
     """metrics.jsonl (every record) + train.csv / eval.csv (fixed columns), rank 0 only;
     TensorBoard event files in OUT/tensorboard when asked (the CSVs stay the record)."""
 
+    # loss is the cross-entropy on the labels in every run; a distilled run adds the KL to the
+    # teacher (at the temperature, before T²), the objective it minimised and the teacher's
+    # seconds per step.
     TRAIN_COLS = ["step", "tokens", "loss", "ppl", "lr", "grad_norm", "tokens_per_s", "balance_loss",
-                  "z_loss", "elapsed_s"]
+                  "z_loss", "kl", "distill_loss", "teacher_s", "elapsed_s"]
     EVAL_COLS = ["step", "tokens", "val_loss", "val_ppl", "val_bpb", "best_val_loss", "elapsed_s"]
 
     def __init__(self, out: Path, resume_step: int | None, tensorboard: bool):
@@ -382,6 +398,22 @@ def _check_splits(cfg: TrainConfig, data) -> None:
                              "shorter --seq-len")
 
 
+def _load_teacher(cfg: TrainConfig, data, ckpt: dict | None) -> Teacher | None:
+    """The run's teacher, checked against the data's tokenizer and, on resume, against the
+    weights the run started with."""
+    if cfg.teacher is None:
+        return None
+    try:
+        teacher = Teacher.load(cfg.teacher, data.tokenizer_json, data.vocab_size)
+    except DistillError as e:
+        raise TrainError(str(e)) from None
+    saved = (ckpt or {}).get("teacher") or {}
+    if saved.get("sha256") not in (None, teacher.sha256):
+        raise TrainError(f"--teacher {cfg.teacher} has changed since this run started (sha256 "
+                         f"{teacher.sha256[:12]}, run has {saved['sha256'][:12]}); train into a new --out")
+    return teacher
+
+
 def validation_sample(cfg: TrainConfig, data, n: int = 256) -> dict:
     """The first n ids of the test split and their text, for the exporter's parity check."""
     ids = np.asarray(data.split("test")[:n], dtype=np.int64).tolist()
@@ -401,6 +433,14 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     from tqdm import tqdm
 
     given = _given_by_default(cfg) if given is None else set(given)
+    if cfg.teacher is not None:
+        try:  # an absolute file path, so a resume compares (and finds) the same file
+            cfg = dataclasses.replace(cfg, teacher=str(teacher_path(cfg.teacher)))
+        except DistillError as e:
+            raise TrainError(str(e)) from None
+        if Path(cfg.teacher).parent == Path(cfg.out).resolve():
+            raise TrainError(f"--teacher {cfg.teacher} is a checkpoint of this run's own --out, which the run "
+                             "overwrites; copy it elsewhere first")
     rank, world = _dist_setup()
     out = Path(cfg.out)
     last_path = out / "last.pt"
@@ -411,6 +451,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
         ckpt = load_checkpoint(last_path)
         cfg = resolve_config(cfg, ckpt.get("train_config", {}), given)
     cfg.check()
+    if cfg.teacher is None and given & {"distill_alpha", "distill_temperature"}:
+        raise TrainError("--distill-alpha and --distill-temperature need --teacher")
     if cfg.batch_size % world:
         raise TrainError(f"--batch-size {cfg.batch_size} must divide by the {world} processes")
     if cfg.threads:
@@ -422,6 +464,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
             created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
             data = prepare_data(cfg.data, cfg.vocab_size, progress=progress)
             _check_splits(cfg, data)
+            teacher = _load_teacher(cfg, data, ckpt)
             try:
                 out.mkdir(parents=True, exist_ok=True)
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
@@ -439,6 +482,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
         raise error
     if rank != 0:
         data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
+        teacher = _load_teacher(cfg, data, ckpt)
     if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
         raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
 
@@ -449,7 +493,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
                                   betas=(cfg.beta1, cfg.beta2), fused=False)
     state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
-                     params=count_params(model))
+                     params=count_params(model), teacher=teacher and teacher.describe())
     if ckpt:
         state.restore(ckpt)
     model.train()
@@ -520,7 +564,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
             for group in optimizer.param_groups:
                 group["lr"] = lr
             t0 = time.perf_counter()
-            sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0}
+            sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "kl": 0.0, "distill_loss": 0.0}
+            teacher_s = 0.0
             load = None
             for micro in range(cfg.grad_accum):
                 x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
@@ -528,9 +573,18 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 # Gradients are averaged across ranks once per step, on the last micro-batch.
                 sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
                 with sync:
-                    res = ddp(torch.from_numpy(x))
-                    loss = F.cross_entropy(res.logits.flatten(0, 1).float(), torch.from_numpy(y).flatten())
-                    total = loss
+                    x_t = torch.from_numpy(x)
+                    teacher_logits = None
+                    if teacher is not None:
+                        t_teacher = time.perf_counter()
+                        teacher_logits = teacher.logits(x_t)  # (B, L, V), no graph
+                        teacher_s += time.perf_counter() - t_teacher
+                    res = ddp(x_t)
+                    total, loss, kl = distill_loss(res.logits, teacher_logits, torch.from_numpy(y),
+                                                   cfg.distill_alpha, cfg.distill_temperature)
+                    if kl is not None:
+                        sums["kl"] += kl.item() / cfg.grad_accum
+                        sums["distill_loss"] += total.item() / cfg.grad_accum
                     if res.aux:
                         total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
                                  + cfg.z_loss_coef * res.aux["z_loss"])
@@ -541,9 +595,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 sums["loss"] += loss.item() / cfg.grad_accum
             if world > 1:
                 # Log the global batch's losses and expert load, not rank 0's share of them.
-                logged = torch.tensor([sums["loss"], sums["balance_loss"], sums["z_loss"]])
+                names = list(sums)
+                logged = torch.tensor([sums[k] for k in names])
                 torch.distributed.all_reduce(logged)
-                sums["loss"], sums["balance_loss"], sums["z_loss"] = (logged / world).tolist()
+                sums = dict(zip(names, (logged / world).tolist()))
                 if load is not None:
                     load = load.clone()
                     torch.distributed.all_reduce(load)
@@ -561,7 +616,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                        "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
                        "tokens_per_s": tokens_per_step / dt,
                        "balance_loss": sums["balance_loss"] if load is not None else None,
-                       "z_loss": sums["z_loss"] if load is not None else None, "elapsed_s": state.elapsed_s}
+                       "z_loss": sums["z_loss"] if load is not None else None,
+                       "kl": sums["kl"] if teacher is not None else None,
+                       "distill_loss": sums["distill_loss"] if teacher is not None else None,
+                       "teacher_s": teacher_s if teacher is not None else None, "elapsed_s": state.elapsed_s}
                 if load is not None:
                     rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
                 logs.write("train", rec)
@@ -622,6 +680,19 @@ def expert_utilisation(load: torch.Tensor, top_k: int) -> dict:
     return {"threshold": threshold, "layers": layers, "collapsed_layers": collapsed, "collapsed": bool(collapsed)}
 
 
+def _distillation_summary(state: RunState, records: list[dict]) -> dict | None:
+    """The teacher (path, sha256, size), the loss weights, and the teacher's share of a step."""
+    if state.teacher is None:
+        return None
+    rows = [r for r in records if r["kind"] == "train" and r.get("teacher_s") is not None][5:]
+    tokens_per_step = state.cfg.batch_size * state.cfg.seq_len * state.cfg.grad_accum
+    teacher_s = float(np.median([r["teacher_s"] for r in rows])) if rows else None
+    step_s = float(np.median([tokens_per_step / r["tokens_per_s"] for r in rows])) if rows else None
+    return {"teacher": state.teacher, "alpha": state.cfg.distill_alpha, "temperature": state.cfg.distill_temperature,
+            "median_teacher_s_per_step": teacher_s, "median_step_s": step_s,
+            "teacher_share_of_step": teacher_s / step_s if rows else None}
+
+
 def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent) -> dict:
     """Final evaluation of best.pt on the whole validation and test splits; summary.json."""
     from itera_runtime.provenance import provenance
@@ -660,6 +731,7 @@ def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed
         "experts": (None if load is None else
                     {"split": "val", **expert_utilisation(load, model_cfg.top_k)}),
         "ranks": ranks,
+        "distillation": _distillation_summary(state, records),
         "train_config": dataclasses.asdict(cfg), "model_config": config_to_dict(model_cfg),
         "provenance": provenance(torch.get_num_threads()),
     }
