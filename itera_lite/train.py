@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .data import DataError, get_batch, prepare_data
@@ -684,7 +683,8 @@ def _distillation_summary(state: RunState, records: list[dict]) -> dict | None:
     """The teacher (path, sha256, size), the loss weights, and the teacher's share of a step."""
     if state.teacher is None:
         return None
-    rows = [r for r in records if r["kind"] == "train" and r.get("teacher_s") is not None][5:]
+    rows = [r for r in records if r["kind"] == "train" and r.get("teacher_s") is not None]
+    rows = rows[5:] or rows  # skip warm-up steps when there are enough
     tokens_per_step = state.cfg.batch_size * state.cfg.seq_len * state.cfg.grad_accum
     teacher_s = float(np.median([r["teacher_s"] for r in rows])) if rows else None
     step_s = float(np.median([tokens_per_step / r["tokens_per_s"] for r in rows])) if rows else None

@@ -75,7 +75,8 @@ def test_teacher_equal_to_the_students_initial_weights_leaves_the_loss_plain_ce(
     x, y = get_batch(byte_data.split("train"), 0, 8, 64, SEED)
     model = build_model(make_config("itera", "tiny", vocab_size=256))
     model.load_state_dict(torch.load(student_init, weights_only=True)["model"])
-    ce = torch.nn.functional.cross_entropy(model(torch.from_numpy(x)).logits.flatten(0, 1), torch.from_numpy(y).flatten())
+    logits = model(torch.from_numpy(x)).logits  # (B, L, V)
+    ce = torch.nn.functional.cross_entropy(logits.flatten(0, 1), torch.from_numpy(y).flatten())
     assert row["loss"] == pytest.approx(ce.item(), rel=1e-5)
     assert row["distill_loss"] == pytest.approx(0.5 * row["loss"], rel=1e-5)
     assert row["teacher_s"] > 0
@@ -101,6 +102,7 @@ def test_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, student
         assert not out.exists()
 
 
+@pytest.mark.slow
 def test_distilled_run_trains_resumes_with_its_teacher_and_records_it(tmp_path, student_init):
     teacher = tmp_path / "teacher" / "best.pt"  # a copy this test may change; given as its run folder
     teacher.parent.mkdir()
