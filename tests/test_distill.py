@@ -94,8 +94,10 @@ def test_teacher_with_another_tokenizer_is_refused_in_one_line(tmp_path, student
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --teacher") and "tokenizer" in lines[0], proc.stderr
     assert not out.exists()  # refused before anything was written
-    # A run folder without best.pt, and distillation options without a teacher, likewise.
-    for args in (["--teacher", str(tmp_path)], ["--distill-alpha", "0.2"]):
+    # A run folder without best.pt, a truncated teacher, distillation options without a teacher: likewise.
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(student_init.read_bytes()[:5000])
+    for args in (["--teacher", str(tmp_path)], ["--teacher", str(truncated)], ["--distill-alpha", "0.2"]):
         proc = run_train("--out", str(out), "--max-steps", "1", *args, *FAST)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode != 0 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
