@@ -101,6 +101,12 @@ def main(model, preset, out, resume, quiet, **kw):
                    f"{summary['steps']} steps ({summary['stop_reason']}), "
                    f"val bits/byte {best['val_bpb']:.4f}, val ppl {best['val_ppl']:.2f}, "
                    f"test bits/byte {best['test_bpb']:.4f} → {summary['train_config']['out']}/summary.json")
+        distill = summary.get("distillation")
+        if distill:
+            share = distill["teacher_share_of_step"]
+            click.echo(f"distilled from {distill['teacher']['path']} (alpha {distill['alpha']:g}, "
+                       f"temperature {distill['temperature']:g})"
+                       + (f"; the teacher took {share:.0%} of a step" if share is not None else ""))
         experts = summary.get("experts")
         if experts and experts["collapsed"]:
             click.echo(f"warning: collapsed router in layer(s) {experts['collapsed_layers']} "

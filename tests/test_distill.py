@@ -117,6 +117,7 @@ def test_distilled_run_trains_resumes_with_its_teacher_and_records_it(tmp_path, 
     # Resumed without --teacher: the run keeps its teacher and its weights.
     proc = run_train(*args, "--resume", "--max-steps", "20")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"distilled from {teacher.resolve()} (alpha 0.7, temperature 1.5)" in proc.stdout
     rows = train_rows(out)
     assert [r["step"] for r in rows] == list(range(1, 21))
     assert all(r["kl"] is not None and r["distill_loss"] is not None for r in rows)
