@@ -64,6 +64,26 @@ def test_kl_is_zero_and_has_no_pull_when_teacher_equals_student():
     assert plain.item() == pytest.approx(ce.item(), rel=1e-6)
 
 
+def test_a_baseline_teaches_an_itera_student(tmp_path, byte_data):
+    """The interesting case: a Transformer teacher, an Itera-Lite student, one tokenizer."""
+    from itera_lite.distill import Teacher
+
+    cfg = make_config("baseline", "tiny", vocab_size=byte_data.vocab_size, n_layers=1)
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, {"model_config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
+                           "tokenizer_json": byte_data.tokenizer_json})
+    teacher = Teacher.load(tmp_path, byte_data.tokenizer_json, byte_data.vocab_size)  # the run folder
+    assert teacher.path == path.resolve() and teacher.describe()["model"] == "baseline"
+    x, y = get_batch(byte_data.split("train"), 0, 2, 16, SEED)
+    t_logits = teacher.logits(torch.from_numpy(x))
+    assert t_logits.shape == (2, 16, 256) and not t_logits.requires_grad
+    student = build_model(make_config("itera", "tiny", vocab_size=256, n_layers=1))
+    total, ce, kl = distill_loss(student(torch.from_numpy(x)).logits, t_logits, torch.from_numpy(y), 0.5, 2.0)
+    total.backward()
+    assert kl.item() > 0 and all(p.grad is not None for p in student.embed.parameters())
+    assert all(p.grad is None for p in teacher.model.parameters())
+
+
 def test_teacher_equal_to_the_students_initial_weights_leaves_the_loss_plain_ce(tmp_path, byte_data, student_init):
     out = tmp_path / "run"
     proc = run_train("--out", str(out), "--teacher", str(student_init), "--distill-alpha", "0.5",
