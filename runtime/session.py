@@ -11,6 +11,10 @@ step are bound as the inputs of the next, with no copy of the state through nump
 Prompts are processed in chunks of PREFILL_CHUNK tokens with the state carried, so memory
 stays bounded whatever the prompt length; only the logits a caller asks for come back.
 
+With a `retriever` (a bundle with a kNN datastore, `retrieval.py`), each call also reads the
+graph's hidden-state output and returns the retrieval-mixed log-probabilities in place of
+the logits; without one the graphs run exactly as before (the hidden output is not bound).
+
 Every onnxruntime session of the project (runtime, bench, export validation, tests) is made
 by `make_session` with `session_options`: what users run is what benchmarks time.
 """
@@ -25,6 +29,7 @@ import onnxruntime as ort
 
 from . import requires as _requires
 from .bundle import Bundle, BundleError, TensorSpec, initial_state
+from .retrieval import Retriever
 
 # User-facing device names → onnxruntime execution providers.
 DEVICES = {
@@ -235,7 +240,8 @@ class ModelSession:
     """onnxruntime sessions for a bundle's prefill and decode graphs, checked against the manifest."""
 
     def __init__(self, bundle: Bundle, device: str = "cpu", threads: int | None = None,
-                 profile_prefix: str | None = None, graph_set: str | None = None):
+                 profile_prefix: str | None = None, graph_set: str | None = None,
+                 retriever: Retriever | None = None):
         self.bundle = bundle
         providers_for(device)  # DeviceError / ValueError before any graph is read
         check_threads(threads)
@@ -257,6 +263,9 @@ class ModelSession:
         self.input_ids, self.logits = io.input_ids, io.logits
         self.attention_mask, self.position_ids = io.attention_mask, io.position_ids
         self.state_specs = bundle.state
+        self.retriever, self.hidden = retriever, io.hidden if retriever is not None else None
+        if retriever is not None and self.hidden is None:
+            raise BundleError(f"{bundle.path}: retrieval needs graphs that output the hidden state (io.hidden)")
         self.device, self.threads = device, threads
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
@@ -280,9 +289,15 @@ class ModelSession:
         binding.bind_output(self.logits, "cpu")
         for spec in self.state_specs:
             binding.bind_output(spec.output, self._ort_device)
+        if self.hidden:
+            binding.bind_output(self.hidden, "cpu")
         sess.run_with_iobinding(binding)
         outs = binding.get_outputs()
-        return outs[0].numpy(), State(list(outs[1:]), state.position + T)
+        n_state = len(self.state_specs)
+        logits = outs[0].numpy()
+        if self.hidden:
+            logits = self.retriever(logits[0], outs[1 + n_state].numpy()[0])[None]
+        return logits, State(list(outs[1:1 + n_state]), state.position + T)
 
     def forward_chunks(self, ids, state: State | None = None,
                        chunk: int = PREFILL_CHUNK) -> Iterator[tuple[np.ndarray, State]]:
@@ -336,6 +351,11 @@ class Decoder:
         self._logits = np.zeros((1, 1, session.bundle.vocab_size), dtype=np.float32)
         self._token_ov = ort.OrtValue.ortvalue_from_numpy(self._token)
         self._logits_ov = ort.OrtValue.ortvalue_from_numpy(self._logits)
+        if session.hidden:  # the retrieval query, read after every step
+            width = next(t.shape[-1] for t in session.bundle.graph("decode", session.graph_set).outputs
+                         if t.name == session.hidden)
+            self._hidden = np.zeros((1, 1, width), dtype=np.float32)
+            self._hidden_ov = ort.OrtValue.ortvalue_from_numpy(self._hidden)
         self.position = state.position
         self.values = list(state.values)
         self.fixed = session.bundle.state_kind == "ssm" and not session.attention_mask and not session.position_ids
@@ -348,11 +368,15 @@ class Decoder:
             self._mask = np.ones((1, 1024), dtype=np.int64)
             self._state_inputs = [spec.input for spec in session.state_specs]
             self._output_names = [session.logits, *(spec.output for spec in session.state_specs)]
+            if session.hidden:
+                self._output_names.append(session.hidden)
 
     def _bind(self, inputs, outputs) -> ort.IOBinding:
         b = self.sess.io_binding()
         b.bind_ortvalue_input(self.s.input_ids, self._token_ov)
         b.bind_ortvalue_output(self.s.logits, self._logits_ov)
+        if self.s.hidden:
+            b.bind_ortvalue_output(self.s.hidden, self._hidden_ov)
         for spec, src, dst in zip(self.s.state_specs, inputs, outputs):
             b.bind_ortvalue_input(spec.input, src)
             b.bind_ortvalue_output(spec.output, dst)
@@ -368,6 +392,8 @@ class Decoder:
         else:
             self._step_growing()
         self.position += 1
+        if self.s.hidden:
+            return self.s.retriever(self._logits[0, 0], self._hidden[0, 0])
         return self._logits[0, 0]
 
     def _step_growing(self) -> None:
@@ -385,7 +411,10 @@ class Decoder:
         feeds.update(zip(self._state_inputs, self.values))
         outs = self.sess.run_with_ort_values(self._output_names, feeds)
         self._logits[...] = outs[0].numpy()
-        self.values = outs[1:]
+        n_state = len(self.s.state_specs)
+        if self.s.hidden:
+            self._hidden[...] = outs[1 + n_state].numpy()
+        self.values = outs[1:1 + n_state]
 
     @property
     def state(self) -> State:
