@@ -98,8 +98,10 @@ class Datastore:
         rows = max(k, _BLOCK_ELEMENTS // max(B, 1))
         for start in range(0, N, rows):
             s = q @ self.keys[start:start + rows].T  # (B, n)
-            if qn is not None:
-                s = 2.0 * s - self._sqnorm[start:start + rows] - qn  # −‖q − key‖²
+            if qn is not None:  # −‖q − key‖², in place: no block-sized temporaries
+                s *= 2.0
+                s -= self._sqnorm[start:start + rows]
+                s -= qn
             kk = min(k, s.shape[1])
             part = np.argpartition(-s, kk - 1, axis=1)[:, :kk] if kk < s.shape[1] else np.broadcast_to(
                 np.arange(s.shape[1]), s.shape)
