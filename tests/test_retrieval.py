@@ -234,3 +234,18 @@ def test_itera_run_and_bench_quality_with_retrieval(retrieval_bundle, tmp_path):
     assert rows["t.txt:all+knn"]["extra"]["retrieval"]["datastore_bytes"] > 0
     # The text is the datastore: retrieval must lower its bits/byte.
     assert rows["t.txt:all+knn"]["samples"][0] < rows["t.txt:all"]["samples"][0]
+
+
+def test_pickled_datastore_refused_even_with_matching_hashes(retrieval_bundle, tmp_path):
+    """A keys.npy holding pickled objects is never unpickled, even when the manifest is rewritten to match."""
+    import shutil
+
+    from itera_runtime.bundle import write_manifest
+
+    _, path, _ = retrieval_bundle
+    bad = tmp_path / "bundle"
+    shutil.copytree(path, bad)
+    np.save(bad / "retrieval" / "keys.npy", np.array([{"x": 1}], dtype=object), allow_pickle=True)
+    write_manifest(bad, load_bundle(bad, verify=False).manifest)
+    with pytest.raises(BundleError, match="not a readable .npy array"):
+        open_retriever(load_bundle(bad))
