@@ -97,7 +97,10 @@ class Datastore:
         qn = np.einsum("bd,bd->b", q, q)[:, None] if self.metric == "l2" else None
         rows = max(k, _BLOCK_ELEMENTS // max(B, 1))
         for start in range(0, N, rows):
-            s = q @ self.keys[start:start + rows].T  # (B, n)
+            block = self.keys[start:start + rows]
+            # One query (decode): numpy's own single-threaded loop. BLAS gemv woke OpenBLAS's
+            # threads, which fought onnxruntime's for 2 cores (10K keys: ~10 ms vs ~1 ms).
+            s = np.einsum("nd,d->n", block, q[0])[None] if B == 1 else q @ block.T  # (B, n)
             if qn is not None:  # −‖q − key‖², in place: no block-sized temporaries
                 s *= 2.0
                 s -= self._sqnorm[start:start + rows]
