@@ -214,6 +214,7 @@ def test_datastore_of_another_model_refused(retrieval_bundle, tiny_itera, tmp_pa
     del torch, Manifest
 
 
+@pytest.mark.slow  # three CLI processes
 def test_itera_run_and_bench_quality_with_retrieval(retrieval_bundle, tmp_path):
     _, path, _ = retrieval_bundle
     r = _run("itera_runtime.cli", str(path), "-p", "To be, or not", "-n", "8", "--temperature", "0", "--json",
