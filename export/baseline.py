@@ -5,15 +5,16 @@ prefill (past length 0) and decode. We rename its symbolic dims to the bundle's 
 the manifest's parts back from the written graph. Validation against torch is
 `validate.compare`, the same for both families.
 
-KV layouts (`kv=`):
+KV layouts (`kv=`; itera-export --lower fused / none):
 - "buffer" (default): each layer's attention (RoPE, scores, softmax, the KV append) becomes one
   onnxruntime `com.microsoft::GroupQueryAttention` over a preallocated cache of max_seq_len
   positions that the runtime binds as both past input and present output, as
   onnxruntime-genai's model builder emits. A decode step writes one row per layer in place
   instead of copying the whole cache (optimum's Concat), so its cost stays nearly flat in
   depth. The manifest's state kind "kv_buffer" tells the runtime to run it that way.
-- "concat": optimum's graph as it is (past and present of growing length, "kv_cache"); kept
-  to measure against and to make old-format bundles in tests.
+- "concat": optimum's graph as it is (past and present of growing length, "kv_cache"):
+  standard ops only, for onnxruntime releases whose GroupQueryAttention cannot run it
+  (requires.FIRST_VERSION), and to measure against.
 
 Glossary: B batch, S new tokens this call, P past length, T = P + S, V vocab, H kv heads, D head dim.
 """
@@ -30,11 +31,19 @@ from . import graphfile
 from .graph_passes import prune
 from .graphfile import ExportedGraphs, graph_spec, save_model
 
-__all__ = ["export_baseline_graphs", "baseline_parts", "use_group_query_attention", "GRAPH_FILE", "KV_LAYOUTS"]
+__all__ = ["export_baseline_graphs", "baseline_parts", "use_group_query_attention", "GRAPH_FILE", "KV_LAYOUTS",
+           "GQA_OP", "group_query_attention_runs_here"]
 
 GRAPH_FILE = "model.onnx"
 KV_LAYOUTS = ("buffer", "concat")
-DEFAULT_KV = "buffer"
+GQA_OP = "com.microsoft::GroupQueryAttention"
+
+
+def group_query_attention_runs_here() -> bool:
+    """True when the installed onnxruntime runs the buffer graph (has the op, at a release that computes it right)."""
+    from itera_runtime import requires
+
+    return not requires.check_requires(requires.requires_for({"graph": [GQA_OP]}))
 
 # optimum's dim names -> the bundle's.
 _DIM_NAMES = {
@@ -53,16 +62,14 @@ def _rename_dims(model) -> None:
                 d.dim_param = _DIM_NAMES[d.dim_param]
 
 
-def export_baseline_graphs(model, out_dir: Path, opset: int = 18, kv: str | None = None) -> ExportedGraphs:
+def export_baseline_graphs(model, out_dir: Path, opset: int = 18, kv: str = "buffer") -> ExportedGraphs:
     """Export `model.llama` (a Baseline) to out_dir/model.onnx; return what was written.
 
-    kv: "buffer" (GroupQueryAttention over a preallocated cache) or "concat" (optimum's graph);
-    default DEFAULT_KV.
+    kv: "buffer" (GroupQueryAttention over a preallocated cache) or "concat" (optimum's graph).
 
     Weights stay inside model.onnx below graphfile.SINGLE_FILE_LIMIT and go to
     model.onnx.data above it (protobuf's 2 GiB limit); either way the manifest lists them.
     """
-    kv = kv or DEFAULT_KV
     if kv not in KV_LAYOUTS:
         raise ValueError(f"kv must be one of {', '.join(KV_LAYOUTS)}, got {kv!r}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -14,7 +14,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("optimum.exporters.onnx")
 
-from itera_export import baseline, graphfile  # noqa: E402
+from itera_export import graphfile  # noqa: E402
 from itera_export.baseline import export_baseline_graphs  # noqa: E402
 from itera_export.exporter import export_checkpoint  # noqa: E402
 from itera_export.graphfile import graph_spec  # noqa: E402
@@ -139,10 +139,9 @@ def test_buffer_state_is_written_in_place_and_counts_filled_rows(tiny_baseline):
         session.prefill(np.zeros(4097, dtype=np.int64))
 
 
-def test_growing_cache_bundles_still_run(tiny_baseline, tmp_path, monkeypatch):
-    """Bundles of the earlier format (optimum's Concat cache, kind kv_cache) load and match torch."""
-    monkeypatch.setattr(baseline, "DEFAULT_KV", "concat")
-    out, manifest = export_checkpoint(tiny_baseline.checkpoint, tmp_path / "old")
+def test_growing_cache_bundles_still_run(tiny_baseline, tmp_path):
+    """Bundles of the earlier format (optimum's Concat cache, kind kv_cache; today --lower none) load and match torch."""
+    out, manifest = export_checkpoint(tiny_baseline.checkpoint, tmp_path / "old", lower="none")
     assert manifest.state.kind == "kv_cache" and manifest.io.position_ids == "position_ids"
     assert manifest.requires.ops == {"decode": [], "prefill": []}
     model, _ = load_model(tiny_baseline.checkpoint)
@@ -152,6 +151,14 @@ def test_growing_cache_bundles_still_run(tiny_baseline, tmp_path, monkeypatch):
     greedy = SamplingConfig(temperature=0)
     assert (Generator(out, threads=1).generate_ids([5, 6, 7], 24, greedy)
             == Generator(tiny_baseline.bundle, threads=1).generate_ids([5, 6, 7], 24, greedy))
+
+
+def test_lower_dual_is_refused_for_the_baseline(tiny_baseline, tmp_path):
+    from itera_export.exporter import ExportError
+
+    with pytest.raises(ExportError, match="--lower dual is for Itera-Lite bundles"):
+        export_checkpoint(tiny_baseline.checkpoint, tmp_path / "dual", lower="dual")
+    assert not (tmp_path / "dual").exists()
 
 
 def test_external_data_is_listed_and_hashed(tiny_baseline, tmp_path, monkeypatch):
