@@ -25,6 +25,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
+
 from itera_runtime.bundle import IoNames, StateSpec, StateTensor
 
 from . import graphfile
@@ -109,21 +111,42 @@ def export_baseline_graphs(model, out_dir: Path, opset: int = 18, kv: str = "buf
     return baseline_parts(out_dir / GRAPH_FILE, opset, n_nodes)
 
 
-def _rotary_caches(llama, n_positions: int):
-    """cos and sin (n_positions, head_dim / 2) of the model's own rotary embedding.
+def _rotary_cache_nodes(llama, n_positions: int) -> tuple[list, list]:
+    """Nodes computing GroupQueryAttention's cos/sin caches (n_positions, head_dim / 2), and their initializers.
 
-    Computed by transformers' LlamaRotaryEmbedding (its scaling included), so RoPE's maths
-    keeps one home; GroupQueryAttention's non-interleaved rotation with these halves is HF's
-    rotate_half form.
+    cos(p · inv_freq) · attention_scaling with the model's own rotary embedding's inv_freq
+    and scaling, as LlamaRotaryEmbedding computes it (its halves are repeated; the op's
+    non-interleaved rotation is HF's rotate_half). Written as nodes over constants rather
+    than as tables: onnxruntime folds them once at load, and the file does not carry
+    max_seq_len · head_dim floats (512 KB for tiny, a third of its int4 bundle).
     """
-    import torch
+    from onnx import TensorProto, helper, numpy_helper
 
-    positions = torch.arange(n_positions)[None]
-    probe = torch.zeros(1, dtype=torch.float32)
-    with torch.no_grad():
-        cos, sin = llama.model.rotary_emb(probe, positions)  # (1, n, head_dim), the halves repeated
-    half = cos.shape[-1] // 2
-    return cos[0, :, :half].numpy().copy(), sin[0, :, :half].numpy().copy()
+    rotary = llama.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().float().numpy().reshape(1, -1)  # (1, head_dim / 2)
+    inits = [numpy_helper.from_array(inv_freq, "gqa.inv_freq")]
+    def scalar(name, value):
+        return helper.make_node("Constant", [], [name], value=helper.make_tensor("", TensorProto.FLOAT, [], [value]))
+
+    nodes = [
+        scalar("gqa.pos_start", 0.0), scalar("gqa.pos_limit", float(n_positions)), scalar("gqa.pos_delta", 1.0),
+        helper.make_node("Range", ["gqa.pos_start", "gqa.pos_limit", "gqa.pos_delta"], ["gqa.pos_range"]),
+        helper.make_node("Constant", [], ["gqa.pos_shape"],
+                         value=helper.make_tensor("", TensorProto.INT64, [2], [n_positions, 1])),
+        helper.make_node("Reshape", ["gqa.pos_range", "gqa.pos_shape"], ["gqa.positions"]),  # (n_positions, 1)
+        helper.make_node("Mul", ["gqa.positions", "gqa.inv_freq"], ["gqa.freqs"]),  # (n_positions, head_dim / 2)
+        helper.make_node("Cos", ["gqa.freqs"], ["gqa.cos"]),
+        helper.make_node("Sin", ["gqa.freqs"], ["gqa.sin"]),
+    ]
+    scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    if scaling != 1.0:
+        inits.append(numpy_helper.from_array(np.array(scaling, dtype=np.float32), "gqa.rope_scaling"))
+        nodes += [helper.make_node("Mul", ["gqa.cos", "gqa.rope_scaling"], ["gqa.cos_cache"]),
+                  helper.make_node("Mul", ["gqa.sin", "gqa.rope_scaling"], ["gqa.sin_cache"])]
+    else:
+        nodes += [helper.make_node("Identity", ["gqa.cos"], ["gqa.cos_cache"]),
+                  helper.make_node("Identity", ["gqa.sin"], ["gqa.sin_cache"])]
+    return nodes, inits
 
 
 def use_group_query_attention(onnx_model, llama) -> None:
@@ -136,15 +159,15 @@ def use_group_query_attention(onnx_model, llama) -> None:
     from attention_mask, the input the runtime already feeds. The cache inputs and outputs
     become (batch, kv_heads, max_seq_len, head_dim) buffers, the same tensor on both sides.
     """
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import TensorProto, helper
 
     cfg = llama.config
     n_layers, n_heads, n_kv = cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // n_heads
     capacity = cfg.max_position_embeddings
     g = onnx_model.graph
-    cos, sin = _rotary_caches(llama, capacity)
-    g.initializer.extend([numpy_helper.from_array(cos, "gqa.cos_cache"), numpy_helper.from_array(sin, "gqa.sin_cache")])
+    rope_nodes, rope_inits = _rotary_cache_nodes(llama, capacity)
+    g.initializer.extend(rope_inits)
     mask = "attention_mask"
     shared = [  # seqlens_k = tokens seen - 1 per row; total_sequence_length = mask width (int32)
         helper.make_node("Constant", [], ["gqa.axis1"], value=helper.make_tensor("", TensorProto.INT64, [1], [1])),
@@ -155,6 +178,7 @@ def use_group_query_attention(onnx_model, llama) -> None:
         helper.make_node("Shape", [mask], ["gqa.mask_shape"], start=1, end=2),
         helper.make_node("Squeeze", ["gqa.mask_shape"], ["gqa.total64"]),
         helper.make_node("Cast", ["gqa.total64"], ["gqa.total_sequence_length"], to=TensorProto.INT32),
+        *rope_nodes,
     ]
     present = {f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")}
     kept = [n for n in g.node if not set(n.output) & present]  # optimum's Concat(past, new)
