@@ -19,6 +19,7 @@ by `make_session` with `session_options`: what users run is what benchmarks time
 
 from __future__ import annotations
 
+import mmap
 import os
 from collections.abc import Iterator
 
@@ -249,6 +250,20 @@ class State:
         return sum(int(np.prod(v.shape())) * np.dtype(_ORT_DTYPES[v.data_type()]).itemsize for v in self.values)
 
 
+def _unbacked_zeros(shape, dtype) -> np.ndarray:
+    """Zeros whose pages the OS backs only once written: a KV buffer of max_seq_len costs what is filled.
+
+    An anonymous private mapping guarantees that; np.zeros does not (glibc's calloc clears
+    reused heap memory, which touched every page of the small baseline's 4 MB buffers).
+    """
+    count = int(np.prod(shape))
+    try:
+        raw = mmap.mmap(-1, max(count * np.dtype(dtype).itemsize, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    except (AttributeError, TypeError, OSError):  # Windows' mmap takes no flags
+        return np.zeros(shape, dtype)
+    return np.frombuffer(raw, dtype=dtype, count=count).reshape(shape)
+
+
 def _buffer_state(buffers: list[np.ndarray], position: int) -> State:
     return State([ort.OrtValue.ortvalue_from_numpy(b) for b in buffers], position, buffers)
 
@@ -287,9 +302,10 @@ class ModelSession:
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
     def initial_state(self) -> State:
-        zeros = initial_state(self.bundle, batch=1)
         if self.capacity is not None:
-            return _buffer_state([zeros[s.input] for s in self.state_specs], 0)
+            shapes = [[1 if d == "batch" else d for d in s.shape] for s in self.state_specs]
+            return _buffer_state([_unbacked_zeros(shape, s.dtype) for shape, s in zip(shapes, self.state_specs)], 0)
+        zeros = initial_state(self.bundle, batch=1)
         return State([ort.OrtValue.ortvalue_from_numpy(zeros[s.input]) for s in self.state_specs])
 
     def check_room(self, position: int, tokens: int) -> None:
@@ -302,7 +318,7 @@ class ModelSession:
         """A kv_buffer state whose buffers are new, so that running on it leaves `state` usable."""
         fresh = []
         for b in state.buffers:
-            c = np.zeros_like(b)  # untouched zero pages stay unbacked; copy only the filled rows
+            c = _unbacked_zeros(b.shape, b.dtype)
             c[:, :, :state.position] = b[:, :, :state.position]
             fresh.append(c)
         return _buffer_state(fresh, state.position)
