@@ -10,8 +10,9 @@ KV layouts (`kv=`; itera-export --lower fused / none):
   onnxruntime `com.microsoft::GroupQueryAttention` over a preallocated cache of max_seq_len
   positions that the runtime binds as both past input and present output, as
   onnxruntime-genai's model builder emits. A decode step writes one row per layer in place
-  instead of copying the whole cache (optimum's Concat), so its cost stays nearly flat in
-  depth. The manifest's state kind "kv_buffer" tells the runtime to run it that way.
+  instead of copying the whole cache (optimum's Concat); what still grows with depth is the
+  attention's own read of the cache. The manifest's state kind "kv_buffer" tells the runtime
+  to run it that way.
 - "concat": optimum's graph as it is (past and present of growing length, "kv_cache"):
   standard ops only, for onnxruntime releases whose GroupQueryAttention cannot run it
   (requires.FIRST_VERSION), and to measure against.
@@ -125,6 +126,7 @@ def _rotary_cache_nodes(llama, n_positions: int) -> tuple[list, list]:
     rotary = llama.model.rotary_emb
     inv_freq = rotary.inv_freq.detach().float().numpy().reshape(1, -1)  # (1, head_dim / 2)
     inits = [numpy_helper.from_array(inv_freq, "gqa.inv_freq")]
+
     def scalar(name, value):
         return helper.make_node("Constant", [], [name], value=helper.make_tensor("", TensorProto.FLOAT, [], [value]))
 

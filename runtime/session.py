@@ -242,8 +242,8 @@ class State:
     def nbytes(self) -> int:
         """Bytes the carried tensors hold right now (what the runtime actually keeps).
 
-        For a kv_buffer, the filled rows: the buffer is np.zeros of its full capacity, whose
-        pages the OS backs only once the graph writes them.
+        For a kv_buffer, the filled rows: the buffer is an anonymous mapping of its full
+        capacity whose pages the OS backs only once the graph writes them.
         """
         if self.buffers is not None:
             return sum(b[:, :, :self.position].nbytes for b in self.buffers)
