@@ -15,7 +15,7 @@ release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaw
 tried to create a session on one node of each op, cut from our exported graphs with the
 attributes we emit. Re-check with (network, minutes):
 
-    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE
+    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE BASELINE_BUNDLE
 
 An op whose first release is X.Y.Z here may also have run on an earlier patch of X.Y.
 """
