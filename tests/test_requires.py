@@ -258,6 +258,22 @@ def test_the_table_still_holds_for_the_floor_and_the_fused_ops(tiny_itera, tmp_p
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.network
+def test_group_query_attention_entry_holds_for_the_baseline(tiny_baseline, tmp_path):
+    """The release before GroupQueryAttention's entry makes sessions but computes the buffer graph wrong; the entry's is right."""
+    pytest.importorskip("onnx")
+    first = req.FIRST_VERSION["com.microsoft::GroupQueryAttention"]
+    before = req.PROBED_VERSIONS[req.PROBED_VERSIONS.index(first) - 1]
+    proc = subprocess.run([sys.executable, "-m", "itera_export.opcheck", str(tiny_baseline.bundle), "--versions",
+                           f"{before},{first}", "--venvs", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    numeric = next(v for k, v in results.items() if k.endswith(":numeric"))
+    assert numeric[first] == "ok" and numeric[before].startswith("logits differ by"), numeric
+    assert results["com.microsoft::GroupQueryAttention"] == {before: "ok", first: "ok"}
+
+
 @pytest.mark.network
 def test_the_base_install_resolves_on_aarch64(tmp_path):
     """What a Raspberry Pi (64-bit OS, Python 3.11) gets from `pip install itera-lite`: wheels exist."""
