@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -90,15 +91,21 @@ def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int]
     return None
 
 
-def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
-    """Reshape(Reshape(a, s1), s2) → Reshape(a, s2): the lowering's packing Reshapes often
-    follow the model's own, and ORT (1.32) leaves such chains in place, at ~0.3 µs a node."""
+_RESHAPING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
+
+
+def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Reshape(R(a), s2) → Reshape(a, s2) where R is a Reshape, Unsqueeze, Squeeze or Flatten:
+    the lowering's packing Reshapes often follow the model's own, and ORT (1.32) leaves such
+    chains in place, at ~0.3 µs a node. Returns how many Reshapes now skip their source."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    done = 0
     for n in model.graph.node:
         src = producers.get(n.input[0]) if n.op_type == "Reshape" else None
-        if src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
+        if src is None or src.op_type not in _RESHAPING or src.domain not in ("", "ai.onnx"):
             continue
-        s1, s2 = _const_ints(model, src.input[1], producers), _const_ints(model, n.input[1], producers)
+        s2 = _const_ints(model, n.input[1], producers)
+        s1 = _const_ints(model, src.input[1], producers) if src.op_type == "Reshape" else []
         if s1 is None or s2 is None:
             continue
         if 0 in s1 and any(a.name == "allowzero" and a.i for a in src.attribute):
@@ -116,6 +123,73 @@ def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
         if any(v == 0 and not same(i) for i, v in enumerate(s2)):
             continue
         n.input[0] = src.input[0]
+        done += 1
+    return done
+
+
+def unit_gathers_to_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Gather(x, scalar index) on an axis of static size 1 → Reshape that drops the axis.
+
+    A one-token graph selects its only position with such Gathers (`x[:, 0]`); as a Reshape
+    it aliases its input and `collapse_reshapes` can fold it into the Reshape before it.
+    dims: shapes from shape inference (ints, symbolic names or None). Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    done = 0
+    for k, n in enumerate(list(g.node)):
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
+            continue
+        index = next((i for i in g.initializer if i.name == n.input[1]), None)
+        if index is None:
+            c = producers.get(n.input[1])
+            index = c.attribute[0].t if c is not None and c.op_type == "Constant" and c.attribute else None
+        if index is None or list(index.dims) != [] or numpy_helper.to_array(index).item() not in (0, -1):
+            continue
+        shape = dims.get(n.input[0])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if not shape:
+            continue
+        axis %= len(shape)
+        # Dims before the axis are copied (0); those after it must be known numbers.
+        if shape[axis] != 1 or any(not isinstance(d, int) for d in shape[axis + 1:]):
+            continue
+        target = [0] * axis + list(shape[axis + 1:])
+        if 0 in shape[axis + 1:]:
+            continue  # a zero-size dim would read as "copy" in Reshape
+        name = f"{n.name or n.output[0]}_shape"
+        g.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        pos = list(g.node).index(n)
+        g.node.remove(n)
+        g.node.insert(pos, helper.make_node("Reshape", [n.input[0], name], list(n.output), name=n.name + "_reshape"))
+        done += 1
+    return done
+
+
+def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Drop Reshapes whose output has the input's shape (`view(-1, C)` of a (B, C) tensor):
+    onnxruntime keeps them when B is symbolic. dims: shapes from shape inference; only dims
+    known on both sides (numbers, or the same symbolic name) count as equal. Returns how many."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    keep = []
+    for n in g.node:
+        for k, v in enumerate(n.input):
+            n.input[k] = rename.get(v, v)
+        a, b = dims.get(n.input[0]) if n.input else None, dims.get(n.output[0]) if n.output else None
+        if (n.op_type == "Reshape" and n.domain in ("", "ai.onnx") and a and a == b and None not in a
+                and n.output[0] not in outputs):
+            rename[n.output[0]] = n.input[0]
+            continue
+        keep.append(n)
+    for n in g.node:  # subgraph-free graphs: node inputs are all there is to rename
+        for k, v in enumerate(n.input):
+            n.input[k] = rename.get(v, v)
+    dropped = len(g.node) - len(keep)
+    del g.node[:]
+    g.node.extend(keep)
+    return dropped
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
