@@ -80,6 +80,7 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
         by_layer[f"layer {int(m.group(1))}" if m else "other"] += e["dur"] / n
 
     base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
+                ort_settings=dict(session.settings),
                 n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle, session.graph_set))
     rows = [
         Record(test="loop (step + sampling)", samples=[loop_us], **base),

@@ -81,6 +81,17 @@ def materialize_transposed_weights(model) -> int:
     return done
 
 
+def symbolic_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Every value's shape from onnx shape inference: ints, symbolic names ("batch") or None.
+
+    The passes below compare dims across values with it (a symbolic dim equals another only
+    by name)."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in v.type.tensor_type.shape.dim]
+            for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
 def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int] | None:
     for init in model.graph.initializer:
         if init.name == name:
@@ -168,24 +179,32 @@ def unit_gathers_to_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> i
 
 def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
     """Drop Reshapes whose output has the input's shape (`view(-1, C)` of a (B, C) tensor):
-    onnxruntime keeps them when B is symbolic. dims: shapes from shape inference; only dims
-    known on both sides (numbers, or the same symbolic name) count as equal. Returns how many."""
+    onnxruntime keeps them when B is symbolic. dims: shapes from shape inference; a Reshape is
+    an identity when both shapes are known and equal (numbers, or the same symbolic name), or
+    when its target is (-1 or 0, d1, d2, ...) and the input is (?, d1, d2, ...). Returns how many."""
     g = model.graph
     outputs = {o.name for o in g.output}
+    producers = {o: n for n in g.node for o in n.output}
     rename: dict[str, str] = {}
     keep = []
+
+    def identity(n) -> bool:
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
+            return False
+        a, b = dims.get(n.input[0]), dims.get(n.output[0])
+        if a and a == b and None not in a and not any(str(d).startswith("unk__") for d in a):
+            return True
+        target = _const_ints(model, n.input[1], producers)
+        return bool(a and target and len(target) == len(a) and target[0] in (-1, 0) and 0 not in target[1:]
+                    and all(isinstance(d, int) and d == t for d, t in zip(a[1:], target[1:])))
+
     for n in g.node:
         for k, v in enumerate(n.input):
             n.input[k] = rename.get(v, v)
-        a, b = dims.get(n.input[0]) if n.input else None, dims.get(n.output[0]) if n.output else None
-        if (n.op_type == "Reshape" and n.domain in ("", "ai.onnx") and a and a == b and None not in a
-                and n.output[0] not in outputs):
+        if identity(n):
             rename[n.output[0]] = n.input[0]
-            continue
-        keep.append(n)
-    for n in g.node:  # subgraph-free graphs: node inputs are all there is to rename
-        for k, v in enumerate(n.input):
-            n.input[k] = rename.get(v, v)
+        else:
+            keep.append(n)
     dropped = len(g.node) - len(keep)
     del g.node[:]
     g.node.extend(keep)

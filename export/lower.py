@@ -18,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_passes import collapse_reshapes, drop_identity_reshapes, prune, unit_gathers_to_reshapes
+from .graph_passes import (collapse_reshapes, drop_identity_reshapes, prune, symbolic_dims,
+                           unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
@@ -43,19 +44,12 @@ class _Rewriter:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.inits = {i.name: i for i in model.graph.initializer}
-        inferred = onnx.shape_inference.infer_shapes(model)
-        g = inferred.graph
-        self.shapes = {}
-        for v in list(g.value_info) + list(g.input) + list(g.output):
-            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
-                                   for d in v.type.tensor_type.shape.dim]
-        for i in g.initializer:
+        # Dims with symbolic names kept ("batch"), for comparing dynamic dims across values;
+        # `shapes` has numbers only (None for anything dynamic).
+        self.sym = symbolic_dims(model)
+        self.shapes = {k: [d if isinstance(d, int) else None for d in v] for k, v in self.sym.items()}
+        for i in model.graph.initializer:
             self.shapes[i.name] = list(i.dims)
-        # Dims with symbolic names kept ("batch"), for comparing dynamic dims across values.
-        self.sym = {}
-        for v in list(g.value_info) + list(g.input) + list(g.output):
-            self.sym[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                for d in v.type.tensor_type.shape.dim]
         self.names = {n.name for n in model.graph.node} | {v for n in model.graph.node for v in n.output}
         self.counter = 0
         self.memo: dict[str, str] = {}
