@@ -6,6 +6,8 @@ Three clocks over the same decode steps at one depth and thread count:
   decode graph and every kernel inside it, with its op type and node name;
 - the difference, split into sampling + loop, the session wrapper (binding, the Python
   call) and onnxruntime's framework time outside kernels.
+At 2+ threads, kernels that split their work over the thread pool are marked
+(`thread_pool_share` per op, and a row summing them): the only part more threads can speed up.
 
 Layers are read from node names (`layers.3`, `blocks.3`); nodes without one are "other".
 The profiler adds a little time of its own to each kernel, so the loop is timed in a
@@ -41,6 +43,13 @@ def _decode_events(trace: list[dict], n_runs: int) -> tuple[list[dict], list[dic
     return runs, kernels
 
 
+def _used_pool(event: dict) -> bool:
+    """Whether a kernel split its work over the intra-op thread pool (a parallel section):
+    onnxruntime's profiler lists the blocks the calling thread ran, at 2+ threads only."""
+    stats = event.get("args", {}).get("thread_scheduling_stats") or {}
+    return bool(stats.get("main_thread", {}).get("block_size"))
+
+
 def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threads: int | None = 1) -> list[Record]:
     """Records of kind "profile" (µs per token) for one bundle: op types, layers, overhead split."""
     check_depth(bundle, n_depth, n_steps + 1)
@@ -71,11 +80,14 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
     by_op: dict[str, float] = defaultdict(float)
     nodes_by_op: dict[str, set] = defaultdict(set)
     by_layer: dict[str, float] = defaultdict(float)
+    pooled_by_op: dict[str, float] = defaultdict(float)  # µs of kernels that split work over threads
     for e in kernels:
         op = e.get("args", {}).get("op_name", "?")
         name = e["name"][: -len("_kernel_time")]
         by_op[op] += e["dur"] / n
         nodes_by_op[op].add(name)
+        if _used_pool(e):
+            pooled_by_op[op] += e["dur"] / n
         m = _LAYER.search(name)
         by_layer[f"layer {int(m.group(1))}" if m else "other"] += e["dur"] / n
 
@@ -91,10 +103,18 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
         Record(test="kernels", samples=[kernel_us], extra={"nodes": sum(len(v) for v in nodes_by_op.values())},
                **base),
     ]
+    pooled = threads is not None and threads > 1
+    if pooled:
+        # Amdahl's bound for more threads: only these kernels can get faster.
+        us = sum(pooled_by_op.values())
+        rows.append(Record(test="kernels that used the thread pool", samples=[us], **base,
+                           extra={"share_of_kernels": us / kernel_us if kernel_us else None,
+                                  "ops": sorted(pooled_by_op)}))
     for op, us in sorted(by_op.items(), key=lambda kv: -kv[1]):
-        rows.append(Record(test=f"op {op}", samples=[us], extra={"nodes": len(nodes_by_op[op]),
-                                                                  "share_of_kernels": us / kernel_us if kernel_us else None},
-                           **base))
+        extra = {"nodes": len(nodes_by_op[op]), "share_of_kernels": us / kernel_us if kernel_us else None}
+        if pooled:
+            extra["thread_pool_share"] = pooled_by_op[op] / us if us else 0.0
+        rows.append(Record(test=f"op {op}", samples=[us], extra=extra, **base))
     for layer, us in sorted(by_layer.items(), key=lambda kv: (kv[0] == "other", int(kv[0].split()[-1])
                                                                if kv[0] != "other" else 0)):
         rows.append(Record(test=layer, samples=[us], **base))

@@ -123,3 +123,35 @@ def test_depth_beyond_max_seq_len_is_refused(tiny_baseline):
 def test_threads_beyond_cpus_are_refused(tiny_itera):
     line = one_error_line(bench("latency", tiny_itera.bundle, "-t", str((os.cpu_count() or 1) + 1)))
     assert "CPUs" in line
+
+
+def test_thread_settings_are_applied_and_recorded(tiny_itera):
+    """A row says which onnxruntime thread-pool settings ran, $ITERA_ORT_CONFIG included, and
+    the session really ran with them."""
+    from itera_runtime.bundle import load_bundle
+    from itera_runtime.session import ORT_CONFIG_ENV, ModelSession
+
+    env = {**os.environ, ORT_CONFIG_ENV: "session.dynamic_block_base=4"}
+    proc = bench("step", tiny_itera.bundle, "-n", "8", "-d", "4", "-r", "2", "-t", "1", "-o", "jsonl", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["ort_settings"]["session.dynamic_block_base"] == "4"
+    assert row["ort_settings"]["intra_op_num_threads"] == "1"
+    assert row["extra"]["cpu_us_per_step"] > 0
+    (back,) = parse(format_records([Record.from_dict(row)], "csv"), "csv")
+    assert back.ort_settings == row["ort_settings"]
+
+    os.environ[ORT_CONFIG_ENV] = "session.dynamic_block_base=4"
+    try:
+        session = ModelSession(load_bundle(tiny_itera.bundle), threads=1)
+    finally:
+        del os.environ[ORT_CONFIG_ENV]
+    for sess in session.graphs.values():
+        assert sess.get_session_options().get_session_config_entry("session.dynamic_block_base") == "4"
+    assert session.settings["session.dynamic_block_base"] == "4"
+
+
+def test_bad_ort_config_is_one_line(tiny_itera):
+    env = {**os.environ, "ITERA_ORT_CONFIG": "allow_spinning"}
+    line = one_error_line(bench("step", tiny_itera.bundle, "-n", "2", "-d", "4", env=env))
+    assert "ITERA_ORT_CONFIG" in line
