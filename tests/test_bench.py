@@ -155,3 +155,19 @@ def test_bad_ort_config_is_one_line(tiny_itera):
     env = {**os.environ, "ITERA_ORT_CONFIG": "allow_spinning"}
     line = one_error_line(bench("step", tiny_itera.bundle, "-n", "2", "-d", "4", env=env))
     assert "ITERA_ORT_CONFIG" in line
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs for a 2-thread session")
+def test_profile_marks_kernels_that_used_the_thread_pool(tiny_itera):
+    proc = bench("profile", tiny_itera.bundle, "-n", "16", "-d", "4", "-t", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["test"]: r for r in json.loads(proc.stdout)}
+    pooled = rows["kernels that used the thread pool"]
+    ops = {t[3:]: r for t, r in rows.items() if t.startswith("op ")}
+    # The sum is over the ops it names, each of which did split some of its calls.
+    assert pooled["extra"]["ops"] and set(pooled["extra"]["ops"]) <= set(ops)
+    assert all(ops[o]["extra"]["thread_pool_share"] > 0 for o in pooled["extra"]["ops"])
+    assert pooled["median"] == pytest.approx(sum(ops[o]["median"] * ops[o]["extra"]["thread_pool_share"]
+                                                 for o in pooled["extra"]["ops"]), rel=1e-6)
+    assert pooled["median"] <= rows["kernels"]["median"]
+    assert ops["Reshape"]["extra"]["thread_pool_share"] == 0  # an alias never splits
