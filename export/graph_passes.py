@@ -211,6 +211,37 @@ def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int
     return dropped
 
 
+def plain_softplus(model: onnx.ModelProto, min_threshold: float = 15.0) -> int:
+    """Where(x > T, x, Softplus(x)) → Softplus(x): torch's `softplus(x, threshold=T)` as exported.
+
+    onnxruntime's Softplus is overflow-safe (softplus(1000) = 1000), and for x > T ≥ 15 it
+    differs from x by log1p(exp(-x)) < 3.1e-7, below float32 resolution at that size, so the
+    Greater and Where are two nodes a token for nothing. Only thresholds ≥ min_threshold with
+    beta 1 (Greater on x itself) are rewritten. Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type != "Where" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
+            continue
+        cond, x, other = (producers.get(v) for v in n.input)
+        if (cond is None or other is None or cond.op_type != "Greater" or other.op_type != "Softplus"
+                or cond.input[0] != n.input[1] or other.input[0] != n.input[1]):
+            continue
+        t = inits.get(cond.input[1])
+        if t is None or numpy_helper.to_array(t).size != 1 or float(numpy_helper.to_array(t).item()) < min_threshold:
+            continue
+        rename[n.output[0]] = other.output[0]
+    for n in g.node:
+        for k, v in enumerate(n.input):
+            n.input[k] = rename.get(v, v)
+    _drop_dead_nodes(model)
+    return len(rename)
+
+
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     g = model.graph
     while True:

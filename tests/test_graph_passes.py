@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from itera_export.graph_passes import (  # noqa: E402
     collapse_reshapes,
     drop_identity_reshapes,
+    plain_softplus,
     prune,
     symbolic_dims,
     unit_gathers_to_reshapes,
@@ -101,3 +102,32 @@ def test_reshape_that_is_a_graph_output_is_kept():
     model = _model(nodes, {"same": np.array([-1, C], np.int64)}, ["batch", C])
     assert drop_identity_reshapes(model, symbolic_dims(model)) == 0
     assert _ops(model) == ["Relu", "Reshape"]
+
+
+def _thresholded_softplus(threshold: float):
+    """torch's F.softplus(x, beta=1, threshold=T) as the exporter writes it."""
+    nodes = [helper.make_node("Softplus", ["x"], ["sp"]),
+             helper.make_node("Greater", ["x", "t"], ["big"]),
+             helper.make_node("Where", ["big", "x", "sp"], ["w"]),
+             helper.make_node("Neg", ["w"], ["y"])]
+    return _model(nodes, {"t": np.array(threshold, np.float32)}, ["batch", C])
+
+
+def test_thresholded_softplus_becomes_one_node_with_equal_outputs():
+    model = _thresholded_softplus(20.0)
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal((3, C)) * 10, rng.uniform(15, 25, (3, C)),
+                        np.full((1, C), 1e4), np.full((1, C), -1e4)]).astype(np.float32)
+    before = _run(model, x)
+    assert plain_softplus(model) == 1
+    prune(model)
+    assert _ops(model) == ["Neg", "Softplus"]
+    after = _run(model, x)
+    assert np.isfinite(after).all()
+    np.testing.assert_allclose(after, before, rtol=1e-6, atol=1e-6)
+
+
+def test_softplus_with_a_low_threshold_is_kept():
+    model = _thresholded_softplus(1.0)  # x and softplus(x) differ visibly above 1
+    assert plain_softplus(model) == 0
+    assert _ops(model) == ["Greater", "Neg", "Softplus", "Where"]
