@@ -88,6 +88,7 @@ def check_threads(threads: int | None) -> int | None:
 # It lets anyone measure thread-pool settings on their own device with itera-bench; every
 # bench row records the settings it ran with (`thread_settings`), this variable included.
 ORT_CONFIG_ENV = "ITERA_ORT_CONFIG"
+_EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
 
 
 def _env_config() -> dict[str, str]:
@@ -105,10 +106,11 @@ def _env_config() -> dict[str, str]:
 def thread_settings(threads: int | None) -> dict[str, str]:
     """The thread-pool settings a session at `threads` runs with, as bench rows record them.
 
-    Measured on a shared 2-vCPU EPYC (bench/PROFILE.md): spinning idle threads cost the
-    caller the only other core there, so 2-thread sessions sleep between parallel sections;
-    a parallel executor (inter-op threads) was 10x slower at batch 1; the other thread-pool
-    keys (dynamic_block_base, force_spinning_stop) changed nothing measurable.
+    Measured on a shared 2-vCPU Xeon (bench/PROFILE.md): at 2 threads, spinning idle threads
+    cost 3-4x the CPU per token and ran 8-9x slower there (the spinning thread and the caller
+    fight other processes for two cores), so 2-thread sessions sleep between parallel
+    sections; dynamic_block_base, force_spinning_stop and worker affinity changed nothing
+    beyond the noise. $ITERA_ORT_CONFIG adds or overrides session.* entries.
     """
     threads = check_threads(threads)
     settings = {"execution_mode": "sequential", "inter_op_num_threads": "1"}
@@ -124,12 +126,13 @@ def session_options(threads: int | None, optimized_model_path: str | None = None
     """The one set of onnxruntime session options: what users run is what benchmarks time."""
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    for key, value in thread_settings(threads).items():
-        if key == "intra_op_num_threads":
-            opts.intra_op_num_threads = int(value)
-        elif key.startswith("session."):
+    settings = thread_settings(threads)
+    opts.execution_mode = _EXECUTION_MODES[settings["execution_mode"]]
+    opts.inter_op_num_threads = int(settings["inter_op_num_threads"])
+    if "intra_op_num_threads" in settings:
+        opts.intra_op_num_threads = int(settings["intra_op_num_threads"])
+    for key, value in settings.items():
+        if key.startswith("session."):
             opts.add_session_config_entry(key, value)
     if optimized_model_path:
         opts.optimized_model_filepath = str(optimized_model_path)
@@ -274,7 +277,7 @@ class ModelSession:
                  profile_prefix: str | None = None, graph_set: str | None = None):
         self.bundle = bundle
         providers_for(device)  # DeviceError / ValueError before any graph is read
-        check_threads(threads)
+        self.settings = thread_settings(threads)  # what bench rows record as ort_settings
         # Which graphs: the fused set when this onnxruntime has its kernels, else the portable one.
         self.graph_set = pick_graph_set(bundle, graph_set)
         sessions: dict[str, ort.InferenceSession] = {}
@@ -294,7 +297,6 @@ class ModelSession:
         self.attention_mask, self.position_ids = io.attention_mask, io.position_ids
         self.state_specs = bundle.state
         self.device, self.threads = device, threads
-        self.settings = thread_settings(threads)  # what bench rows record as ort_settings
         self._ort_device = "cuda" if device == "cuda" else "cpu"
 
     def initial_state(self) -> State:
