@@ -5,7 +5,9 @@ Three clocks over the same decode steps at one depth and thread count:
 - onnxruntime's own profiler (session option `enable_profiling`): each `model_run` of the
   decode graph and every kernel inside it, with its op type and node name;
 - the difference, split into sampling + loop, the session wrapper (binding, the Python
-  call) and onnxruntime's framework time outside kernels.
+  call) and onnxruntime's framework time outside kernels. Sampling + loop also gets the
+  calling thread's CPU time (`main_thread_cpu_us`), which a busy machine does not inflate
+  the way it inflates wall time.
 At 2+ threads, kernels that split their work over the thread pool are marked
 (`thread_pool_share` per op, and a row summing them): the only part more threads can speed up.
 
@@ -21,6 +23,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections import defaultdict
 
 from itera_runtime.bundle import Bundle
@@ -64,6 +67,13 @@ def _used_pool(event: dict) -> bool:
     return bool(stats.get("main_thread", {}).get("block_size"))
 
 
+def _cpu_timed(run, n_tokens: int):
+    """(sample of one run, CPU µs per token of the calling thread during it)."""
+    t = time.thread_time_ns()
+    sample = run()
+    return sample, (time.thread_time_ns() - t) / 1e3 / n_tokens
+
+
 def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threads: int | None = 1) -> list[Record]:
     """Records of kind "profile" (µs per token) for one bundle: op types, layers, overhead split."""
     check_depth(bundle, n_depth, n_steps + 1)
@@ -73,8 +83,14 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
     # unprofiled, as `itera-bench latency` / `step` time them; median of three runs each.
     target = Target(bundle, threads)
     loop, raw = gen_case(target, n_steps, n_depth), step_case(target, n_steps, n_depth)
-    loop_us = sorted(1e6 / loop.run().value for _ in range(3))[1]
-    step_us = sorted(raw.run().value for _ in range(3))[1]
+    loop_runs = [_cpu_timed(loop.run, n_steps) for _ in range(3)]
+    step_runs = [_cpu_timed(raw.run, n_steps) for _ in range(3)]
+    loop_us = sorted(1e6 / s.value for s, _ in loop_runs)[1]
+    step_us = sorted(s.value for s, _ in step_runs)[1]
+    # The calling thread's CPU time is what Python (sampling, the loop, the binding) costs
+    # whatever else the machine runs; both runs include one 1-token prefill, which cancels.
+    loop_cpu_us = sorted(c for _, c in loop_runs)[1]
+    python_cpu_us = max(loop_cpu_us - sorted(c for _, c in step_runs)[1], 0.0)
     tokens = target.context(start + n_steps)[start:].tolist()
 
     # 3. onnxruntime's profiler on the decode steps.
@@ -109,8 +125,9 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
                 ort_settings=dict(session.settings),
                 n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle, session.graph_set))
     rows = [
-        Record(test="loop (step + sampling)", samples=[loop_us], **base),
-        Record(test="sampling + loop python", samples=[max(loop_us - step_us, 0.0)], **base),
+        Record(test="loop (step + sampling)", samples=[loop_us], extra={"main_thread_cpu_us": loop_cpu_us}, **base),
+        Record(test="sampling + loop python", samples=[max(loop_us - step_us, 0.0)],
+               extra={"main_thread_cpu_us": python_cpu_us}, **base),
         Record(test="session wrapper", samples=[max(step_us - run_us, 0.0)], **base,
                method="raw Decoder.step minus onnxruntime's model_run (two runs: may be slightly negative, clipped)"),
         Record(test="ort framework (model_run - kernels)", samples=[max(run_us - kernel_us, 0.0)], **base),

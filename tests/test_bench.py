@@ -86,6 +86,8 @@ def test_step_and_profile(tiny_itera):
     rows = {r["test"]: r for r in json.loads(proc.stdout)}
     ops = [r for t, r in rows.items() if t.startswith("op ")]
     assert ops and "kernels" in rows and "loop (step + sampling)" in rows
+    loop_cpu = rows["loop (step + sampling)"]["extra"]["main_thread_cpu_us"]
+    assert 0 <= rows["sampling + loop python"]["extra"]["main_thread_cpu_us"] <= loop_cpu
     # The per-op rows add up to the kernels row, and the layers to it as well.
     assert sum(r["median"] for r in ops) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
     layers = [r for t, r in rows.items() if t.startswith("layer ") or t == "other"]
