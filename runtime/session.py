@@ -86,18 +86,57 @@ def check_threads(threads: int | None) -> int | None:
     return int(threads)
 
 
+# Extra onnxruntime session config entries for every session this process makes:
+# "KEY=VALUE;KEY=VALUE" with onnxruntime's own keys ("session.intra_op.allow_spinning=1").
+# It lets anyone measure thread-pool settings on their own device with itera-bench; every
+# bench row records the settings it ran with (`thread_settings`), this variable included.
+ORT_CONFIG_ENV = "ITERA_ORT_CONFIG"
+_EXECUTION_MODES = {"sequential": ort.ExecutionMode.ORT_SEQUENTIAL, "parallel": ort.ExecutionMode.ORT_PARALLEL}
+
+
+def _env_config() -> dict[str, str]:
+    text = os.environ.get(ORT_CONFIG_ENV, "").strip()
+    out: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().startswith("session.") or not value.strip():
+            raise ValueError(f"${ORT_CONFIG_ENV}: {item!r} is not KEY=VALUE with an onnxruntime "
+                             f"session config key (session.…)")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def thread_settings(threads: int | None) -> dict[str, str]:
+    """The thread-pool settings a session at `threads` runs with, as bench rows record them.
+
+    Measured on a shared 2-vCPU Xeon (bench/PROFILE.md): at 2 threads, spinning idle threads
+    cost 3-4x the CPU per token and ran 8-9x slower there (the spinning thread and the caller
+    fight other processes for two cores), so 2-thread sessions sleep between parallel
+    sections; dynamic_block_base, force_spinning_stop and worker affinity changed nothing
+    beyond the noise. $ITERA_ORT_CONFIG adds or overrides session.* entries.
+    """
+    threads = check_threads(threads)
+    settings = {"execution_mode": "sequential", "inter_op_num_threads": "1"}
+    if threads:
+        settings["intra_op_num_threads"] = str(threads)
+        settings["session.intra_op.allow_spinning"] = "0" if threads > 1 else "1"
+    settings.update(_env_config())
+    return settings
+
+
 def session_options(threads: int | None, optimized_model_path: str | None = None,
                     profile_prefix: str | None = None) -> ort.SessionOptions:
     """The one set of onnxruntime session options: what users run is what benchmarks time."""
-    threads = check_threads(threads)
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.inter_op_num_threads = 1
-    if threads:
-        opts.intra_op_num_threads = threads
-        # Spinning idle threads steal the only other core from the caller on small machines.
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0" if threads > 1 else "1")
+    settings = thread_settings(threads)
+    opts.execution_mode = _EXECUTION_MODES[settings["execution_mode"]]
+    opts.inter_op_num_threads = int(settings["inter_op_num_threads"])
+    if "intra_op_num_threads" in settings:
+        opts.intra_op_num_threads = int(settings["intra_op_num_threads"])
+    for key, value in settings.items():
+        if key.startswith("session."):
+            opts.add_session_config_entry(key, value)
     if optimized_model_path:
         opts.optimized_model_filepath = str(optimized_model_path)
     if profile_prefix:  # onnxruntime's own per-node profiler (itera-bench profile)
@@ -275,7 +314,7 @@ class ModelSession:
                  profile_prefix: str | None = None, graph_set: str | None = None):
         self.bundle = bundle
         providers_for(device)  # DeviceError / ValueError before any graph is read
-        check_threads(threads)
+        self.settings = thread_settings(threads)  # what bench rows record as ort_settings
         # Which graphs: the fused set when this onnxruntime has its kernels, else the portable one.
         self.graph_set = pick_graph_set(bundle, graph_set)
         sessions: dict[str, ort.InferenceSession] = {}
