@@ -21,7 +21,8 @@ from .quantize import SCHEMES
 @click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
               help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
                    "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
-                   "runs fused where it can")
+                   "runs fused where it can. Baseline: fused = GroupQueryAttention over a KV buffer, "
+                   "none = optimum's standard-op graph")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",

@@ -243,9 +243,16 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
                 alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True,
                                           hidden=hidden)
         else:
-            from .baseline import export_baseline_graphs
+            from .baseline import export_baseline_graphs, group_query_attention_runs_here
 
-            parts = export_baseline_graphs(model, tmp)
+            if lower == "dual":
+                raise ExportError("--lower dual is for Itera-Lite bundles; a baseline bundle carries one graph "
+                                  "set: --lower fused (GroupQueryAttention) or none (standard ops)")
+            if lower == "auto":
+                # The KV buffer graph decodes in nearly flat time in depth (tiny: see README's
+                # speed table); standard ops only where this onnxruntime cannot validate it.
+                lower = "fused" if group_query_attention_runs_here() else "none"
+            parts = export_baseline_graphs(model, tmp, kv="buffer" if lower == "fused" else "concat")
     sets = {_set_name(family, parts.ssm_path): parts.graphs}
     if alt is not None:
         sets["portable"] = alt.graphs

@@ -22,7 +22,7 @@ from itera_lite.checkpoint import weights_sha256
 from itera_runtime.bundle import IoNames, StateSpec, StateTensor
 
 from . import lower as lowering
-from .graph_passes import name_nodes_by_layer
+from .graph_passes import name_nodes_by_layer, plain_softplus, prune
 from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 
@@ -152,6 +152,8 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
             lowering.lower_to_fused(m)
         elif fused_weights:
             lowering.read_fused_moe_weights(m)
+        plain_softplus(m)  # the dt softplus: 2 nodes a layer fewer (bench/PROFILE.md)
+        prune(m)
         name_nodes_by_layer(m)
 
     specs, nodes = {}, {}

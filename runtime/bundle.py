@@ -22,9 +22,14 @@ int or a symbolic name such as "batch", "seq", "past_sequence"):
                  "decode": {...}},           # prefill and decode may name the same file
       "io": {"input_ids": str, "logits": str, "attention_mask": str | null, "position_ids": str | null,
              "hidden": str | null},          # the head's input, an output only when retrieval needs it
-      "state": {"kind": "ssm" | "kv_cache",  # carried from one step to the next
+      "state": {"kind": "ssm" | "kv_cache" | "kv_buffer",  # carried from one step to the next
                 "tensors": [{"input": "past.0.conv", "output": "present.0.conv",
                              "dtype": "float32", "shape": ["batch", 384, 3]}, ...]},
+                # kv_cache: past (.., "past_sequence", ..) in, present one longer out, each step.
+                # kv_buffer: (batch, kv_heads, capacity, head_dim) buffers, capacity static; the
+                # runtime binds one buffer as both input and output and the graph writes the new
+                # rows in place; rows [0, tokens seen) are filled (the graph reads the count from
+                # attention_mask). Older runtimes refuse the kind in one line.
       "ssm_path": "function" | "lowered" | null,
       "graph_set": "fused" | "portable" | "default",   # name of the set in "graphs"
       "requires": {"onnxruntime": "1.24.4",  # lowest release that runs "graphs" (runtime/requires.py)
@@ -97,7 +102,8 @@ BUNDLE_FORMAT = "itera-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("itera", "baseline")
-STATE_KINDS = ("ssm", "kv_cache")
+STATE_KINDS = ("ssm", "kv_cache", "kv_buffer")
+KV_BUFFER_AXIS = 2  # the sequence axis of a kv_buffer tensor (batch, kv_heads, capacity, head_dim)
 
 _CHUNK = 1 << 20
 
@@ -241,11 +247,32 @@ class StateSpec:
         kind = d.get("kind")
         if kind is not None and kind not in STATE_KINDS:
             raise BundleError(f"{where}.kind is {kind!r}, expected one of {', '.join(STATE_KINDS)}")
-        return cls(kind, [StateTensor.from_dict(t, where) for t in d.get("tensors", [])])
+        tensors = [StateTensor.from_dict(t, where) for t in d.get("tensors", [])]
+        if kind == "kv_buffer":
+            for t in tensors:
+                if len(t.shape) != 4 or not isinstance(t.shape[KV_BUFFER_AXIS], int) or t.shape[KV_BUFFER_AXIS] < 1:
+                    raise BundleError(f"{where}: kv_buffer tensor {t.input} must be (batch, kv_heads, capacity, "
+                                      f"head_dim) with a fixed capacity, got {t.shape}")
+        return cls(kind, tensors)
 
     def nbytes(self, batch: int = 1, past_sequence: int = 0) -> int:
-        """Bytes of the whole carried state after `past_sequence` tokens (KV) or at any depth (SSM)."""
+        """Bytes of the whole carried state after `past_sequence` tokens (KV) or at any depth (SSM).
+
+        A kv_buffer counts its filled rows: the rest of the buffer is zero pages that were
+        never written, which the OS does not back with memory.
+        """
+        if self.kind == "kv_buffer":
+            return sum(dataclasses.replace(t, shape=[*t.shape[:KV_BUFFER_AXIS], past_sequence,
+                                                     *t.shape[KV_BUFFER_AXIS + 1:]]).nbytes(batch)
+                       for t in self.tensors)
         return sum(t.nbytes(batch, past_sequence) for t in self.tensors)
+
+    @property
+    def capacity(self) -> int | None:
+        """Positions a kv_buffer holds (None for other kinds)."""
+        if self.kind != "kv_buffer" or not self.tensors:
+            return None
+        return min(t.shape[KV_BUFFER_AXIS] for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -707,7 +734,7 @@ class Bundle:
 
     @property
     def state_kind(self) -> str | None:
-        """"ssm", "kv_cache", or None for a stateless graph."""
+        """"ssm", "kv_cache", "kv_buffer", or None for a stateless graph."""
         return self.manifest.state.kind
 
     @property
