@@ -70,7 +70,10 @@ def _finite_positive(ctx, param, value):
               help="continue the run in --out from last.pt with its own settings; budgets given again replace its own")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def main(model, preset, out, resume, quiet, **kw):
-    """Train a model; writes best.pt, last.pt, metrics.jsonl, train.csv, eval.csv, summary.json."""
+    """Train a model; writes best.pt, last.pt, metrics.jsonl, train.csv, eval.csv, summary.json.
+
+    `itera-train retrieval-index CHECKPOINT` builds a kNN-LM datastore from a trained model (its own --help).
+    """
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import TrainError, train
