@@ -222,7 +222,15 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
 @click.option("--max-tokens", default=None, type=click.IntRange(2), help="score only the text's first N tokens")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
               help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
-def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, reference):
+@click.option("--retrieval/--no-retrieval", default=True, show_default=True,
+              help="bundles with a kNN datastore are also scored with retrieval mixed in (rows test '...+knn')")
+@click.option("--retrieval-k", default=None, type=click.IntRange(1), help="neighbours [default: the datastore's]")
+@click.option("--retrieval-lambda", default=None, type=click.FloatRange(0, 1, max_open=True),
+              help="weight of the kNN distribution [default: the datastore's, tuned on val]")
+@click.option("--retrieval-temperature", default=None, type=click.FloatRange(0, min_open=True),
+              help="softmax temperature over neighbour scores [default: the datastore's]")
+def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, reference,
+            retrieval, retrieval_k, retrieval_lambda, retrieval_temperature):
     """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime (deterministic: run once)."""
     from .quality import quality_records
 
@@ -230,7 +238,8 @@ def quality(bundles, threads, repetitions, warmup, data, split, window, stride, 
         raise ValueError(f"--reference {reference} is not one of the bundles measured")
     if stride is not None and stride > window:
         raise ValueError(f"--stride {stride} is larger than --window {window}")
-    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference)
+    mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature) if retrieval else None
+    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference, mix)
 
 
 @main.command()

@@ -25,7 +25,7 @@ from itera_runtime.bundle import Bundle
 
 MATMUL_OPS = ("MatMul", "MatMulInteger", "Gemm", "MatMulNBits", "FusedMatMul")
 FUSED_OPS = ("MoE", "QMoE", "TopKMoE", "LinearAttention", "SsmStep", "SelectiveScan", "CausalConvWithState",
-             "CausalConv1d", "Conv")
+             "CausalConv1d", "Conv", "GroupQueryAttention")
 
 
 # ----------------------------------------------------------------------------- analytic
@@ -68,8 +68,8 @@ def _attr(node, name: str, default=None):
     return default
 
 
-def _node_flops(node, shape) -> int:
-    """FLOPs of one node from its operands' shapes (`shape(name)` → tuple)."""
+def _node_flops(node, shape, value=None) -> int:
+    """FLOPs of one node from its operands' shapes (`shape(name)` → tuple) and, where a count is an input, values."""
     op, ins = node.op_type, node.input
     if op in ("MatMul", "MatMulInteger", "FusedMatMul", "Gemm"):
         a = shape(ins[0])
@@ -96,6 +96,10 @@ def _node_flops(node, shape) -> int:
         else:  # weight (C_out, C_in / group, kernel...)
             taps = int(np.prod(shape(ins[1])[1:]))
         return 2 * taps * int(np.prod(shape(node.output[0])))
+    if op == "GroupQueryAttention":  # query (B, S, heads·hd); each query attends to the keys cached so far
+        q = shape(ins[0])
+        total = int(value(ins[6]))  # total_sequence_length: past + new keys
+        return int(np.prod(q[:-1])) * 2 * 2 * q[-1] * total
     raise AssertionError(op)
 
 
@@ -152,7 +156,7 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
 
         by_op: Counter = Counter()
         for n in counted:
-            by_op[n.op_type] += _node_flops(n, shape)
+            by_op[n.op_type] += _node_flops(n, shape, lambda name: values[name])
         out[d] = dict(by_op)
     return out
 

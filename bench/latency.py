@@ -7,7 +7,8 @@ Tests, named as llama-bench names them:
 - `tg{n}` (`tg{n}@d{d}`): n decode steps, each `Decoder.step` plus greedy sampling, after d
   tokens of context (`LoopTiming.decode_s`: the same clock as itera-run's stats). The loop
   starts from a one-token prompt, so depth 0 and depth 1 time the same thing.
-- `step@d{d}` (itera-bench step): the raw decode step alone (no sampling), µs per token.
+- `step@d{d}` (itera-bench step): the raw decode step alone (no sampling), µs per token;
+  the process's CPU time per step beside it (`cpu_us_per_step`: all threads).
 
 The context is real text (a passage of Hamlet, repeated to length). The state after the
 depth tokens is computed once per case and reused, since prefill does not consume it.
@@ -63,7 +64,8 @@ class Target:
     def template(self, kind: str, test: str, metric: str, unit: str, higher_is_better: bool = True,
                  **how) -> Record:
         return Record(kind=kind, test=test, metric=metric, unit=unit, higher_is_better=higher_is_better,
-                      n_threads=self.threads, **bundle_fields(self.bundle, self.session.graph_set), **how)
+                      n_threads=self.threads, ort_settings=dict(self.session.settings),
+                      **bundle_fields(self.bundle, self.session.graph_set), **how)
 
 
 def check_depth(bundle: Bundle, n_depth: int, n_tokens: int) -> None:
@@ -120,11 +122,13 @@ def step_case(target: Target, n_steps: int, n_depth: int) -> Case:
         _, state = target.session.prefill(target.context(start)[start - 1:], target.state_after(start - 1))
         step = target.session.decoder(state).step
         tokens = target.context(start + n_steps)[start:].tolist()
-        t = time.perf_counter_ns()
+        t, cpu = time.perf_counter_ns(), time.process_time_ns()
         for token in tokens:
             step(token)
-        ns = time.perf_counter_ns() - t
-        return Sample(ns / 1e3 / n_steps, ns)
+        ns, cpu = time.perf_counter_ns() - t, time.process_time_ns() - cpu
+        # CPU time of every thread of the process: what a step costs the machine, which on a
+        # shared box varies less than wall time and shows threads that spin or wait.
+        return Sample(ns / 1e3 / n_steps, ns, {"cpu_us_per_step": cpu / 1e3 / n_steps})
 
     return Case(target.template("step", f"step@d{n_depth}", "us_per_step", "µs", higher_is_better=False,
                                 n_gen=n_steps, n_depth=n_depth), run)

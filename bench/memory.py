@@ -93,6 +93,7 @@ def state_bytes(bundle, depth: int) -> int:
 def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
     """One peak-RSS case per (bundle, threads, depth); each repetition is a fresh process."""
     from itera_runtime.bundle import BundleError
+    from itera_runtime.session import thread_settings
 
     from .record import Record
     from .sweep import Case, Sample, bundle_fields
@@ -119,6 +120,7 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
 
                 rec = Record(kind="memory", test=f"tg{n_gen}@d{d}", metric="peak_rss_bytes", unit="B",
                              higher_is_better=False, n_gen=n_gen, n_depth=d, n_threads=t,
+                             ort_settings=thread_settings(t),
                              method="VmHWM of a fresh process that loads the bundle, prefills n_depth "
                                     "tokens and generates n_gen",
                              extra={"model_bytes": b.size_bytes, "state_kind": b.state_kind,

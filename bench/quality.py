@@ -18,6 +18,11 @@ chunks of `window` with the state carried, so every token sees everything before
 cache cannot grow past the model's context, so KV bundles keep the window rule; the record
 says which rule each bundle got (`extra.context`).
 
+Retrieval: a bundle that carries a kNN datastore is scored twice in the same run, the model
+alone and mixed with retrieval (`itera_runtime.retrieval`), rows told apart by `test`
+("...+knn"), `method` and `extra.retrieval` (settings, entries, datastore bytes, measured
+search + mix µs per scored position).
+
 Bits per byte = total nats / ln 2 / UTF-8 bytes of the scored tokens
 (`token_byte_lengths`, the same definition as training's), so models with different
 tokenizers are compared on the same text.
@@ -35,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from itera_runtime.bundle import Bundle
+from itera_runtime.retrieval import open_retriever
 from itera_runtime.scoring import nll_nats
 from itera_runtime.session import PREFILL_CHUNK, ModelSession
 
@@ -119,8 +125,13 @@ def load_text(data: str, split: str | None):
 
 
 def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stride: int,
-                    carry_state: bool = False, max_tokens: int | None = None) -> tuple[Score, dict]:
-    """Score one bundle on the documents; (score, details for the record's extra)."""
+                    carry_state: bool = False, max_tokens: int | None = None,
+                    retrieval: dict | None = None) -> tuple[Score, dict]:
+    """Score one bundle on the documents; (score, details for the record's extra).
+
+    retrieval: mix in the bundle's datastore, with these overrides of its settings
+    ({"k", "lam", "temperature"}, None values keep the datastore's own).
+    """
     from itera_lite.data import encode_documents
     from itera_runtime.textstream import token_byte_lengths
 
@@ -131,7 +142,8 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
     if len(ids) < 2:
         raise ValueError("the text has fewer than 2 tokens: nothing to predict")
     byte_len = token_byte_lengths(tokenizer)
-    session = ModelSession(bundle, threads=threads)
+    retriever = open_retriever(bundle, **retrieval) if retrieval is not None else None
+    session = ModelSession(bundle, threads=threads, retriever=retriever)
     carried = carry_state and bundle.state_kind == "ssm"
     start = time.perf_counter_ns()
     if carried:
@@ -140,15 +152,27 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
         score = score_windows(session, ids, byte_len, window, stride)
     ns = time.perf_counter_ns() - start
     context = "carried" if carried else f"window {window}, stride {stride}"
-    return score, {"context": context, "window": window, "stride": None if carried else stride,
-                   "n_tokens": score.n_tokens, "n_bytes": score.n_bytes, "eval_ns": ns,
-                   "text_tokens_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest()}
+    extra = {"context": context, "window": window, "stride": None if carried else stride,
+             "n_tokens": score.n_tokens, "n_bytes": score.n_bytes, "eval_ns": ns,
+             "text_tokens_sha256": hashlib.sha256(ids.astype("<i8").tobytes()).hexdigest(), "retrieval": None}
+    if retriever is not None:
+        spec, mix = bundle.manifest.retrieval, retriever.settings
+        extra["retrieval"] = {
+            "k": mix.k, "lambda": mix.lam, "temperature": mix.temperature, "metric": spec.metric,
+            "n_entries": spec.n_entries, "key_dtype": spec.key_dtype,
+            "datastore_bytes": sum(bundle.manifest.files[f].bytes for f in (spec.keys, spec.values)),
+            "us_per_position": retriever.us_per_position, "positions": retriever.positions}
+    return score, extra
 
 
 def quality_records(bundles: list[Bundle], threads: int | None, data: str, split: str | None,
                     window: int, stride: int | None, carry_state: bool, max_tokens: int | None,
-                    reference: str | None) -> list[Record]:
-    """bits_per_byte, loss and perplexity rows per bundle; change vs the reference bundle."""
+                    reference: str | None, retrieval: dict | None = None) -> list[Record]:
+    """bits_per_byte, loss and perplexity rows per bundle; change vs the reference bundle.
+
+    retrieval: settings overrides for bundles with a datastore, each then also scored with
+    retrieval mixed in (None: every bundle scored as its model alone).
+    """
     from tqdm import tqdm
 
     stride = stride or max(1, window // 2)
@@ -158,16 +182,24 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
     docs, split = load_text(data, split)
     records: list[Record] = []
     scores: dict[str, Score] = {}
-    for b in tqdm(bundles, desc="quality", file=sys.stderr, leave=False):
-        score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens)
-        scores[str(b.path)] = score
+    runs = [(b, None) for b in bundles]
+    if retrieval is not None:
+        runs += [(b, retrieval) for b in bundles if b.manifest.retrieval is not None]
+    for b, mix in tqdm(runs, desc="quality", file=sys.stderr, leave=False):
+        score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens, mix)
+        if mix is None:
+            scores[str(b.path)] = score
         extra = {"data": data, "split": split, **extra}
+        r = extra["retrieval"]
+        method = "onnxruntime prefill graph, " + extra["context"] + (
+            "" if r is None else f", kNN-LM retrieval over {r['n_entries']:,} entries "
+                                 f"(k={r['k']}, lambda={r['lambda']:g}, temperature={r['temperature']:.3g}, {r['metric']})")
         for metric, unit in METRICS:
-            records.append(Record(kind="quality", test=f"{os.path.basename(str(data))}:{split}", metric=metric,
+            records.append(Record(kind="quality", test=f"{os.path.basename(str(data))}:{split}" + ("" if r is None else "+knn"),
+                                  metric=metric,
                                   unit=unit, samples=[getattr(score, metric)], higher_is_better=False,
                                   n_threads=threads, repetitions=1, warmup=False, samples_ns=[extra["eval_ns"]],
-                                  method="onnxruntime prefill graph, " + extra["context"],
-                                  extra=dict(extra), **bundle_fields(b)))
+                                  method=method, extra=dict(extra), **bundle_fields(b)))
     if reference is not None:
         ref = next((s for p, s in scores.items() if os.path.normpath(p) == os.path.normpath(reference)), None)
         for r in records:

@@ -50,6 +50,7 @@ class Record:
     n_gen: int = 0
     n_depth: int = 0
     n_threads: int | None = None
+    ort_settings: dict[str, Any] = field(default_factory=dict)  # onnxruntime thread-pool settings that ran
     repetitions: int = 0
     warmup: bool = True
     samples_ns: list[int] = field(default_factory=list)  # wall time of each timed repetition
@@ -129,7 +130,7 @@ class Record:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(Record)]
-_NESTED = {"samples", "samples_ns", "extra", "provenance"}
+_NESTED = {"samples", "samples_ns", "extra", "provenance", "ort_settings"}
 CSV_COLUMNS = [f for f in _FIELDS if f != "provenance"] + list(Record.STATS) + ["provenance"]
 
 

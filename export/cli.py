@@ -21,14 +21,18 @@ from .quantize import SCHEMES
 @click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
               help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
                    "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
-                   "runs fused where it can")
+                   "runs fused where it can. Baseline: fused = GroupQueryAttention over a KV buffer, "
+                   "none = optimum's standard-op graph")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
               help="onnx: a bundle folder; gguf: one file for llama.cpp (baseline only, f32/q8_0/q4_0)")
+@click.option("--retrieval", type=click.Path(file_okay=False, path_type=str), default=None,
+              help="ship this kNN datastore (from `itera-train retrieval-index`) in the bundle; "
+                   "itera-run and itera-bench quality then mix its next-token distribution in")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, force, as_json):
+def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, retrieval, force, as_json):
     """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
     from itera_lite.checkpoint import CheckpointError
     from itera_runtime.bundle import BundleError
@@ -37,6 +41,9 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, fo
     from .gguf import GgufError, export_gguf
 
     if fmt == "gguf":
+        if retrieval:
+            click.echo("error: --retrieval applies to ONNX bundles", err=True)
+            sys.exit(1)
         if quant_options:
             click.echo("error: --quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize",
                        err=True)
@@ -57,6 +64,7 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, fo
     try:
         path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, lower=lower, force=force,
                                            validate_text=validate_text, quant_options=quant_options,
+                                           retrieval=retrieval,
                                            log=lambda m: click.echo(f"· {m}", err=True))
     except (ExportError, CheckpointError, BundleError) as e:
         click.echo("error: " + " ".join(str(e).split()), err=True)
@@ -74,6 +82,11 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, fo
     click.echo(f"validation vs torch on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
                f"decode top-1 agreement {v.decode_top1_agreement:.1%}, "
                f"bits/byte {v.bits_per_byte:.4f} (torch {v.bits_per_byte_torch:.4f})")
+    r = manifest.retrieval
+    if r is not None:
+        click.echo(f"retrieval datastore: {r.n_entries:,} entries × {r.dim} ({r.key_dtype}), "
+                   f"{sum(f.bytes for n, f in manifest.files.items() if n in (r.keys, r.values)) / 1e6:.2f} MB; "
+                   f"defaults k={r.k}, lambda={r.lam:g}, temperature={r.temperature:.3g}, {r.metric} (tuned on val)")
     speed = manifest.quantization.decode_vs_fp32
     if speed:
         click.echo(f"decode {speed['tokens_per_s']:.0f} tokens/s vs fp32 {speed['fp32_tokens_per_s']:.0f} "

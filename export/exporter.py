@@ -5,6 +5,9 @@ Everything is written into a hidden temp folder beside the destination that is p
 half of one) behind, and `--force` only ever replaces a bundle of ours. A quantized export
 keeps the fp32 graphs in a second temp folder just long enough to time a short decode of both
 (`decode_speed_check`): a quantized bundle slower than its source is said, never silent.
+With `retrieval=DIR` (a datastore from `itera-train retrieval-index`, checked to come from this
+checkpoint's weights and tokenizer) the graphs also output the hidden state and the datastore
+is copied into the bundle under `retrieval/`, hashed like every other file.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import shutil
 import warnings
 from pathlib import Path
 
-from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, write_manifest
+from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, Retrieval, write_manifest
 from itera_runtime.requires import installed_version, requires_for
 
 from .graphfile import check_graph, graph_functions, graph_ops, graph_spec
@@ -75,10 +78,12 @@ def _tokenizer_json(ckpt: dict, checkpoint: Path) -> str:
 
 
 def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
-                      validate_text=None, log=lambda msg: None, quant_options=()) -> tuple[Path, Manifest]:
+                      validate_text=None, log=lambda msg: None, quant_options=(),
+                      retrieval=None) -> tuple[Path, Manifest]:
     """Export a checkpoint of either family to a validated bundle; returns (folder, manifest).
 
     quant_options: `KEY=VALUE` changes to the scheme's settings (`quantize.parse_options`).
+    retrieval: a datastore folder to ship in the bundle (Itera-Lite only).
     """
     from itera_lite.checkpoint import load_model
 
@@ -99,6 +104,7 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
     checkpoint = Path(checkpoint)
     model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
     tokenizer_json = _tokenizer_json(ckpt, checkpoint)
+    datastore = _datastore(retrieval, model, tokenizer_json) if retrieval is not None else None
     try:
         tokens, source = held_out_tokens(ckpt, VALIDATION_TOKENS, validate_text)
     except ValidationTextError as e:
@@ -118,7 +124,8 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         _remove(tmp)
         raise ExportError(_os_error(e, out)) from None
     try:
-        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides)
+        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides,
+                          datastore)
         tolerance = FP32_TOLERANCE if quantize == "none" else None
         for set_name in manifest.graph_sets():
             log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
@@ -197,8 +204,22 @@ def _os_error(e: OSError, out: Path) -> str:
     return f"{where}: {cause}; nothing written to {out}"
 
 
+def _datastore(folder, model, tokenizer_json: str) -> tuple[dict, Path, Path]:
+    """A datastore folder checked to fit this model: (meta, keys path, values path)."""
+    from itera_lite.retrieval import DatastoreError, check_fits, read_datastore
+
+    if model.config.family != "itera":
+        raise ExportError(f"--retrieval is for Itera-Lite bundles, not {model.config.family}")
+    try:
+        meta, keys, values = read_datastore(folder)
+        check_fits(meta, model, tokenizer_json, str(folder))
+    except DatastoreError as e:
+        raise ExportError(str(e)) from None
+    return meta, keys, values
+
+
 def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, lower: str,
-           log, ref: Path | None = None, overrides: dict | None = None) -> Manifest:
+           log, ref: Path | None = None, overrides: dict | None = None, datastore=None) -> Manifest:
     """Graphs, tokenizer and manifest into `tmp`; with a quantization, the fp32 bundle into `ref` too."""
     family = model.config.family
     log(f"exporting {family} graphs")
@@ -216,13 +237,22 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
                 # so the bundle is fast where it can be and runs on any onnxruntime >= the
                 # portable floor.
                 lower = "dual" if fused_ops_available() else "none"
-            parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower)
+            hidden = datastore is not None  # the kNN query is an extra output only where it is used
+            parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower, hidden=hidden)
             if lower == "dual":
-                alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True)
+                alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True,
+                                          hidden=hidden)
         else:
-            from .baseline import export_baseline_graphs
+            from .baseline import export_baseline_graphs, group_query_attention_runs_here
 
-            parts = export_baseline_graphs(model, tmp)
+            if lower == "dual":
+                raise ExportError("--lower dual is for Itera-Lite bundles; a baseline bundle carries one graph "
+                                  "set: --lower fused (GroupQueryAttention) or none (standard ops)")
+            if lower == "auto":
+                # The KV buffer graph decodes in nearly flat time in depth (tiny: see README's
+                # speed table); standard ops only where this onnxruntime cannot validate it.
+                lower = "fused" if group_query_attention_runs_here() else "none"
+            parts = export_baseline_graphs(model, tmp, kv="buffer" if lower == "fused" else "concat")
     sets = {_set_name(family, parts.ssm_path): parts.graphs}
     if alt is not None:
         sets["portable"] = alt.graphs
@@ -249,14 +279,16 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
         if alt is not None:
             _share_quantized_experts(tmp, sets[next(iter(sets))], sets["portable"])
             checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets["portable"].values()})
-    return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, sets, graph_files, checks, records)
+    return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, sets, graph_files, checks, records, datastore)
 
 
 def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, parts, sets: dict,
-            graph_files: list[str], checks: dict, records: list[Quantization]) -> Manifest:
+            graph_files: list[str], checks: dict, records: list[Quantization], datastore=None) -> Manifest:
     """Share the graphs' weights, write the tokenizer and the manifest of the bundle in `tmp`."""
+    from itera_lite.checkpoint import weights_sha256
     from itera_lite.models import count_params
     from itera_runtime.provenance import provenance
+    from itera_runtime.retrieval import DATASTORE_DIR, KEYS_FILE, VALUES_FILE
 
     family = model.config.family
     weights = None
@@ -266,6 +298,15 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
         weights = share_weights(tmp, graph_files)  # one copy of the weights for all graphs
     (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
     prov = provenance()
+    retrieval = None
+    if datastore is not None:
+        meta, keys, values = datastore
+        (tmp / DATASTORE_DIR).mkdir(exist_ok=True)
+        shutil.copyfile(keys, tmp / KEYS_FILE)
+        shutil.copyfile(values, tmp / VALUES_FILE)
+        retrieval = Retrieval(KEYS_FILE, VALUES_FILE, meta["n_entries"], meta["dim"], meta["key_dtype"],
+                              meta["metric"], meta["k"], meta["lambda"], meta["temperature"],
+                              meta["tokenizer_sha256"], meta["model_sha256"], meta.get("source", {}))
     # Re-read from the files: quantization and weight sharing rewrote them.
     specs = {s: {name: graph_spec(tmp / g.file) for name, g in graphs.items()} for s, graphs in sets.items()}
     main, *alts = specs
@@ -286,10 +327,12 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
         quantization=_combine(records),
         graph_checks=checks,
         shared_weights=weights,
+        retrieval=retrieval,
         versions=prov["versions"],
         created=prov["created"],
         source_checkpoint={"path": str(checkpoint), "step": ckpt.get("step"),
-                           "metrics": (ckpt.get("metrics") or {}).get("val")},
+                           "metrics": (ckpt.get("metrics") or {}).get("val"),
+                           "model_sha256": weights_sha256(model)},
     )
     write_manifest(tmp, manifest)
     return manifest

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
@@ -80,6 +81,17 @@ def materialize_transposed_weights(model) -> int:
     return done
 
 
+def symbolic_dims(model: onnx.ModelProto) -> dict[str, list]:
+    """Every value's shape from onnx shape inference: ints, symbolic names ("batch") or None.
+
+    The passes below compare dims across values with it (a symbolic dim equals another only
+    by name)."""
+    g = onnx.shape_inference.infer_shapes(model).graph
+    return {v.name: [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                     for d in v.type.tensor_type.shape.dim]
+            for v in list(g.value_info) + list(g.input) + list(g.output)}
+
+
 def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int] | None:
     for init in model.graph.initializer:
         if init.name == name:
@@ -90,15 +102,21 @@ def _const_ints(model: onnx.ModelProto, name: str, producers: dict) -> list[int]
     return None
 
 
-def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
-    """Reshape(Reshape(a, s1), s2) → Reshape(a, s2): the lowering's packing Reshapes often
-    follow the model's own, and ORT (1.32) leaves such chains in place, at ~0.3 µs a node."""
+_RESHAPING = ("Reshape", "Unsqueeze", "Squeeze", "Flatten")
+
+
+def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Reshape(R(a), s2) → Reshape(a, s2) where R is a Reshape, Unsqueeze, Squeeze or Flatten:
+    the lowering's packing Reshapes often follow the model's own, and ORT (1.32) leaves such
+    chains in place, at ~0.3 µs a node. Returns how many Reshapes now skip their source."""
     producers = {o: n for n in model.graph.node for o in n.output}
+    done = 0
     for n in model.graph.node:
         src = producers.get(n.input[0]) if n.op_type == "Reshape" else None
-        if src is None or src.op_type != "Reshape" or src.domain not in ("", "ai.onnx"):
+        if src is None or src.op_type not in _RESHAPING or src.domain not in ("", "ai.onnx"):
             continue
-        s1, s2 = _const_ints(model, src.input[1], producers), _const_ints(model, n.input[1], producers)
+        s2 = _const_ints(model, n.input[1], producers)
+        s1 = _const_ints(model, src.input[1], producers) if src.op_type == "Reshape" else []
         if s1 is None or s2 is None:
             continue
         if 0 in s1 and any(a.name == "allowzero" and a.i for a in src.attribute):
@@ -116,6 +134,112 @@ def collapse_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> None:
         if any(v == 0 and not same(i) for i, v in enumerate(s2)):
             continue
         n.input[0] = src.input[0]
+        done += 1
+    return done
+
+
+def unit_gathers_to_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Gather(x, scalar index) on an axis of static size 1 → Reshape that drops the axis.
+
+    A one-token graph selects its only position with such Gathers (`x[:, 0]`); as a Reshape
+    it aliases its input and `collapse_reshapes` can fold it into the Reshape before it.
+    dims: shapes from shape inference (ints, symbolic names or None). Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    done = 0
+    for k, n in enumerate(list(g.node)):
+        if n.op_type != "Gather" or n.domain not in ("", "ai.onnx"):
+            continue
+        index = next((i for i in g.initializer if i.name == n.input[1]), None)
+        if index is None:
+            c = producers.get(n.input[1])
+            index = c.attribute[0].t if c is not None and c.op_type == "Constant" and c.attribute else None
+        if index is None or list(index.dims) != [] or numpy_helper.to_array(index).item() not in (0, -1):
+            continue
+        shape = dims.get(n.input[0])
+        axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+        if not shape:
+            continue
+        axis %= len(shape)
+        # Dims before the axis are copied (0); those after it must be known numbers.
+        if shape[axis] != 1 or any(not isinstance(d, int) for d in shape[axis + 1:]):
+            continue
+        target = [0] * axis + list(shape[axis + 1:])
+        if 0 in shape[axis + 1:]:
+            continue  # a zero-size dim would read as "copy" in Reshape
+        name = f"{n.name or n.output[0]}_shape"
+        g.initializer.append(numpy_helper.from_array(np.array(target, dtype=np.int64), name))
+        pos = list(g.node).index(n)
+        g.node.remove(n)
+        g.node.insert(pos, helper.make_node("Reshape", [n.input[0], name], list(n.output), name=n.name + "_reshape"))
+        done += 1
+    return done
+
+
+def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Drop Reshapes whose output has the input's shape (`view(-1, C)` of a (B, C) tensor):
+    onnxruntime keeps them when B is symbolic. dims: shapes from shape inference; a Reshape is
+    an identity when both shapes are known and equal (numbers, or the same symbolic name), or
+    when its target is (-1 or 0, d1, d2, ...) and the input is (?, d1, d2, ...). Returns how many."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    producers = {o: n for n in g.node for o in n.output}
+    rename: dict[str, str] = {}
+    keep = []
+
+    def identity(n) -> bool:
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
+            return False
+        a, b = dims.get(n.input[0]), dims.get(n.output[0])
+        if a and a == b and None not in a and not any(str(d).startswith("unk__") for d in a):
+            return True
+        target = _const_ints(model, n.input[1], producers)
+        return bool(a and target and len(target) == len(a) and target[0] in (-1, 0) and 0 not in target[1:]
+                    and all(isinstance(d, int) and d == t for d, t in zip(a[1:], target[1:])))
+
+    for n in g.node:
+        for k, v in enumerate(n.input):
+            n.input[k] = rename.get(v, v)
+        if identity(n):
+            rename[n.output[0]] = n.input[0]
+        else:
+            keep.append(n)
+    dropped = len(g.node) - len(keep)
+    del g.node[:]
+    g.node.extend(keep)
+    return dropped
+
+
+def plain_softplus(model: onnx.ModelProto, min_threshold: float = 15.0) -> int:
+    """Where(x > T, x, Softplus(x)) → Softplus(x): torch's `softplus(x, threshold=T)` as exported.
+
+    onnxruntime's Softplus is overflow-safe (softplus(1000) = 1000), and for x > T ≥ 15 it
+    differs from x by log1p(exp(-x)) < 3.1e-7, below float32 resolution at that size, so the
+    Greater and Where are two nodes a token for nothing. Only thresholds ≥ min_threshold with
+    beta 1 (Greater on x itself) are rewritten. Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    inits = {i.name: i for i in g.initializer}
+    outputs = {o.name for o in g.output}
+    rename: dict[str, str] = {}
+    for n in g.node:
+        if n.op_type != "Where" or n.domain not in ("", "ai.onnx") or n.output[0] in outputs:
+            continue
+        cond, x, other = (producers.get(v) for v in n.input)
+        if (cond is None or other is None or cond.op_type != "Greater" or other.op_type != "Softplus"
+                or cond.input[0] != n.input[1] or other.input[0] != n.input[1]):
+            continue
+        t = inits.get(cond.input[1])
+        if t is None or numpy_helper.to_array(t).size != 1 or float(numpy_helper.to_array(t).item()) < min_threshold:
+            continue
+        rename[n.output[0]] = other.output[0]
+    for n in g.node:
+        for k, v in enumerate(n.input):
+            n.input[k] = rename.get(v, v)
+    _drop_dead_nodes(model)
+    return len(rename)
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:

@@ -2,14 +2,15 @@
 
 Both graphs take and return the per-layer state explicitly (`past.{i}.conv`, `past.{i}.ssm`
 → `present.{i}.conv`, `present.{i}.ssm`), so a runtime can prefill a prompt and continue
-token by token. The model's custom torch ops become `ai.itera` nodes whose decompositions
+token by token. With `hidden=True` (bundles that carry a retrieval datastore) both graphs also
+output `hidden`, the final-norm output that feeds the tied head: the runtime's kNN query.
+The model's custom torch ops become `ai.itera` nodes whose decompositions
 ship inside each model as functions (`onnx_functions.py`); `lower.py` optionally rewrites
 them to onnxruntime's fused contrib kernels.
 """
 
 from __future__ import annotations
 
-import hashlib
 import warnings
 from pathlib import Path
 
@@ -17,10 +18,11 @@ import onnx
 import torch
 from torch import nn
 
+from itera_lite.checkpoint import weights_sha256
 from itera_runtime.bundle import IoNames, StateSpec, StateTensor
 
 from . import lower as lowering
-from .graph_passes import name_nodes_by_layer
+from .graph_passes import name_nodes_by_layer, plain_softplus, prune
 from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 
@@ -30,40 +32,44 @@ STATE_KINDS = ("conv", "ssm")
 class _Prefill(nn.Module):
     """model.forward with the state list flattened into positional tensors."""
 
-    def __init__(self, model):
+    def __init__(self, model, hidden: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.hidden = model, hidden
 
     def forward(self, input_ids, *past):
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         out = self.model(input_ids, state)
-        return (out.logits, *[t for layer in out.state for t in layer])
+        return (out.logits, *[t for layer in out.state for t in layer], *([out.hidden] if self.hidden else []))
 
 
 class _Decode(nn.Module):
     """model.step on a (batch, 1) token, returning (batch, 1, vocab) logits."""
 
-    def __init__(self, model):
+    def __init__(self, model, hidden: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.hidden = model, hidden
 
     def forward(self, input_ids, *past):
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, new_state = self.model.step(input_ids.reshape(-1), state)
-        return (logits[:, None], *[t for layer in new_state for t in layer])
+        logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True)
+        return (logits[:, None], *[t for layer in new_state for t in layer], *([hidden[:, None]] if self.hidden else []))
 
 
-def _io_names(n_layers: int) -> tuple[list[str], list[str]]:
+HIDDEN = "hidden"
+
+
+def _io_names(n_layers: int, hidden: bool = False) -> tuple[list[str], list[str]]:
     past = [f"past.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
     present = [f"present.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
-    return ["input_ids", *past], ["logits", *present]
+    return ["input_ids", *past], ["logits", *present, *([HIDDEN] if hidden else [])]
 
 
-def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int) -> onnx.ModelProto:
+def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int,
+           hidden: bool = False) -> onnx.ModelProto:
     batch = torch.export.Dim("batch")
     dyn_tokens = {k: (batch if v == "batch" else torch.export.Dim(v)) for k, v in dynamic_tokens.items()}
     flat = [t for layer in state for t in layer]
-    names_in, names_out = _io_names(len(state))
+    names_in, names_out = _io_names(len(state), hidden)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
@@ -87,31 +93,27 @@ def _attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto
 _TRACED: dict[tuple, dict[str, bytes]] = {}
 
 
-def _fingerprint(model, opset: int) -> tuple:
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return (type(model).__qualname__, repr(model.config), opset, h.hexdigest())
+def _fingerprint(model, opset: int, hidden: bool) -> tuple:
+    return (type(model).__qualname__, repr(model.config), opset, hidden, weights_sha256(model))
 
 
-def _function_graphs(model, opset: int) -> dict[str, bytes]:
+def _function_graphs(model, opset: int, hidden: bool = False) -> dict[str, bytes]:
     """Serialized function-path prefill and decode graphs.
 
     Tracing takes tens of seconds, so the last result is kept per (weights, config, opset):
     exporting one model both ways (as the bench and tests do) traces it once.
     """
-    key = _fingerprint(model, opset)
+    key = _fingerprint(model, opset, hidden)
     if key not in _TRACED:
         was_training = model.training
         model.eval()
         try:
             state = model.allocate_state(2)
             with torch.no_grad():
-                prefill = _trace(_Prefill(model), torch.zeros(2, 7, dtype=torch.long), state,
-                                 {0: "batch", 1: "seq"}, opset)
-                decode = _trace(_Decode(model), torch.zeros(2, 1, dtype=torch.long), state,
-                                {0: "batch"}, opset)
+                prefill = _trace(_Prefill(model, hidden), torch.zeros(2, 7, dtype=torch.long), state,
+                                 {0: "batch", 1: "seq"}, opset, hidden)
+                decode = _trace(_Decode(model, hidden), torch.zeros(2, 1, dtype=torch.long), state,
+                                {0: "batch"}, opset, hidden)
         finally:
             model.train(was_training)
         functions = itera_functions(model.config, opset)
@@ -127,7 +129,7 @@ def _custom_domains(models) -> dict[str, int]:
 
 
 def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18,
-                        suffix: str = "", fused_weights: bool = False) -> ExportedGraphs:
+                        suffix: str = "", fused_weights: bool = False, hidden: bool = False) -> ExportedGraphs:
     """Write prefill{suffix}.onnx and decode{suffix}.onnx for an IteraLite into out_dir; return what was written.
 
     lower: "none" keeps the ai.itera function path, "fused" rewrites to onnxruntime's contrib
@@ -135,6 +137,7 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
     `itera-bench step` times both).
     fused_weights: a portable ("none") graph reads its expert weights in the fused layout, so
     it shares them with fused graphs in one weights file (dual bundles).
+    hidden: also output the head's input (`hidden`), for bundles with a retrieval datastore.
     """
     if lower not in ("auto", "none", "fused"):
         raise ValueError(f"lower must be 'auto', 'none' or 'fused', not {lower!r}")
@@ -143,12 +146,14 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset).items()}
+    graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset, hidden).items()}
     for m in graphs.values():
         if lower == "fused":
             lowering.lower_to_fused(m)
         elif fused_weights:
             lowering.read_fused_moe_weights(m)
+        plain_softplus(m)  # the dt softplus: 2 nodes a layer fewer (bench/PROFILE.md)
+        prune(m)
         name_nodes_by_layer(m)
 
     specs, nodes = {}, {}
@@ -163,7 +168,7 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
                for kind, shape in zip(STATE_KINDS, (conv_shape, ssm_shape))]
     return ExportedGraphs(
         graphs=specs,
-        io=IoNames(input_ids="input_ids", logits="logits"),
+        io=IoNames(input_ids="input_ids", logits="logits", hidden=HIDDEN if hidden else None),
         state=StateSpec("ssm", tensors),
         opset=opset,
         ssm_path="lowered" if lower == "fused" else "function",

@@ -3,7 +3,8 @@
 A graph pass over an exported model (function path in, fused path out):
 
     SelectiveScan / SsmStep → LinearAttention (update_rule="gated") + packing Reshapes/Muls
-    CausalConv1d            → CausalConvWithState (activation="silu", channels_last=1)
+    CausalConv1d            → CausalConvWithState (activation="silu"; channels-last, or
+                              channels-first for one token)
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
 
 Functions no node calls any more are dropped. The mapping of the Mamba-2 recurrence onto
@@ -17,7 +18,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_passes import collapse_reshapes, prune
+from .graph_passes import (collapse_reshapes, drop_identity_reshapes, prune, symbolic_dims,
+                           unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
@@ -42,19 +44,12 @@ class _Rewriter:
     def __init__(self, model: onnx.ModelProto):
         self.model = model
         self.inits = {i.name: i for i in model.graph.initializer}
-        inferred = onnx.shape_inference.infer_shapes(model)
-        g = inferred.graph
-        self.shapes = {}
-        for v in list(g.value_info) + list(g.input) + list(g.output):
-            self.shapes[v.name] = [d.dim_value if d.HasField("dim_value") else None
-                                   for d in v.type.tensor_type.shape.dim]
-        for i in g.initializer:
+        # Dims with symbolic names kept ("batch"), for comparing dynamic dims across values;
+        # `shapes` has numbers only (None for anything dynamic).
+        self.sym = symbolic_dims(model)
+        self.shapes = {k: [d if isinstance(d, int) else None for d in v] for k, v in self.sym.items()}
+        for i in model.graph.initializer:
             self.shapes[i.name] = list(i.dims)
-        # Dims with symbolic names kept ("batch"), for comparing dynamic dims across values.
-        self.sym = {}
-        for v in list(g.value_info) + list(g.input) + list(g.output):
-            self.sym[v.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                                for d in v.type.tensor_type.shape.dim]
         self.names = {n.name for n in model.graph.node} | {v for n in model.graph.node for v in n.output}
         self.counter = 0
         self.memo: dict[str, str] = {}
@@ -162,10 +157,23 @@ class _Rewriter:
         Cc, K = self.dims(weight, 2)
         if weight not in self.inits:
             raise ValueError(f"{n.name}: conv weight {weight!r} must be an initializer to lower")
+        w3 = self.derived(weight + ".kernel", lambda: numpy_helper.to_array(self.inits[weight]).reshape(Cc, 1, K))
+        if self.shapes.get(x, [None, None])[1:2] == [1]:
+            # One token (decode): (B, 1, Cc) and (B, Cc, 1) are the same bytes, so the kernel
+            # runs channels-first on the model's own (B, Cc, K-1) state through two free
+            # Reshapes, instead of two Transposes of the state, which onnxruntime hands to
+            # its thread pool (a wake-up each, for 3·Cc values) at 2 threads.
+            r_in, (x_cf,) = self.node("Reshape", [x, self.ints(0, Cc, 1)])
+            y_cf = self.fresh("conv_cf")
+            cc, _ = self.node(
+                "CausalConvWithState", [x_cf, w3, bias, conv_state], domain=MS,
+                outputs=[y_cf, new_state], activation="silu", channels_last=0,
+            )
+            r_out, _ = self.node("Reshape", [y_cf, self.ints(0, 1, Cc)], outputs=[y])
+            return [r_in, cc, r_out]
         # Kernel layout (Cc, 1, K). channels_last=1 keeps the activations (B, L, Cc) as the
         # model has them; the carried state is (B, K-1, Cc) in that layout, so the model's
         # (B, Cc, K-1) state is transposed in and out (3·Cc values, cheaper than L·Cc).
-        w3 = self.derived(weight + ".kernel", lambda: numpy_helper.to_array(self.inits[weight]).reshape(Cc, 1, K))
         t_in, (state_cl,) = self.node("Transpose", [conv_state], perm=[0, 2, 1])
         present_cl = self.fresh("present_conv_cl")
         cc, _ = self.node(
@@ -250,6 +258,9 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
+    # Fewer nodes for onnxruntime to dispatch (~0.3 µs each; counted in bench/PROFILE.md).
+    unit_gathers_to_reshapes(model, rw.sym)
     collapse_reshapes(model, rw.sym)
+    drop_identity_reshapes(model, rw.sym)
     prune(model)
     return model

@@ -12,7 +12,8 @@ only (`pip install --no-deps`), and tries to create a CPU session on:
   IR version, opset, model-local functions).
 Session creation is the test because onnxruntime resolves kernels (and checks their
 attributes) there: "not a registered function/op" and "could not find an implementation"
-both fail it. It prints each op's first version and whether the table agrees, and exits 1
+both fail it. A baseline bundle's KV-buffer graph is also run (NUMERIC_SCRIPT) and its logits
+compared with the installed onnxruntime's; its set's row counts that run too. It prints each op's first version and whether the table agrees, and exits 1
 when it does not. Needs network (pip) and minutes; the slow+network test runs a subset.
 """
 
@@ -30,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from itera_runtime.bundle import load_bundle
-from itera_runtime.requires import FIRST_VERSION, op_key, parse_version
+from itera_runtime.requires import FIRST_VERSION, SESSIONS_FROM, op_key, parse_version
 
 from .graphfile import graph_functions, graph_ops
 
@@ -47,6 +48,33 @@ for path in sys.argv[1:]:
         out["results"][path] = (lines[0] if lines else type(e).__name__)[:300]
 print(json.dumps(out))
 """
+
+# A baseline graph over a KV buffer, run the way the runtime runs it (buffers bound as past and
+# present; two prompt chunks, the second after the first, then single tokens): its logits,
+# saved for comparison with the installed onnxruntime's. Session creation is not enough here:
+# GroupQueryAttention made sessions on releases that computed the second chunk wrong.
+NUMERIC_SCRIPT = r"""
+import json, sys, numpy as np, onnxruntime as ort
+path, out, io = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+sess = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+shapes = {i.name: [1 if not isinstance(d, int) else d for d in i.shape] for i in sess.get_inputs()}
+values = [ort.OrtValue.ortvalue_from_numpy(np.zeros(shapes[i], np.float32)) for i, _ in io["state"]]
+ids = np.random.default_rng(0).integers(0, 256, 16)  # byte-level: every vocab has 256 ids
+pos, logits = 0, []
+for chunk in (ids[:5], ids[5:12], *(ids[i:i + 1] for i in range(12, 16))):
+    b = sess.io_binding()
+    b.bind_cpu_input(io["input_ids"], chunk[None].astype(np.int64))
+    b.bind_cpu_input(io["attention_mask"], np.ones((1, pos + len(chunk)), np.int64))
+    b.bind_output(io["logits"], "cpu")
+    for (i, o), v in zip(io["state"], values):
+        b.bind_ortvalue_input(i, v)
+        b.bind_ortvalue_output(o, v)
+    sess.run_with_iobinding(b)
+    logits.append(b.get_outputs()[0].numpy()[0])
+    pos += len(chunk)
+np.save(out, np.concatenate(logits))
+"""
+NUMERIC_TOLERANCE = 1e-4
 
 PROBE_IR_VERSION = 8  # loadable by every onnxruntime we probe, so only the op is tested
 PROBE_OPSET = 13
@@ -186,6 +214,15 @@ def run_probe(python: Path, paths: list[Path]) -> dict:
     return json.loads(proc.stdout)
 
 
+def run_numeric(python: Path, path: Path, io: dict, out: Path) -> np.ndarray | str:
+    """A KV-buffer graph's logits under that python's onnxruntime, or the first error line."""
+    proc = subprocess.run([str(python), "-c", NUMERIC_SCRIPT, str(path), str(out), json.dumps(io)],
+                          capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    return np.load(out)
+
+
 def first_versions(results: dict[str, dict[str, str]], versions: list[str]) -> dict[str, str | None]:
     """Per probe, the oldest version from which every newer probed version created the session."""
     out = {}
@@ -220,11 +257,17 @@ def main(bundles, versions, venvs, as_json):
         probes = dict(extra_probes())
         whole: dict[str, Path] = {}
         claimed: dict[str, str | None] = {}  # bundle:set → the onnxruntime its manifest requires
+        numeric: dict[str, tuple[Path, dict]] = {}  # bundle:set:numeric → KV-buffer graph and its io names
         for b in bundles:
             bundle = load_bundle(b)
             for set_name, graphs in bundle.manifest.graph_sets().items():
                 req = bundle.manifest.set_requires()[set_name]
                 claimed[f"{b.name}:{set_name}"] = req.onnxruntime if req else None
+                if bundle.manifest.state.kind == "kv_buffer":
+                    m = bundle.manifest
+                    numeric[f"{b.name}:{set_name}:numeric"] = (bundle.path / graphs["prefill"].file, {
+                        "input_ids": m.io.input_ids, "attention_mask": m.io.attention_mask, "logits": m.io.logits,
+                        "state": [[t.input, t.output] for t in m.state.tensors]})
                 for gname, spec in graphs.items():
                     path = bundle.path / spec.file
                     whole[f"{b.name}:{set_name}:{gname}"] = path
@@ -236,12 +279,23 @@ def main(bundles, versions, venvs, as_json):
             onnx.save_model(model, str(path))
             paths[key] = path
         wanted = versions.split(",") if versions else [v for v in index_versions() if parse_version(v) >= (1, 15)]
-        results: dict[str, dict[str, str]] = {name: {} for name in paths}
+        results: dict[str, dict[str, str]] = {name: {} for name in [*paths, *numeric]}
+        reference = {name: run_numeric(Path(sys.executable), path, io, tmp / "reference.npy")
+                     for name, (path, io) in numeric.items()}
         for v in wanted:
             click.echo(f"· onnxruntime {v}", err=True)
-            got = run_probe(venv_python(v, root), list(paths.values()))["results"]
+            python = venv_python(v, root)
+            got = run_probe(python, list(paths.values()))["results"]
             for name, path in paths.items():
                 results[name][v] = got.get(str(path), "not run")
+            for name, (path, io) in numeric.items():
+                logits, ref = run_numeric(python, path, io, tmp / "logits.npy"), reference[name]
+                if isinstance(ref, str) or isinstance(logits, str):
+                    results[name][v] = f"not compared: {ref if isinstance(ref, str) else logits}"
+                    continue
+                diff = float(np.abs(logits - ref).max())
+                results[name][v] = "ok" if diff <= NUMERIC_TOLERANCE else f"logits differ by {diff:.3g}"
+        whole.update({name: path for name, (path, _) in numeric.items()})
     firsts = first_versions(results, wanted)
     if as_json:
         click.echo(json.dumps({"versions": wanted, "results": results, "first": firsts}, indent=2))
@@ -251,6 +305,9 @@ def main(bundles, versions, venvs, as_json):
         note = ""
         if name in probes:
             ok = table is not None and consistent(table, results[name])
+            if not ok and name in SESSIONS_FROM:
+                # Raised by a numeric check: sessions start at SESSIONS_FROM, before the table's release.
+                ok = consistent(SESSIONS_FROM[name], results[name])
             note = "agrees" if ok else f"TABLE SAYS {table}"
             disagree += not ok
         click.echo(f"{name:45s} first runs on {firsts[name] or 'none probed'}  {note}", err=as_json)

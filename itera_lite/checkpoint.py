@@ -94,6 +94,17 @@ def load_checkpoint(path: str | Path) -> dict:
     return ckpt
 
 
+def weights_sha256(model) -> str:
+    """sha256 over a model's parameter names and bytes: which weights made a bundle or a datastore."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def load_model(path: str | Path):
     """(model in eval mode, checkpoint dict) from a checkpoint file."""
     ckpt = load_checkpoint(path)

@@ -76,7 +76,10 @@ def _finite_positive(ctx, param, value):
               help="continue the run in --out from last.pt with its own settings; budgets given again replace its own")
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def main(model, preset, out, resume, quiet, **kw):
-    """Train a model; writes best.pt, last.pt, metrics.jsonl, train.csv, eval.csv, summary.json."""
+    """Train a model; writes best.pt, last.pt, metrics.jsonl, train.csv, eval.csv, summary.json.
+
+    `itera-train retrieval-index CHECKPOINT` builds a kNN-LM datastore from a trained model (its own --help).
+    """
     from .checkpoint import CheckpointError
     from .data import DataError
     from .train import TrainError, train
@@ -111,6 +114,40 @@ def main(model, preset, out, resume, quiet, **kw):
         if experts and experts["collapsed"]:
             click.echo(f"warning: collapsed router in layer(s) {experts['collapsed_layers']} "
                        "(see experts in summary.json)", err=True)
+
+
+@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.option("-o", "--out", default=None, help="datastore folder [default: datastore/ beside CHECKPOINT]")
+@click.option("--max-entries", type=click.IntRange(1), default=100_000,
+              help="keys to store (whole training windows, drawn with --seed)")
+@click.option("--all", "all_entries", is_flag=True, help="every position of the training split (ignores --max-entries)")
+@click.option("--tune-tokens", type=click.IntRange(64), default=8192,
+              help="validation tokens the default k, lambda and temperature are tuned on")
+@click.option("--seed", type=int, default=0)
+@click.option("--force", is_flag=True, help="replace an existing datastore (never anything else)")
+@click.option("--quiet", is_flag=True, help="no progress bar")
+def retrieval_index(checkpoint, out, max_entries, all_entries, tune_tokens, seed, force, quiet):
+    """Build a kNN-LM datastore (hidden state → next token) from CHECKPOINT's training split."""
+    from .checkpoint import CheckpointError
+    from .retrieval import DatastoreError, build_datastore
+
+    try:
+        path, meta = build_datastore(checkpoint, out, None if all_entries else max_entries, tune_tokens=tune_tokens,
+                                     seed=seed, force=force, progress=not quiet,
+                                     log=lambda m: click.echo(f"· {m}", err=True))
+    except (DatastoreError, CheckpointError) as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"{e.filename or out}: {e.strerror or e}")
+    except KeyboardInterrupt:
+        fail("interrupted; nothing written")
+    t = meta["source"]["tuning"]
+    size = sum((path / f).stat().st_size for f in ("keys.npy", "values.npy"))
+    click.echo(f"{path}: {meta['n_entries']:,} entries × {meta['dim']} ({meta['key_dtype']}), {size / 1e6:.2f} MB; "
+               f"tuned on {t['tokens']} val tokens: {meta['metric']} k={meta['k']} lambda={meta['lambda']:g} "
+               f"temperature={meta['temperature']:.3g}, val nats/token {t['nats_per_token_model']:.4f} → "
+               f"{t['nats_per_token']:.4f}")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ def _require_train_extra(command: str) -> None:
 
 def train() -> None:
     _require_train_extra("itera-train")
+    if sys.argv[1:2] == ["retrieval-index"]:  # a subcommand beside the training options
+        from .cli import retrieval_index
+
+        retrieval_index(args=sys.argv[2:], prog_name="itera-train retrieval-index")
+        return
     from .cli import main
 
     main()

@@ -20,10 +20,16 @@ int or a symbolic name such as "batch", "seq", "past_sequence"):
       "graphs": {"prefill": {"file": "prefill.onnx", "inputs": [TensorSpec], "outputs": [...],
                              "external_data": ["weights.bin"]},    # files the graph reads
                  "decode": {...}},           # prefill and decode may name the same file
-      "io": {"input_ids": str, "logits": str, "attention_mask": str | null, "position_ids": str | null},
-      "state": {"kind": "ssm" | "kv_cache",  # carried from one step to the next
+      "io": {"input_ids": str, "logits": str, "attention_mask": str | null, "position_ids": str | null,
+             "hidden": str | null},          # the head's input, an output only when retrieval needs it
+      "state": {"kind": "ssm" | "kv_cache" | "kv_buffer",  # carried from one step to the next
                 "tensors": [{"input": "past.0.conv", "output": "present.0.conv",
                              "dtype": "float32", "shape": ["batch", 384, 3]}, ...]},
+                # kv_cache: past (.., "past_sequence", ..) in, present one longer out, each step.
+                # kv_buffer: (batch, kv_heads, capacity, head_dim) buffers, capacity static; the
+                # runtime binds one buffer as both input and output and the graph writes the new
+                # rows in place; rows [0, tokens seen) are filled (the graph reads the count from
+                # attention_mask). Older runtimes refuse the kind in one line.
       "ssm_path": "function" | "lowered" | null,
       "graph_set": "fused" | "portable" | "default",   # name of the set in "graphs"
       "requires": {"onnxruntime": "1.24.4",  # lowest release that runs "graphs" (runtime/requires.py)
@@ -34,6 +40,9 @@ int or a symbolic name such as "batch", "seq", "past_sequence"):
       "graph_checks": {"<graph file>": {"nodes": int, "functions": int, "bytes": int}},
       "shared_weights": {"file", "tensors", "bytes", "bytes_if_inline"} | null,
       "validation": {"text", "tolerance", "max_abs_diff", "decode_top1_agreement", ...},
+      "retrieval": {"keys": "retrieval/keys.npy", "values": "retrieval/values.npy",  # kNN-LM datastore
+                    "n_entries", "dim", "key_dtype", "metric": "l2" | "ip", "k", "lambda", "temperature",
+                    "tokenizer_sha256", "model_sha256", "source": {...}} | null,
       "versions": {...}, "created": "<ISO 8601>", "source_checkpoint": {"path", "step", "metrics"}
     }
 
@@ -76,6 +85,7 @@ __all__ = [
     "IoNames",
     "Quantization",
     "Validation",
+    "Retrieval",
     "Requires",
     "GraphSet",
     "Manifest",
@@ -92,7 +102,8 @@ BUNDLE_FORMAT = "itera-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("itera", "baseline")
-STATE_KINDS = ("ssm", "kv_cache")
+STATE_KINDS = ("ssm", "kv_cache", "kv_buffer")
+KV_BUFFER_AXIS = 2  # the sequence axis of a kv_buffer tensor (batch, kv_heads, capacity, head_dim)
 
 _CHUNK = 1 << 20
 
@@ -236,11 +247,32 @@ class StateSpec:
         kind = d.get("kind")
         if kind is not None and kind not in STATE_KINDS:
             raise BundleError(f"{where}.kind is {kind!r}, expected one of {', '.join(STATE_KINDS)}")
-        return cls(kind, [StateTensor.from_dict(t, where) for t in d.get("tensors", [])])
+        tensors = [StateTensor.from_dict(t, where) for t in d.get("tensors", [])]
+        if kind == "kv_buffer":
+            for t in tensors:
+                if len(t.shape) != 4 or not isinstance(t.shape[KV_BUFFER_AXIS], int) or t.shape[KV_BUFFER_AXIS] < 1:
+                    raise BundleError(f"{where}: kv_buffer tensor {t.input} must be (batch, kv_heads, capacity, "
+                                      f"head_dim) with a fixed capacity, got {t.shape}")
+        return cls(kind, tensors)
 
     def nbytes(self, batch: int = 1, past_sequence: int = 0) -> int:
-        """Bytes of the whole carried state after `past_sequence` tokens (KV) or at any depth (SSM)."""
+        """Bytes of the whole carried state after `past_sequence` tokens (KV) or at any depth (SSM).
+
+        A kv_buffer counts its filled rows: the rest of the buffer is zero pages that were
+        never written, which the OS does not back with memory.
+        """
+        if self.kind == "kv_buffer":
+            return sum(dataclasses.replace(t, shape=[*t.shape[:KV_BUFFER_AXIS], past_sequence,
+                                                     *t.shape[KV_BUFFER_AXIS + 1:]]).nbytes(batch)
+                       for t in self.tensors)
         return sum(t.nbytes(batch, past_sequence) for t in self.tensors)
+
+    @property
+    def capacity(self) -> int | None:
+        """Positions a kv_buffer holds (None for other kinds)."""
+        if self.kind != "kv_buffer" or not self.tensors:
+            return None
+        return min(t.shape[KV_BUFFER_AXIS] for t in self.tensors)
 
 
 @dataclass(frozen=True)
@@ -251,11 +283,13 @@ class IoNames:
     logits: str = "logits"
     attention_mask: str | None = None
     position_ids: str | None = None
+    hidden: str | None = None  # final-norm output (the head's input): the query of kNN retrieval
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> IoNames:
         d = _need(d, ("input_ids", "logits"), where)
-        opt = {k: (None if d.get(k) is None else _str(d[k], where)) for k in ("attention_mask", "position_ids")}
+        opt = {k: (None if d.get(k) is None else _str(d[k], where))
+               for k in ("attention_mask", "position_ids", "hidden")}
         return cls(_str(d["input_ids"], where), _str(d["logits"], where), **opt)
 
 
@@ -308,6 +342,62 @@ class Validation:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
+RETRIEVAL_METRICS = ("l2", "ip")
+
+
+def _number(v: Any, where: str, low: float, high: float | None = None) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= low and (high is None or v <= high)):
+        raise BundleError(f"{where}: expected a number in [{low}, {high if high is not None else 'inf'}], got {v!r}")
+    return float(v)
+
+
+@dataclass(frozen=True)
+class Retrieval:
+    """A kNN-LM datastore in the bundle: keys (hidden states) → values (next token), and how to mix.
+
+    The runtime mixes p = lam·p_knn + (1 − lam)·p_model, p_knn = softmax over the k nearest
+    keys of −distance/temperature, summed per value token (`itera_runtime.retrieval`).
+    tokenizer_sha256 / model_sha256 say which tokenizer and weights made the keys: the
+    runtime refuses a datastore whose tokenizer is not the bundle's own or whose model is
+    not the bundle's source (source_checkpoint.model_sha256).
+    """
+
+    keys: str
+    values: str
+    n_entries: int
+    dim: int
+    key_dtype: str
+    metric: str
+    k: int
+    lam: float
+    temperature: float
+    tokenizer_sha256: str
+    model_sha256: str
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> Retrieval | None:
+        if d is None:
+            return None
+        d = _need(d, ("keys", "values", "n_entries", "dim", "key_dtype", "metric", "k", "lambda", "temperature",
+                      "tokenizer_sha256", "model_sha256"), where)
+        if d["metric"] not in RETRIEVAL_METRICS:
+            raise BundleError(f"{where}.metric is {d['metric']!r}, expected one of {', '.join(RETRIEVAL_METRICS)}")
+        k = _int(d["k"], f"{where}.k")
+        if k < 1:
+            raise BundleError(f"{where}.k must be >= 1, got {k}")
+        return cls(_str(d["keys"], where), _str(d["values"], where), _int(d["n_entries"], f"{where}.n_entries"),
+                   _int(d["dim"], f"{where}.dim"), _dtype(d["key_dtype"], where), d["metric"], k,
+                   _number(d["lambda"], f"{where}.lambda", 0.0, 1.0),
+                   _number(d["temperature"], f"{where}.temperature", 1e-9),
+                   _str(d["tokenizer_sha256"], where), _str(d["model_sha256"], where), dict(d.get("source") or {}))
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["lambda"] = d.pop("lam")  # "lambda" is the name the literature uses; a keyword in Python
+        return d
+
+
 @dataclass(frozen=True)
 class Requires:
     """What a graph set needs from onnxruntime: the lowest release, and its contrib ops per graph."""
@@ -349,6 +439,8 @@ class GraphSet:
 
 def _plain(obj: Any) -> Any:
     """Dataclasses → dicts recursively (dataclasses.asdict would also copy unknown dicts)."""
+    if isinstance(obj, Retrieval):
+        return obj.to_dict()
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
     if isinstance(obj, Mapping):
@@ -381,6 +473,7 @@ class Manifest:
     graph_checks: dict[str, dict[str, Any]] = field(default_factory=dict)
     shared_weights: dict[str, Any] | None = None
     validation: Validation | None = None
+    retrieval: Retrieval | None = None
     versions: dict[str, Any] = field(default_factory=dict)
     created: str | None = None
     source_checkpoint: dict[str, Any] | None = None
@@ -448,6 +541,7 @@ class Manifest:
             graph_checks=dict(d.get("graph_checks") or {}),
             shared_weights=d.get("shared_weights"),
             validation=Validation.from_dict(d.get("validation"), f"{where}: validation"),
+            retrieval=Retrieval.from_dict(d.get("retrieval"), f"{where}: retrieval"),
             versions=dict(d.get("versions") or {}),
             created=d.get("created"),
             source_checkpoint=d.get("source_checkpoint"),
@@ -462,6 +556,8 @@ class Manifest:
             for name, g in graphs.items():
                 refs.append((f"{prefix}.{name}", g.file))
                 refs += [(f"{prefix}.{name}.external_data", e) for e in g.external_data]
+        if self.retrieval is not None:
+            refs += [("retrieval.keys", self.retrieval.keys), ("retrieval.values", self.retrieval.values)]
         return refs
 
     @property
@@ -638,7 +734,7 @@ class Bundle:
 
     @property
     def state_kind(self) -> str | None:
-        """"ssm", "kv_cache", or None for a stateless graph."""
+        """"ssm", "kv_cache", "kv_buffer", or None for a stateless graph."""
         return self.manifest.state.kind
 
     @property

@@ -59,7 +59,12 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
         "device": generator.device,
         "threads": generator.threads,
         "sampling": {**dataclasses.asdict(gen.sampling), "stop": list(stop)},
+        "retrieval": None,
     }
+    r = generator.retriever
+    if r is not None:
+        record["retrieval"] = {"k": r.settings.k, "lambda": r.settings.lam, "temperature": r.settings.temperature,
+                               "n_entries": len(r.store), "us_per_position": r.us_per_position}
     if as_json:
         _out(json.dumps(record, ensure_ascii=False) + "\n")
     else:
@@ -90,6 +95,12 @@ def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingCon
         run_once(generator, line, max_new_tokens, sampling, stop, stream, as_json)
 
 
+def _has_datastore(path: str) -> bool:
+    from .bundle import load_bundle
+
+    return load_bundle(path, verify=False).manifest.retrieval is not None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--prompt", "-p", default=None,
@@ -107,10 +118,16 @@ def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingCon
 @click.option("--graph-set", default=None,
               help="Run this graph set of a dual bundle (fused, portable). Default: fused when this "
                    "onnxruntime has its kernels, else portable.")
+@click.option("--retrieval/--no-retrieval", default=None,
+              help="Mix in the bundle's kNN datastore (default: on when the bundle carries one).")
+@click.option("--retrieval-k", default=None, type=int, help="Neighbours (default: the datastore's).")
+@click.option("--retrieval-lambda", default=None, type=float,
+              help="Weight of the kNN distribution, in [0, 1) (default: the datastore's, tuned on val).")
+@click.option("--retrieval-temperature", default=None, type=float, help="Default: the datastore's.")
 @click.option("--no-stream", is_flag=True, help="Print the text at the end instead of as it comes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt, stats, sampling.")
 def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-         stop, threads, graph_set, no_stream, as_json):
+         stop, threads, graph_set, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature, no_stream, as_json):
     """Generate text from the itera bundle folder BUNDLE."""
     try:
         check_threads(threads)
@@ -122,7 +139,11 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
         elif prompt is not None:
             # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
             prompt = _utf8(prompt.encode("utf-8", "surrogateescape"), "--prompt")
-        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set)
+        mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature)
+        if retrieval is None:  # default: use a datastore where there is one; asking for settings asks for one
+            retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
+        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set,
+                              retrieval=mix if retrieval else None)
         if prompt is None:
             interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
         else:

@@ -195,13 +195,19 @@ class Generator:
     threads: onnxruntime intra-op threads; None lets onnxruntime choose.
     graph_set: which of a dual bundle's graph sets to run; None picks the first this
     onnxruntime has the kernels for (`session.graph_set` says which).
+    retrieval: mix in the bundle's kNN datastore, with these overrides of its settings
+    ({"k", "lam", "temperature"}); None runs the model alone.
     """
 
     def __init__(self, bundle: str | Path | Bundle, device: str = "cpu", threads: int | None = None,
-                 graph_set: str | None = None):
+                 graph_set: str | None = None, retrieval: dict | None = None):
+        from .retrieval import open_retriever
+
         self.bundle: Bundle = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
         self.tokenizer = self.bundle.load_tokenizer()
-        self.session = ModelSession(self.bundle, device=device, threads=threads, graph_set=graph_set)
+        self.retriever = open_retriever(self.bundle, **retrieval) if retrieval is not None else None
+        self.session = ModelSession(self.bundle, device=device, threads=threads, graph_set=graph_set,
+                                    retriever=self.retriever)
         self.device, self.threads = device, threads
         self.last_stats: GenerationStats | None = None
 

@@ -15,7 +15,7 @@ release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaw
 tried to create a session on one node of each op, cut from our exported graphs with the
 attributes we emit. Re-check with (network, minutes):
 
-    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE
+    python -m itera_export.opcheck BUNDLE_FUSED BUNDLE_INT8 BUNDLE_INT4 BUNDLE_PORTABLE BASELINE_BUNDLE
 
 An op whose first release is X.Y.Z here may also have run on an earlier patch of X.Y.
 """
@@ -30,6 +30,7 @@ from .bundle import Requires
 
 __all__ = [
     "FIRST_VERSION",
+    "SESSIONS_FROM",
     "OLDEST_PROBED",
     "PROBED_VERSIONS",
     "PORTABLE_FLOOR",
@@ -75,6 +76,12 @@ FIRST_VERSION: dict[str, str] = {
     "com.microsoft::MatMulNBits": "1.17.3",  # 4 bits, block 32, accuracy_level 4
     "com.microsoft::GatherBlockQuantized": "1.22.1",  # uint8-packed 4-bit table, block 32
     "com.microsoft::DynamicQuantizeMatMul": "1.15.1",
+    # The baseline's attention over a KV buffer shared by past and present (do_rotary=1 with
+    # cos/sin caches, seqlens_k and total_sequence_length from the mask). Sessions are made
+    # from 1.18.1, but 1.18.1 and 1.19.0 compute a prefill chunk that follows earlier tokens
+    # wrong (opcheck's numeric run of a tiny baseline bundle: logits off by ~1 against 1.32.0,
+    # within 1e-6 from 1.20.1), so the entry is the first release that was right (SESSIONS_FROM).
+    "com.microsoft::GroupQueryAttention": "1.20.1",
     # The portable path's model-local functions (their bodies are standard ops): one call of
     # each with its function, at the model's opset 18.
     "ai.itera::SelectiveScan": "1.19.0",  # its body's Trilu has no kernel in 1.18
@@ -82,6 +89,11 @@ FIRST_VERSION: dict[str, str] = {
     "ai.itera::CausalConv1d": "1.15.1",
     "ai.itera::TopKMoE": "1.16.3",
 }
+# Ops whose entry above is later than the first release that made a session on them, because
+# the releases between computed them wrong: {op: first release that made the session}.
+# opcheck (session creation only) reports such an entry as agreeing when sessions start no
+# later than this.
+SESSIONS_FROM = {"com.microsoft::GroupQueryAttention": "1.18.1"}
 OLDEST_PROBED = "1.15.1"  # older releases have no CPython 3.11 wheels; not probed
 PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "1.20.1", "1.21.1", "1.22.1", "1.23.2",
                    "1.24.4", "1.25.1", "1.26.0", "1.27.0", "1.28.0", "1.29.0", "1.30.0", "1.31.1", "1.32.0")
@@ -192,7 +204,7 @@ def refusal(where: str, requires: Requires, problems: list[str], ort_version: st
     more = f" (and {len(problems) - 1} more op{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return (f"{where}: {problems[0]}{more}; installed onnxruntime is "
             f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
-            f"or use a portable bundle (itera-export --lower none, or --lower dual to carry both)")
+            f"or use a portable bundle (itera-export --lower none; Itera-Lite bundles can carry both with --lower dual)")
 
 
 def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | None = None,

@@ -86,6 +86,8 @@ def test_step_and_profile(tiny_itera):
     rows = {r["test"]: r for r in json.loads(proc.stdout)}
     ops = [r for t, r in rows.items() if t.startswith("op ")]
     assert ops and "kernels" in rows and "loop (step + sampling)" in rows
+    loop_cpu = rows["loop (step + sampling)"]["extra"]["main_thread_cpu_us"]
+    assert 0 <= rows["sampling + loop python"]["extra"]["main_thread_cpu_us"] <= loop_cpu
     # The per-op rows add up to the kernels row, and the layers to it as well.
     assert sum(r["median"] for r in ops) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
     layers = [r for t, r in rows.items() if t.startswith("layer ") or t == "other"]
@@ -123,3 +125,51 @@ def test_depth_beyond_max_seq_len_is_refused(tiny_baseline):
 def test_threads_beyond_cpus_are_refused(tiny_itera):
     line = one_error_line(bench("latency", tiny_itera.bundle, "-t", str((os.cpu_count() or 1) + 1)))
     assert "CPUs" in line
+
+
+def test_thread_settings_are_applied_and_recorded(tiny_itera):
+    """A row says which onnxruntime thread-pool settings ran, $ITERA_ORT_CONFIG included, and
+    the session really ran with them."""
+    from itera_runtime.bundle import load_bundle
+    from itera_runtime.session import ORT_CONFIG_ENV, ModelSession
+
+    env = {**os.environ, ORT_CONFIG_ENV: "session.dynamic_block_base=4"}
+    proc = bench("step", tiny_itera.bundle, "-n", "8", "-d", "4", "-r", "2", "-t", "1", "-o", "jsonl", env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (row,) = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert row["ort_settings"]["session.dynamic_block_base"] == "4"
+    assert row["ort_settings"]["intra_op_num_threads"] == "1"
+    assert row["extra"]["cpu_us_per_step"] > 0
+    (back,) = parse(format_records([Record.from_dict(row)], "csv"), "csv")
+    assert back.ort_settings == row["ort_settings"]
+
+    os.environ[ORT_CONFIG_ENV] = "session.dynamic_block_base=4"
+    try:
+        session = ModelSession(load_bundle(tiny_itera.bundle), threads=1)
+    finally:
+        del os.environ[ORT_CONFIG_ENV]
+    for sess in session.graphs.values():
+        assert sess.get_session_options().get_session_config_entry("session.dynamic_block_base") == "4"
+    assert session.settings["session.dynamic_block_base"] == "4"
+
+
+def test_bad_ort_config_is_one_line(tiny_itera):
+    env = {**os.environ, "ITERA_ORT_CONFIG": "allow_spinning"}
+    line = one_error_line(bench("step", tiny_itera.bundle, "-n", "2", "-d", "4", env=env))
+    assert "ITERA_ORT_CONFIG" in line and "'allow_spinning'" in line and "cannot load" not in line
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="needs 2 CPUs for a 2-thread session")
+def test_profile_marks_kernels_that_used_the_thread_pool(tiny_itera):
+    proc = bench("profile", tiny_itera.bundle, "-n", "16", "-d", "4", "-t", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["test"]: r for r in json.loads(proc.stdout)}
+    pooled = rows["kernels that used the thread pool"]
+    ops = {t[3:]: r for t, r in rows.items() if t.startswith("op ")}
+    # The sum is over the ops it names, each of which did split some of its calls.
+    assert pooled["extra"]["ops"] and set(pooled["extra"]["ops"]) <= set(ops)
+    assert all(ops[o]["extra"]["thread_pool_share"] > 0 for o in pooled["extra"]["ops"])
+    assert pooled["median"] == pytest.approx(sum(ops[o]["median"] * ops[o]["extra"]["thread_pool_share"]
+                                                 for o in pooled["extra"]["ops"]), rel=1e-6)
+    assert pooled["median"] <= rows["kernels"]["median"]
+    assert ops["Reshape"]["extra"]["thread_pool_share"] == 0  # an alias never splits

@@ -87,6 +87,23 @@ def test_fused_path_uses_contrib_ops_only(bundles):
     assert manifest.custom_domains == {"com.microsoft": 1}
 
 
+def test_fused_decode_graph_has_no_per_token_layout_work(bundles):
+    """The one-token graph runs the conv on the state as carried (no Transposes, no size-1
+    Gathers) and the dt softplus as one node; prefill keeps its channels-last conv."""
+    decode = onnx.load(bundles["fused"] / "decode.onnx")
+    ops = [n.op_type for n in decode.graph.node]
+    assert "Greater" not in ops and "Where" not in ops
+    assert ops.count("Gather") == 1  # the embedding lookup
+    state_readers = {n.op_type for n in decode.graph.node for i in n.input if i.startswith("past.")}
+    assert state_readers == {"CausalConvWithState", "LinearAttention"}
+    convs = [n for n in decode.graph.node if n.op_type == "CausalConvWithState"]
+    assert convs and all(a.i == 0 for n in convs for a in n.attribute if a.name == "channels_last")
+    assert all(n.input[3].startswith("past.") and n.output[1].startswith("present.") for n in convs)
+    prefill = onnx.load(bundles["fused"] / "prefill.onnx")
+    assert all(a.i == 1 for n in prefill.graph.node if n.op_type == "CausalConvWithState"
+               for a in n.attribute if a.name == "channels_last")
+
+
 @pytest.mark.parametrize("lower", PATHS)
 def test_checker_and_shape_inference(bundles, lower):
     d = bundles[lower]

@@ -207,6 +207,9 @@ EDITS = {
     "graph input dtype": lambda m: m["graphs"]["decode"]["inputs"][0].__setitem__("dtype", "int32"),
     "requires version": lambda m: m["requires"].__setitem__("onnxruntime", "newest"),
     "graph set repeated": lambda m: m.__setitem__("alt_graph_sets", {m["graph_set"]: {"graphs": m["graphs"]}}),
+    # A KV buffer is written in place, so its capacity must be fixed.
+    "kv buffer capacity": lambda m: (m["state"].__setitem__("kind", "kv_buffer"),
+                                     m["state"]["tensors"][0]["shape"].__setitem__(2, "past_sequence")),
 }
 
 

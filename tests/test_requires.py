@@ -99,7 +99,8 @@ def test_requires_recomputed_from_the_graphs_equals_the_manifest(tiny_itera, tin
         assert m.alt_graph_sets["portable"].requires.ops == {"decode": [], "prefill": []}
         assert m.alt_graph_sets["portable"].requires.onnxruntime == req.PORTABLE_FLOOR
         assert m.alt_graph_sets["portable"].validation.max_abs_diff < 1e-4
-    assert load_bundle(tiny_baseline.bundle).manifest.requires.ops == {"decode": [], "prefill": []}
+    gqa = ["com.microsoft::GroupQueryAttention"]
+    assert load_bundle(tiny_baseline.bundle).manifest.requires.ops == {"decode": gqa, "prefill": gqa}
 
 
 @needs_fused
@@ -255,6 +256,22 @@ def test_the_table_still_holds_for_the_floor_and_the_fused_ops(tiny_itera, tmp_p
                            ",".join(sorted(wanted, key=req.parse_version)), "--venvs", str(tmp_path)],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.network
+def test_group_query_attention_entry_holds_for_the_baseline(tiny_baseline, tmp_path):
+    """The release before GroupQueryAttention's entry makes sessions but computes the buffer graph wrong; the entry's is right."""
+    pytest.importorskip("onnx")
+    first = req.FIRST_VERSION["com.microsoft::GroupQueryAttention"]
+    before = req.PROBED_VERSIONS[req.PROBED_VERSIONS.index(first) - 1]
+    proc = subprocess.run([sys.executable, "-m", "itera_export.opcheck", str(tiny_baseline.bundle), "--versions",
+                           f"{before},{first}", "--venvs", str(tmp_path), "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    results = json.loads(proc.stdout)["results"]
+    numeric = next(v for k, v in results.items() if k.endswith(":numeric"))
+    assert numeric[first] == "ok" and numeric[before].startswith("logits differ by"), numeric
+    assert results["com.microsoft::GroupQueryAttention"] == {before: "ok", first: "ok"}
 
 
 @pytest.mark.network

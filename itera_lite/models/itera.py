@@ -5,8 +5,8 @@
 function the decode graph is exported from. Both take and return the same state, so a
 prefill can be continued token by token.
 
-Seam for knowledge retrieval (a later issue): a block's input is the residual stream only;
-a retrieval block would join `self.blocks` with the same (x, state) → (x, state) contract.
+Knowledge retrieval (kNN-LM, `itera_lite/retrieval.py`) reads `hidden`: the final-norm output
+that feeds the tied head, at each position (forward) or for the stepped token (step).
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ LayerState = tuple[Tensor, Tensor]  # (conv_state (B, Cc, K-1), ssm_state (B, H,
 class ModelOutput:
     logits: Tensor  # (B, L, V)
     state: list[LayerState] | None = None
+    hidden: Tensor | None = None  # (B, L, D) final-norm output, the head's input (retrieval keys)
     aux: dict[str, Tensor] = field(default_factory=dict)
 
 
@@ -70,8 +71,10 @@ class IteraLite(nn.Module):
                           torch.zeros(ssm_shape, device=device, dtype=dtype)))
         return state
 
-    def _head(self, x: Tensor) -> Tensor:
-        return self.norm_f(x) @ self.embed.weight.T  # tied head
+    def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Residual stream -> (logits, hidden): hidden is the final-norm output the tied head reads."""
+        h = self.norm_f(x)
+        return h @ self.embed.weight.T, h  # tied head
 
     def forward(self, tokens: Tensor, state: list[LayerState] | None = None, scan: str = "chunked") -> ModelOutput:
         """tokens (B, L) int64 -> logits (B, L, V), final state, aux (MoE losses, expert load)."""
@@ -89,13 +92,15 @@ class IteraLite(nn.Module):
                 "z_loss": torch.stack([a["z_loss"] for a in auxes]).mean(),
                 "load": torch.stack([a["load"] for a in auxes]),  # (n_layers, E)
             }
-        return ModelOutput(self._head(x), new_state, aux)
+        logits, hidden = self._head(x)
+        return ModelOutput(logits, new_state, aux=aux, hidden=hidden)
 
-    def step(self, token: Tensor, state: list[LayerState]) -> tuple[Tensor, list[LayerState]]:
-        """token (B,) int64 -> logits (B, V), new state."""
+    def step(self, token: Tensor, state: list[LayerState], return_hidden: bool = False):
+        """token (B,) int64 -> logits (B, V), new state (and hidden (B, D) with return_hidden)."""
         x = self.embed(token)  # (B, D)
         new_state = []
         for blk, s in zip(self.blocks, state):
             x, s = blk.step(x, s)
             new_state.append(s)
-        return self._head(x), new_state
+        logits, hidden = self._head(x)
+        return (logits, new_state, hidden) if return_hidden else (logits, new_state)
