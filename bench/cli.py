@@ -220,6 +220,8 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
 @click.option("--carry-state", is_flag=True,
               help="SSM bundles carry their state through the whole text (KV bundles keep the window)")
 @click.option("--max-tokens", default=None, type=click.IntRange(2), help="score only the text's first N tokens")
+@click.option("--max-bytes", default=None, type=click.IntRange(1),
+              help="score only the text's first N bytes, cut after a newline: the same text for every vocabulary")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
               help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,
@@ -229,8 +231,8 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
               help="weight of the kNN distribution [default: the datastore's, tuned on val]")
 @click.option("--retrieval-temperature", default=None, type=click.FloatRange(0, min_open=True),
               help="softmax temperature over neighbour scores [default: the datastore's]")
-def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, reference,
-            retrieval, retrieval_k, retrieval_lambda, retrieval_temperature):
+def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, max_bytes,
+            reference, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature):
     """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime (deterministic: run once)."""
     from .quality import quality_records
 
@@ -239,7 +241,8 @@ def quality(bundles, threads, repetitions, warmup, data, split, window, stride, 
     if stride is not None and stride > window:
         raise ValueError(f"--stride {stride} is larger than --window {window}")
     mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature) if retrieval else None
-    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference, mix)
+    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference, mix,
+                           max_bytes=max_bytes)
 
 
 @main.command()

@@ -124,6 +124,35 @@ def load_text(data: str, split: str | None):
         raise ValueError(str(e)) from None
 
 
+def first_bytes(docs, max_bytes: int):
+    """The documents cut to their first max_bytes UTF-8 bytes (the separators between them
+    counted), ending after the last newline within them.
+
+    Unlike a token count, a byte count is the same text for every tokenizer, so bundles of
+    different vocabularies are scored on the same text."""
+    from itera_lite.data import Document
+    from itera_lite.data.corpus import DOC_SEPARATOR
+
+    sep = len(DOC_SEPARATOR.encode("utf-8"))
+    kept, left = [], max_bytes
+    for doc in docs:
+        raw = doc.text.encode("utf-8")
+        if len(raw) <= left:
+            kept.append(doc)
+            left -= len(raw) + sep
+            if left <= 0:
+                break
+            continue
+        head = raw[:left].decode("utf-8", "ignore")
+        cut = head.rfind("\n")
+        if cut >= 0:
+            kept.append(Document(doc.name, head[:cut + 1]))
+        break
+    if not kept:
+        raise ValueError(f"--max-bytes {max_bytes}: the text's first line is longer; give more bytes")
+    return kept
+
+
 def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stride: int,
                     carry_state: bool = False, max_tokens: int | None = None,
                     retrieval: dict | None = None) -> tuple[Score, dict]:
@@ -167,7 +196,8 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
 
 def quality_records(bundles: list[Bundle], threads: int | None, data: str, split: str | None,
                     window: int, stride: int | None, carry_state: bool, max_tokens: int | None,
-                    reference: str | None, retrieval: dict | None = None) -> list[Record]:
+                    reference: str | None, retrieval: dict | None = None,
+                    max_bytes: int | None = None) -> list[Record]:
     """bits_per_byte, loss and perplexity rows per bundle; change vs the reference bundle.
 
     retrieval: settings overrides for bundles with a datastore, each then also scored with
@@ -180,6 +210,8 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
         if b.max_seq_len is not None and window > b.max_seq_len:
             raise ValueError(f"{b.path}: window {window} exceeds the model's context of {b.max_seq_len} tokens")
     docs, split = load_text(data, split)
+    if max_bytes is not None:
+        docs = first_bytes(docs, max_bytes)
     records: list[Record] = []
     scores: dict[str, Score] = {}
     runs = [(b, None) for b in bundles]
@@ -189,7 +221,7 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
         score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens, mix)
         if mix is None:
             scores[str(b.path)] = score
-        extra = {"data": data, "split": split, **extra}
+        extra = {"data": data, "split": split, "max_bytes": max_bytes, **extra}
         r = extra["retrieval"]
         method = "onnxruntime prefill graph, " + extra["context"] + (
             "" if r is None else f", kNN-LM retrieval over {r['n_entries']:,} entries "

@@ -184,6 +184,26 @@ def test_quality_cli_file_reference_and_formats(tiny_itera, tiny_baseline, tmp_p
     one_error_line(bench("quality", tiny_baseline.bundle, "--data", text, "--window", "100000"))
 
 
+def test_quality_max_bytes_scores_the_same_text_whatever_the_tokenizer(tiny_itera, tmp_path):
+    from itera_bench.quality import first_bytes
+    from itera_lite.data import Document
+
+    docs = [Document("a", "one\ntwo\n"), Document("b", "three\nfour\n")]
+    assert [d.text for d in first_bytes(docs, 9)] == ["one\ntwo\n"]  # a whole document
+    assert [d.text for d in first_bytes(docs, 16)] == ["one\ntwo\n", "three\n"]  # 8 + separator 2 + 6
+    assert [d.text for d in first_bytes(docs, 15)] == ["one\ntwo\n"]  # "three\n" does not fit: cut at a line
+    assert [d.text for d in first_bytes([Document("c", "Café\nnaïve\n")], 6)] == ["Café\n"]
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    (r, *_) = rows(bench("quality", tiny_itera.bundle, "--data", text, "--window", "32", "--max-bytes", "100",
+                         "-o", "json"))
+    cut = TEXT.encode("utf-8")[:100]
+    kept = cut[:cut.rfind(b"\n") + 1]
+    assert r["extra"]["max_bytes"] == 100
+    assert r["extra"]["n_bytes"] == len(kept) - 1  # every byte of the kept lines but the first token's
+    one_error_line(bench("quality", tiny_itera.bundle, "--data", text, "--max-bytes", "5"))
+
+
 def test_test_split_ids_are_the_ids_training_evaluated(tmp_path):
     from itera_lite.data import encode_documents, load_corpus, prepare_data
 
