@@ -126,13 +126,14 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
     try:
         manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides,
                           datastore)
-        tolerance = FP32_TOLERANCE if quantize == "none" else None
         for set_name in manifest.graph_sets():
             log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
             result = compare(model, tmp, tokens, text=source, graph_set=set_name)
+            tolerance = FP32_TOLERANCE * result.reference_scale if quantize == "none" else None
             if tolerance is not None and result.max_abs_diff > tolerance:
                 raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
-                                  f"(> {tolerance:g}) on the {set_name} graphs; nothing written")
+                                  f"(> {tolerance:.3g}: {FP32_TOLERANCE:g} x the largest |torch value| "
+                                  f"{result.reference_scale:.3g}) on the {set_name} graphs; nothing written")
             result = dataclasses.replace(result, tolerance=tolerance)
             if set_name == manifest.main_set:
                 manifest.validation = result

@@ -19,6 +19,10 @@ from itera_runtime.bundle import Bundle, Validation, load_bundle
 from itera_runtime.scoring import nll_nats
 from itera_runtime.session import ModelSession
 
+# fp32 parity bound, relative to the largest torch value compared (logit or state, at least 1):
+# a bundle computes the same maths in another order (fused kernels, other accumulation), so its
+# rounding error grows with the values' magnitude. A trained tiny checkpoint (|logit| up to 12)
+# differed by 3.1e-4 fused / 4.1e-4 portable; a wrong op differs by O(1).
 FP32_TOLERANCE = 1e-4
 PROMPT_LEN = 32
 
@@ -86,10 +90,12 @@ def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: 
     prefill = np.concatenate(chunks)
     prefill_logits = float(np.abs(prefill - ref_logits[:prompt_len]).max())
     prefill_state = None
+    scale = max(1.0, float(np.abs(ref_logits).max()))
     if bundle.state_kind == "ssm":
         ref_state = model(torch.from_numpy(tokens[:prompt_len])[None]).state
         flat = [t.numpy() for layer in ref_state for t in layer]
         prefill_state = float(max(np.abs(a - b).max() for a, b in zip(state.numpy(), flat)))
+        scale = max(scale, *(float(np.abs(t).max()) for t in flat))
     # Decode, teacher-forced: feeding token i gives the logits torch has at position i.
     worst, agree, decoded = 0.0, 0, []
     for i in range(prompt_len, len(tokens)):
@@ -104,6 +110,7 @@ def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: 
     return Validation(
         text=text,
         max_abs_diff=max(v for v in (prefill_logits, prefill_state, worst) if v is not None),
+        reference_scale=scale,
         prefill_logits=prefill_logits,
         prefill_state=prefill_state,
         decode_logits=worst,

@@ -323,6 +323,7 @@ class Validation:
     text: str
     max_abs_diff: float
     tolerance: float | None = None
+    reference_scale: float | None = None  # largest |torch value| compared; fp32 tolerance scales with it
     prefill_logits: float | None = None
     prefill_state: float | None = None
     decode_logits: float | None = None
