@@ -32,6 +32,18 @@ def one_torch_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ctrl_c_reaches_children():
+    """A shell that starts the suite in the background (`pytest &` without job control) makes
+    SIGINT ignored, and every child inherits that: the Ctrl-C tests would signal processes that
+    cannot receive it. A handler (unlike SIG_IGN) is reset to the default in each child."""
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+
+
 @dataclass
 class TinyBundle:
     family: str
