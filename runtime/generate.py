@@ -29,8 +29,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer
-
 from .bundle import Bundle, load_bundle
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession, State
