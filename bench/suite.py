@@ -25,8 +25,8 @@ SMALL = {
     "latency": lambda depths: ["-p", "512", "-n", "32", "-d", ",".join(map(str, [0, *depths]))],
     "step": lambda depths: ["-n", "64", "-d", ",".join(map(str, depths))],
     "profile": lambda depths: ["-n", "64", "-d", str(depths[0])],
-    # memory / quality / flops: options as the benchmq branch names them (a renamed option
-    # makes that subcommand fail with a usage line, which the report shows under "Not measured")
+    # A renamed option makes that subcommand fail with a usage line, which the report shows
+    # under "Not measured".
     "memory": lambda depths: ["-n", "16", "-d", ",".join(map(str, [0, *depths]))],
     "quality": lambda depths: ["--max-tokens", "32768"],
     "flops": lambda depths: ["-d", ",".join(map(str, [0, *depths]))],

@@ -1,1 +1,1 @@
-"""Device profiles and remote benchmark runs over ssh (a later issue)."""
+"""Device profiles (TOML) and benchmark runs on devices over ssh: push, install, run, pull."""

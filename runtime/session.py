@@ -15,7 +15,7 @@ stays bounded whatever the prompt length; only the logits a caller asks for come
 
 With a `retriever` (a bundle with a kNN datastore, `retrieval.py`), each call also reads the
 graph's hidden-state output and returns the retrieval-mixed log-probabilities in place of
-the logits; without one the graphs run exactly as before (the hidden output is not bound).
+the logits; without one the hidden output is not bound.
 
 Every onnxruntime session of the project (runtime, bench, export validation, tests) is made
 by `make_session` with `session_options`: what users run is what benchmarks time.
@@ -51,7 +51,7 @@ DEVICES = {
 GRAPH_SET_ENV = "ITERA_GRAPH_SET"
 
 # Tokens per prefill call. Bounds the logits (chunk × vocab × 4 bytes) and the attention or
-# SSD work of one call; a 20k-token prompt no longer needs 20k × vocab floats at once.
+# SSD work of one call, whatever the prompt length.
 PREFILL_CHUNK = 512
 
 _ORT_DTYPES = {

@@ -22,6 +22,38 @@ from importlib import metadata
 from pathlib import Path
 
 SSHD = "/usr/sbin/sshd"
+SSH_PACKAGES = ["openssh-server", "openssh-client"]
+
+
+def required() -> bool:
+    """Under CI a missing sshd is a failure; elsewhere the device tests skip with the reason."""
+    return bool(os.environ.get("CI") or os.environ.get("ITERA_REQUIRE_SSHD"))
+
+
+def ensure_sshd() -> str | None:
+    """Make sshd and the ssh client available; None when they are, else why they cannot be.
+
+    The README's test command is all the set-up a new user runs, so a root shell with apt
+    gets openssh-server installed here (once, about 30 s); ITERA_NO_APT=1 turns that off."""
+    if os.path.exists(SSHD) and have_ssh_client():
+        return None
+    apt = shutil.which("apt-get")
+    if os.environ.get("ITERA_NO_APT"):
+        return f"{SSHD} or ssh is missing and ITERA_NO_APT is set: apt-get install -y {' '.join(SSH_PACKAGES)}"
+    if apt is None or os.geteuid() != 0:
+        why = "not root" if apt else "no apt-get"
+        return f"{SSHD} or ssh is missing and cannot be installed here ({why}): install openssh-server"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    print(f"\ninstalling {' '.join(SSH_PACKAGES)} with apt-get for the device tests ...", file=sys.stderr, flush=True)
+    install = [apt, "install", "-y", "-qq", "--no-install-recommends", *SSH_PACKAGES]
+    done = subprocess.run(install, env=env, capture_output=True, text=True)
+    if done.returncode != 0:  # a fresh machine has no package lists yet
+        subprocess.run([apt, "update", "-qq"], env=env, capture_output=True, text=True)
+        done = subprocess.run(install, env=env, capture_output=True, text=True)
+    if done.returncode != 0 or not os.path.exists(SSHD):
+        tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["no output"]
+        return f"apt-get install {' '.join(SSH_PACKAGES)} failed: {tail[0]}"
+    return None
 
 
 def free_port() -> int:

@@ -2,8 +2,9 @@
 
 The "device" is this machine reached through `sshd -D` on a high loopback port with its
 own keys (tests/sshd.py). Nothing is mocked: the system ssh client, the push, the remote
-venv and pip, the remote itera-bench and the merge are the real ones. sshd missing is a
-failure, not a skip (CI installs openssh-server).
+venv and pip, the remote itera-bench and the merge are the real ones. A missing sshd is
+installed with apt when the suite runs as root, skipped with the reason where it cannot be,
+and a failure under CI (conftest.py's `ssh_device`).
 """
 
 from __future__ import annotations
