@@ -11,8 +11,12 @@ from __future__ import annotations
 
 import codecs
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["TextStreamer", "bytes_to_unicode", "token_byte_lengths"]
 
@@ -86,7 +90,7 @@ class TextStreamer:
         return text
 
 
-def token_byte_lengths(tokenizer: Tokenizer) -> "np.ndarray":
+def token_byte_lengths(tokenizer: Tokenizer) -> np.ndarray:
     """UTF-8 byte length of every token id, so bits/byte is exact on any slice of text.
 
     The one definition of a token's bytes for bits per byte, in training's evaluation and

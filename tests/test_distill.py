@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,12 @@ FAST = ["--model", "itera", "--vocab-size", "256", "--seq-len", "64", "--batch-s
 
 
 def run_train(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "itera_lite.cli", *args], capture_output=True, text=True)
+    """itera-train in this process (tests/clirun.py): the same exit code and stderr lines."""
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    return invoke(main, *args)
 
 
 def train_rows(run: Path) -> list[dict]:

@@ -374,7 +374,8 @@ def test_pmic_sampling_loop_integrates_recorded_output(tmp_path, monkeypatch):
     idle_w = rail_watts(parse_pmic_adc(PMIC_IDLE))
     t0, t1 = meter.span
     assert 0.4 <= t1 - t0 < 1.0
-    assert len([s for s in samples if t0 <= s[0] <= t1]) >= 5  # the background loop sampled in between
+    # the background loop sampled in between (every 20 ms when idle; a loaded machine runs it less)
+    assert len([s for s in samples if t0 <= s[0] <= t1]) >= 2
     assert any(s[0] < t0 for s in samples) and any(s[0] > t1 for s in samples)
     assert w.total_j == pytest.approx(idle_w * (t1 - t0), rel=1e-6)
     assert meter.info()["energy_source"] == "PMIC rails" and meter.label == "PMIC rails"

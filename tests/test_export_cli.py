@@ -21,6 +21,15 @@ def export(*args) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def export_here(*args) -> subprocess.CompletedProcess:
+    """itera-export in this process (tests/clirun.py), for its error lines."""
+    from clirun import invoke
+
+    from itera_export.cli import main
+
+    return invoke(main, *args)
+
+
 def leftovers(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
 
@@ -101,7 +110,7 @@ def _bad_checkpoint(tmp_path: Path, kind: str, good: Path) -> Path:
 def test_bad_input_is_one_line_and_leaves_nothing(tmp_path, tiny_baseline, kind):
     src = _bad_checkpoint(tmp_path, kind, Path(tiny_baseline.checkpoint))
     before = leftovers(tmp_path)
-    proc = export(src, "-o", tmp_path / "out")
+    proc = export_here(src, "-o", tmp_path / "out")
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
