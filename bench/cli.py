@@ -69,7 +69,7 @@ def bench_command(fn):
     @functools.wraps(fn)
     def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, hosts, device_profiles, fleet, **kw):
         from itera_runtime.bundle import BundleError
-        from itera_runtime.session import DeviceError, check_threads
+        from itera_runtime.options import DeviceError, check_threads
 
         from .sweep import compare_to_baseline
 
@@ -336,7 +336,7 @@ def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_
     import json
 
     from itera_runtime.bundle import BundleError
-    from itera_runtime.session import DeviceError, check_threads
+    from itera_runtime.options import DeviceError, check_threads
 
     from .claims import claims_markdown, claims_to_json, measure_claims
     from .report import ReportError

@@ -124,7 +124,8 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
     except ImportError:
         raise ValueError("counting FLOPs from the graph needs the onnx package: "
                          "pip install 'itera-lite[train]' (or pip install onnx)") from None
-    from itera_runtime.session import make_session, pick_graph_set
+    from itera_runtime.graphcheck import pick_graph_set
+    from itera_runtime.options import make_session
 
     # The decode graph the runtime would run here (fused or portable set of a dual bundle);
     # external weights too: the graph runs.

@@ -93,7 +93,7 @@ def state_bytes(bundle, depth: int) -> int:
 def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
     """One peak-RSS case per (bundle, threads, depth); each repetition is a fresh process."""
     from itera_runtime.bundle import BundleError
-    from itera_runtime.session import thread_settings
+    from itera_runtime.options import thread_settings
 
     from .record import Record
     from .sweep import Case, Sample, bundle_fields

@@ -49,7 +49,7 @@ def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
 
     graph_set: what the session ran; None: the set the runtime picks here (`pick_graph_set`).
     """
-    from itera_runtime.session import pick_graph_set
+    from itera_runtime.graphcheck import pick_graph_set
 
     graph_set = graph_set or pick_graph_set(bundle)
     params = bundle.manifest.params or {}

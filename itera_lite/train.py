@@ -104,7 +104,7 @@ class TrainConfig:
         if self.tensorboard and importlib.util.find_spec("tensorboard") is None:
             raise TrainError("--tensorboard needs the tensorboard extra: pip install 'itera-lite[tensorboard]'")
         if self.threads is not None:
-            from itera_runtime.session import check_threads
+            from itera_runtime.options import check_threads
 
             try:
                 check_threads(self.threads)

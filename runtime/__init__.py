@@ -14,7 +14,7 @@ The command line is `itera-run BUNDLE --prompt "To be"` (see `itera_runtime.cli`
 from .bundle import Bundle, BundleError, load_bundle
 from .generate import Generation, GenerationStats, Generator
 from .sampling import SamplingConfig
-from .session import DeviceError
+from .options import DeviceError
 
 __all__ = [
     "Generator",

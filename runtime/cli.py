@@ -20,7 +20,7 @@ from .bundle import BundleError
 from .generate import Generator
 from .sampling import SamplingConfig
 from .requires import installed_version as ort_version
-from .session import DeviceError, check_threads
+from .options import DeviceError, check_threads
 
 EXIT_PROMPTS = ("exit", "quit")
 

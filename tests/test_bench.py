@@ -131,7 +131,8 @@ def test_thread_settings_are_applied_and_recorded(tiny_itera):
     """A row says which onnxruntime thread-pool settings ran, $ITERA_ORT_CONFIG included, and
     the session really ran with them."""
     from itera_runtime.bundle import load_bundle
-    from itera_runtime.session import ORT_CONFIG_ENV, ModelSession
+    from itera_runtime.options import ORT_CONFIG_ENV
+    from itera_runtime.session import ModelSession
 
     env = {**os.environ, ORT_CONFIG_ENV: "session.dynamic_block_base=4"}
     proc = bench("step", tiny_itera.bundle, "-n", "8", "-d", "4", "-r", "2", "-t", "1", "-o", "jsonl", env=env)

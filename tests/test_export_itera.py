@@ -22,7 +22,8 @@ from itera_lite.models import build_model, make_config  # noqa: E402
 from itera_lite.models.config import config_to_dict  # noqa: E402
 from itera_lite.models.moe import route  # noqa: E402
 from itera_runtime import Generator, SamplingConfig, load_bundle  # noqa: E402
-from itera_runtime.session import ModelSession, make_session  # noqa: E402
+from itera_runtime.options import make_session  # noqa: E402
+from itera_runtime.session import ModelSession  # noqa: E402
 
 TOL = 1e-4
 VOCAB = 256

@@ -20,7 +20,7 @@ from itera_export.graph_passes import (  # noqa: E402
     symbolic_dims,
     unit_gathers_to_reshapes,
 )
-from itera_runtime.session import make_session  # noqa: E402
+from itera_runtime.options import make_session  # noqa: E402
 
 C = 6
 

@@ -18,7 +18,7 @@ from itera_export.exporter import export_checkpoint  # noqa: E402
 from itera_export.quantize import SCHEMES, quantize_graph  # noqa: E402
 from itera_export.validate import compare  # noqa: E402
 from itera_lite.checkpoint import load_model  # noqa: E402
-from itera_runtime.session import make_session  # noqa: E402
+from itera_runtime.options import make_session  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
