@@ -22,6 +22,7 @@ import sys
 import tarfile
 import tempfile
 import threading
+from collections.abc import Callable
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,7 +370,7 @@ def select_devices(hosts: tuple[str, ...], profiles: tuple[str, ...], fleet: str
 
 
 def run_hosts(profiles: list[Profile], bundles: list[Bundle], subcommand: str,
-              options_for: callable, log=None) -> tuple[list[HostResult], bool]:
+              options_for: Callable, log=None) -> tuple[list[HostResult], bool]:
     """Every host in parallel; (results in profile order, interrupted by Ctrl-C)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     wheel = LazyWheel()

@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import IO
 
 from .profiles import Profile
 
@@ -109,7 +109,7 @@ class Connection:
     def _remaining(self) -> float | None:
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def _popen(self, argv: list[str], feed: Callable[[BinaryIO], None] | None, hold_stdin: bool = False) -> Result:
+    def _popen(self, argv: list[str], feed: Callable[[IO[bytes]], None] | None, hold_stdin: bool = False) -> Result:
         if shutil.which(argv[0]) is None:
             raise SshError(f"no `{argv[0]}` on this machine (install the OpenSSH client)")
         if self.closed:
@@ -166,7 +166,7 @@ class Connection:
         if r.returncode != 0:
             raise SshError(explain(r.stderr, self.profile.host, self.profile.port), tail_lines(r.stderr))
 
-    def run(self, remote: list[str], feed: Callable[[BinaryIO], None] | None = None,
+    def run(self, remote: list[str], feed: Callable[[IO[bytes]], None] | None = None,
             what: str | None = None, check: bool = True, hold_stdin: bool = False) -> Result:
         """Run an argument list on the device; a failure is an SshError with its stderr tail.
 

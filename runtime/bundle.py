@@ -250,7 +250,8 @@ class StateSpec:
         tensors = [StateTensor.from_dict(t, where) for t in d.get("tensors", [])]
         if kind == "kv_buffer":
             for t in tensors:
-                if len(t.shape) != 4 or not isinstance(t.shape[KV_BUFFER_AXIS], int) or t.shape[KV_BUFFER_AXIS] < 1:
+                cap = t.shape[KV_BUFFER_AXIS] if len(t.shape) == 4 else None
+                if not isinstance(cap, int) or cap < 1:
                     raise BundleError(f"{where}: kv_buffer tensor {t.input} must be (batch, kv_heads, capacity, "
                                       f"head_dim) with a fixed capacity, got {t.shape}")
         return cls(kind, tensors)
@@ -272,7 +273,7 @@ class StateSpec:
         """Positions a kv_buffer holds (None for other kinds)."""
         if self.kind != "kv_buffer" or not self.tensors:
             return None
-        return min(t.shape[KV_BUFFER_AXIS] for t in self.tensors)
+        return min(int(t.shape[KV_BUFFER_AXIS]) for t in self.tensors)  # ints: checked at load
 
 
 @dataclass(frozen=True)

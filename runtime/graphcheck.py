@@ -49,9 +49,9 @@ def pick_graph_set(bundle: Bundle, graph_set: str | None = None) -> str:
     if graph_set is not None:
         if graph_set not in sets:
             raise BundleError(f"{where}: no graph set {graph_set!r} (has: {', '.join(sets)})")
-        problems = _requires.check_requires(sets[graph_set])
-        if problems:
-            raise BundleError(_requires.refusal(where, sets[graph_set], problems))
+        missing = _requires.check_requires(sets[graph_set])
+        if missing:
+            raise BundleError(_requires.refusal(where, sets[graph_set], missing))
         return graph_set
     chosen, problems = _requires.choose_graph_set(sets)
     if chosen is None:

@@ -56,7 +56,7 @@ class ModelSession:
         self.settings = thread_settings(threads)  # what bench rows record as ort_settings
         # Which graphs: the fused set when this onnxruntime has its kernels, else the portable one.
         self.graph_set = pick_graph_set(bundle, graph_set)
-        sessions: dict[str, ort.InferenceSession] = {}
+        sessions: dict = {}  # one session per graph file (prefill and decode may share one)
         self.graphs: dict[str, ort.InferenceSession] = {}
         for name in ("prefill", "decode"):
             path = bundle.graph_path(name, self.graph_set)

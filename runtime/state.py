@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .bundle import KV_BUFFER_AXIS, BundleError, initial_state
+from .bundle import STATE_KINDS as MANIFEST_STATE_KINDS
 from .options import DeviceError
 
 if TYPE_CHECKING:
@@ -153,7 +154,7 @@ class KvBufferState(StateKind):
 
     def __init__(self, session: ModelSession):
         super().__init__(session)
-        self.capacity = session.bundle.manifest.state.capacity
+        self.capacity = int(session.bundle.manifest.state.capacity)
         if session.device != "cpu":
             raise DeviceError(f"{session.bundle.path}: this bundle's KV buffer runs on the cpu device only "
                               f"in this runtime")
@@ -203,6 +204,7 @@ class KvBufferState(StateKind):
 
 
 STATE_KINDS: dict[str, type[StateKind]] = {k.name: k for k in (SsmState, KvBufferState, KvCacheState)}
+assert set(STATE_KINDS) == set(MANIFEST_STATE_KINDS), "every kind a manifest may name has its class"
 
 
 # --------------------------------------------------------------------------- decode loops
@@ -226,7 +228,7 @@ class Decoder:
         if session.hidden:  # the retrieval query, read after every step
             width = next(t.shape[-1] for t in session.bundle.graph("decode", session.graph_set).outputs
                          if t.name == session.hidden)
-            self._hidden = np.zeros((1, 1, width), dtype=np.float32)
+            self._hidden = np.zeros((1, 1, int(width)), dtype=np.float32)
             self._hidden_ov = ort.OrtValue.ortvalue_from_numpy(self._hidden)
         self.position = state.position
         self.values = list(state.values)
@@ -284,7 +286,9 @@ class InPlaceDecoder(Decoder):
 
     def __init__(self, session: ModelSession, state: State):
         super().__init__(session, state)
-        self.kind = session.state_kind
+        kind = session.state_kind
+        assert isinstance(kind, KvBufferState)  # only KvBufferState.decoder makes this decoder
+        self.kind = kind
         self._mask = np.ones((1, self.kind.capacity), dtype=np.int64)
         self._binding = self._bind(self.values, self.values)
 

@@ -437,7 +437,8 @@ def test_real_perf_window_and_a_counter_that_does_not_advance():
     meter.begin()
     time.sleep(0.2)
     joules = meter.end()
-    assert set(joules) == {"psys"} and joules["psys"] >= 0
+    # 0.2 s of a whole platform: at most ~200 J even at 1 kW; negative means a wrapped counter misread
+    assert set(joules) == {"psys"} and 0 <= joules["psys"] < 200
     if joules["psys"] == 0:  # a VM exposes psys without the energy: not a measurement
         with pytest.raises(EnergyUnavailable, match="did not advance"):
             open_meter(EnergyOptions(backend="perf", domains=("psys",)))
