@@ -19,11 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .plot import PALETTE, figure, pyplot, save
+from itera_runtime.errors import UserError
 
 X_AXES = (("step", "step", 1.0), ("tokens", "tokens seen", 1.0), ("elapsed_s", "wall-clock (min)", 1 / 60))
 
 
-class RunError(ValueError):
+class RunError(UserError, ValueError):
     """A folder that is not a readable training run."""
 
 

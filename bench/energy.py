@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .record import Record
+from itera_runtime.errors import UserError
 
 if TYPE_CHECKING:  # the runtime (numpy, onnxruntime) loads when measuring, not for `itera-bench --help`
     from .latency import Target
@@ -46,7 +47,7 @@ PROBE_S = 0.25
 DEFAULT_TDP_PER_CORE_W = 10.0
 
 
-class EnergyUnavailable(ValueError):
+class EnergyUnavailable(UserError, ValueError):
     """No usable counter; `reasons` says, per backend tried, why not."""
 
     def __init__(self, reasons: list[str], explicit: str | None = None):

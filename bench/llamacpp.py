@@ -28,11 +28,12 @@ import numpy as np
 
 from .record import Record
 from .sweep import Case, Sample
+from itera_runtime.errors import UserError
 
 GGUF_QUANT = {"ALL_F32": "none", "MOSTLY_F16": "fp16", "MOSTLY_Q8_0": "int8", "MOSTLY_Q4_0": "int4"}
 
 
-class LlamaCppError(ValueError):
+class LlamaCppError(UserError, ValueError):
     """llama-cpp-python missing, or a GGUF it cannot load; one line."""
 
 

@@ -18,6 +18,7 @@ import signal
 import subprocess
 import tempfile
 import threading
+from itera_runtime.errors import UserError
 
 EVENT_SOURCE = "/sys/bus/event_source/devices/power/events"
 # domain → perf event name (power/<name>/), the names the RAPL PMU uses
@@ -26,7 +27,7 @@ EVENTS = {"package": "energy-pkg", "dram": "energy-ram", "core": "energy-cores",
 DEFAULT_DOMAINS = ("package",)
 
 
-class PerfError(OSError):
+class PerfError(UserError, OSError):
     """perf missing, not permitted, or the event unknown; the message is one line for the user."""
 
 

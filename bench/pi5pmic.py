@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from .sampler import BackgroundSampler
+from itera_runtime.errors import UserError
 
 LABEL = "PMIC rails"
 DEFAULT_COMMAND = "vcgencmd"
@@ -38,7 +39,7 @@ THROTTLE_BITS = {0: "under-voltage", 1: "arm frequency capped", 2: "throttled", 
                  18: "throttling has occurred", 19: "soft temperature limit has occurred"}
 
 
-class PmicError(OSError):
+class PmicError(UserError, OSError):
     """vcgencmd missing, refused or printing no rails; the message is one line for the user."""
 
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from itera_runtime.errors import UserError
 
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
            "#bcbd22", "#17becf")
 
 
-class PlotError(Exception):
+class PlotError(UserError):
     """Plots were asked for and cannot be drawn (matplotlib missing)."""
 
 

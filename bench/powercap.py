@@ -31,6 +31,7 @@ import threading
 from dataclasses import dataclass, field
 
 from .sampler import BackgroundSampler
+from itera_runtime.errors import UserError
 
 DEFAULT_ROOT = "/sys/class/powercap"
 DOMAINS = ("package", "dram", "core", "uncore", "psys")
@@ -41,7 +42,7 @@ MAX_INTERVAL_S = 1.0
 _ZONE_DIR = re.compile(r"^(?P<type>[a-z][a-z0-9_-]*):(?P<index>\d+(?::\d+)*)$")
 
 
-class PowercapError(OSError):
+class PowercapError(UserError, OSError):
     """A zone that cannot be used; the message is one line for the user."""
 
 

@@ -31,6 +31,7 @@ from .plot import PALETTE, figure, save
 from .claims import energy_source
 from .record import SPREAD_WARNING, Record, markdown, parse
 from .sweep import compare_to_baseline
+from itera_runtime.errors import UserError
 
 RECORD_SUFFIXES = {".json": "json", ".jsonl": "jsonl", ".csv": "csv"}
 REPORT_NAME = "report.md"
@@ -38,7 +39,7 @@ CLAIMS_JSON = "claims.json"
 SECTIONS = ("latency", "step", "memory", "energy", "quality")  # kinds with a section of their own
 
 
-class ReportError(ValueError):
+class ReportError(UserError, ValueError):
     """Inputs the report cannot use (missing or foreign files); one line for the user."""
 
 

@@ -17,6 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from itera_runtime.errors import UserError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -33,7 +34,7 @@ _LOCKED_SSH_OPTIONS = {"stricthostkeychecking", "batchmode", "controlpath",
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class ProfileError(Exception):
+class ProfileError(UserError):
     """A profile or fleet file a user wrote is wrong; the message is one line."""
 
 

@@ -34,11 +34,12 @@ from itera_runtime.provenance import git_commit
 from . import agent
 from .profiles import Profile, ProfileError, adhoc_profile, load_fleet, load_profile, with_host
 from .ssh import Connection, SshError, tail_lines
+from itera_runtime.errors import UserError
 
 LOCAL = "local"  # `--host local`: run here too, in the same table
 
 
-class DeviceRunError(Exception):
+class DeviceRunError(UserError):
     """A local step of a remote run failed (e.g. the wheel would not build); one line."""
 
 

@@ -25,12 +25,13 @@ from dataclasses import dataclass
 from typing import IO
 
 from .profiles import Profile
+from itera_runtime.errors import UserError
 
 TAIL_LINES = 12
 CONNECT_TIMEOUT_S = 15
 
 
-class SshError(Exception):
+class SshError(UserError):
     """A host could not be reached or a remote step failed; `tail` is the end of its stderr."""
 
     def __init__(self, message: str, tail: list[str] | None = None):

@@ -26,6 +26,7 @@ from .lower import LOWER_MODES
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
 from .quantize import SCHEMES, parse_options
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
+from itera_runtime.errors import UserError
 
 PORTABLE_SUFFIX = ".portable"  # prefill.portable.onnx, decode.portable.onnx in a dual bundle
 VALIDATION_TOKENS = 96
@@ -35,7 +36,7 @@ SPEED_CHECK_TOKENS = 32
 SPEED_CHECK_ROUNDS = 7
 
 
-class ExportError(Exception):
+class ExportError(UserError):
     """An export that cannot proceed or failed validation; one line for the user."""
 
 

@@ -27,13 +27,14 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from itera_runtime.errors import UserError
 
 # --quantize scheme → (file type, the type of 2-D weights, the type of the tied embedding)
 GGUF_TYPES = {"none": ("F32", "F32", "F32"), "int8": ("Q8_0", "Q8_0", "Q8_0"), "int4": ("Q4_0", "Q4_0", "Q8_0")}
 MARK = "itera.source_checkpoint"  # our metadata key: a .gguf with it is ours to replace with --force
 
 
-class GgufError(Exception):
+class GgufError(UserError):
     """A GGUF export that cannot proceed; one line."""
 
 

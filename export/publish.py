@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from itera_runtime.bundle import MANIFEST_NAME, is_bundle, sha256_file
+from itera_runtime.errors import UserError
 
 
-class PublishError(Exception):
+class PublishError(UserError):
     """A destination we may not write or replace; one line."""
 
 

@@ -18,6 +18,7 @@ import torch
 from itera_runtime.bundle import Bundle, Validation, load_bundle
 from itera_runtime.scoring import nll_nats
 from itera_runtime.session import ModelSession
+from itera_runtime.errors import UserError
 
 # fp32 parity bound, relative to the largest torch value compared (logit or state, at least 1):
 # a bundle computes the same maths in another order (fused kernels, other accumulation), so its
@@ -33,7 +34,7 @@ _PASSAGE = (
 )
 
 
-class ValidationTextError(ValueError):
+class ValidationTextError(UserError, ValueError):
     """Validation text that cannot be used; one line."""
 
 

@@ -17,12 +17,13 @@ import torch
 
 from . import __version__
 from .models import build_model, config_from_dict
+from itera_runtime.errors import UserError
 
 CHECKPOINT_FORMAT = "itera-checkpoint"
 CHECKPOINT_FORMAT_VERSION = 1
 
 
-class CheckpointError(Exception):
+class CheckpointError(UserError):
     """A checkpoint that cannot be used; the message is one line for the user."""
 
 

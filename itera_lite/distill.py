@@ -30,9 +30,10 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, load_model
+from itera_runtime.errors import UserError
 
 
-class DistillError(Exception):
+class DistillError(UserError):
     """A teacher that cannot teach this student; one line for the user."""
 
 

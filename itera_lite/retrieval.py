@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from itera_runtime.errors import UserError
 
 DATASTORE_FORMAT = "itera-datastore"
 DATASTORE_FORMAT_VERSION = 1
@@ -44,7 +45,7 @@ GRID_T_SCALE = (0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 METRICS = ("l2", "ip")
 
 
-class DatastoreError(Exception):
+class DatastoreError(UserError):
     """A datastore that cannot be built or used; one line for the user."""
 
 

@@ -40,6 +40,7 @@ from .data import DataError, get_batch, prepare_data
 from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
+from itera_runtime.errors import UserError
 
 
 @dataclass
@@ -118,7 +119,7 @@ RESUME_MAY_CHANGE = frozenset({"max_steps", "max_minutes", "max_tokens", "patien
                                "log_every", "final_eval_batches", "tensorboard"})
 
 
-class TrainError(Exception):
+class TrainError(UserError):
     """A problem the user can fix (bad arguments, existing run); one line."""
 
 

@@ -70,6 +70,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
+from .errors import UserError
 
 __all__ = [
     "BUNDLE_FORMAT",
@@ -108,7 +109,7 @@ KV_BUFFER_AXIS = 2  # the sequence axis of a kv_buffer tensor (batch, kv_heads, 
 _CHUNK = 1 << 20
 
 
-class BundleError(Exception):
+class BundleError(UserError):
     """A bundle that cannot be used; the message is one line meant for the user."""
 
 

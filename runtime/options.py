@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 import onnxruntime as ort
+from .errors import UserError
 
 # User-facing device names → onnxruntime execution providers.
 DEVICES = {
@@ -23,7 +24,7 @@ DEVICES = {
 }
 
 
-class DeviceError(Exception):
+class DeviceError(UserError):
     """An execution provider this onnxruntime does not have; one line."""
 
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
+from itera_runtime.errors import UserError
 
 SPLITS = ("train", "val", "test")
 DOC_SEPARATOR = "\n\n"
@@ -43,7 +44,7 @@ TEST_WORKS = ("macbeth", "much_ado_about_nothing", "winters_tale")
 HELD_OUT_FRACTION = 0.05
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A problem the user can fix; the message is one line meant for end users."""
 
 
