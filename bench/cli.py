@@ -105,6 +105,28 @@ def bench_command(fn):
     return wrapper
 
 
+def paced(fn):
+    """Options for subcommands that sweep cases (put under @bench_command): pacing between case
+    runs and the sensors' root; the function gets them as one `thermal=ThermalOptions`."""
+
+    @click.option("--delay", "delay_s", default=0.0, show_default=True, type=click.FloatRange(0),
+                  help="seconds to sleep between case runs (llama-bench --delay)")
+    @click.option("--cool-to", "cool_to_c", default=None, type=float, metavar="CELSIUS",
+                  help="before each case run, wait until the CPU/SoC temperature is below this")
+    @click.option("--cool-timeout", "cool_timeout_s", default=300.0, show_default=True,
+                  type=click.FloatRange(0, min_open=True), help="most seconds one --cool-to wait lasts")
+    @click.option("--sysfs-root", default="/sys", show_default=True,
+                  help="where thermal_zone* and cpufreq are read (another sysfs mount, or a test tree)")
+    @functools.wraps(fn)
+    def wrapper(*args, delay_s, cool_to_c, cool_timeout_s, sysfs_root, **kw):
+        from .thermal import ThermalOptions
+
+        thermal = ThermalOptions(delay_s, cool_to_c, cool_timeout_s, sysfs_root, kw.get("vcgencmd", "vcgencmd"))
+        return fn(*args, thermal=thermal, **kw)
+
+    return wrapper
+
+
 def accepts_gguf(fn):
     """Mark a subcommand that also measures .gguf files through llama.cpp (put under @bench_command)."""
     fn.accepts_gguf = True
@@ -160,26 +182,28 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
               help="tokens already in the context (list)")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="llama.cpp (.gguf) only: auto times both and keeps the faster")
+@paced
 @accepts_gguf
-def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, flash_attn):
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, flash_attn, thermal):
     """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE (or .gguf, in llama.cpp)."""
     from .sweep import run_cases
 
     cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn)
-    return run_cases(cases, repetitions, warmup, desc="latency")
+    return run_cases(cases, repetitions, warmup, desc="latency", thermal=thermal)
 
 
 @main.command()
 @bench_command
 @click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1), help="steps per repetition")
 @click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True))
-def step(bundles, threads, repetitions, warmup, n_steps, n_depth):
+@paced
+def step(bundles, threads, repetitions, warmup, n_steps, n_depth, thermal):
     """The raw decode step of each BUNDLE (no sampling), µs per token."""
     from .latency import step_case
     from .sweep import run_cases
 
     cases = [step_case(t, n_steps, d) for t in _targets(bundles, threads) for d in n_depth]
-    return run_cases(cases, repetitions, warmup, desc="step")
+    return run_cases(cases, repetitions, warmup, desc="step", thermal=thermal)
 
 
 @main.command()
@@ -198,12 +222,14 @@ def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
 @click.option("-d", "--n-depth", default="0,512,2048", show_default=True, callback=_list(True),
               help="tokens of context before generating (list)")
 @click.option("-n", "--n-gen", default=64, show_default=True, type=click.IntRange(1), help="tokens generated")
-def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
+@paced
+def memory(bundles, threads, repetitions, warmup, n_depth, n_gen, thermal):
     """Peak RSS of a fresh process that loads each BUNDLE and generates; carried state by depth."""
     from .memory import memory_cases, state_records
     from .sweep import run_cases
 
-    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory")
+    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory",
+                         thermal=thermal)
     return measured + state_records(bundles, n_depth, n_gen, measured)
 
 
@@ -282,16 +308,19 @@ def flops(bundles, threads, repetitions, warmup, n_depth):
               help="the assumed watts per busy core that --estimate uses")
 @click.option("--powercap-root", default="/sys/class/powercap", show_default=True,
               help="where the powercap zones are (another sysfs mount, or a test tree)")
-@click.option("--vcgencmd", default="vcgencmd", show_default=True, help="the vcgencmd to run (pi5-pmic)")
+@click.option("--vcgencmd", default="vcgencmd", show_default=True,
+              help="the vcgencmd to run (pi5-pmic; and get_throttled for every backend)")
+@paced
 def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, energy_backend, energy_domains,
-           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd):
+           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd, thermal):
     """Joules per token (gross, net of idle) for prefill and decode; CPU time per token always."""
     from .energy import EnergyOptions, run_energy
 
     domains = tuple(d.strip() for d in energy_domains.split(",") if d.strip()) if energy_domains else None
     opts = EnergyOptions(energy_backend, domains, min_time, idle_s, sample_interval, estimate, tdp_per_core_w,
                          powercap_root, vcgencmd)
-    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts)
+    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts,
+                         thermal=thermal)
     note = next((r.extra["energy"] for r in records if "energy" in r.extra), None)
     if note:
         click.echo(f"energy: {note}", err=True)

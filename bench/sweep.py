@@ -19,6 +19,7 @@ from itera_runtime.bundle import Bundle
 from itera_runtime.provenance import provenance
 
 from .record import Record
+from .thermal import CaseThermal, ThermalOptions, ThermalProbe
 
 
 @dataclass
@@ -79,29 +80,41 @@ def _merge_extras(extras: list[dict]) -> dict:
 
 
 def run_cases(cases: list[Case], repetitions: int, warmup: bool = True, progress: bool = True,
-              desc: str = "bench") -> list[Record]:
-    """Run every case `repetitions` times round-robin; records with samples and provenance."""
+              desc: str = "bench", thermal: ThermalOptions | None = None) -> list[Record]:
+    """Run every case `repetitions` times round-robin; records with samples, thermal state and provenance.
+
+    thermal: the pacing between case runs and where the sensors are (None: none, /sys).
+    """
     from tqdm import tqdm
 
     prov = provenance()
-    total = len(cases) * (repetitions + int(warmup))
+    probe = ThermalProbe(thermal or ThermalOptions())
+    seen = {id(case): CaseThermal() for case in cases}
+    order = [(case, None) for case in cases] * warmup + [(case, rep) for rep in range(repetitions) for case in cases]
     interrupted = False
-    with tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
+    with tqdm(total=len(order), desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
         try:
-            if warmup:
-                for case in cases:
+            for i, (case, rep) in enumerate(order):
+                if i:
+                    probe.pace(seen[id(case)])
+                if rep is None:  # warm-up
                     case.run()
                     bar.update(1)
-            for _ in range(repetitions):
-                for case in cases:
+                    continue
+                probe.begin(seen[id(case)])
+                try:
                     s = case.run()
-                    case.record.samples.append(float(s.value))
-                    if s.ns is not None:
-                        case.record.samples_ns.append(int(s.ns))
-                    case.extras.append(s.extra)
-                    bar.update(1)
+                finally:
+                    probe.end(seen[id(case)])
+                case.record.samples.append(float(s.value))
+                if s.ns is not None:
+                    case.record.samples_ns.append(int(s.ns))
+                case.extras.append(s.extra)
+                bar.update(1)
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            probe.close()
     records = []
     for case in cases:
         r = case.record
@@ -111,6 +124,7 @@ def run_cases(cases: list[Case], repetitions: int, warmup: bool = True, progress
         r.warmup = warmup
         r.interrupted = interrupted and len(r.samples) < repetitions
         r.extra = {**r.extra, **_merge_extras(case.extras)}
+        r.thermal = probe.finish(seen[id(case)])
         records.append(r)
     stamp(records, prov)
     if interrupted:
