@@ -10,6 +10,7 @@
     itera-bench all BUNDLE... -o results/             # every subcommand above, then the report
     itera-bench report results/ --runs runs/itera-tiny -o report/   # tables, plots, curves
     itera-bench claims ITERA_BUNDLE... --baseline BUNDLE --results results/
+    itera-bench compare OLD.jsonl NEW.jsonl           # two runs side by side: speed-up, significance
     itera-bench latency BUNDLE... --host pi@pi5.local # any subcommand, on a device over ssh
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
@@ -346,6 +347,23 @@ def report(results, out_dir, runs, baseline):
     except (ReportError, RunError, PlotError, OSError) as e:
         _fail(str(e))
     click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("old", type=click.Path(path_type=str))
+@click.argument("new", type=click.Path(path_type=str))
+@click.option("-o", "--output", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+def compare(old, new, output):
+    """OLD and NEW results (record files or results folders) side by side: speed-up and significance."""
+    from .compare import compare as compare_records
+    from .compare import format_comparison
+    from .report import ReportError, load_results
+
+    try:
+        table = compare_records(load_results([old])[0], load_results([new])[0])
+    except (ReportError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(format_comparison(table, output))
 
 
 @main.command()

@@ -36,6 +36,7 @@ class Record:
     higher_is_better: bool = True
     # on what
     bundle: str = ""
+    bundle_sha256: str | None = None  # of its manifest.json, which pins every file's sha256
     model_filename: str = ""
     family: str = ""
     quantization: str = ""

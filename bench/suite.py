@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Report-level commands, not measurements.
-NOT_MEASUREMENTS = {"all", "report", "claims"}
+NOT_MEASUREMENTS = {"all", "report", "claims", "compare"}
 
 # Small defaults for the subcommands we know, so `all` finishes in minutes on 2 cores;
 # depths come from the caller. Subcommands not listed run on their own defaults.
