@@ -250,7 +250,7 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen, thermal):
 @click.option("--max-bytes", default=None, type=click.IntRange(1),
               help="score only the text's first N bytes, cut after a newline: the same text for every vocabulary")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
-              help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
+              help="bundle (one of BUNDLES) to give the others' bits/byte change, KL(reference || bundle) and top-1 agreement against")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,
               help="bundles with a kNN datastore are also scored with retrieval mixed in (rows test '...+knn')")
 @click.option("--retrieval-k", default=None, type=click.IntRange(1), help="neighbours [default: the datastore's]")
