@@ -158,7 +158,7 @@ def _targets(bundles, threads):
     return [Target(b, t) for b in bundles for t in threads]
 
 
-def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"):
+def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=()):
     """ONNX bundles and llama.cpp models in the order given, each at every thread count."""
     from . import latency, llamacpp
 
@@ -166,11 +166,24 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
     for b in bundles:
         for t in threads:
             if isinstance(b, llamacpp.GgufModel):
+                if n_pg:
+                    raise ValueError(f"{b.path}: -pg is measured for ONNX bundles only")
                 cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth,
                                                prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
-                cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth)
+                cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth, n_pg=n_pg)
     return cases
+
+
+def _prompt_gen(ctx, param, values):
+    """-pg P,G (repeatable) → [(P, G), ...]."""
+    out = []
+    for v in values:
+        pair = _ints(v)
+        if len(pair) != 2:
+            raise click.BadParameter(f"expected P,G (prompt tokens, generated tokens), got {v!r}")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 @main.command()
@@ -181,16 +194,21 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
               help="decode steps per generation test (list; 0 skips)")
 @click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True),
               help="tokens already in the context (list)")
+@click.option("-pg", "--n-prompt-gen", "n_pg", multiple=True, callback=_prompt_gen, metavar="P,G",
+              help="one request: P prompt tokens then G decode steps (row ppP+tgG) and its time to first "
+                   "token (ms); repeatable")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="llama.cpp (.gguf) only: auto times both and keeps the faster")
 @paced
 @accepts_gguf
-def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, flash_attn, thermal):
-    """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE (or .gguf, in llama.cpp)."""
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_pg, flash_attn, thermal):
+    """Prompt tokens/s (ppN), decode tokens/s (tgN) and requests (ppP+tgG, TTFT) of each BUNDLE (or .gguf)."""
+    from .latency import ttft_records
     from .sweep import run_cases
 
-    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn)
-    return run_cases(cases, repetitions, warmup, desc="latency", thermal=thermal)
+    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn, n_pg)
+    records = run_cases(cases, repetitions, warmup, desc="latency", thermal=thermal)
+    return records + ttft_records(cases, records)
 
 
 @main.command()

@@ -243,12 +243,12 @@ def _thermal_cell(r: Record) -> str:
 
 
 def thermal_notes(records: list[Record]) -> list[str]:
-    """One line per sensor missing on a host, however many rows lacked it."""
-    out: dict[str, None] = {}
+    """One line per host naming the sensors missing there, however many rows lacked them."""
+    missing: dict[str, dict[str, None]] = {}
     for r in records:
         for reason in r.thermal.get("missing", []):
-            out[f"thermal ({r.host}): not recorded: {reason}"] = None
-    return list(out)
+            missing.setdefault(r.host, {})[reason] = None
+    return [f"thermal ({host}): not recorded: {'; '.join(reasons)}" for host, reasons in missing.items()]
 
 
 def markdown(records: list[Record]) -> str:

@@ -105,7 +105,7 @@ def test_absent_sensors_give_no_fields_and_are_said_once(tmp_path):
         assert set(r.thermal) == {"missing"} and len(r.thermal["missing"]) == 3
     md = markdown(rows)
     assert "| thermal" not in md and "°C" not in md
-    assert md.count("not recorded: no CPU/SoC thermal zone") == 1 and md.count("no cpufreq policy") == 1
+    assert md.count("thermal (local): not recorded: no CPU/SoC thermal zone") == 1 and md.count("no cpufreq policy") == 1
     assert parse(format_records(rows, "csv"), "csv")[0].thermal == rows[0].thermal
 
 
