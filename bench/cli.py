@@ -425,7 +425,11 @@ def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_
 @click.option("--baseline", default=None, type=click.Path(path_type=str))
 @click.option("--runs", multiple=True, type=click.Path(path_type=str), help="training runs to draw in the report")
 @click.option("--skip", multiple=True, help="subcommand to leave out; repeatable")
-def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
+@click.option("--delay", "delay_s", default=None, type=click.FloatRange(0),
+              help="seconds between case runs, for every subcommand that sweeps cases")
+@click.option("--cool-to", "cool_to_c", default=None, type=float, metavar="CELSIUS",
+              help="before each case run, wait until the CPU/SoC is below this (subcommands that sweep cases)")
+def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, delay_s, cool_to_c):
     """Every measuring subcommand on the BUNDLEs with small defaults, then the report."""
     from pathlib import Path
 
@@ -435,7 +439,7 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
     from .llamacpp import is_gguf
     from .plot import PlotError
     from .report import ReportError, render
-    from .suite import collect, run_all
+    from .suite import SMALL, collect, quantization_reference, run_all
 
     try:
         load_runs(runs)  # a bad run folder is refused before minutes of measuring
@@ -444,8 +448,13 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
         depths = [d for d in n_depth if limit is None or d + 512 <= limit]  # room for pp512 after the depth
         if not depths:
             raise ValueError(f"every depth in {n_depth} exceeds the bundles' max_seq_len {limit}")
-        status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip,
-                         log=lambda m: click.echo(m, err=True))
+        shared = {k: v for k, v in (("delay_s", delay_s), ("cool_to_c", cool_to_c)) if v is not None}
+        options = {}
+        reference = quantization_reference(loaded)
+        if reference is not None and "quality" in SMALL:
+            options["quality"] = [*SMALL["quality"](depths), "--reference", str(reference.path)]
+        status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip, options=options,
+                         shared=shared, log=lambda m: click.echo(m, err=True))
         records, reasons = collect(out_dir, status)
         path = render(records, Path(out_dir) / "report", runs=runs, reasons=reasons, baseline=baseline,
                       sources=[out_dir, *runs])

@@ -292,7 +292,9 @@ def markdown(records: list[Record]) -> str:
         p, versions = r.provenance, r.provenance.get("versions", {})
         where = f"{r.host}: " if host_col else ""
         system = f" {p.get('system')}, Python {versions.get('python')}," if host_col else ""
+        b = p.get("board") or {}
+        seen = "".join(f" {k} {', '.join(v) if isinstance(v, list) else v}," for k, v in b.items() if k != "os")
         lines.append(("\n" if i == 0 else "") + f"{where}commit {r.build_commit or p.get('git_commit')}, "
-                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system} onnxruntime {versions.get('onnxruntime')}, "
+                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system}{seen} onnxruntime {versions.get('onnxruntime')}, "
                      f"`{p.get('command')}`")
     return "\n".join(lines)

@@ -182,3 +182,22 @@ def test_step_end_to_end_on_a_fixture_tree_and_replayed_vcgencmd(tiny_itera, tmp
     proc = bench("step", tiny_itera.bundle, "-n", "4", "-d", "1", "-r", "1", "--sysfs-root", tmp_path / "empty",
                  "--cool-to", "60")
     assert proc.returncode == 1 and proc.stderr.startswith("error: --cool-to 60: no CPU/SoC thermal zone")
+
+
+def test_board_model_revision_os_governor_and_cooling_come_from_a_pi_tree(tmp_path):
+    from itera_runtime.provenance import board
+
+    write(tmp_path / "proc" / "device-tree" / "model", "Raspberry Pi 5 Model B Rev 1.0\x00")
+    write(tmp_path / "proc" / "cpuinfo", "processor\t: 0\nBogoMIPS\t: 108.00\n\nRevision\t: d04170\n"
+                                          "Serial\t\t: 0123\nModel\t\t: Raspberry Pi 5 Model B Rev 1.0\n")
+    write(tmp_path / "etc" / "os-release", 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"\nID=debian\n')
+    write(tmp_path / "sys" / "devices" / "system" / "cpu" / "cpufreq" / "policy0" / "scaling_governor", "ondemand\n")
+    for name, text in (("type", "pwm-fan"), ("cur_state", "2"), ("max_state", "4")):
+        write(tmp_path / "sys" / "class" / "thermal" / "cooling_device0" / name, text + "\n")
+    b = board(tmp_path)
+    assert b == {"model": "Raspberry Pi 5 Model B Rev 1.0", "revision": "d04170",
+                 "os": "Debian GNU/Linux 12 (bookworm)", "governor": "ondemand", "cooling": ["pwm-fan 2/4"]}
+    assert board(tmp_path / "nothing") == {}
+    r = Record(kind="latency", test="tg1", metric="tokens_per_s", unit="tok/s", samples=[1.0],
+               provenance={"board": b, "cpu": "Cortex-A76", "cpu_count": 4, "command": "itera-bench"})
+    assert "model Raspberry Pi 5 Model B Rev 1.0, revision d04170, governor ondemand, cooling pwm-fan 2/4," in markdown([r])
