@@ -96,7 +96,7 @@ def test_memory_probe_is_torch_free(tiny_itera):
 
 
 def _ids(bundle_path, n: int) -> np.ndarray:
-    from itera_lite.data import encode_documents, read_document
+    from itera_lite.data import Document, encode_documents
     from itera_runtime.bundle import load_bundle
 
     ids = encode_documents(load_bundle(bundle_path).load_tokenizer(), [Document("t", TEXT)])
