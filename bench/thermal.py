@@ -8,7 +8,9 @@ real reader on fixture trees (as the powercap reader's tests do).
 
 A row is marked throttled when, over its case, the firmware reported under-voltage, a capped
 or throttled clock or the soft temperature limit (now, or newly "has occurred"), or the
-kernel's thermal throttle count rose.
+kernel's thermal throttle count rose. Cases are visited round-robin, so each one spans the
+sweep: the flags are read before a case's first run and once at the end of the sweep, and a
+sweep that throttled anywhere marks its rows (compare them with a cooler run, not each other).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class ThermalProbe(BackgroundSampler):
             raise ValueError(f"--cool-to {opts.cool_to_c:g}: {self.missing[0]}, so there is no temperature to wait for")
         self._lock = threading.Lock()
         self._current: CaseThermal | None = None
+        self._final: tuple | None = None
         self._init_sampler()
 
     def temperature_c(self) -> float | None:
@@ -155,7 +158,7 @@ class ThermalProbe(BackgroundSampler):
 
     def finish(self, acc: CaseThermal) -> dict:
         """After the sweep: the throttle state at its end, and the record's `thermal` fields."""
-        if not hasattr(self, "_final"):  # read once for every case of the sweep
+        if self._final is None:  # read once for every case of the sweep
             self.close()
             self._final = (self.throttled(), self.throttle_count())
         acc.throttled_after, acc.count_after = self._final
