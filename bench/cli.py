@@ -10,6 +10,7 @@
     itera-bench all BUNDLE... -o results/             # every subcommand above, then the report
     itera-bench report results/ --runs runs/itera-tiny -o report/   # tables, plots, curves
     itera-bench claims ITERA_BUNDLE... --baseline BUNDLE --results results/
+    itera-bench compare OLD.jsonl NEW.jsonl           # two runs side by side: speed-up, significance
     itera-bench latency BUNDLE... --host pi@pi5.local # any subcommand, on a device over ssh
 
 List options sweep their product, as llama-bench's do; bundles are visited round-robin
@@ -105,6 +106,28 @@ def bench_command(fn):
     return wrapper
 
 
+def paced(fn):
+    """Options for subcommands that sweep cases (put under @bench_command): pacing between case
+    runs and the sensors' root; the function gets them as one `thermal=ThermalOptions`."""
+
+    @click.option("--delay", "delay_s", default=0.0, show_default=True, type=click.FloatRange(0),
+                  help="seconds to sleep between case runs (llama-bench --delay)")
+    @click.option("--cool-to", "cool_to_c", default=None, type=float, metavar="CELSIUS",
+                  help="before each case run, wait until the CPU/SoC temperature is below this")
+    @click.option("--cool-timeout", "cool_timeout_s", default=300.0, show_default=True,
+                  type=click.FloatRange(0, min_open=True), help="most seconds one --cool-to wait lasts")
+    @click.option("--sysfs-root", default="/sys", show_default=True,
+                  help="where thermal_zone* and cpufreq are read (another sysfs mount, or a test tree)")
+    @functools.wraps(fn)
+    def wrapper(*args, delay_s, cool_to_c, cool_timeout_s, sysfs_root, **kw):
+        from .thermal import ThermalOptions
+
+        thermal = ThermalOptions(delay_s, cool_to_c, cool_timeout_s, sysfs_root, kw.get("vcgencmd", "vcgencmd"))
+        return fn(*args, thermal=thermal, **kw)
+
+    return wrapper
+
+
 def accepts_gguf(fn):
     """Mark a subcommand that also measures .gguf files through llama.cpp (put under @bench_command)."""
     fn.accepts_gguf = True
@@ -135,7 +158,7 @@ def _targets(bundles, threads):
     return [Target(b, t) for b in bundles for t in threads]
 
 
-def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"):
+def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=()):
     """ONNX bundles and llama.cpp models in the order given, each at every thread count."""
     from . import latency, llamacpp
 
@@ -143,11 +166,24 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
     for b in bundles:
         for t in threads:
             if isinstance(b, llamacpp.GgufModel):
+                if n_pg:
+                    raise ValueError(f"{b.path}: -pg is measured for ONNX bundles only")
                 cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth,
                                                prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
-                cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth)
+                cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth, n_pg=n_pg)
     return cases
+
+
+def _prompt_gen(ctx, param, values):
+    """-pg P,G (repeatable) → [(P, G), ...]."""
+    out = []
+    for v in values:
+        pair = _ints(v)
+        if len(pair) != 2:
+            raise click.BadParameter(f"expected P,G (prompt tokens, generated tokens), got {v!r}")
+        out.append((pair[0], pair[1]))
+    return out
 
 
 @main.command()
@@ -158,28 +194,35 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
               help="decode steps per generation test (list; 0 skips)")
 @click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True),
               help="tokens already in the context (list)")
+@click.option("-pg", "--n-prompt-gen", "n_pg", multiple=True, callback=_prompt_gen, metavar="P,G",
+              help="one request: P prompt tokens then G decode steps (row ppP+tgG) and its time to first "
+                   "token (ms); repeatable")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="llama.cpp (.gguf) only: auto times both and keeps the faster")
+@paced
 @accepts_gguf
-def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, flash_attn):
-    """Prompt tokens/s (ppN) and decode tokens/s (tgN) of each BUNDLE (or .gguf, in llama.cpp)."""
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_pg, flash_attn, thermal):
+    """Prompt tokens/s (ppN), decode tokens/s (tgN) and requests (ppP+tgG, TTFT) of each BUNDLE (or .gguf)."""
+    from .latency import ttft_records
     from .sweep import run_cases
 
-    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn)
-    return run_cases(cases, repetitions, warmup, desc="latency")
+    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn, n_pg)
+    records = run_cases(cases, repetitions, warmup, desc="latency", thermal=thermal)
+    return records + ttft_records(cases, records)
 
 
 @main.command()
 @bench_command
 @click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1), help="steps per repetition")
 @click.option("-d", "--n-depth", default="128,2048", show_default=True, callback=_list(True))
-def step(bundles, threads, repetitions, warmup, n_steps, n_depth):
+@paced
+def step(bundles, threads, repetitions, warmup, n_steps, n_depth, thermal):
     """The raw decode step of each BUNDLE (no sampling), µs per token."""
     from .latency import step_case
     from .sweep import run_cases
 
     cases = [step_case(t, n_steps, d) for t in _targets(bundles, threads) for d in n_depth]
-    return run_cases(cases, repetitions, warmup, desc="step")
+    return run_cases(cases, repetitions, warmup, desc="step", thermal=thermal)
 
 
 @main.command()
@@ -198,12 +241,14 @@ def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
 @click.option("-d", "--n-depth", default="0,512,2048", show_default=True, callback=_list(True),
               help="tokens of context before generating (list)")
 @click.option("-n", "--n-gen", default=64, show_default=True, type=click.IntRange(1), help="tokens generated")
-def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
+@paced
+def memory(bundles, threads, repetitions, warmup, n_depth, n_gen, thermal):
     """Peak RSS of a fresh process that loads each BUNDLE and generates; carried state by depth."""
     from .memory import memory_cases, state_records
     from .sweep import run_cases
 
-    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory")
+    measured = run_cases(memory_cases(bundles, threads, n_depth, n_gen), repetitions, warmup, desc="memory",
+                         thermal=thermal)
     return measured + state_records(bundles, n_depth, n_gen, measured)
 
 
@@ -223,7 +268,7 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen):
 @click.option("--max-bytes", default=None, type=click.IntRange(1),
               help="score only the text's first N bytes, cut after a newline: the same text for every vocabulary")
 @click.option("--reference", default=None, type=click.Path(path_type=str),
-              help="bundle to give each bundle's bits/byte change against (one of BUNDLES)")
+              help="bundle (one of BUNDLES) to give the others' bits/byte change, KL(reference || bundle) and top-1 agreement against")
 @click.option("--retrieval/--no-retrieval", default=True, show_default=True,
               help="bundles with a kNN datastore are also scored with retrieval mixed in (rows test '...+knn')")
 @click.option("--retrieval-k", default=None, type=click.IntRange(1), help="neighbours [default: the datastore's]")
@@ -282,16 +327,19 @@ def flops(bundles, threads, repetitions, warmup, n_depth):
               help="the assumed watts per busy core that --estimate uses")
 @click.option("--powercap-root", default="/sys/class/powercap", show_default=True,
               help="where the powercap zones are (another sysfs mount, or a test tree)")
-@click.option("--vcgencmd", default="vcgencmd", show_default=True, help="the vcgencmd to run (pi5-pmic)")
+@click.option("--vcgencmd", default="vcgencmd", show_default=True,
+              help="the vcgencmd to run (pi5-pmic; and get_throttled for every backend)")
+@paced
 def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, energy_backend, energy_domains,
-           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd):
+           min_time, idle_s, sample_interval, estimate, tdp_per_core_w, powercap_root, vcgencmd, thermal):
     """Joules per token (gross, net of idle) for prefill and decode; CPU time per token always."""
     from .energy import EnergyOptions, run_energy
 
     domains = tuple(d.strip() for d in energy_domains.split(",") if d.strip()) if energy_domains else None
     opts = EnergyOptions(energy_backend, domains, min_time, idle_s, sample_interval, estimate, tdp_per_core_w,
                          powercap_root, vcgencmd)
-    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts)
+    records = run_energy(_targets(bundles, threads), n_prompt, n_gen, n_depth, repetitions, warmup, opts,
+                         thermal=thermal)
     note = next((r.extra["energy"] for r in records if "energy" in r.extra), None)
     if note:
         click.echo(f"energy: {note}", err=True)
@@ -317,6 +365,23 @@ def report(results, out_dir, runs, baseline):
     except (ReportError, RunError, PlotError, OSError) as e:
         _fail(str(e))
     click.echo(f"report: {path}")
+
+
+@main.command()
+@click.argument("old", type=click.Path(path_type=str))
+@click.argument("new", type=click.Path(path_type=str))
+@click.option("-o", "--output", type=click.Choice(["md", "csv", "json"]), default="md", show_default=True)
+def compare(old, new, output):
+    """OLD and NEW results (record files or results folders) side by side: speed-up and significance."""
+    from .compare import compare as compare_records
+    from .compare import format_comparison
+    from .report import ReportError, load_results
+
+    try:
+        table = compare_records(load_results([old])[0], load_results([new])[0])
+    except (ReportError, ValueError, OSError) as e:
+        _fail(str(e))
+    click.echo(format_comparison(table, output))
 
 
 @main.command()
@@ -360,7 +425,11 @@ def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_
 @click.option("--baseline", default=None, type=click.Path(path_type=str))
 @click.option("--runs", multiple=True, type=click.Path(path_type=str), help="training runs to draw in the report")
 @click.option("--skip", multiple=True, help="subcommand to leave out; repeatable")
-def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
+@click.option("--delay", "delay_s", default=None, type=click.FloatRange(0),
+              help="seconds between case runs, for every subcommand that sweeps cases")
+@click.option("--cool-to", "cool_to_c", default=None, type=float, metavar="CELSIUS",
+              help="before each case run, wait until the CPU/SoC is below this (subcommands that sweep cases)")
+def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, delay_s, cool_to_c):
     """Every measuring subcommand on the BUNDLEs with small defaults, then the report."""
     from pathlib import Path
 
@@ -370,7 +439,7 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
     from .llamacpp import is_gguf
     from .plot import PlotError
     from .report import ReportError, render
-    from .suite import collect, run_all
+    from .suite import SMALL, collect, quantization_reference, run_all
 
     try:
         load_runs(runs)  # a bad run folder is refused before minutes of measuring
@@ -379,8 +448,13 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip):
         depths = [d for d in n_depth if limit is None or d + 512 <= limit]  # room for pp512 after the depth
         if not depths:
             raise ValueError(f"every depth in {n_depth} exceeds the bundles' max_seq_len {limit}")
-        status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip,
-                         log=lambda m: click.echo(m, err=True))
+        shared = {k: v for k, v in (("delay_s", delay_s), ("cool_to_c", cool_to_c)) if v is not None}
+        options = {}
+        reference = quantization_reference(loaded)
+        if reference is not None and "quality" in SMALL:
+            options["quality"] = [*SMALL["quality"](depths), "--reference", str(reference.path)]
+        status = run_all(list(bundles), out_dir, threads, repetitions, depths, baseline, skip, options=options,
+                         shared=shared, log=lambda m: click.echo(m, err=True))
         records, reasons = collect(out_dir, status)
         path = render(records, Path(out_dir) / "report", runs=runs, reasons=reasons, baseline=baseline,
                       sources=[out_dir, *runs])

@@ -491,7 +491,8 @@ def records_from(ec: _EnergyCase, meter: Meter | None, idle: dict, reasons: list
 
 
 def run_energy(targets: list[Target], n_prompt: list[int], n_gen: list[int], n_depth: list[int],
-               repetitions: int, warmup: bool, opts: EnergyOptions, progress: bool = True) -> list[Record]:
+               repetitions: int, warmup: bool, opts: EnergyOptions, progress: bool = True,
+               thermal=None) -> list[Record]:
     """Measure every case round-robin between two idle baselines; the rows of every case."""
     from .sweep import run_cases
 
@@ -501,7 +502,8 @@ def run_energy(targets: list[Target], n_prompt: list[int], n_gen: list[int], n_d
         idle: dict = {}
         if meter:
             idle["idle_watts_before"] = idle_watts(meter, opts.idle_s)
-        records = run_cases([c.case for c in cases], repetitions, warmup, progress=progress, desc="energy")
+        records = run_cases([c.case for c in cases], repetitions, warmup, progress=progress, desc="energy",
+                            thermal=thermal)
         if meter:
             if not any(r.interrupted for r in records):
                 idle["idle_watts_after"] = idle_watts(meter, opts.idle_s)

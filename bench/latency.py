@@ -7,6 +7,9 @@ Tests, named as llama-bench names them:
 - `tg{n}` (`tg{n}@d{d}`): n decode steps, each `Decoder.step` plus greedy sampling, after d
   tokens of context (`LoopTiming.decode_s`: the same clock as itera-run's stats). The loop
   starts from a one-token prompt, so depth 0 and depth 1 time the same thing.
+- `pp{p}+tg{g}` (`...@d{d}`, llama-bench's `-pg`): one request, p prompt tokens then g decode
+  steps, tokens/s = (p + g) / (time to first token + decode time); its time to first token
+  (prefill plus sampling the first token) is a row of its own, `time_to_first_token` in ms.
 - `step@d{d}` (itera-bench step): the raw decode step alone (no sampling), µs per token;
   the process's CPU time per step beside it (`cpu_us_per_step`: all threads).
 
@@ -16,6 +19,7 @@ depth tokens is computed once per case and reused, since prefill does not consum
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import numpy as np
@@ -113,6 +117,40 @@ def gen_case(target: Target, n_gen: int, n_depth: int) -> Case:
                                 n_gen=n_gen, n_depth=n_depth), run)
 
 
+def request_case(target: Target, n_prompt: int, n_gen: int, n_depth: int) -> Case:
+    """Prompt then generation as one request; each repetition's TTFT kept for `ttft_records`."""
+    check_depth(target.bundle, n_depth, n_prompt + n_gen + 1)
+    sampler = Sampler(GREEDY)
+
+    def run() -> Sample:
+        ids = target.context(n_depth + n_prompt)[n_depth:]
+        timing = LoopTiming()
+        for _ in generate_tokens(target.session, ids, n_gen + 1, sampler, timing, state=target.state_after(n_depth)):
+            pass
+        total = timing.first_token_s + timing.decode_s
+        return Sample((n_prompt + n_gen) / total, int(total * 1e9),
+                      {"ttft_ms": timing.first_token_s * 1e3, "ttft_ns": int(timing.first_token_s * 1e9)})
+
+    test = f"pp{n_prompt}+tg{n_gen}" + (f"@d{n_depth}" if n_depth else "")
+    return Case(target.template("latency", test, "tokens_per_s", "tok/s", n_prompt=n_prompt, n_gen=n_gen,
+                                n_depth=n_depth, method="one request: prefill, then decode steps"), run)
+
+
+def ttft_records(cases: list[Case], records: list[Record]) -> list[Record]:
+    """The time-to-first-token row of each measured request case, from its repetitions."""
+    measured = {id(r) for r in records}
+    out = []
+    for case in cases:
+        if id(case.record) not in measured or not case.extras or "ttft_ns" not in case.extras[0]:
+            continue
+        r = dataclasses.replace(case.record, metric="time_to_first_token", unit="ms", higher_is_better=False,
+                                samples=[e["ttft_ms"] for e in case.extras],
+                                samples_ns=[e["ttft_ns"] for e in case.extras],
+                                extra={}, method="prefill plus sampling the first token")
+        out.append(r)
+    return out
+
+
 def step_case(target: Target, n_steps: int, n_depth: int) -> Case:
     """The raw decode step (no sampling): what the graph and the session wrapper cost."""
     check_depth(target.bundle, n_depth, n_steps + 1)
@@ -135,8 +173,8 @@ def step_case(target: Target, n_steps: int, n_depth: int) -> Case:
 
 
 def latency_cases(targets: list, n_prompt: list[int], n_gen: list[int], n_depth: list[int],
-                  prompt=prompt_case, gen=gen_case) -> list[Case]:
-    """The product of the lists for every target, llama-bench's order: pp tests, then tg tests.
+                  prompt=prompt_case, gen=gen_case, n_pg: list[tuple[int, int]] = ()) -> list[Case]:
+    """The product of the lists for every target, llama-bench's order: pp tests, tg tests, pg tests.
 
     prompt/gen: the case builders of the engine (bench/llamacpp.py passes its own).
     """
@@ -144,4 +182,5 @@ def latency_cases(targets: list, n_prompt: list[int], n_gen: list[int], n_depth:
     for target in targets:
         cases += [prompt(target, p, d) for p in n_prompt if p for d in n_depth]
         cases += [gen(target, n, d) for n in n_gen if n for d in n_depth]
+        cases += [request_case(target, p, g, d) for p, g in n_pg for d in n_depth]
     return cases

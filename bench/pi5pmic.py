@@ -84,6 +84,11 @@ def _run(command: list[str]) -> str:
     return proc.stdout
 
 
+def read_throttled(command: str = DEFAULT_COMMAND) -> dict:
+    """`vcgencmd get_throttled` now, parsed (PmicError if it cannot be run or read)."""
+    return parse_throttled(_run([command, "get_throttled"]))
+
+
 @dataclass
 class PmicMeter(BackgroundSampler):
     """Samples total rail power every `interval_s` in a background thread; `joules(t0, t1)`
@@ -110,7 +115,7 @@ class PmicMeter(BackgroundSampler):
         return parse_pmic_adc(_run([self.command, "pmic_read_adc"]))
 
     def throttled(self) -> dict:
-        return parse_throttled(_run([self.command, "get_throttled"]))
+        return read_throttled(self.command)
 
     def describe(self) -> dict:
         return {"rails": self.rails, "command": f"{self.command} pmic_read_adc",

@@ -41,7 +41,7 @@ import numpy as np
 
 from itera_runtime.bundle import Bundle
 from itera_runtime.retrieval import open_retriever
-from itera_runtime.scoring import nll_nats
+from itera_runtime.scoring import kl_nats, nll_nats
 from itera_runtime.session import PREFILL_CHUNK, ModelSession
 
 from .record import Record
@@ -49,6 +49,9 @@ from .sweep import bundle_fields, stamp
 
 DEFAULT_WINDOW = 256  # training's default seq_len: the context the tiny models were evaluated at
 METRICS = (("bits_per_byte", "bit/B"), ("loss", "nat/token"), ("perplexity", "ppl"))
+# --reference rows: (metric, unit, higher is better, the divergence() key)
+DIVERGENCE = (("kl_divergence", "nat/token", False, "kl_mean"), ("kl_divergence_p99", "nat/token", False, "kl_p99"),
+              ("top1_agreement", "fraction", True, "top1_agreement"))
 
 
 @dataclass
@@ -78,34 +81,68 @@ def _logits(session: ModelSession, ids: np.ndarray, state=None, chunk: int = PRE
         yield logits
 
 
-def score_windows(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, window: int,
-                  stride: int) -> Score:
-    """The window rule (module docstring): blocks of `stride` targets, `window` inputs each."""
+def window_blocks(session: ModelSession, ids: np.ndarray, window: int, stride: int):
+    """The window rule (module docstring): (logits of the scored positions, their targets) per block."""
     if not 1 <= stride <= window:
         raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
     n = len(ids)
-    nats, n_tok, n_bytes = 0.0, 0, 0
     for first in range(1, n, stride):  # first target of the block
         last = min(first + stride, n)  # one past the block's last target
         begin = max(0, last - 1 - window)  # inputs ids[begin:last-1], at most `window` of them
         inputs = ids[begin:last - 1]
         targets = ids[first:last]
         rows = np.concatenate(list(_logits(session, inputs, chunk=min(window, PREFILL_CHUNK))))
-        nats += nll_nats(rows[len(rows) - len(targets):], targets)
+        yield rows[len(rows) - len(targets):], targets
+
+
+def carried_blocks(session: ModelSession, ids: np.ndarray, window: int):
+    """The whole text through the prefill graph in chunks of `window`, the state carried."""
+    start = 1
+    for logits in _logits(session, ids[:-1], chunk=window):
+        yield logits, ids[start:start + len(logits)]
+        start += len(logits)
+
+
+def score_windows(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, window: int,
+                  stride: int) -> Score:
+    nats, n_tok, n_bytes = 0.0, 0, 0
+    for rows, targets in window_blocks(session, ids, window, stride):
+        nats += nll_nats(rows, targets)
         n_tok += len(targets)
         n_bytes += int(byte_len[targets].sum())
     return Score(nats, n_tok, n_bytes)
 
 
 def score_carried(session: ModelSession, ids: np.ndarray, byte_len: np.ndarray, window: int) -> Score:
-    """The whole text through the prefill graph in chunks of `window`, the state carried."""
-    nats, start = 0.0, 1
-    for logits in _logits(session, ids[:-1], chunk=window):
-        targets = ids[start:start + len(logits)]
-        nats += nll_nats(logits, targets)
-        start += len(logits)
+    nats = sum(nll_nats(logits, targets) for logits, targets in carried_blocks(session, ids, window))
     targets = ids[1:]
     return Score(nats, len(targets), int(byte_len[targets].sum()))
+
+
+def divergence(reference: Bundle, bundle: Bundle, docs, threads: int | None, window: int, stride: int,
+               carry_state: bool = False, max_tokens: int | None = None) -> dict | str:
+    """KL(reference || bundle) and top-1 agreement over the same scored positions, both sessions
+    in this process; or why they cannot be compared (a one-line reason)."""
+    from itera_lite.data import encode_documents
+
+    ids = [encode_documents(b.load_tokenizer(), docs) for b in (reference, bundle)]
+    ids = [i[:max_tokens] if max_tokens is not None else i for i in ids]
+    if len(ids[0]) != len(ids[1]) or not np.array_equal(*ids):
+        return "its tokenizer cuts the text differently from the reference's: no per-token KL"
+    ids = ids[0]
+    sessions = [ModelSession(b, threads=threads) for b in (reference, bundle)]
+    carried = carry_state and reference.state_kind == bundle.state_kind == "ssm"
+    blocks = [carried_blocks(s, ids, window) if carried else window_blocks(s, ids, window, stride) for s in sessions]
+    kl, agree = [], 0
+    for (ref_rows, targets), (rows, _) in zip(*blocks):
+        if ref_rows.shape[-1] != rows.shape[-1]:
+            return f"vocabularies differ ({ref_rows.shape[-1]} vs {rows.shape[-1]}): no per-token KL"
+        kl.append(kl_nats(ref_rows, rows))
+        agree += int((ref_rows.argmax(-1) == rows.argmax(-1)).sum())
+    kl = np.concatenate(kl)
+    return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
+            "top1_agreement": agree / len(kl), "n_positions": int(len(kl)),
+            "context": "carried" if carried else f"window {window}, stride {stride}"}
 
 
 def load_text(data: str, split: str | None):
@@ -239,5 +276,36 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
                 r.extra.update(reference=reference, bits_per_byte_reference=ref.bits_per_byte,
                                bits_per_byte_delta=r.median - ref.bits_per_byte,
                                bits_per_byte_change=r.median / ref.bits_per_byte - 1)
+        records += divergence_records(bundles, reference, docs, threads, window, stride, carry_state, max_tokens,
+                                      test=f"{os.path.basename(str(data))}:{split}")
     stamp(records)
     return records
+
+
+def divergence_records(bundles: list[Bundle], reference: str, docs, threads: int | None, window: int, stride: int,
+                       carry_state: bool, max_tokens: int | None, test: str) -> list[Record]:
+    """Mean and p99 KL(reference || bundle) and top-1 agreement rows for each other bundle made
+    from the reference's weights (another quantization or graph set of one checkpoint): what
+    the export lost. Other models are scored, not diverged."""
+    ref = next(b for b in bundles if os.path.normpath(str(b.path)) == os.path.normpath(reference))
+    source = lambda b: (b.manifest.source_checkpoint or {}).get("model_sha256")  # noqa: E731
+    out = []
+    for b in bundles:
+        if b is ref:
+            continue
+        if source(b) is None or source(b) != source(ref):
+            print(f"quality: {b.path}: not exported from the reference's checkpoint: no KL against it", file=sys.stderr)
+            continue
+        start = time.perf_counter_ns()
+        d = divergence(ref, b, docs, threads, window, stride, carry_state, max_tokens)
+        ns = time.perf_counter_ns() - start
+        if isinstance(d, str):
+            print(f"quality: {b.path}: {d}", file=sys.stderr)
+            continue
+        method = f"onnxruntime prefill graphs of both bundles in one process, {d['context']}, float64 log-softmax"
+        for metric, unit, higher, key in DIVERGENCE:
+            out.append(Record(kind="quality", test=test, metric=metric, unit=unit, samples=[d[key]],
+                              higher_is_better=higher, n_threads=threads, repetitions=1, warmup=False,
+                              samples_ns=[ns], method=method,
+                              extra={"reference": reference, **d}, **bundle_fields(b)))
+    return out

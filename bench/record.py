@@ -36,6 +36,7 @@ class Record:
     higher_is_better: bool = True
     # on what
     bundle: str = ""
+    bundle_sha256: str | None = None  # of its manifest.json, which pins every file's sha256
     model_filename: str = ""
     family: str = ""
     quantization: str = ""
@@ -58,6 +59,7 @@ class Record:
     method: str | None = None  # how an estimate (or an unusual measurement) was made
     interrupted: bool = False  # Ctrl-C came before every repetition ran
     extra: dict[str, Any] = field(default_factory=dict)  # the subcommand's other measured values
+    thermal: dict[str, Any] = field(default_factory=dict)  # bench/thermal.py: temperatures, clocks, throttling
     baseline: str | None = None  # bundle the ratio is against
     vs_baseline: float | None = None  # this median / the baseline's (>1 = better when higher is better)
     host: str = "local"
@@ -98,6 +100,11 @@ class Record:
         return s is not None and s > SPREAD_WARNING
 
     @property
+    def throttled(self) -> bool:
+        """The firmware or kernel reported throttling or under-voltage during the case."""
+        return bool(self.thermal.get("throttled"))
+
+    @property
     def avg_ns(self) -> float | None:
         return statistics.fmean(self.samples_ns) if self.samples_ns else None
 
@@ -114,7 +121,7 @@ class Record:
     def stddev_ts(self) -> float | None:
         return self.stddev if self.metric == "tokens_per_s" else None
 
-    STATS = ("median", "avg", "stddev", "min", "max", "spread", "noisy", "avg_ns", "stddev_ns", "avg_ts",
+    STATS = ("median", "avg", "stddev", "min", "max", "spread", "noisy", "throttled", "avg_ns", "stddev_ns", "avg_ts",
              "stddev_ts")
 
     # -- (de)serialisation -----------------------------------------------------------------
@@ -130,7 +137,7 @@ class Record:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(Record)]
-_NESTED = {"samples", "samples_ns", "extra", "provenance", "ort_settings"}
+_NESTED = {"samples", "samples_ns", "extra", "thermal", "provenance", "ort_settings"}
 CSV_COLUMNS = [f for f in _FIELDS if f != "provenance"] + list(Record.STATS) + ["provenance"]
 
 
@@ -217,9 +224,31 @@ def _value(r: Record) -> str:
         text += f" ± {_num(r.stddev)}"
     if r.noisy:
         text += " (noisy)"
+    if r.throttled:
+        text += " (throttled)"
     if r.interrupted:
         text += " (interrupted)"
     return text
+
+
+def _thermal_cell(r: Record) -> str:
+    """`48.1→55.3 °C, 1500–2400 MHz`: what the sensors saw over the case; `-` where none."""
+    t = r.thermal
+    parts = []
+    if "temp_before_c" in t:
+        parts.append(f"{t['temp_before_c']:.1f}→{t.get('temp_after_c', float('nan')):.1f} °C")
+    if "cpu_mhz_min" in t:
+        parts.append(f"{t['cpu_mhz_min']:.0f}–{t['cpu_mhz_max']:.0f} MHz")
+    return ", ".join(parts) or "-"
+
+
+def thermal_notes(records: list[Record]) -> list[str]:
+    """One line per host naming the sensors missing there, however many rows lacked them."""
+    missing: dict[str, dict[str, None]] = {}
+    for r in records:
+        for reason in r.thermal.get("missing", []):
+            missing.setdefault(r.host, {})[reason] = None
+    return [f"thermal ({host}): not recorded: {'; '.join(reasons)}" for host, reasons in missing.items()]
 
 
 def markdown(records: list[Record]) -> str:
@@ -235,8 +264,9 @@ def markdown(records: list[Record]) -> str:
     for (kind, metric, unit), rows in groups.items():
         if lines:
             lines.append("")
+        thermal_col = any(_thermal_cell(r) != "-" for r in rows)
         head = ["host"] * host_col + ["model", "family", "quant", "size", "test", "threads",
-                                      f"{metric} ({unit}, median ± sd)", "vs baseline"]
+                                      f"{metric} ({unit}, median ± sd)", "vs baseline"] + ["thermal"] * thermal_col
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * len(head))
         for r in rows:
@@ -244,17 +274,27 @@ def markdown(records: list[Record]) -> str:
             size = "-" if r.model_size is None else f"{r.model_size / 1e6:.2f} MB"
             cells = [r.host] * host_col + [r.model_filename, r.family, r.quantization, size, r.test,
                                            "-" if r.n_threads is None else str(r.n_threads), _value(r), ratio]
+            cells += [_thermal_cell(r)] * thermal_col
             lines.append("| " + " | ".join(cells) + " |")
     noisy = [r for r in records if r.noisy]
     if noisy:
         lines.append(f"\nwarning: {len(noisy)} row(s) spread more than {SPREAD_WARNING:.0%} between repetitions "
                      "(noisy): compare within one run, or add repetitions")
+    throttled = [r for r in records if r.throttled]
+    if throttled:
+        lines.append(f"\nwarning: {len(throttled)} row(s) ran while the CPU was throttled or under-volted "
+                     "(throttled): cool the device (--cool-to, --delay) and measure again")
+    notes = thermal_notes(records)
+    if notes:
+        lines.append("\n" + "\n".join(notes))
     firsts = {r.host: r for r in reversed(records) if r.provenance}  # one provenance line per host
     for i, r in enumerate(sorted(firsts.values(), key=records.index)):
         p, versions = r.provenance, r.provenance.get("versions", {})
         where = f"{r.host}: " if host_col else ""
         system = f" {p.get('system')}, Python {versions.get('python')}," if host_col else ""
+        b = p.get("board") or {}
+        seen = "".join(f" {k} {', '.join(v) if isinstance(v, list) else v}," for k, v in b.items() if k != "os")
         lines.append(("\n" if i == 0 else "") + f"{where}commit {r.build_commit or p.get('git_commit')}, "
-                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system} onnxruntime {versions.get('onnxruntime')}, "
+                     f"{p.get('cpu')}, {p.get('cpu_count')} CPUs,{system}{seen} onnxruntime {versions.get('onnxruntime')}, "
                      f"`{p.get('command')}`")
     return "\n".join(lines)

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from .plot import PALETTE, figure, save
 from .claims import energy_source
-from .record import SPREAD_WARNING, Record, markdown, parse
+from .record import SPREAD_WARNING, Record, markdown, parse, thermal_notes
 from .sweep import compare_to_baseline
 from itera_runtime.errors import UserError
 
@@ -205,8 +205,9 @@ def _plot_quality_vs_size(rows: list[Record], label, path: Path):
 
 
 def _table(rows: list[Record]) -> str:
-    # provenance is printed once, at the end of the report, not under every table
-    return markdown([dataclasses.replace(r, provenance={}) for r in rows])
+    # provenance and the sensors missing are said once for the report, not under every table
+    return markdown([dataclasses.replace(r, provenance={}, thermal={k: v for k, v in r.thermal.items() if k != "missing"})
+                     for r in rows])
 
 
 def _image(title: str, png) -> list[str]:
@@ -223,7 +224,8 @@ def _speed(records, label, out: Path) -> list[str]:
         return []
     parts = ["## Speed", ""]
     tg = [r for r in lat if r.test.startswith("tg")]
-    pp = [r for r in lat if r.test.startswith("pp")]
+    requests = [r for r in lat if "+tg" in r.test]
+    pp = [r for r in lat if r.test.startswith("pp") and r not in requests]
     if tg:
         png = _plot_vs_depth(tg, label, "decode tokens/s", "Decode tokens/s against depth (median ± sd)",
                              out / "decode_tokens_per_s.png",
@@ -233,7 +235,9 @@ def _speed(records, label, out: Path) -> list[str]:
         png = _plot_bars(pp, label, "prompt tokens/s", "Prompt processing tokens/s (median ± sd)",
                          out / "prompt_tokens_per_s.png")
         parts += ["### Prompt processing tokens/s", "", *_image("prompt tokens/s", png), _table(pp), ""]
-    other = [r for r in lat if r not in tg and r not in pp]
+    if requests:
+        parts += ["### Requests: prompt then generation, and time to first token", "", _table(requests), ""]
+    other = [r for r in lat if r not in tg and r not in pp and r not in requests]
     if other:
         parts += [_table(other), ""]
     return parts
@@ -391,6 +395,11 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         if noisy:
             parts += [f"Noisy rows (spread over {SPREAD_WARNING:.0%} between repetitions; compare within one run): "
                       f"{len(noisy)} of {len(records)}.", ""]
+        throttled = [r for r in records if r.throttled]
+        if throttled:
+            parts += [f"Throttled rows (the firmware or kernel reported throttling or under-voltage during the "
+                      f"case): {len(throttled)} of {len(records)}.", ""]
+        parts += [line + "." for line in thermal_notes(records)] + [""] * bool(thermal_notes(records))
         if reasons:
             parts += ["## Not measured", ""] + [f"- {name}: {why}" for name, why in sorted(reasons.items())] + [""]
         if run_list:

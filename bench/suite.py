@@ -17,12 +17,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 # Report-level commands, not measurements.
-NOT_MEASUREMENTS = {"all", "report", "claims"}
+NOT_MEASUREMENTS = {"all", "report", "claims", "compare"}
 
 # Small defaults for the subcommands we know, so `all` finishes in minutes on 2 cores;
 # depths come from the caller. Subcommands not listed run on their own defaults.
 SMALL = {
-    "latency": lambda depths: ["-p", "512", "-n", "32", "-d", ",".join(map(str, [0, *depths]))],
+    "latency": lambda depths: ["-p", "512", "-n", "32", "-pg", "512,32", "-d", ",".join(map(str, [0, *depths]))],
     "step": lambda depths: ["-n", "64", "-d", ",".join(map(str, depths))],
     "profile": lambda depths: ["-n", "64", "-d", str(depths[0])],
     # A renamed option makes that subcommand fail with a usage line, which the report shows
@@ -32,6 +32,17 @@ SMALL = {
     "flops": lambda depths: ["-d", ",".join(map(str, [0, *depths]))],
     "energy": lambda depths: ["-p", "128", "-n", "64", "-d", "0", "--min-time", "1", "--idle", "2"],
 }
+
+
+def quantization_reference(bundles: list):
+    """The first unquantized bundle another of the bundles was exported from (same checkpoint):
+    the reference quality's KL rows are against; None when there is no such pair."""
+    source = lambda b: (b.manifest.source_checkpoint or {}).get("model_sha256")  # noqa: E731
+    for b in bundles:
+        if b.quantization in ("none", "fp32") and source(b) and any(
+                o is not b and source(o) == source(b) for o in bundles):
+            return b
+    return None
 
 
 def measuring_commands(group) -> dict:

@@ -19,6 +19,7 @@ from itera_runtime.bundle import Bundle
 from itera_runtime.provenance import provenance
 
 from .record import Record
+from .thermal import CaseThermal, ThermalOptions, ThermalProbe
 
 
 @dataclass
@@ -49,12 +50,14 @@ def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
 
     graph_set: what the session ran; None: the set the runtime picks here (`pick_graph_set`).
     """
+    from itera_runtime.bundle import MANIFEST_NAME, sha256_file
     from itera_runtime.graphcheck import pick_graph_set
 
     graph_set = graph_set or pick_graph_set(bundle)
     params = bundle.manifest.params or {}
     return {
         "bundle": str(bundle.path),
+        "bundle_sha256": sha256_file(os.path.join(bundle.path, MANIFEST_NAME)),
         "model_filename": os.path.basename(os.path.normpath(bundle.path)),
         "family": bundle.family,
         "quantization": bundle.quantization,
@@ -79,29 +82,41 @@ def _merge_extras(extras: list[dict]) -> dict:
 
 
 def run_cases(cases: list[Case], repetitions: int, warmup: bool = True, progress: bool = True,
-              desc: str = "bench") -> list[Record]:
-    """Run every case `repetitions` times round-robin; records with samples and provenance."""
+              desc: str = "bench", thermal: ThermalOptions | None = None) -> list[Record]:
+    """Run every case `repetitions` times round-robin; records with samples, thermal state and provenance.
+
+    thermal: the pacing between case runs and where the sensors are (None: none, /sys).
+    """
     from tqdm import tqdm
 
     prov = provenance()
-    total = len(cases) * (repetitions + int(warmup))
+    probe = ThermalProbe(thermal or ThermalOptions())
+    seen = {id(case): CaseThermal() for case in cases}
+    order = [(case, None) for case in cases] * warmup + [(case, rep) for rep in range(repetitions) for case in cases]
     interrupted = False
-    with tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
+    with tqdm(total=len(order), desc=desc, file=sys.stderr, disable=not progress, leave=False) as bar:
         try:
-            if warmup:
-                for case in cases:
+            for i, (case, rep) in enumerate(order):
+                if i:
+                    probe.pace(seen[id(case)])
+                if rep is None:  # warm-up
                     case.run()
                     bar.update(1)
-            for _ in range(repetitions):
-                for case in cases:
+                    continue
+                probe.begin(seen[id(case)])
+                try:
                     s = case.run()
-                    case.record.samples.append(float(s.value))
-                    if s.ns is not None:
-                        case.record.samples_ns.append(int(s.ns))
-                    case.extras.append(s.extra)
-                    bar.update(1)
+                finally:
+                    probe.end(seen[id(case)])
+                case.record.samples.append(float(s.value))
+                if s.ns is not None:
+                    case.record.samples_ns.append(int(s.ns))
+                case.extras.append(s.extra)
+                bar.update(1)
         except KeyboardInterrupt:
             interrupted = True
+        finally:
+            probe.close()
     records = []
     for case in cases:
         r = case.record
@@ -111,6 +126,7 @@ def run_cases(cases: list[Case], repetitions: int, warmup: bool = True, progress
         r.warmup = warmup
         r.interrupted = interrupted and len(r.samples) < repetitions
         r.extra = {**r.extra, **_merge_extras(case.extras)}
+        r.thermal = probe.finish(seen[id(case)])
         records.append(r)
     stamp(records, prov)
     if interrupted:

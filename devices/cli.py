@@ -62,6 +62,8 @@ def bundle_verdict(path: str, have: str | None) -> tuple[str, bool, str | None]:
 
 def check_device(profile: Profile, bundle: str | None = None, index: bool = True) -> dict:
     """Everything `check` reports, as one dict (the --json output)."""
+    from itera_runtime.requires import device_onnxruntime
+
     from .remote import agent_call
 
     with Connection(profile) as conn:
@@ -84,9 +86,13 @@ def check_device(profile: Profile, bundle: str | None = None, index: bool = True
     energy = facts["energy"]
     if profile.energy not in (None, "none") and energy.get(profile.energy) != "readable":
         blockers.append(f"energy backend {profile.energy} (the profile's) is not readable: {energy.get(profile.energy)}")
+    plan = device_onnxruntime(facts["python"], facts["machine"], ort_installed, wheels["onnxruntime_wheel"],
+                              facts.get("python_bits") or 64)
+    if plan["blocker"]:
+        blockers.append(plan["blocker"])
     out = {"name": profile.name, "host": profile.host, "facts": facts, "onnxruntime": {
         "installed": ort_installed, "where": ort_where if ort_installed else None,
-        "installable_wheel": wheels["onnxruntime_wheel"], "detail": wheels["detail"]}}
+        "installable_wheel": wheels["onnxruntime_wheel"], "detail": wheels["detail"], "plan": plan}}
     if bundle is not None:
         have = ort_installed or wheels["onnxruntime_wheel"]
         verdict, ok, graph_set = bundle_verdict(bundle, have)
@@ -116,6 +122,11 @@ def render(report: dict, profile: Profile) -> str:
         "  onnxruntime   " + (f"{ort['installed']} {ort['where']}" if ort["installed"] else "not installed")
         + "; wheel pip finds: " + (ort["installable_wheel"] or f"none ({ort['detail']})"),
     ]
+    plan = ort.get("plan")
+    if plan:
+        where = f"onnxruntime {plan['version']} ({plan['source']})" if plan["version"] else "no onnxruntime"
+        lines.append(f"  graph set     {plan['graph_set'] or 'none'} on {where}"
+                     + "".join(f"; {n}" for n in plan["notes"]))
     if "bundle" in report:
         lines.append(f"  bundle        {report['bundle']['verdict']}")
     energy = "; ".join(f"{k}: {v}" for k, v in f["energy"].items())

@@ -51,6 +51,49 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def _first_line(path: Path) -> str | None:
+    try:
+        return path.read_text(errors="replace").replace("\x00", "").strip().splitlines()[0].strip() or None
+    except (OSError, IndexError):
+        return None
+
+
+def board(root: str | os.PathLike = "/") -> dict:
+    """The board this runs on, as far as it says: model and revision (device tree, /proc/cpuinfo),
+    OS, CPU frequency governor, cooling devices and their state. Only what exists is a key.
+
+    root: where /proc, /sys and /etc are (a test tree)."""
+    root = Path(root)
+    out: dict = {}
+    model = _first_line(root / "proc" / "device-tree" / "model") or _first_line(root / "sys" / "firmware" / "devicetree" / "base" / "model")
+    if model:
+        out["model"] = model
+    try:
+        for line in (root / "proc" / "cpuinfo").read_text().splitlines():
+            if line.startswith("Revision"):
+                out["revision"] = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    try:
+        release = dict(line.split("=", 1) for line in (root / "etc" / "os-release").read_text().splitlines() if "=" in line)
+        if "PRETTY_NAME" in release:
+            out["os"] = release["PRETTY_NAME"].strip().strip('"')
+    except OSError:
+        pass
+    governors = sorted({g for p in (root / "sys" / "devices" / "system" / "cpu" / "cpufreq").glob("policy*")
+                        if (g := _first_line(p / "scaling_governor"))})
+    if governors:
+        out["governor"] = ",".join(governors)
+    cooling = []
+    for dev in sorted((root / "sys" / "class" / "thermal").glob("cooling_device*")):
+        kind, cur, top = (_first_line(dev / n) for n in ("type", "cur_state", "max_state"))
+        if kind and cur is not None:
+            cooling.append(f"{kind} {cur}/{top}" if top else f"{kind} {cur}")
+    if cooling:
+        out["cooling"] = cooling
+    return out
+
+
 def provenance(threads: int | None = None) -> dict:
     """The record every result file carries."""
     return {
@@ -64,4 +107,5 @@ def provenance(threads: int | None = None) -> dict:
         "machine": platform.machine(),
         "system": f"{platform.system()} {platform.release()}",
         "hostname": platform.node(),
+        "board": board(),
     }

@@ -34,6 +34,10 @@ __all__ = [
     "OLDEST_PROBED",
     "PROBED_VERSIONS",
     "PORTABLE_FLOOR",
+    "FUSED_FLOOR",
+    "KNOWN_BAD",
+    "LAST_WHEEL",
+    "device_onnxruntime",
     "op_key",
     "parse_version",
     "installed_version",
@@ -101,6 +105,18 @@ PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "
 # of every quantization mode: 1.18 loads IR 10 but lacks the Trilu kernel SelectiveScan's body
 # uses. pyproject's onnxruntime floor is this, and a slow+network test runs a bundle on it.
 PORTABLE_FLOOR = "1.19.0"
+# The Itera-Lite fused graph set's contrib kernels; its floor is the newest of their entries
+# (CausalConvWithState; a test checks the two agree).
+FUSED_OPS = ("com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE")
+FUSED_FLOOR = "1.30.0"
+# Releases that must never be installed: pyproject's dependency excludes each (a test checks).
+KNOWN_BAD = {"1.21.0": "crashes with 'Illegal instruction' on import on a Raspberry Pi 4 "
+                       "(onnxruntime issues 23957, 24112, 24512)"}
+# The newest onnxruntime with wheels for a Python, where that is older than the newest release:
+# `pip index versions onnxruntime --python-version 310 --only-binary=:all:` for
+# manylinux_2_28_aarch64 and _x86_64 said 1.23.2 on 2026-12-03 (Python 3.11: 1.32.0). So
+# Ubuntu 22.04 on a Pi and JetPack 6 (Python 3.10) run the portable graph set only.
+LAST_WHEEL = {(3, 10): "1.23.2"}
 
 
 def op_key(domain: str, op_type: str) -> str:
@@ -228,3 +244,47 @@ def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | Non
 
 if __name__ == "__main__":  # pragma: no cover - a pointer for people who look here first
     sys.exit("the table is re-checked by: python -m itera_export.opcheck BUNDLE... (needs onnx and network)")
+
+
+def _graph_set_on(version: str) -> str | None:
+    v = parse_version(version)
+    if v >= parse_version(FUSED_FLOOR):
+        return "fused"
+    return "portable" if v >= parse_version(PORTABLE_FLOOR) else None
+
+
+def device_onnxruntime(python: str, machine: str, installed: str | None = None, wheel: str | None = None,
+                       python_bits: int = 64) -> dict:
+    """Which onnxruntime a device can have and which Itera-Lite graph set that runs, from its
+    Python and architecture (and what it has installed, and the wheel its pip found, if asked).
+
+    Returns {"version", "source", "graph_set", "notes": [...], "blocker": str | None}.
+    """
+    notes: list[str] = []
+    py = parse_version(python)[:2]
+    newest = LAST_WHEEL.get(py)
+    if python_bits == 32 or machine in ("armv7l", "armv6l", "i686"):
+        return {"version": installed, "source": "installed" if installed else None,
+                "graph_set": _graph_set_on(installed) if installed else None,
+                "notes": ["PyPI has no onnxruntime wheels for 32-bit Python"], "blocker": None}
+    if wheel:
+        version, source = wheel, "pip index on the device"
+    elif newest:
+        version, source = newest, f"the newest release with Python {py[0]}.{py[1]} wheels"
+    else:
+        version, source = None, None
+    if newest:
+        notes.append(f"onnxruntime wheels for Python {py[0]}.{py[1]} stop at {newest}")
+    if installed:
+        version, source = installed, "installed"
+    blocker = None
+    if version in KNOWN_BAD:
+        blocker = f"onnxruntime {version} {KNOWN_BAD[version]}: install another release"
+    graph_set = _graph_set_on(version) if version else None
+    if graph_set == "portable":
+        best = f" (newest for Python {py[0]}.{py[1]}: {newest})" if newest and source == "installed" else ""
+        notes.append(f"fused graphs need onnxruntime >= {FUSED_FLOOR}: this device runs the portable graph set"
+                     + best + (" until Python 3.11 or newer is installed" if newest else ""))
+    elif version and graph_set is None:
+        notes.append(f"onnxruntime {version} is older than {PORTABLE_FLOOR}: no Itera-Lite graph set runs")
+    return {"version": version, "source": source, "graph_set": graph_set, "notes": notes, "blocker": blocker}

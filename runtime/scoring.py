@@ -18,3 +18,16 @@ def nll_nats(logits: np.ndarray, targets: np.ndarray) -> float:
     top = x.max(axis=1)
     lse = top + np.log(np.exp(x - top[:, None]).sum(axis=1))
     return float((lse - x[np.arange(len(targets)), targets]).sum())
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """log softmax over the last axis in float64, the max subtracted."""
+    x = np.asarray(logits, dtype=np.float64)
+    x = x - x.max(axis=-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+
+
+def kl_nats(reference_logits: np.ndarray, logits: np.ndarray) -> np.ndarray:
+    """KL(reference || model) of each row, in nats; both (T, V) over the same vocabulary."""
+    ref, mod = log_softmax(reference_logits), log_softmax(logits)
+    return (np.exp(ref) * (ref - mod)).sum(axis=-1)

@@ -82,6 +82,16 @@ def tiny_itera(tmp_path_factory) -> TinyBundle:
     return _make_tiny_bundle(tmp_path_factory, "itera")
 
 
+@pytest.fixture(scope="session")
+def tiny_itera_int8(tiny_itera, tmp_path_factory) -> TinyBundle:
+    """tiny_itera's checkpoint exported again with int8 weights: a real fp32 / int8 pair."""
+    from itera_export.exporter import export_checkpoint
+
+    out, _ = export_checkpoint(tiny_itera.checkpoint, tmp_path_factory.mktemp("tiny-itera-int8") / "bundle",
+                               quantize="int8")
+    return TinyBundle("itera", tiny_itera.checkpoint, out)
+
+
 @pytest.fixture(params=["baseline", "itera"])
 def tiny_bundle(request) -> TinyBundle:
     """Each family in turn."""

@@ -174,3 +174,20 @@ def test_profile_marks_kernels_that_used_the_thread_pool(tiny_itera):
                                                  for o in pooled["extra"]["ops"]), rel=1e-6)
     assert pooled["median"] <= rows["kernels"]["median"]
     assert ops["Reshape"]["extra"]["thread_pool_share"] == 0  # an alias never splits
+
+
+def test_prompt_then_generation_is_one_request_with_its_ttft_row(tiny_itera):
+    proc = bench("latency", tiny_itera.bundle, "-p", "0", "-n", "0", "-pg", "16,8", "-d", "0,4", "-r", "2", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(proc.stdout)
+    assert [(r["test"], r["metric"], r["unit"]) for r in rows] == [
+        ("pp16+tg8", "tokens_per_s", "tok/s"), ("pp16+tg8@d4", "tokens_per_s", "tok/s"),
+        ("pp16+tg8", "time_to_first_token", "ms"), ("pp16+tg8@d4", "time_to_first_token", "ms")]
+    speed, ttft = rows[0], rows[2]
+    assert speed["n_prompt"] == 16 and speed["n_gen"] == 8 and not ttft["higher_is_better"]
+    for tps, ns, ms, first_ns in zip(speed["samples"], speed["samples_ns"], ttft["samples"], ttft["samples_ns"]):
+        assert tps == pytest.approx(24 / (ns / 1e9), rel=1e-5)  # (P + G) over the whole request
+        assert ms == pytest.approx(first_ns / 1e6, abs=1e-5) and first_ns < ns  # ns truncated to an int
+    assert "| pp16+tg8 | 1 |" in format_records(parse(proc.stdout, "json"), "md")
+    bad = bench("latency", tiny_itera.bundle, "-pg", "16")
+    assert bad.returncode == 2 and "expected P,G" in bad.stderr

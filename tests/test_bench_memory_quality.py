@@ -293,3 +293,45 @@ def test_flops_records_parse_back_with_their_nested_extras(tiny_baseline, fmt):
     back = parse(format_records(records, fmt), fmt)
     assert [r.to_dict() for r in back] == [r.to_dict() for r in records]
     assert back[0].extra["graph_by_op"] == records[0].extra["graph_by_op"]
+
+
+def test_kl_against_the_fp32_reference_equals_numpy_on_the_same_logits(tiny_itera, tiny_itera_int8, tmp_path):
+    """int8 vs fp32 of one checkpoint: the KL and top-1 rows are what numpy computes from the two
+    bundles' own onnxruntime logits over the same disjoint windows."""
+    import numpy as np
+
+    from itera_lite.data import encode_documents, read_document
+    from itera_runtime.bundle import load_bundle
+    from itera_runtime.session import ModelSession
+
+    text = tmp_path / "held_out.txt"
+    text.write_text(TEXT, encoding="utf-8")
+    window = 32
+    proc = bench("quality", tiny_itera.bundle, tiny_itera_int8.bundle, "--data", text, "--window", window,
+                 "--stride", window, "--reference", tiny_itera.bundle, "-o", "json")
+    out = {r["metric"]: r for r in rows(proc) if r["quantization"] == "int8"}
+    assert {"kl_divergence", "kl_divergence_p99", "top1_agreement"} <= out.keys()
+
+    def logits(path):
+        b = load_bundle(path)
+        ids = encode_documents(b.load_tokenizer(), [read_document(text)])  # the file as the CLI reads it
+        session, blocks = ModelSession(b, threads=1), []
+        for first in range(1, len(ids), window):  # disjoint blocks of targets; the last one's window is full
+            last = min(first + window, len(ids))
+            inputs = ids[max(0, last - 1 - window):last - 1]
+            rows = np.concatenate([c for c, _ in session.forward_chunks(inputs, chunk=window)])
+            blocks.append(rows[len(rows) - (last - first):])
+        return np.concatenate(blocks).astype(np.float64)
+
+    ref, q = logits(tiny_itera.bundle), logits(tiny_itera_int8.bundle)
+    p_ref = np.exp(ref - ref.max(1, keepdims=True))
+    p_ref /= p_ref.sum(1, keepdims=True)
+    p_q = np.exp(q - q.max(1, keepdims=True))
+    p_q /= p_q.sum(1, keepdims=True)
+    kl = (p_ref * np.log(p_ref / p_q)).sum(1)
+    assert out["kl_divergence"]["median"] > 0
+    assert out["kl_divergence"]["median"] == pytest.approx(kl.mean(), rel=1e-6)
+    assert out["kl_divergence_p99"]["median"] == pytest.approx(np.percentile(kl, 99), rel=1e-6)
+    assert out["top1_agreement"]["median"] == pytest.approx((ref.argmax(1) == q.argmax(1)).mean())
+    assert out["kl_divergence"]["extra"]["n_positions"] == len(kl) and out["top1_agreement"]["higher_is_better"]
+    assert "kl_divergence" not in {r["metric"] for r in rows(proc) if r["quantization"] != "int8"}

@@ -353,9 +353,12 @@ def test_check_reports_what_the_device_has(ssh_device, device_env, tiny_itera, t
 
     assert report["onnxruntime"]["installed"] == onnxruntime.__version__
     assert report["bundle"]["verdict"]  # requires: known or said to be unknown
+    plan = report["onnxruntime"]["plan"]  # the graph set the device's onnxruntime runs, from its own Python
+    assert plan["version"] == onnxruntime.__version__ and plan["source"] == "installed" and plan["blocker"] is None
     text = subprocess.run([sys.executable, "-m", "itera_devices.cli", "check", str(prof), "--no-index"],
                           capture_output=True, text=True, env=device_env, timeout=300)
     assert "architecture  " + os.uname().machine in text.stdout and "free disk" in text.stdout
+    assert f"graph set     {plan['graph_set']} on onnxruntime {onnxruntime.__version__} (installed)" in text.stdout
 
 
 @pytest.mark.slow

@@ -334,3 +334,32 @@ def test_claims_and_all_refuse_in_one_line(tiny_itera, tmp_path):
     assert "not a training run" in one_error_line(bench("all", tiny_itera.bundle, "-o", tmp_path / "res",
                                                         "--runs", tmp_path))
     assert not (tmp_path / "res").exists()  # refused before anything was measured or written
+
+
+def test_report_shows_requests_throttled_rows_and_missing_sensors_once(tmp_path):
+    from itera_bench.report import render
+
+    def row(test, metric="tokens_per_s", unit="tok/s", thermal=None, **kw):
+        return Record(kind="latency", test=test, metric=metric, unit=unit, samples=[10.0, 10.1], bundle="b",
+                      model_filename="b", family="itera", n_threads=1, thermal=thermal or {}, **kw)
+
+    missing = {"missing": ["no cpufreq policy under /sys/devices/system/cpu/cpufreq"]}
+    hot = {"temp_before_c": 60.0, "temp_after_c": 81.5, "cpu_mhz_min": 1500, "cpu_mhz_max": 2400, "throttled": True}
+    records = [row("pp512", thermal=hot), row("tg32", thermal=missing), row("pp512+tg32", thermal=missing),
+               row("pp512+tg32", "time_to_first_token", "ms", thermal=missing, higher_is_better=False)]
+    text = render(records, tmp_path / "report").read_text()
+    assert "### Requests: prompt then generation, and time to first token" in text
+    requests = text.split("### Requests")[1]
+    assert "time_to_first_token (ms" in requests and "| pp512+tg32 |" in requests
+    assert "60.0→81.5 °C, 1500–2400 MHz" in text and "(throttled)" in text
+    assert "Throttled rows (the firmware or kernel reported throttling or under-voltage during the case): 1 of 4." in text
+    assert text.count("no cpufreq policy") == 1
+
+
+def test_all_gives_quality_the_fp32_bundle_its_int8_export_came_from(tiny_itera, tiny_itera_int8, tiny_baseline):
+    from itera_bench.suite import quantization_reference
+    from itera_runtime.bundle import load_bundle
+
+    itera, int8, baseline = (load_bundle(b.bundle) for b in (tiny_itera, tiny_itera_int8, tiny_baseline))
+    assert quantization_reference([baseline, int8, itera]) is itera
+    assert quantization_reference([baseline, itera]) is None

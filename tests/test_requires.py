@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,7 @@ needs_fused = pytest.mark.skipif(not _fused_here(), reason="this onnxruntime has
 
 def _pyproject_floor() -> str:
     text = (ROOT / "pyproject.toml").read_text()
-    return next(line.split(">=")[1].split('"')[0] for line in text.splitlines() if '"onnxruntime>=' in line)
+    return next(re.search(r'>=([\d.]+)', line)[1] for line in text.splitlines() if '"onnxruntime>=' in line)
 
 
 # ----------------------------------------------------------------------------- the table
@@ -287,3 +288,32 @@ def test_the_base_install_resolves_on_aarch64(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     wheels = [p.name for p in tmp_path.iterdir()]
     assert any(w.startswith("onnxruntime-") and "aarch64" in w for w in wheels), wheels
+
+
+def test_fused_floor_is_the_newest_fused_kernel_and_known_bad_releases_are_excluded():
+    import tomllib
+
+    assert req.FUSED_FLOOR == max((req.FIRST_VERSION[op] for op in req.FUSED_OPS), key=req.parse_version)
+    assert set(req.FUSED_OPS) == FUSED_OPS
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    ort = next(d for d in deps if d.startswith("onnxruntime"))
+    for bad in req.KNOWN_BAD:
+        assert f"!={bad}" in ort
+    readme = (ROOT / "devices" / "README.md").read_text()
+    assert "1.21.0" in readme and "1.23.2" in readme and req.FUSED_FLOOR in readme
+
+
+def test_a_python_310_arm_board_gets_1_23_2_and_the_portable_graphs():
+    plan = req.device_onnxruntime("3.10.12", "aarch64")
+    assert plan["version"] == "1.23.2" and plan["graph_set"] == "portable" and plan["blocker"] is None
+    assert any("fused graphs need onnxruntime >= 1.30.0" in n for n in plan["notes"])
+    plan = req.device_onnxruntime("3.11.2", "aarch64", wheel="1.32.0")
+    assert plan == {"version": "1.32.0", "source": "pip index on the device", "graph_set": "fused", "notes": [],
+                    "blocker": None}
+    assert req.device_onnxruntime("3.11.2", "aarch64")["version"] is None  # not asked, nothing known: no guess
+    bad = req.device_onnxruntime("3.11.2", "aarch64", installed="1.21.0", wheel="1.32.0")
+    assert bad["source"] == "installed" and "Illegal instruction" in bad["blocker"]
+    old = req.device_onnxruntime("3.12.1", "x86_64", installed="1.18.1")
+    assert old["graph_set"] is None and "older than 1.19.0" in old["notes"][0]
+    assert req.device_onnxruntime("3.11.2", "armv7l", python_bits=32)["notes"] == [
+        "PyPI has no onnxruntime wheels for 32-bit Python"]
