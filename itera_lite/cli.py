@@ -3,34 +3,15 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import click
+
+from itera_runtime.errors import OneLineErrors, fail
 
 from .train import TrainConfig
 
 
-def fail(message: str) -> None:
-    """One clear line on stderr and a non-zero exit: how every user-facing error ends."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(1)
-
-
 _D = TrainConfig()
-
-
-class _OneLineErrors(click.Command):
-    """Usage errors (a bad option value) end like every other error: one `error:` line, exit 1."""
-
-    def main(self, *args, **kwargs):
-        try:
-            return super().main(*args, standalone_mode=False, **kwargs)
-        except click.exceptions.Exit as e:
-            sys.exit(e.exit_code)
-        except click.Abort:
-            fail("interrupted")
-        except click.ClickException as e:
-            fail(" ".join(e.format_message().split()))
 
 
 def _finite_positive(ctx, param, value):
@@ -40,7 +21,7 @@ def _finite_positive(ctx, param, value):
     return value
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("--model", type=click.Choice(["itera", "baseline"]), default=_D.model)
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default=_D.preset)
 @click.option("--data", default=_D.data, help="'shakespeare', a text file/folder/glob, or hf:NAME[:CONFIG]")
@@ -80,9 +61,7 @@ def main(model, preset, out, resume, quiet, **kw):
 
     `itera-train retrieval-index CHECKPOINT` builds a kNN-LM datastore from a trained model (its own --help).
     """
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .train import TrainError, train
+    from .train import train
 
     ctx = click.get_current_context()
     # What the user typed, as opposed to defaults: a resumed run keeps its own settings.
@@ -91,8 +70,6 @@ def main(model, preset, out, resume, quiet, **kw):
     cfg = TrainConfig(model=model, preset=preset, out=out or f"runs/{model}-{preset}", **kw)
     try:
         summary = train(cfg, resume=resume, progress=not quiet, given=given)
-    except (TrainError, CheckpointError, DataError) as e:
-        fail(str(e))
     except OSError as e:
         # An unwritable or full place the run writes to (logs, summary): name it and the cause.
         fail(f"{e.filename or cfg.out}: {e.strerror or e}")
@@ -116,7 +93,7 @@ def main(model, preset, out, resume, quiet, **kw):
                        "(see experts in summary.json)", err=True)
 
 
-@click.command(cls=_OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-o", "--out", default=None, help="datastore folder [default: datastore/ beside CHECKPOINT]")
 @click.option("--max-entries", type=click.IntRange(1), default=100_000,
@@ -129,15 +106,12 @@ def main(model, preset, out, resume, quiet, **kw):
 @click.option("--quiet", is_flag=True, help="no progress bar")
 def retrieval_index(checkpoint, out, max_entries, all_entries, tune_tokens, seed, force, quiet):
     """Build a kNN-LM datastore (hidden state → next token) from CHECKPOINT's training split."""
-    from .checkpoint import CheckpointError
-    from .retrieval import DatastoreError, build_datastore
+    from .retrieval import build_datastore
 
     try:
         path, meta = build_datastore(checkpoint, out, None if all_entries else max_entries, tune_tokens=tune_tokens,
                                      seed=seed, force=force, progress=not quiet,
                                      log=lambda m: click.echo(f"· {m}", err=True))
-    except (DatastoreError, CheckpointError) as e:
-        fail(str(e))
     except OSError as e:
         fail(f"{e.filename or out}: {e.strerror or e}")
     except KeyboardInterrupt:
