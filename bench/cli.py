@@ -26,6 +26,8 @@ import sys
 
 import click
 
+from itera_runtime.graphcheck import GRAPH_SET_ENV
+
 from .energy import BACKENDS as ENERGY_BACKENDS
 from .record import FORMATS, Record, format_records
 
@@ -67,8 +69,12 @@ def bench_command(fn):
                   help="run on the device of this profile (a name, or a .toml file)")
     @click.option("--fleet", default=None, type=click.Path(dir_okay=False, path_type=str),
                   help="run on every host of this fleet file, in parallel")
+    @click.option("--graph-set", default=None, envvar=GRAPH_SET_ENV, show_envvar=True, metavar="NAME",
+                  help="run this graph set (fused, portable) of each bundle that has it; the others run the "
+                       "set this onnxruntime picks")
     @functools.wraps(fn)
-    def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, hosts, device_profiles, fleet, **kw):
+    def wrapper(bundles, threads, repetitions, no_warmup, output, baseline, hosts, device_profiles, fleet, graph_set,
+                **kw):
         from itera_runtime.bundle import BundleError
         from itera_runtime.options import DeviceError, check_threads
 
@@ -87,7 +93,7 @@ def bench_command(fn):
                 from itera_devices.remote import bench_on_devices, select_devices
 
                 devices, run_here = select_devices(hosts, device_profiles, fleet)
-            loaded = [_load(b, fn) for b in bundles]  # verified once, before any progress
+            loaded = [_load(b, fn, graph_set) for b in bundles]  # verified once, before any progress
             if baseline is not None and baseline not in bundles:
                 raise ValueError(f"--baseline {baseline} is not one of the bundles measured")
             if devices:
@@ -134,8 +140,9 @@ def accepts_gguf(fn):
     return fn
 
 
-def _load(path: str, fn):
-    """A bundle, verified; or, for subcommands that take one, a .gguf model for llama.cpp."""
+def _load(path: str, fn, graph_set: str | None = None):
+    """A bundle, verified (with only its `graph_set` where it has one of that name); or, for
+    subcommands that take one, a .gguf model for llama.cpp."""
     from itera_runtime.bundle import load_bundle
 
     from .llamacpp import GgufModel, is_gguf
@@ -144,7 +151,8 @@ def _load(path: str, fn):
         if not getattr(fn, "accepts_gguf", False):
             raise ValueError(f"{path}: a GGUF file is measured by `itera-bench latency` only")
         return GgufModel(path)
-    return load_bundle(path)
+    bundle = load_bundle(path)
+    return bundle.with_graph_set(graph_set) if graph_set in bundle.manifest.graph_sets() else bundle
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

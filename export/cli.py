@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from .lower import LOWER_MODES
+from .graphfile import GRAPH_SET_CHOICES, LOWER_TO_GRAPH_SET
 from .quantize import SCHEMES
 
 
@@ -18,11 +18,13 @@ from .quantize import SCHEMES
 @click.option("--quant-option", "quant_options", multiple=True, metavar="KEY=VALUE",
               help="change one quantization setting (repeatable), e.g. block_size=64, weights=dynamic, "
                    "table_bits=8; the defaults were chosen by measurement (export/quantize.py SETTINGS)")
-@click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
-              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
-                   "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
-                   "runs fused where it can. Baseline: fused = GroupQueryAttention over a KV buffer, "
-                   "none = optimum's standard-op graph")
+@click.option("--graph-set", type=click.Choice(GRAPH_SET_CHOICES), default="auto",
+              help="fused: onnxruntime's fused kernels; portable: standard ops, older onnxruntime; both "
+                   "(Itera-Lite): the two over one weights file, the runtime runs fused where it can; auto: "
+                   "both (Itera-Lite) or fused (baseline: GroupQueryAttention over a KV buffer) where this "
+                   "onnxruntime validates them, else portable")
+@click.option("--lower", type=click.Choice(list(LOWER_TO_GRAPH_SET)), default=None, hidden=True,
+              help="former name of --graph-set (none = portable, dual = both)")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
@@ -32,8 +34,11 @@ from .quantize import SCHEMES
                    "itera-run and itera-bench quality then mix its next-token distribution in")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, retrieval, force, as_json):
+def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_text, fmt, retrieval, force, as_json):
     """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
+    if lower is not None and click.get_current_context().get_parameter_source("graph_set") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--lower is the former name of --graph-set: give one of them")
     from itera_lite.checkpoint import CheckpointError
     from itera_runtime.bundle import BundleError
 
@@ -62,7 +67,7 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, re
             click.echo(f"{summary['path']}: GGUF {summary['file_type']}, {summary['bytes'] / 1e6:.2f} MB")
         return
     try:
-        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, lower=lower, force=force,
+        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, graph_set=graph_set, lower=lower, force=force,
                                            validate_text=validate_text, quant_options=quant_options,
                                            retrieval=retrieval,
                                            log=lambda m: click.echo(f"· {m}", err=True))
@@ -78,7 +83,7 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, re
     v = manifest.validation
     nodes = ", ".join(f"{f} {c['nodes']} nodes" for f, c in manifest.graph_checks.items())
     click.echo(f"{path}: {manifest.family} bundle, quantization {manifest.quantization.mode}, "
-               f"ssm path {manifest.ssm_path}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
+               f"graph sets {', '.join(manifest.graph_sets())}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
     click.echo(f"validation vs torch on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
                f"decode top-1 agreement {v.decode_top1_agreement:.1%}, "
                f"bits/byte {v.bits_per_byte:.4f} (torch {v.bits_per_byte_torch:.4f})")

@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 # The manifest's names, importable from here as from their home: the bundle is what users open.
-from .manifest import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, FAMILIES, KV_BUFFER_AXIS, MANIFEST_NAME,
-                       RETRIEVAL_METRICS, STATE_KINDS, BundleError, FileEntry, GraphSet, GraphSpec, IoNames,
+from .manifest import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, DEFAULT_SET, FAMILIES, FUSED, GRAPH_SETS,
+                       KV_BUFFER_AXIS, MANIFEST_NAME, PORTABLE, RETRIEVAL_METRICS, STATE_KINDS, BundleError, FileEntry, GraphSet, GraphSpec, IoNames,
                        Manifest, Quantization, Requires, Retrieval, StateSpec, StateTensor, TensorSpec, Validation)
 
 __all__ = [
@@ -30,6 +30,10 @@ __all__ = [
     "FAMILIES",
     "STATE_KINDS",
     "KV_BUFFER_AXIS",
+    "FUSED",
+    "PORTABLE",
+    "DEFAULT_SET",
+    "GRAPH_SETS",
     "RETRIEVAL_METRICS",
     "BundleError",
     "FileEntry",
@@ -171,6 +175,13 @@ class Bundle:
     @property
     def graph_names(self) -> list[str]:
         return list(self.manifest.graphs)
+
+    def with_graph_set(self, name: str) -> Bundle:
+        """This bundle with its graph set `name` as the only one (every session of it runs that set)."""
+        try:
+            return Bundle(self.path, self.manifest.only_set(name))
+        except BundleError as e:
+            raise BundleError(f"{self.manifest_path}: {e}") from None
 
     def graph(self, name: str, graph_set: str | None = None) -> GraphSpec:
         """The graph called `name` ("prefill", "decode", ...) of a graph set (default: the preferred one)."""

@@ -220,7 +220,7 @@ def refusal(where: str, requires: Requires, problems: list[str], ort_version: st
     more = f" (and {len(problems) - 1} more op{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return (f"{where}: {problems[0]}{more}; installed onnxruntime is "
             f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
-            f"or use a portable bundle (itera-export --lower none; Itera-Lite bundles can carry both with --lower dual)")
+            f"or use a portable bundle (itera-export --graph-set portable; Itera-Lite bundles can carry both with --graph-set both)")
 
 
 def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | None = None,

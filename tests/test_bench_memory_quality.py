@@ -270,7 +270,7 @@ def test_flops_of_the_function_path_int8_graph(tiny_itera, tmp_path):
     from itera_export.exporter import export_checkpoint
     from itera_runtime.bundle import load_bundle
 
-    out, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "fn8", quantize="int8", lower="none")
+    out, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "fn8", quantize="int8", graph_set="portable")
     assert manifest.ssm_path == "function"
     fn8 = graph_flops(load_bundle(out), [0])[0]
     fused = graph_flops(load_bundle(tiny_itera.bundle), [0])[0]
