@@ -23,6 +23,8 @@ import json
 import subprocess
 import sys
 
+from itera_runtime.errors import UserError
+
 STATUS_FIELDS = {"VmRSS": "rss", "VmHWM": "hwm", "RssAnon": "rss_anon", "RssFile": "rss_file"}
 
 
@@ -79,10 +81,10 @@ def run_probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, gra
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"memory probe of {bundle_path} did not finish in {timeout:.0f} s") from None
-    if proc.returncode != 0:  # ValueError: bench_command's one-line error, not a traceback
+        raise UserError(f"memory probe of {bundle_path} did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:  # the child's last line: what it failed on
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ValueError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
+        raise UserError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -97,17 +99,15 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
     from itera_runtime.graphcheck import pick_graph_set
     from itera_runtime.options import thread_settings
 
+    from .latency import check_depth
     from .record import Record
     from .sweep import Case, Sample, bundle_fields
 
     cases = []
     for b in bundles:
-        limit = b.max_seq_len
         graph_set = pick_graph_set(b)  # the probe's process runs the set this one would
         for d in depths:
-            if limit is not None and d + n_gen > limit:
-                raise ValueError(f"{b.path}: depth {d} + {n_gen} generated tokens exceeds the model's "
-                                 f"context of {limit} tokens")
+            check_depth(b, d, n_gen)
             for t in threads:
                 expected = state_bytes(b, d)
 
@@ -117,7 +117,7 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
                         raise BundleError(f"{b.path}: the runtime holds {m['runtime_state_bytes']} bytes of "
                                            f"state at depth {d} but the manifest says {expected}")
                     if m["peak_rss_bytes"] is None:
-                        raise OSError("this OS reports no peak resident memory for a process")
+                        raise UserError("this OS reports no peak resident memory for a process")
                     extra = {k: v for k, v in m.items() if k not in ("peak_rss_bytes", "torch_imported") and v is not None}
                     return Sample(float(m["peak_rss_bytes"]), extra=extra)
 

@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
+
 # The manifest's names, importable from here as from their home: the bundle is what users open.
 from .manifest import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, DEFAULT_SET, FAMILIES, FUSED, GRAPH_SETS,
                        KV_BUFFER_AXIS, MANIFEST_NAME, PORTABLE, RETRIEVAL_METRICS, STATE_KINDS, BundleError, FileEntry, GraphSet, GraphSpec, IoNames,
@@ -49,6 +51,7 @@ __all__ = [
     "GraphSet",
     "Manifest",
     "Bundle",
+    "ContextError",
     "sha256_file",
     "file_entry",
     "write_manifest",
@@ -58,6 +61,10 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+
+
+class ContextError(UsageError):
+    """More tokens of context than the model was built for; one line."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -163,6 +170,16 @@ class Bundle:
     def max_seq_len(self) -> int | None:
         """Longest context the model was built for (None: no limit, as for the SSM)."""
         return self.manifest.model_config.get("max_seq_len")
+
+    def fits(self, n_tokens: int) -> bool:
+        """Whether `n_tokens` of context fit the model (always, for the SSM)."""
+        limit = self.max_seq_len
+        return not limit or n_tokens <= limit
+
+    def check_context(self, n_tokens: int, what: str) -> None:
+        """Refuse `what` (how the `n_tokens` add up, e.g. "depth 2048 + 65 tokens") beyond max_seq_len."""
+        if not self.fits(n_tokens):
+            raise ContextError(f"{self.path}: {what} exceeds the model's context (max_seq_len {self.max_seq_len})")
 
     @property
     def tokenizer_path(self) -> Path:

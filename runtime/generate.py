@@ -29,6 +29,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from .bundle import Bundle, load_bundle
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession, State
@@ -123,7 +125,7 @@ class LoopTiming:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-def generate_tokens(session: ModelSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
+def generate_tokens(session: ModelSession, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, sampler: Sampler,
                     timing: LoopTiming | None = None, state: State | None = None) -> Iterator[int]:
     """The loop: prefill once, then sample and decode with the carried state.
 
@@ -234,10 +236,8 @@ class Generator:
     def _check(self, n_prompt: int, max_new_tokens: int) -> None:
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        limit = self.bundle.max_seq_len
-        if limit and n_prompt + max_new_tokens > limit:
-            raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the model's max_seq_len {limit}")
+        self.bundle.check_context(n_prompt + max_new_tokens,
+                                  f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens})")
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 128,
                      sampling: SamplingConfig | None = None) -> list[int]:

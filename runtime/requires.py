@@ -116,7 +116,7 @@ KNOWN_BAD = {"1.21.0": "crashes with 'Illegal instruction' on import on a Raspbe
 # `pip index versions onnxruntime --python-version 310 --only-binary=:all:` for
 # manylinux_2_28_aarch64 and _x86_64 said 1.23.2 on 2026-12-03 (Python 3.11: 1.32.0). So
 # Ubuntu 22.04 on a Pi and JetPack 6 (Python 3.10) run the portable graph set only.
-LAST_WHEEL = {(3, 10): "1.23.2"}
+LAST_WHEEL: dict[tuple[int, ...], str] = {(3, 10): "1.23.2"}
 
 
 def op_key(domain: str, op_type: str) -> str:

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UsageError
+
 __all__ = [
     "SamplingConfig",
     "Sampler",
@@ -59,13 +61,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k}")
+            raise UsageError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}"
             )
 

@@ -266,25 +266,32 @@ def test_claims_never_count_an_estimate_or_a_missing_row(tiny_itera, tiny_baseli
 # --------------------------------------------------------------------------- all
 
 
-def test_all_finds_measuring_subcommands_by_name():
+def test_all_runs_every_registered_measurement_with_its_small_options():
     import click
 
-    from itera_bench.cli import bench_command, main
-    from itera_bench.suite import measuring_commands
+    from itera_bench.cli import MEASUREMENTS, bench_command, main, measurement, suite
 
-    assert {"latency", "step", "profile"} <= set(measuring_commands(main))
-    assert not {"all", "report", "claims"} & set(measuring_commands(main))
+    assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy"]
+    runs = {inv.name: inv for inv in suite(["a", "b.gguf"], [1, 2], 3, [128, 2048], baseline="a", skip=("profile",))}
+    assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy"]
+    assert runs["latency"].bundles == ("a", "b.gguf") and runs["step"].bundles == ("a",)  # .gguf: latency only
+    assert runs["latency"].argv() == ["latency", "a", "b.gguf", "--threads", "1,2", "--repetitions", "3",
+                                      "--output", "jsonl", "--baseline", "a", "--n-gen", "32",
+                                      "--n-depth", "0,128,2048", "--n-prompt-gen", "512,32"]  # -p 512: its default
+    assert runs["step"].options["n_depth"] == [128, 2048] and runs["memory"].options["n_gen"] == 16
 
+    @measurement(lambda depths: {"n": 2})
     @main.command(name="widgets")
     @bench_command
     @click.option("-n", default=1)
     def widgets(bundles, threads, repetitions, warmup, n):
         return []
 
-    try:  # a subcommand merged later is picked up without touching `all`
-        assert "widgets" in measuring_commands(main)
+    try:  # a subcommand merged later runs in `all` by registering itself
+        assert suite(["a"], [1], 1, [8])[-1].argv() == ["widgets", "a", "--repetitions", "1", "--output", "jsonl",
+                                                        "-n", "2"]
     finally:
-        del main.commands["widgets"]
+        del main.commands["widgets"], MEASUREMENTS["widgets"]
 
 
 @pytest.mark.slow
