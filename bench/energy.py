@@ -1,12 +1,9 @@
 """Energy per token: joules per token (tokens per joule, average watts) for prefill and decode,
 gross and net of an idle baseline measured in the same run, and CPU time per token always.
 
-Backends (`--energy-backend`), each a small module of its own:
-- `powercap`: Linux powercap/RAPL (`powercap.py`), package + dram by default.
-- `pi5-pmic`: Raspberry Pi 5 PMIC rails through vcgencmd (`pi5pmic.py`), labelled "PMIC rails".
-- `perf`: `perf stat -e power/energy-pkg/` (`perf_energy.py`).
-- `pyrapl`: the pyRAPL package (extra `energy`; Intel only, unmaintained since 2019).
-- `auto`: the first of powercap, pi5-pmic, perf that reads and advances here; `none`: no counter.
+Counters (`--energy-backend`): powercap/RAPL (`powercap.py`), the Raspberry Pi 5 PMIC
+(`pi5pmic.py`), `perf stat` (`perf_energy.py`), pyRAPL; `auto` takes the first that reads
+and advances here.
 
 What one repetition of a test measures (a "window"): the meter is read, then the generate
 loop users run (`generate_tokens`, which calls `ModelSession.prefill` then decodes) is

@@ -1,14 +1,10 @@
 """What a bundle needs from onnxruntime, checked before any session is made.
 
-A bundle made on a laptop runs on whatever onnxruntime a device has. Graphs that use
-onnxruntime's contrib kernels (com.microsoft: the fused SSM/MoE path, the quantized
-kernels) fail to load on releases older than the kernel, with onnxruntime's own error
-("... is not a registered function/op"), which says neither what is needed nor what to do.
-So the exporter records in the manifest (`Manifest.requires`) the contrib ops of each graph
-and the lowest onnxruntime that runs them all, computed from the graphs it wrote
-(`export.graphfile.graph_ops` + `requires_for`); `check_requires` compares that with the
-installed onnxruntime, and `choose_graph_set` picks the first graph set of a bundle (fused,
-then portable) that this onnxruntime runs.
+Graphs with onnxruntime's contrib kernels (the fused SSM/MoE path, the quantized kernels)
+fail to load on releases older than a kernel with an error that says neither what is needed
+nor what to do. So the manifest records each graph set's contrib ops and the lowest
+onnxruntime that runs them (`requires_for`); `check_requires` compares that with the
+installed onnxruntime, and `choose_graph_set` picks the first set it runs.
 
 The versions below were measured, not read from release notes: for each onnxruntime
 release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaway venv
