@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
+
+from itera_runtime.errors import OneLineErrors, fail
 
 from .graphfile import GRAPH_SET_CHOICES, LOWER_TO_GRAPH_SET
 from .quantize import SCHEMES
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-o", "--out", default=None, help="bundle folder [default: bundles/<run name>]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default="none",
@@ -39,26 +39,16 @@ def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_te
     if lower is not None and click.get_current_context().get_parameter_source("graph_set") == \
             click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--lower is the former name of --graph-set: give one of them")
-    from itera_lite.checkpoint import CheckpointError
-    from itera_runtime.bundle import BundleError
-
-    from .exporter import ExportError, export_checkpoint
-    from .gguf import GgufError, export_gguf
+    from .exporter import export_checkpoint
+    from .gguf import export_gguf
 
     if fmt == "gguf":
         if retrieval:
-            click.echo("error: --retrieval applies to ONNX bundles", err=True)
-            sys.exit(1)
+            fail("--retrieval applies to ONNX bundles")
         if quant_options:
-            click.echo("error: --quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize",
-                       err=True)
-            sys.exit(1)
-        try:
-            summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
-                                  log=lambda m: click.echo(f"· {m}", err=True))
-        except (GgufError, CheckpointError, ExportError) as e:
-            click.echo("error: " + " ".join(str(e).split()), err=True)
-            sys.exit(1)
+            fail("--quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize")
+        summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
+                              log=lambda m: click.echo(f"· {m}", err=True))
         if as_json:
             import json
 
@@ -67,16 +57,11 @@ def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_te
             click.echo(f"{summary['path']}: GGUF {summary['file_type']}, {summary['bytes'] / 1e6:.2f} MB")
         return
     try:
-        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, graph_set=graph_set, lower=lower, force=force,
-                                           validate_text=validate_text, quant_options=quant_options,
-                                           retrieval=retrieval,
-                                           log=lambda m: click.echo(f"· {m}", err=True))
-    except (ExportError, CheckpointError, BundleError) as e:
-        click.echo("error: " + " ".join(str(e).split()), err=True)
-        sys.exit(1)
+        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, graph_set=graph_set, lower=lower,
+                                           force=force, validate_text=validate_text, quant_options=quant_options,
+                                           retrieval=retrieval, log=lambda m: click.echo(f"· {m}", err=True))
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing written", err=True)
-        sys.exit(130)
+        fail("interrupted; nothing written", 130)
     if as_json:
         click.echo(manifest.to_json().rstrip("\n"))
         return

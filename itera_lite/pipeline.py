@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from itera_bench.params import COUNTS
+from itera_runtime.errors import UserError, fail
 
 QUANTIZE = ("none", "int8")  # the bundles the report compares: fp32 and int8 of each family
 
@@ -57,16 +58,13 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.plot import PlotError, pyplot
     from itera_bench.record import format_records
-    from itera_bench.report import CLAIMS_JSON, ReportError, render
+    from itera_bench.report import CLAIMS_JSON, render
     from itera_bench.cli import suite
     from itera_bench.suite import collect, run_all
-    from itera_export.exporter import ExportError, export_checkpoint
+    from itera_export.exporter import export_checkpoint
     from itera_runtime import Generator, SamplingConfig
     from itera_runtime.provenance import provenance
 
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .train import TrainError
 
     try:
         pyplot()  # the report's plots need matplotlib: say so now, not after minutes of training
@@ -115,7 +113,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         records, reasons = collect(results, status)
         decode = [r for r in records if r.kind == "latency" and r.test.startswith("tg") and r.n_depth in ctx]
         if not decode:
-            raise ValueError(f"the decode benchmark measured nothing: {status.get('latency')}")
+            raise UserError(f"the decode benchmark measured nothing: {status.get('latency')}")
         click.echo(format_records(decode, "md"))
         for r in decode:
             if r.family == "itera" and r.vs_baseline is not None:
@@ -126,9 +124,8 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
                     + "\n".join(f"{f}: {samples[f]!r}" for f in families) + "\n```")
         report_md = render(records, out, runs=[out / f for f in families], reasons=reasons, baseline=baseline,
                            title="Itera-Lite vs Transformer baseline", sources=[str(results)], preamble=preamble)
-    except (TrainError, CheckpointError, DataError, ExportError, ReportError, PlotError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    except UserError as e:  # a bug keeps its traceback
+        fail(e)
 
     claims = json.loads((out / CLAIMS_JSON).read_text())["claims"] if (out / CLAIMS_JSON).exists() else []
     for table in claims:

@@ -20,9 +20,13 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
         "And by opposing end them. Café, naïve — ☃.\n") * 3
 
 
-def bench(*args):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def rows(proc) -> list[dict]:

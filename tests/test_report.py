@@ -4,8 +4,6 @@ from every format, the claims table on two real bundles, and refusals in one lin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 BLUE = (0x1F / 255, 0x77 / 255, 0xB4 / 255)  # plot.PALETTE[0]: the first series of every plot
 
 
-def bench(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, **kw)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def one_error_line(proc) -> str:
@@ -61,11 +63,13 @@ def train_run(tmp_path_factory):
                              "export/exporter.py", "bench/record.py"]):
         (data / f"{i}.txt").write_text((REPO / src).read_text())
     out = root / "itera"
-    proc = subprocess.run([sys.executable, "-m", "itera_lite.cli", "--model", "itera", "--data", str(data),
-                           "--out", str(out), "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4",
-                           "--threads", "1", "--max-steps", "12", "--eval-every", "4", "--eval-batches", "2",
-                           "--final-eval-batches", "2", "--warmup-steps", "2", "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    proc = invoke(main, "--model", "itera", "--data", data, "--out", out, "--vocab-size", "256", "--seq-len", "32",
+                  "--batch-size", "4", "--threads", "1", "--max-steps", "12", "--eval-every", "4",
+                  "--eval-batches", "2", "--final-eval-batches", "2", "--warmup-steps", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
