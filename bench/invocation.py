@@ -69,14 +69,14 @@ class Invocation:
                 if k in self.given and isinstance(v, str) and os.path.isfile(v)}
 
     def argv(self) -> list[str]:
-        """NAME BUNDLES... and every option whose value is not the command's default."""
+        """NAME BUNDLES... and every option typed on the command line or whose value is not the default."""
         defaults = _defaults(self.command)
         out = [self.name, *self.bundles]
         for param in self.command.params:
             if not isinstance(param, click.Option) or param.name not in self.options:
                 continue
             value = self.options[param.name]
-            if value is None or value == defaults.get(param.name):
+            if value is None or (value == defaults.get(param.name) and param.name not in self.given):
                 continue
             flag = max(param.opts, key=len)
             if param.is_flag:
