@@ -55,7 +55,8 @@ COUNTS = IntList(0)  # token counts, where 0 skips a test (-p 0) or means no con
 
 
 def _list_option(*decls: str, default: tuple[int, ...], type_: IntList, help: str):
-    return click.option(*decls, type=type_, default=default, show_default=IntList.render(default),
+    # The default as it would be typed: the help shows "128,2048", and the type parses it like any value.
+    return click.option(*decls, type=type_, default=IntList.render(default), show_default=True,
                         metavar="N[,N...]", help=help)
 
 

@@ -50,7 +50,7 @@ def _quality_table(summaries: dict) -> str:
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="tiny")
 @click.option("--minutes", type=float, default=3.0, help="training wall-clock budget per model")
 @click.option("--max-steps", type=int, default=400, help="schedule length (cosine ends here)")
-@click.option("--contexts", type=COUNTS, default=(128, 2048), help="decode-speed context lengths (list)")
+@click.option("--contexts", type=COUNTS, default="128,2048", help="decode-speed context lengths (list)")
 @click.option("--bench-threads", type=int, default=1, help="onnxruntime threads for the speed comparison")
 @click.option("--threads", type=int, default=None, help="torch threads for training")
 @click.option("--out", default="runs/pipeline", type=click.Path(file_okay=False))
