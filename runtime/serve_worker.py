@@ -52,6 +52,7 @@ class Job:
     store: SessionStore | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
+    final: tuple[str, Any] | None = None  # the last event, sent once the job has left its slot
 
     def emit(self, kind: str, value: Any = None) -> None:
         try:
@@ -116,6 +117,8 @@ class Worker:
                 if not self._advance(job):
                     with self._cond:
                         self._active.remove(job)
+                    if job.final is not None:  # after the slot is free: a client told "done" sees it free
+                        job.emit(*job.final)
 
     def _advance(self, job: Job) -> bool:
         """One piece of text for `job`; False when the job is over (done, failed, cancelled, timed out)."""
@@ -125,7 +128,7 @@ class Worker:
                 return False
             if time.monotonic() > job.deadline:
                 self._close(job)
-                job.emit("error", ApiError(504, "the request took longer than the server's --request-timeout",
+                job.final = ("error", ApiError(504, "the request took longer than the server's --request-timeout",
                                            type="server_error", code="timeout"))
                 return False
             if job.generation is None:
@@ -142,8 +145,8 @@ class Worker:
         except Exception as e:  # a bug: the request gets a 500, the server keeps serving
             traceback.print_exc(file=sys.stderr)
             self._close(job)
-            job.emit("error", ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
-                                       code="internal_error"))
+            job.final = ("error", ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                           code="internal_error"))
             return False
 
     def _close(self, job: Job) -> None:
@@ -167,4 +170,4 @@ class Worker:
             info["session"] = {"id": session.id, "cached_tokens": job.cached_tokens, "tokens": state.position,
                                "state_bytes": session.nbytes, "kept": kept}
             job.session_id = None
-        job.emit("done", info)
+        job.final = ("done", info)
