@@ -203,9 +203,9 @@ class Generation:
         string (and the last token sampled, which no decode step fed) are not in it.
         """
         if self._state is None:
+            text = self.finish().text
             if self._after_prompt is None:
                 raise ValueError("this generation did not keep its state: call generate(..., keep_state=True)")
-            text = self.finish().text
             session = self.generator.session
             ids = self.generator.tokenizer.encode(text).ids if text else []
             self._state = session.prefill(ids, self._after_prompt)[1] if ids else self._after_prompt
