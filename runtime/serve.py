@@ -341,8 +341,7 @@ class Server:
         except OSError as e:
             await runner.cleanup()
             raise UserError(f"cannot listen on {self.config.host}:{self.config.port} ({e.strerror or e})") from None
-        sockets = site._server.sockets if site._server is not None else []  # type: ignore[union-attr]
-        host, port = sockets[0].getsockname()[:2] if sockets else (self.config.host, self.config.port)
+        host, port = runner.addresses[0][:2]  # the port the OS gave for --port 0
         url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()

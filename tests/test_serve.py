@@ -409,3 +409,25 @@ def test_itera_serve_refuses_a_busy_port_and_a_missing_bundle_in_one_line(server
     run = subprocess.run([sys.executable, "-m", "itera_runtime.serve", "/nonexistent/bundle"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "does not exist" in run.stderr
+
+
+# --------------------------------------------------------------------------- itera-bench serve
+
+
+def test_itera_bench_serve_measures_a_running_server_and_the_session_skips_the_history(server):
+    run = subprocess.run([sys.executable, "-m", "itera_bench.cli", "serve", BUNDLES["itera"], "--url", server.url,
+                          "-c", "1,2", "-p", "16", "-n", "8", "--chat-turns", "3", "--chat-gen", "4", "-r", "2",
+                          "-o", "jsonl"], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    rows = [json.loads(line) for line in run.stdout.splitlines()]
+    by = {(r["test"], r["metric"]): r for r in rows}
+    for c in (1, 2):
+        for metric in ("time_to_first_token", "tokens_per_s_per_client", "tokens_per_s_total"):
+            row = by[(f"c{c} pp16+tg8", metric)]
+            assert len(row["samples"]) == 2 and all(v > 0 for v in row["samples"])
+            assert row["kind"] == "serve" and row["family"] == "itera" and row["extra"]["parallel"] == 4
+    assert by[("graph b2", "tokens_per_s_total")]["median"] > 0
+    session, resend = by[("chat3 session", "time_to_first_token")], by[("chat3 resend", "time_to_first_token")]
+    assert session["extra"]["last_cached_tokens"] > 0 and resend["extra"]["last_cached_tokens"] == 0
+    assert session["extra"]["last_prompt_tokens"] == resend["extra"]["last_prompt_tokens"]
+    assert len(session["extra"]["ttft_ms_per_turn"]) == 3
