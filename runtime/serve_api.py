@@ -89,10 +89,6 @@ def _is_num(v: Any) -> bool:
     return (_is_int(v) or isinstance(v, float)) and math.isfinite(v)
 
 
-def _opt(body: dict, name: str) -> Any:
-    return body.get(name)
-
-
 def _int_field(body: dict, name: str, low: int, high: int | None = None) -> int | None:
     v = body.get(name)
     if v is None:

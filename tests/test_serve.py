@@ -354,8 +354,9 @@ def test_sixteen_concurrent_streaming_clients_all_get_the_right_text(server):
     assert time.monotonic() - start < 120
     for i in range(16):
         assert results[i] == GOLDEN[FAMILIES[i % 2]]["text"], i
-    # memory under load: both bundles, 16 streams, sessions (bound measured at about 3x less)
-    assert server.peak_rss_bytes() is None or server.peak_rss_bytes() < 400 * (1 << 20)
+    # memory under load: both bundles and 16 streams peaked at 115 MiB here (107 MiB after loading)
+    peak = server.peak_rss_bytes()
+    assert peak is None or peak < 200 * (1 << 20), peak
 
 
 def _start_stream(url: str, body: dict) -> socket.socket:
@@ -414,6 +415,7 @@ def test_itera_serve_refuses_a_busy_port_and_a_missing_bundle_in_one_line(server
 # --------------------------------------------------------------------------- itera-bench serve
 
 
+@pytest.mark.slow
 def test_itera_bench_serve_measures_a_running_server_and_the_session_skips_the_history(server):
     run = subprocess.run([sys.executable, "-m", "itera_bench.cli", "serve", BUNDLES["itera"], "--url", server.url,
                           "-c", "1,2", "-p", "16", "-n", "8", "--chat-turns", "3", "--chat-gen", "4", "-r", "2",
