@@ -198,17 +198,22 @@ def chat(api, family: str, turns, session: str | None, history=None):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_five_turn_chat_with_a_session_gives_the_text_of_resending_it_and_survives_a_restart(family, tmp_path):
+def test_a_five_turn_chat_with_a_session_gives_the_text_of_resending_it_without_one(api, family):
+    plain, plain_cached, _ = chat(api, family, TURNS, None)
+    assert plain_cached == [0] * 5
+    kept, cached, _ = chat(api, family, TURNS, f"five-{family}")
+    assert kept == plain
+    # from the second turn on, everything before the new user turn came from the session
+    assert cached[0] == 0 and all(b > a > 0 for a, b in zip(cached[1:], cached[2:]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_session_continues_the_same_after_the_server_restarts(family, tmp_path):
     sessions = tmp_path / "sessions"
     with ServerProcess([BUNDLES[family]], ["--threads", "1", "--session-dir", sessions]) as s:
         api = client(s.url)
-        plain, plain_cached, _ = chat(api, family, TURNS, None)
-        assert plain_cached == [0] * 5
-        kept, cached, history = chat(api, family, TURNS, f"chat-{family}")
-        assert kept == plain
-        assert cached[0] == 0 and all(b > a > 0 for a, b in zip(cached[1:], cached[2:]))
-        # the session covers everything before the new user turn: only that turn was computed
-        assert all(c > 0 for c in cached[1:])
+        _, cached, history = chat(api, family, TURNS, f"chat-{family}")
         next_turn = ["To die"]
         expected, _, _ = chat(api, family, next_turn, None, history)
     assert (sessions / f"chat-{family}.itera-state").is_file()
