@@ -6,10 +6,13 @@ Two kinds of rows per bundle, all from streaming requests at temperature 0:
   sending the request to the first text event, median over the clients), `tokens_per_s_per_client`
   (each client's new tokens over its whole request time, median over the clients; the time
   between a tiny model's tokens is below what a client can resolve) and `tokens_per_s_total`
-  (every client's new tokens over the wall time of the round).
+  (every client's new tokens over the wall time of the round). When the bench started the
+  server, `extra.server_cpu_ms_per_token` is the server's CPU time (all threads) per new
+  token, which other load on the machine changes less than wall time.
 - `graph b{N}`: the bundle's decode graph alone run on N rows at once (tokens/s over all rows),
   next to `graph b1`: what batching the server's decode steps could gain at most. Measured for
   fixed-shape (SSM) states only: a KV buffer's rows would each need their own position.
+  `extra.cpu_ms_per_token` is this process's CPU time per token, beside the server's.
 - `chat{T} session` and `chat{T} resend`: a T-turn chat through /v1/chat/completions, every
   request re-sending the whole history, with a session and without; the metric is the
   time to first token of the last turn, with every turn's in `extra`.
@@ -116,9 +119,25 @@ def stream_request(url: str, path: str, body: dict, headers: dict | None = None,
     return out
 
 
-def concurrent_round(url: str, model: str, prompt: str, n_gen: int, clients: int) -> Sample:
-    """`clients` streaming completions at once; the median TTFT, and per-client and total rates in extra."""
+def _cpu_s(pid: int | None) -> float | None:
+    """CPU seconds (user + system, all threads) a process has used; None without a pid."""
+    if pid is None:
+        return None
+    import psutil
+
+    t = psutil.Process(pid).cpu_times()
+    return t.user + t.system
+
+
+def concurrent_round(url: str, model: str, prompt: str, n_gen: int, clients: int, server_pid: int | None = None
+                     ) -> Sample:
+    """`clients` streaming completions at once; the median TTFT, and per-client and total rates in extra.
+
+    server_pid: also give the server's CPU time per generated token (all its threads), which
+    other load on the machine changes less than wall time.
+    """
     results: list[Stream | BaseException] = [ValueError("not run")] * clients
+    cpu_before = _cpu_s(server_pid)
     start = threading.Barrier(clients)
 
     def client(i: int) -> None:
@@ -137,14 +156,18 @@ def concurrent_round(url: str, model: str, prompt: str, n_gen: int, clients: int
     failed = [r for r in results if isinstance(r, BaseException)]
     if failed:
         raise failed[0]
+    cpu_after = _cpu_s(server_pid)
     streams = [r for r in results if isinstance(r, Stream)]
     wall = max(s.end for s in streams) - min(s.sent for s in streams)
     ttft = statistics.median(s.ttft_s for s in streams)
-    return Sample(ttft * 1e3, int(wall * 1e9), {
-        "tokens_per_s_per_client": statistics.median(s.tokens_per_s for s in streams),
-        "tokens_per_s_total": sum(s.new_tokens for s in streams) / wall,
-        "ttft_ms_max": max(s.ttft_s for s in streams) * 1e3,
-        "new_tokens": sum(s.new_tokens for s in streams)})
+    new_tokens = sum(s.new_tokens for s in streams)
+    extra = {"tokens_per_s_per_client": statistics.median(s.tokens_per_s for s in streams),
+             "tokens_per_s_total": new_tokens / wall, "ttft_ms_max": max(s.ttft_s for s in streams) * 1e3,
+             "new_tokens": new_tokens}
+    if cpu_before is not None and cpu_after is not None and new_tokens:
+        # prefill included: the server's whole cost of a request, spread over its new tokens
+        extra["server_cpu_ms_per_token"] = (cpu_after - cpu_before) * 1e3 / new_tokens
+    return Sample(ttft * 1e3, int(wall * 1e9), extra)
 
 
 def chat_round(url: str, model: str, turns: int, n_gen: int, session: bool) -> Sample:
@@ -190,7 +213,7 @@ def _prompt(bundle: Bundle, n_prompt: int) -> str:
 
 
 def serve_cases(url: str, bundles: list[Bundle], threads: int | None, clients: list[int], n_prompt: int, n_gen: int,
-                chat_turns: int, chat_gen: int) -> list[Case]:
+                chat_turns: int, chat_gen: int, server_pid: int | None = None) -> list[Case]:
     models = {m["id"]: m for m in _get(url, "/v1/models")["data"]}
     load = _get(url, "/health").get("models", {})
     cases = []
@@ -208,7 +231,7 @@ def serve_cases(url: str, bundles: list[Bundle], threads: int | None, clients: l
             cases.append(Case(Record(kind="serve", test=f"c{c} pp{n_prompt}+tg{n_gen}", metric="time_to_first_token",
                                      unit="ms", higher_is_better=False, n_prompt=n_prompt, n_gen=n_gen,
                                      **fields, **how),
-                              functools.partial(concurrent_round, url, model, prompt, n_gen, c)))
+                              functools.partial(concurrent_round, url, model, prompt, n_gen, c, server_pid)))
         if b.state_kind == "ssm":
             cases += [graph_batch_case(b, threads, n, n_gen) for n in sorted({1, *clients})]
         for session in (True, False) if chat_turns else ():
@@ -233,12 +256,12 @@ def graph_batch_case(bundle: Bundle, threads: int | None, batch: int, n_steps: i
 
     def run() -> Sample:
         state = dict(feeds)
-        t = time.perf_counter_ns()
+        t, cpu = time.perf_counter_ns(), time.process_time_ns()
         for _ in range(n_steps):
             outs = graph.run(outputs, state)
             state.update(zip((s.input for s in bundle.state), outs[1:]))
-        ns = time.perf_counter_ns() - t
-        return Sample(batch * n_steps / (ns / 1e9), ns)
+        ns, cpu = time.perf_counter_ns() - t, time.process_time_ns() - cpu
+        return Sample(batch * n_steps / (ns / 1e9), ns, {"cpu_ms_per_token": cpu / 1e6 / (batch * n_steps)})
 
     return Case(Record(kind="serve", test=f"graph b{batch}", metric="tokens_per_s_total", unit="tok/s", n_gen=n_steps,
                        n_threads=threads, ort_settings=dict(session.settings),
@@ -280,7 +303,7 @@ def serve_records(bundles: list[Bundle], threads: list[int], repetitions: int, w
         except UserError as e:
             raise ServeBenchError(str(e)) from None
         with server:
-            cases = serve_cases(server.url, bundles, t, clients, n_prompt, n_gen, chat_turns, chat_gen)
+            cases = serve_cases(server.url, bundles, t, clients, n_prompt, n_gen, chat_turns, chat_gen, server.pid)
             measured = run_cases(cases, repetitions, warmup, desc="serve")
             peak = server.peak_rss_bytes()
         for r in measured:
