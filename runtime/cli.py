@@ -3,6 +3,7 @@
     itera-run BUNDLE --prompt "To be" --max-new-tokens 64
     echo "To be" | itera-run BUNDLE --temperature 0.8 --top-k 40 --seed 1 --json
     itera-run BUNDLE            # stdin is a terminal: interactive, the text carrying over from line to line
+    printf 'To be\nor not\n' | itera-run BUNDLE --interactive --json   # the same, one turn per stdin line
     itera-run BUNDLE --state chat.state -p "To be"   # continue from (and save) the carried state
 
 Text streams to stdout; a stats line goes to stderr (or everything into one JSON object
@@ -96,9 +97,10 @@ def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingCon
                f"({RESET_PROMPT} starts afresh); Ctrl-D or 'exit' quits.", err=True)
     while True:
         try:
-            line = input("> ")
+            line = input("> " if sys.stdin.isatty() else "")
         except EOFError:
-            _out("\n")
+            if not as_json:
+                _out("\n")
             return
         if line.strip() in EXIT_PROMPTS:
             return
@@ -154,18 +156,23 @@ def _has_datastore(path: str) -> bool:
 @click.option("--retrieval-temperature", default=None, type=float, help="Default: the datastore's.")
 @click.option("--no-stream", is_flag=True, help="Print the text at the end instead of as it comes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt, stats, sampling.")
+@click.option("--interactive", "-i", "interactive_", is_flag=True,
+              help="One turn per line of stdin, the text carrying over, even when stdin is not a terminal "
+                   "(the default when it is one).")
 @click.option("--state", "state_file", default=None, type=click.Path(dir_okay=False, path_type=str),
               help="Continue from the carried state in this file when it exists (the prompt is then only the new "
                    "text), and write the state after the text back to it.")
 def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
          stop, threads, graph_set, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature, no_stream, as_json,
-         state_file):
+         state_file, interactive_):
     """Generate text from the itera bundle folder BUNDLE."""
     try:
         check_threads(threads)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        if prompt is None and not sys.stdin.isatty():
+        if interactive_ and prompt is not None:
+            raise ValueError("--interactive reads its prompts from stdin; leave out --prompt")
+        if prompt is None and not interactive_ and not sys.stdin.isatty():
             prompt = _utf8(sys.stdin.buffer.read(), "stdin")
             prompt = prompt[:-1] if prompt.endswith("\n") else prompt
         elif prompt is not None:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from itera_runtime import cli
 from itera_runtime.generate import Generator
 from itera_runtime.sampling import SamplingConfig
 from itera_runtime.statefile import StateFileError, read_header
@@ -93,13 +92,39 @@ def test_itera_run_state_carries_a_text_across_processes(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"  # not overwritten
 
 
-def test_interactive_itera_run_keeps_the_state_across_turns(generators, monkeypatch, capsys):
+def test_interactive_itera_run_keeps_the_state_across_turns(generators):
     gen = generators["itera"]
-    lines = iter(["To be, or not", "Whether", "/reset", "To be, or not", "exit"])
-    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
-    cli.interactive(gen, 10, GREEDY, (), stream=False, as_json=True)
-    turns = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.strip()]
+    run = subprocess.run([sys.executable, "-m", "itera_runtime.cli", str(DATA / "golden-itera"), "--interactive",
+                          "-n", "10", "--temperature", "0", "--threads", "1", "--json"],
+                         input="To be, or not\nWhether\n/reset\nTo be, or not\n", capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr
+    turns = [json.loads(line) for line in run.stdout.splitlines() if line.strip()]
     assert [t["continued_after_tokens"] for t in turns] == [0, 23, 0]
     whole = gen.generate("To be, or not" + turns[0]["text"] + "\nWhether", 10, GREEDY).text
     assert turns[1]["prompt"] == "\nWhether" and turns[1]["text"] == whole
     assert turns[2]["text"] == turns[0]["text"]  # /reset started afresh
+
+
+def test_the_session_store_keeps_sessions_under_its_byte_bound_least_recently_used_first(generators, tmp_path):
+    from itera_runtime.serve_sessions import SessionStore
+
+    gen = generators["itera"]
+    state = gen.generate("To be", 4, GREEDY, keep_state=True).state
+    store = SessionStore(max_sessions=100, max_bytes=int(2.5 * state.nbytes), directory=tmp_path)
+    for sid in ("a", "b", "a", "c"):  # b is the least recently used when c arrives
+        assert store.checkout(sid, gen.bundle.sha256, "m") is None or sid == "a"
+        assert store.checkin(store.new_session(sid, gen.bundle.sha256, state, "To be"), gen)
+    assert len(store) == 2 and store.bytes <= store.max_bytes
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.itera-state", "c.itera-state"]
+    # a session larger than the whole bound is not kept (and nothing else is evicted for it)
+    big = generators["baseline"].generate("To be, or not to be" * 10, 4, GREEDY, keep_state=True).state
+    assert big.nbytes > store.max_bytes
+    store.checkout("d", generators["baseline"].bundle.sha256, "m")
+    assert not store.checkin(store.new_session("d", generators["baseline"].bundle.sha256, big, "x"), generators["baseline"])
+    assert len(store) == 2 and store.stats()["busy"] == 0
+    # what a restarted server reads back: the same two sessions, continuing where they were
+    again = SessionStore(max_sessions=100, max_bytes=store.max_bytes, directory=tmp_path)
+    assert again.restore({gen.bundle.sha256: gen}) == (2, [])
+    a = again.checkout("a", gen.bundle.sha256, "m")
+    assert a.continues("To be, or") and not a.continues("To be") and not a.continues("Not to be")
