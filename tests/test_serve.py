@@ -379,7 +379,6 @@ def _start_stream(url: str, body: dict) -> socket.socket:
     return sock
 
 
-@pytest.mark.slow
 def test_a_full_queue_is_503_and_a_killed_client_frees_its_slot(tmp_path):
     long = {"model": "golden-itera", "prompt": "To be", "max_tokens": 2000, "temperature": 0, "stream": True}
     with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--parallel", 1, "--queue", 0]) as s:
@@ -397,7 +396,6 @@ def test_a_full_queue_is_503_and_a_killed_client_frees_its_slot(tmp_path):
         serves_next_request(client(s.url))
 
 
-@pytest.mark.slow
 def test_a_request_over_its_timeout_is_504_and_frees_its_slot(tmp_path):
     with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--request-timeout", 0.3]) as s:
         status, data = raw(s.url, "POST", "/v1/completions",
