@@ -26,7 +26,7 @@ import re
 import sys
 from collections.abc import Iterable, Mapping
 
-from .bundle import Requires
+from .manifest import Requires
 
 __all__ = [
     "FIRST_VERSION",

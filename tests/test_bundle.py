@@ -2,6 +2,7 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -164,6 +165,22 @@ def test_manifest_json_round_trips_and_keeps_unknown_keys(bundle_dir):
     m2 = Manifest.from_json(json.dumps(newer))
     assert json.loads(m2.to_json()) == newer
     assert load_bundle(bundle_dir).manifest.files["decode.onnx"].bytes == (bundle_dir / "decode.onnx").stat().st_size
+
+
+EXAMPLE = Path(__file__).parent / "data" / "manifest.example.json"
+
+
+def test_example_manifest_parses_into_every_field_and_round_trips_unchanged():
+    """tests/data/manifest.example.json documents the format: every key it has is one the runtime reads."""
+    example = json.loads(EXAMPLE.read_text())
+    m = Manifest.from_json(EXAMPLE.read_text(), str(EXAMPLE))
+    assert m.extra == {}  # no key of the example is unknown to the runtime
+    assert m.to_dict() == example  # and no field of the runtime is missing from the example
+    assert Manifest.from_json(m.to_json()) == m
+    assert m.main_set == "fused" and list(m.graph_sets()) == ["fused", "portable"]
+    assert m.state.nbytes(batch=1) == (160 * 3 + 8 * 16 * 16) * 4
+    assert m.retrieval.lam == 0.25 and m.quantization.mode == "int8"
+    assert {name for _, name in m.referenced_files()} == set(m.files)
 
 
 def test_tampered_graph_is_refused(bundle_dir):
