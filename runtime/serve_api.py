@@ -29,6 +29,7 @@ __all__ = ["ApiError", "Request", "parse_body", "parse_request", "SESSION_HEADER
 SESSION_HEADER = "X-Itera-Session"
 SESSION_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")  # also a file name: no leading dot, no slash
 MAX_STOP = 16
+MAX_STOP_CHARS = 256  # the held-back text is searched per token: a longer stop string costs every step
 
 
 class ApiError(Exception):
@@ -213,8 +214,10 @@ def parse_request(body: dict, kind: str, session_header: str | None = None) -> R
     if isinstance(stop, str):
         stop = [stop]
     if stop is not None:
-        if not isinstance(stop, list) or len(stop) > MAX_STOP or any(not isinstance(s, str) or not s for s in stop):
-            raise _bad(f"stop must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+        if not isinstance(stop, list) or len(stop) > MAX_STOP or any(
+                not isinstance(s, str) or not s or len(s) > MAX_STOP_CHARS for s in stop):
+            raise _bad(f"stop must be a non-empty string of at most {MAX_STOP_CHARS} characters, or a list of at "
+                       f"most {MAX_STOP} of them", "stop")
         req.stop = tuple(stop)
     stream = body.get("stream", False)
     if not isinstance(stream, bool) and stream is not None:

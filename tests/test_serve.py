@@ -267,7 +267,8 @@ def test_an_api_key_is_required_when_given(tmp_path):
     b'{"prompt": "x", "max_tokens": true}', b'{"prompt": "x", "temperature": NaN}', b'{"prompt": "x", "stream": "yes"}',
     b'{"prompt": "x", "stop": [""]}', b'{"prompt": "x", "seed": -1}', b'{"prompt": "x", "session": "../etc"}',
     b'{"prompt": "\\ud800"}', b'{"prompt": "x", "top_k": -1}', b"[" * 30000 + b"]" * 30000,
-    b'{"prompt": "x", "model": 3}',
+    b'{"prompt": "x", "model": 3}', b'{"prompt": "x", "stop": "' + b"s" * 300 + b'"}',
+    b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e", "f", "g", "h", "i", "j", "k", "l", "m", "n", "o", "p", "q"]}',
 ])
 def test_malformed_completion_bodies_are_400_json_errors(server, api, body):
     status, data = raw(server.url, "POST", "/v1/completions", body)
