@@ -10,7 +10,8 @@ conversation); for the Transformer it is the filled rows of its KV buffer, growi
 Sessions are bounded by count and bytes, least recently used first out. With a directory
 each is written through to `<id>.itera-state` (runtime/statefile.py, atomic) after every
 request that changes it, deleted when evicted, and read back at start; files of bundles this
-server does not serve are left alone, and their ids refused for other models.
+server does not serve are left alone, and their ids refused for other models; a file there that
+is not a readable state file is left alone too, and its id refused.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class SessionStore:
         self._sessions: OrderedDict[str, Session] = OrderedDict()  # least recently used first
         self._busy: set[str] = set()
         self._foreign: dict[str, str] = {}  # id -> bundle sha256 of a file whose bundle is not served
+        self._unreadable: set[str] = set()  # ids whose file is not a state file of ours: never overwritten
 
     # -- disk --------------------------------------------------------------------------------
     def _path(self, sid: str) -> Path:
@@ -90,6 +92,7 @@ class SessionStore:
                 header = read_header(path)
             except StateFileError as e:
                 skipped.append(str(e))
+                self._unreadable.add(sid)
                 continue
             sha = header["bundle_sha256"]
             if sha not in generators:
@@ -106,6 +109,7 @@ class SessionStore:
                 session = Session(sid, sha, state, int(meta["text_len"]), str(meta["text_sha256"]), float(used))
             except (StateFileError, KeyError, TypeError, ValueError) as e:
                 skipped.append(f"{path}: {e}")
+                self._unreadable.add(sid)
                 continue
             if len(self._sessions) >= self.max_sessions or self.bytes + session.nbytes > self.max_bytes:
                 skipped.append(f"{path}: over the session bounds, not loaded")
@@ -136,6 +140,10 @@ class SessionStore:
     def checkout(self, sid: str, bundle_sha256: str, model: str) -> Session | None:
         """The session for a request (None: a new one); 409 if it is busy or another model's."""
         with self._lock:
+            if sid in self._unreadable:
+                raise ApiError(409, f"session {sid!r} cannot be used: {self._path(sid)} is not a session file this "
+                                    "server can read, and it is not overwritten", param="session",
+                               code="session_unreadable")
             owner = self._sessions[sid].bundle_sha256 if sid in self._sessions else self._foreign.get(sid)
             if owner is not None and owner != bundle_sha256:
                 raise ApiError(409, f"session {sid!r} belongs to another model (bundle sha256 {owner[:12]}...), "

@@ -128,3 +128,18 @@ def test_the_session_store_keeps_sessions_under_its_byte_bound_least_recently_us
     assert again.restore({gen.bundle.sha256: gen}) == (2, [])
     a = again.checkout("a", gen.bundle.sha256, "m")
     assert a.continues("To be, or") and not a.continues("To be") and not a.continues("Not to be")
+
+
+def test_the_session_store_never_overwrites_a_file_it_cannot_read(generators, tmp_path):
+    from itera_runtime.serve_api import ApiError
+    from itera_runtime.serve_sessions import SessionStore
+
+    gen = generators["itera"]
+    (tmp_path / "notes.itera-state").write_text("mine")
+    store = SessionStore(max_sessions=10, max_bytes=1 << 30, directory=tmp_path)
+    loaded, skipped = store.restore({gen.bundle.sha256: gen})
+    assert loaded == 0 and len(skipped) == 1 and "not an itera state file" in skipped[0]
+    with pytest.raises(ApiError) as info:
+        store.checkout("notes", gen.bundle.sha256, "m")
+    assert info.value.status == 409 and info.value.code == "session_unreadable"
+    assert (tmp_path / "notes.itera-state").read_text() == "mine"
