@@ -377,7 +377,10 @@ def serve(bundles: list[str], config: ServeConfig) -> None:
     except ImportError:
         raise UserError("itera-serve needs the serve extra: pip install 'itera-lite[serve]'") from None
     if config.session_dir is not None:
-        Path(config.session_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(config.session_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--session-dir {config.session_dir}: cannot create it ({e.strerror or e})") from None
     server = Server(bundles, config)
     if not _loopback(config.host) and not config.api_key:
         server.log(f"itera-serve: warning: listening on {config.host} without --api-key: anyone who can reach "
