@@ -357,14 +357,16 @@ def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, ener
               help="turns of the chat timed with and without a session (0 skips it)")
 @click.option("--chat-gen", default=16, show_default=True, type=click.IntRange(1), help="max_tokens of each chat reply")
 @click.option("--parallel", default=None, type=click.IntRange(1), help="itera-serve --parallel [default: its own]")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="itera-serve --batch/--no-batch: one graph call per round for the decoding requests, or one each")
 @click.option("--url", default=None, help="measure this running itera-serve (serving the BUNDLES under their folder "
                                           "names) instead of starting one per thread count")
-def serve(bundles, threads, repetitions, warmup, clients, n_prompt, n_gen, chat_turns, chat_gen, parallel, url):
+def serve(bundles, threads, repetitions, warmup, clients, n_prompt, n_gen, chat_turns, chat_gen, parallel, batch, url):
     """TTFT and tokens/s of itera-serve on loopback: N clients at once; a chat with and without a session."""
     from .serve import serve_records
 
     return serve_records(bundles, threads, repetitions, warmup, clients, n_prompt, n_gen, chat_turns, chat_gen,
-                         parallel, url)
+                         parallel, url, batch)
 
 
 @main.command()

@@ -1,7 +1,7 @@
 """itera-bench serve: an itera-serve process on loopback, timed as its clients see it.
 
 Two kinds of rows per bundle, all from streaming requests at temperature 0:
-- `c{N} pp{p}+tg{n}`: N clients at once, each one completion of p prompt tokens (the Hamlet
+- `c{N} pp{p}+tg{n}` (`... batched` where the server batched that bundle's decode steps): N clients at once, each one completion of p prompt tokens (the Hamlet
   context of latency.py) and n new tokens. Three metrics: `time_to_first_token` (ms from
   sending the request to the first text event, median over the clients), `tokens_per_s_per_client`
   (each client's new tokens over its whole request time, median over the clients; the time
@@ -227,15 +227,16 @@ def serve_cases(url: str, bundles: list[Bundle], threads: int | None, clients: l
         how: dict[str, Any] = {"extra": {"parallel": load.get(model, {}).get("parallel"), "url": url}, "n_threads": threads,
                "method": "itera-serve on loopback; streaming clients as threads of the bench process"}
         prompt = _prompt(b, n_prompt)
+        batched = " batched" if models[model].get("batched") else ""
         for c in clients:
-            cases.append(Case(Record(kind="serve", test=f"c{c} pp{n_prompt}+tg{n_gen}", metric="time_to_first_token",
+            cases.append(Case(Record(kind="serve", test=f"c{c} pp{n_prompt}+tg{n_gen}{batched}", metric="time_to_first_token",
                                      unit="ms", higher_is_better=False, n_prompt=n_prompt, n_gen=n_gen,
                                      **fields, **how),
                               functools.partial(concurrent_round, url, model, prompt, n_gen, c, server_pid)))
         if b.state_kind == "ssm":
             cases += [graph_batch_case(b, threads, n, n_gen) for n in sorted({1, *clients})]
         for session in (True, False) if chat_turns else ():
-            name = f"chat{chat_turns} {'session' if session else 'resend'}"
+            name = f"chat{chat_turns} {'session' if session else 'resend'}{batched}"
             cases.append(Case(Record(kind="serve", test=name, metric="time_to_first_token", unit="ms",
                                      higher_is_better=False, n_gen=chat_gen, **fields, **how),
                               functools.partial(chat_round, url, model, chat_turns, chat_gen, session)))
@@ -286,7 +287,7 @@ def rates(records: list[Record], cases: list[Case]) -> list[Record]:
 
 def serve_records(bundles: list[Bundle], threads: list[int], repetitions: int, warmup: bool, clients: list[int],
                   n_prompt: int, n_gen: int, chat_turns: int, chat_gen: int, parallel: int | None,
-                  url: str | None) -> list[Record]:
+                  url: str | None, batch: bool = True) -> list[Record]:
     """Measure an itera-serve of the bundles: the one at `url`, or one started here per thread count."""
     from itera_runtime.serve_process import ServerProcess
 
@@ -297,7 +298,8 @@ def serve_records(bundles: list[Bundle], threads: list[int], repetitions: int, w
             measured = run_cases(cases, repetitions, warmup, desc="serve")
             records += measured + rates(measured, cases)
             continue
-        args = ["--threads", str(t), "--queue", str(max(clients) + 1)] + (["--parallel", str(parallel)] if parallel else [])
+        args = ["--threads", str(t), "--queue", str(max(clients) + 1), "--batch" if batch else "--no-batch"]
+        args += ["--parallel", str(parallel)] if parallel else []
         try:
             server = ServerProcess([str(b.path) for b in bundles], args)
         except UserError as e:

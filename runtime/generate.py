@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .bundle import Bundle, load_bundle
 from .sampling import Sampler, SamplingConfig
@@ -125,13 +126,17 @@ class LoopTiming:
 
 def generate_tokens(session: ModelSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
                     timing: LoopTiming | None = None, state: State | None = None,
-                    after_prefill: Callable[[State], None] | None = None) -> Iterator[int]:
+                    after_prefill: Callable[[State], None] | None = None,
+                    decoder: Callable[[State], Any] | None = None) -> Iterator[int]:
     """The loop: prefill once, then sample and decode with the carried state.
 
     Each token is yielded before the next decode step runs, so a consumer that stops early
     never pays for an unused step. `timing` (if given) is filled in as the loop runs.
     state: continue after earlier tokens (default: an empty context); it is not consumed.
     after_prefill: called with the state after the prompt, before decoding consumes it.
+    decoder: makes the decoder (anything with `step(token) -> logits`) from the state after the
+    prompt, before the first token is yielded (itera-serve's batch takes the state in then);
+    default: the session's own, made when the first step is needed.
     """
     timing = timing if timing is not None else LoopTiming()
     perf = time.perf_counter
@@ -144,9 +149,9 @@ def generate_tokens(session: ModelSession, prompt_ids: Sequence[int], max_new_to
     token = sampler(logits, history)
     timing.first_token_s = perf() - start
     history.append(token)
+    step = decoder(state).step if decoder is not None else None
     yield token
-    decoder = session.decoder(state)
-    step = decoder.step
+    step = step or session.decoder(state).step
     for _ in range(max_new_tokens - 1):
         t = perf()
         token = sampler(step(token), history)
@@ -292,7 +297,8 @@ class Generator:
 
     def generate(self, prompt: str, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
                  stop: Sequence[str] = (), stream: bool = True, state: State | None = None,
-                 keep_state: bool = False, prompt_ids: Sequence[int] | None = None) -> Generation:
+                 keep_state: bool = False, prompt_ids: Sequence[int] | None = None,
+                 decoder: Callable[[State], Any] | None = None) -> Generation:
         """Continue `prompt`; returns a `Generation` to iterate for text pieces.
 
         sampling: None samples from the plain softmax with a fresh (recorded) seed;
@@ -304,6 +310,8 @@ class Generator:
         keep_state: make `Generation.state` available (one small copy of the state after the
         prompt; the returned text is prefilled on top when `.state` is first read).
         prompt_ids: `prompt` already tokenized with `encode` (skips tokenizing it again).
+        decoder: the decode loop's decoder, made from the state after the prompt (itera-serve's
+        batch). Iteration then takes exactly one token per piece, and a piece may be "".
         """
         if isinstance(stop, str):
             stop = (stop,)
@@ -318,12 +326,13 @@ class Generator:
         self._check(len(ids), max_new_tokens, position)
         sampler = self._sampler(sampling)
         gen = Generation(self, prompt, ids, sampler.config, position)
-        pieces = self._pieces(gen, start, max_new_tokens, sampler, stop, state, keep_state)
+        pieces = self._pieces(gen, start, max_new_tokens, sampler, stop, state, keep_state, decoder)
         gen._pieces = pieces if stream else _whole(pieces)
         return gen
 
     def _pieces(self, gen: Generation, start: float, max_new_tokens: int, sampler: Sampler,
-                stop: tuple[str, ...], state: State | None = None, keep_state: bool = False) -> Iterator[str]:
+                stop: tuple[str, ...], state: State | None = None, keep_state: bool = False,
+                decoder: Callable[[State], Any] | None = None) -> Iterator[str]:
         streamer = TextStreamer(self.tokenizer)
         push = streamer.push
         out = gen.token_ids
@@ -337,8 +346,9 @@ class Generator:
         def keep(after_prompt: State) -> None:
             gen._after_prompt = self.session.state_kind.snapshot(after_prompt)
 
+        every_token = decoder is not None
         for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing, state,
-                                     keep if keep_state else None):
+                                     keep if keep_state else None, decoder):
             if first is None:
                 first = time.perf_counter()
             out.append(token)
@@ -347,7 +357,7 @@ class Generator:
                 piece, held, hit = _hold_back(held + piece, stop)
                 if hit:
                     reason = "stop_string"
-            if piece:
+            if piece or every_token:
                 emitted.append(piece)
                 t = time.perf_counter()
                 yield piece

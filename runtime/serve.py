@@ -38,6 +38,7 @@ from .errors import OneLineErrors, UsageError, UserError
 from .generate import Generator
 from .serve_api import (SESSION_HEADER, ApiError, chunk_body, completion_body, error_body, new_id, parse_body,
                         parse_request, usage)
+from .serve_batch import DecodeBatch, can_batch
 from .serve_sessions import SessionStore
 from .serve_worker import Job, Worker
 
@@ -56,6 +57,7 @@ class ServeConfig:
     threads: int | None = None
     graph_set: str | None = None
     parallel: int = 4  # generations advanced together per bundle
+    batch: bool = True  # their decode steps as one graph call, where the state allows (serve_batch.py)
     queue: int = 16  # more requests waiting per bundle before 503
     max_body_bytes: int = MIB
     body_timeout_s: float = 30.0
@@ -83,7 +85,8 @@ class Model:
         return {"id": self.id, "object": "model", "created": self.created, "owned_by": "itera-lite",
                 "family": b.family, "quantization": b.quantization, "state_kind": b.state_kind,
                 "graph_set": self.generator.session.graph_set, "max_context": b.max_seq_len,
-                "chat_template": self.template.name, "bundle_sha256": b.sha256}
+                "chat_template": self.template.name, "bundle_sha256": b.sha256,
+                "batched": self.worker.batch is not None}
 
 
 def _digest(text: str) -> bytes:
@@ -103,8 +106,9 @@ class Server:
         for path, name in zip(bundles, names):
             gen = Generator(path, threads=config.threads, graph_set=config.graph_set)
             created = int(os.path.getmtime(gen.bundle.manifest_path))
-            self.models[name] = Model(name, gen, chat_template(gen.bundle), Worker(name, config.parallel, config.queue),
-                                      created)
+            batch = DecodeBatch(gen.session, config.parallel) if config.batch and can_batch(gen.session) else None
+            self.models[name] = Model(name, gen, chat_template(gen.bundle),
+                                      Worker(name, config.parallel, config.queue, batch), created)
         self.store = SessionStore(config.max_sessions, config.max_session_bytes, config.session_dir)
         loaded, skipped = self.store.restore({m.generator.bundle.sha256: m.generator for m in self.models.values()})
         for line in skipped:
@@ -406,6 +410,9 @@ def serve(bundles: list[str], config: ServeConfig) -> None:
 @click.option("--graph-set", default=None, help="graph set of a dual bundle (fused, portable); default: the best here")
 @click.option("--parallel", default=4, show_default=True, type=click.IntRange(1),
               help="generations per bundle advanced together, token by token")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="decode the --parallel generations of a bundle in one graph call (Itera-Lite bundles; a KV "
+                   "buffer is decoded one request at a time)")
 @click.option("--queue", default=16, show_default=True, type=click.IntRange(0),
               help="requests per bundle that may wait beyond --parallel; more get 503")
 @click.option("--max-body", "max_body_bytes", default=MIB, show_default=True, type=click.IntRange(1024),

@@ -1,12 +1,11 @@
-"""One thread per bundle that runs its requests' generations, interleaved token by token.
+"""One thread per bundle that runs its requests' generations, round by round.
 
-Requests on one bundle are served one decode step at a time: up to `parallel` generations
-are active and each advances by one piece of text per round, so a short request is not
-stuck behind a long one and every client sees its first token after at most `parallel`
-prefills. Up to `queue` more wait; past that a request is refused at once with 503.
-Batching the active generations into one graph call (the graphs have a symbolic batch axis)
-would raise total throughput; `itera-bench serve` measures this server as it is, and the
-README gives the raw decode graph's batched numbers beside it.
+Up to `parallel` generations of a bundle are active; in each round every one of them
+advances by one token, so a short request is not stuck behind a long one and every client
+sees its first token after at most `parallel` prefills. With `batch` (a bundle whose state has
+a fixed shape, serve_batch.py) the round's decode steps are one graph call over all decoding
+requests; otherwise each request runs its own step in turn. Up to `queue` more requests
+wait; past that a request is refused at once with 503.
 
 A job ends when its generation ends, when its client goes away (`cancel`), or at its
 deadline; either way its session is released and its slot taken by the next job at once.
@@ -26,6 +25,7 @@ from typing import Any
 
 from .generate import Generation, Generator
 from .serve_api import ApiError
+from .serve_batch import BatchSlot, DecodeBatch
 from .serve_sessions import Session, SessionStore
 from .session import State
 
@@ -52,6 +52,7 @@ class Job:
     store: SessionStore | None = None
     cancel: threading.Event = field(default_factory=threading.Event)
     generation: Generation | None = None
+    slot: BatchSlot | None = None  # the job's row in the worker's batch, while it decodes
     final: tuple[str, Any] | None = None  # the last event, sent once the job has left its slot
 
     def emit(self, kind: str, value: Any = None) -> None:
@@ -69,8 +70,11 @@ class Job:
 class Worker:
     """The generations of one bundle, run in one thread; `submit` refuses when full."""
 
-    def __init__(self, name: str, parallel: int, queue: int):
+    def __init__(self, name: str, parallel: int, queue: int, batch: DecodeBatch | None = None):
         self.name, self.parallel, self.queue_size = name, parallel, queue
+        self.batch = batch
+        if batch is not None and batch.capacity < parallel:
+            raise ValueError(f"a batch of {batch.capacity} rows cannot hold {parallel} generations")
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
@@ -92,7 +96,7 @@ class Worker:
     def load(self) -> dict:
         with self._cond:
             return {"active": len(self._active), "waiting": len(self._waiting), "parallel": self.parallel,
-                    "queue": self.queue_size}
+                    "queue": self.queue_size, "batched": self.batch is not None}
 
     def stop(self) -> None:
         with self._cond:
@@ -113,12 +117,40 @@ class Worker:
                 if self._stopping and not self._active:
                     return
                 jobs = list(self._active)
+            if self.batch is not None and not self._batch_step(jobs):
+                continue
             for job in jobs:
                 if not self._advance(job):
                     with self._cond:
                         self._active.remove(job)
                     if job.final is not None:  # after the slot is free: a client told "done" sees it free
                         job.emit(*job.final)
+
+    def _batch_step(self, jobs: list[Job]) -> bool:
+        """The round's decode steps as one graph call; False (every batched job failed) on an error."""
+        assert self.batch is not None
+        feed = {job.slot: job.generation.token_ids[-1] for job in jobs
+                if job.slot is not None and job.generation is not None}
+        try:
+            if feed:
+                self.batch.run(feed)
+            return True
+        except Exception as e:  # a bug: the batched requests get a 500, the server keeps serving
+            traceback.print_exc(file=sys.stderr)
+            for job in jobs:
+                if job.slot is not None:
+                    self._close(job)
+                    job.final = ("error", ApiError(500, f"internal error: {type(e).__name__}", type="server_error",
+                                                   code="internal_error"))
+                    with self._cond:
+                        self._active.remove(job)
+                    job.emit(*job.final)
+            return False
+
+    def _join(self, job: Job, state: State) -> BatchSlot:
+        assert self.batch is not None
+        job.slot = self.batch.join(state)
+        return job.slot
 
     def _advance(self, job: Job) -> bool:
         """One piece of text for `job`; False when the job is over (done, failed, cancelled, timed out)."""
@@ -132,15 +164,18 @@ class Worker:
                                            type="server_error", code="timeout"))
                 return False
             if job.generation is None:
+                join = (lambda state: self._join(job, state)) if self.batch is not None else None
                 job.generation = job.generator.generate(job.new_text, job.max_tokens, job.sampling, job.stop,
                                                         state=job.state, keep_state=job.session_id is not None,
-                                                        prompt_ids=job.prompt_ids)
+                                                        prompt_ids=job.prompt_ids, decoder=join)
             try:
                 piece = next(job.generation)
             except StopIteration:
+                self._leave(job)
                 self._finish(job)
                 return False
-            job.emit("piece", piece)
+            if piece:  # a batched generation also yields "" for a token that made no text yet
+                job.emit("piece", piece)
             return True
         except Exception as e:  # a bug: the request gets a 500, the server keeps serving
             traceback.print_exc(file=sys.stderr)
@@ -149,7 +184,13 @@ class Worker:
                                            code="internal_error"))
             return False
 
+    def _leave(self, job: Job) -> None:
+        if job.slot is not None and self.batch is not None:
+            self.batch.leave(job.slot)
+        job.slot = None
+
     def _close(self, job: Job) -> None:
+        self._leave(job)
         if job.generation is not None:
             close = getattr(job.generation._pieces, "close", None)
             if close is not None:

@@ -365,6 +365,31 @@ def test_sixteen_concurrent_streaming_clients_all_get_the_right_text(server):
     assert peak is None or peak < 200 * (1 << 20), peak
 
 
+def test_batched_decoding_gives_each_request_the_text_it_gets_alone(server, api):
+    """The module's server batches the Itera-Lite bundle's decode steps (up to 4 rows)."""
+    assert raw(server.url, "GET", "/health")[1]["models"]["golden-itera"]["batched"] is True
+    prompts = ["To be, or not", "Whether 'tis", "The slings and", "And by opposing", "Or to take arms", "To be"]
+    calls = [dict(prompt=p, max_tokens=24, temperature=0) for p in prompts]
+    calls += [dict(prompt=p, max_tokens=24, temperature=0.9, top_p=0.9, seed=i) for i, p in enumerate(prompts)]
+    alone = [api.completions.create(model=MODELS["itera"], **c).choices[0].text for c in calls]
+    together: dict[int, str] = {}
+
+    def one(i: int) -> None:
+        together[i] = stream_text_of(server.url, calls[i])
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert [together.get(i) for i in range(len(calls))] == alone
+
+
+def stream_text_of(url: str, call: dict) -> str:
+    return "".join(c.choices[0].text for c in client(url).completions.create(model=MODELS["itera"], stream=True,
+                                                                              **call))
+
+
 def _start_stream(url: str, body: dict) -> socket.socket:
     """A streaming request on a raw socket, its headers and first event read."""
     sock = socket.create_connection(_host_port(url), timeout=30)
@@ -398,7 +423,8 @@ def test_a_full_queue_is_503_and_a_killed_client_frees_its_slot(tmp_path):
 
 
 def test_a_request_over_its_timeout_is_504_and_frees_its_slot(tmp_path):
-    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--request-timeout", 0.3]) as s:
+    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--request-timeout", 0.3, "--no-batch"]) as s:
+        assert raw(s.url, "GET", "/health")[1]["models"]["golden-itera"]["batched"] is False
         status, data = raw(s.url, "POST", "/v1/completions",
                            json.dumps({"prompt": "To be", "max_tokens": 2000, "temperature": 0}).encode())
         assert status == 504 and data["error"]["code"] == "timeout"
@@ -429,11 +455,12 @@ def test_itera_bench_serve_measures_a_running_server_and_the_session_skips_the_h
     by = {(r["test"], r["metric"]): r for r in rows}
     for c in (1, 2):
         for metric in ("time_to_first_token", "tokens_per_s_per_client", "tokens_per_s_total"):
-            row = by[(f"c{c} pp16+tg8", metric)]
+            row = by[(f"c{c} pp16+tg8 batched", metric)]  # the module's server batches this bundle
             assert len(row["samples"]) == 2 and all(v > 0 for v in row["samples"])
             assert row["kind"] == "serve" and row["family"] == "itera" and row["extra"]["parallel"] == 4
     assert by[("graph b2", "tokens_per_s_total")]["median"] > 0
-    session, resend = by[("chat3 session", "time_to_first_token")], by[("chat3 resend", "time_to_first_token")]
+    session = by[("chat3 session batched", "time_to_first_token")]
+    resend = by[("chat3 resend batched", "time_to_first_token")]
     assert session["extra"]["last_cached_tokens"] > 0 and resend["extra"]["last_cached_tokens"] == 0
     assert session["extra"]["last_prompt_tokens"] == resend["extra"]["last_prompt_tokens"]
     assert len(session["extra"]["ttft_ms_per_turn"]) == 3
