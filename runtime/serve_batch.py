@@ -57,6 +57,24 @@ class DecodeBatch:
         self.tokens = np.zeros((capacity, 1), dtype=np.int64)
         self.logits = np.zeros((capacity, 1, session.bundle.vocab_size), dtype=np.float32)
         self.slots: list[BatchSlot] = []
+        self._bindings: dict[tuple[int, int, int], ort.IOBinding] = {}
+
+    def _binding(self, lo: int, hi: int, parity: int) -> ort.IOBinding:
+        """The binding of rows [lo, hi) read from set `parity`, written to the other; made once, as the
+        single-row decoder's are (the buffers never move, so a binding stays valid)."""
+        key = (lo, hi, parity)
+        binding = self._bindings.get(key)
+        if binding is None:
+            s = self.session
+            src, dst = self._sets[parity], self._sets[1 - parity]
+            binding = self.graph.io_binding()
+            binding.bind_ortvalue_input(s.input_ids, ort.OrtValue.ortvalue_from_numpy(self.tokens[lo:hi]))
+            binding.bind_ortvalue_output(s.logits, ort.OrtValue.ortvalue_from_numpy(self.logits[lo:hi]))
+            for spec, a, b in zip(s.state_specs, src, dst):
+                binding.bind_ortvalue_input(spec.input, ort.OrtValue.ortvalue_from_numpy(a[lo:hi]))
+                binding.bind_ortvalue_output(spec.output, ort.OrtValue.ortvalue_from_numpy(b[lo:hi]))
+            self._bindings[key] = binding
+        return binding
 
     def join(self, state: State) -> BatchSlot:
         """Put a state after a prompt (batch 1) into the next free row."""
@@ -100,15 +118,8 @@ class DecodeBatch:
             return
         for slot, token in feed.items():
             self.tokens[slot.row, 0] = token
-        s = self.session
         src, dst = self._sets[self._parity], self._sets[1 - self._parity]
-        binding = self.graph.io_binding()
-        binding.bind_ortvalue_input(s.input_ids, ort.OrtValue.ortvalue_from_numpy(self.tokens[lo:hi]))
-        binding.bind_ortvalue_output(s.logits, ort.OrtValue.ortvalue_from_numpy(self.logits[lo:hi]))
-        for spec, a, b in zip(s.state_specs, src, dst):
-            binding.bind_ortvalue_input(spec.input, ort.OrtValue.ortvalue_from_numpy(a[lo:hi]))
-            binding.bind_ortvalue_output(spec.output, ort.OrtValue.ortvalue_from_numpy(b[lo:hi]))
-        self.graph.run_with_iobinding(binding)
+        self.graph.run_with_iobinding(self._binding(lo, hi, self._parity))
         if alone:  # the other rows were not run: bring this one back to the set they are in
             for a, b in zip(src, dst):
                 a[lo:hi] = b[lo:hi]
