@@ -6,7 +6,8 @@
 Endpoints: POST /v1/completions, POST /v1/chat/completions (both with "stream": true as
 server-sent events ending in `data: [DONE]`), GET /v1/models, GET /v1/models/{id}, GET /health.
 Request fields are checked in serve_api.py, sessions kept in serve_sessions.py, generations
-run in serve_worker.py; this module is the HTTP edge and the command line.
+run in serve_worker.py (their decode steps batched in serve_batch.py where the state allows);
+this module is the HTTP edge and the command line.
 
 The HTTP stack is aiohttp (the `serve` extra), not a hand-written asyncio parser: its C
 parser (llhttp) is fuzzed against hostile input and bounds request lines, headers and bodies;
