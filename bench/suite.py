@@ -31,6 +31,7 @@ SMALL = {
     "quality": lambda depths: ["--max-tokens", "32768"],
     "flops": lambda depths: ["-d", ",".join(map(str, [0, *depths]))],
     "energy": lambda depths: ["-p", "128", "-n", "64", "-d", "0", "--min-time", "1", "--idle", "2"],
+    "serve": lambda depths: ["-c", "1,4,16", "-p", "128", "-n", "32", "--chat-turns", "10"],
 }
 
 
