@@ -7,6 +7,7 @@
     itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
     itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
     itera-bench energy BUNDLE... -p 128 -n 64         # J/token gross and net of idle; CPU time always
+    itera-bench serve BUNDLE... -c 1,4,16             # itera-serve on loopback: TTFT, tokens/s, chat sessions
     itera-bench all BUNDLE... -o results/             # every subcommand above, then the report
     itera-bench report results/ --runs runs/itera-tiny -o report/   # tables, plots, curves
     itera-bench claims ITERA_BUNDLE... --baseline BUNDLE --results results/
@@ -379,6 +380,29 @@ def energy(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, ener
     if note:
         click.echo(f"energy: {note}", err=True)
     return records
+
+
+@measurement(lambda depths: dict(n_gen=32))
+@main.command()
+@bench_command
+@click.option("-c", "--clients", type=IntList(1), default="1,4,16", show_default=True, metavar="N[,N...]",
+              help="clients sending at once (list)")
+@click.option("-p", "--n-prompt", default=128, show_default=True, type=click.IntRange(1), help="prompt tokens per request")
+@click.option("-n", "--n-gen", default=64, show_default=True, type=click.IntRange(1), help="tokens generated per request")
+@click.option("--chat-turns", default=10, show_default=True, type=click.IntRange(0),
+              help="turns of the chat timed with and without a session (0 skips it)")
+@click.option("--chat-gen", default=16, show_default=True, type=click.IntRange(1), help="max_tokens of each chat reply")
+@click.option("--parallel", default=None, type=click.IntRange(1), help="itera-serve --parallel [default: its own]")
+@click.option("--batch/--no-batch", default=True, show_default=True,
+              help="itera-serve --batch/--no-batch: one graph call per round for the decoding requests, or one each")
+@click.option("--url", default=None, help="measure this running itera-serve (serving the BUNDLES under their folder "
+                                          "names) instead of starting one per thread count")
+def serve(bundles, threads, repetitions, warmup, clients, n_prompt, n_gen, chat_turns, chat_gen, parallel, batch, url):
+    """TTFT and tokens/s of itera-serve on loopback: N clients at once; a chat with and without a session."""
+    from .serve import serve_records
+
+    return serve_records(bundles, threads, repetitions, warmup, clients, n_prompt, n_gen, chat_turns, chat_gen,
+                         parallel, url, batch)
 
 
 @main.command()

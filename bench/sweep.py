@@ -45,14 +45,13 @@ def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
 
     graph_set: what the session ran; None: the set the runtime picks here (`pick_graph_set`).
     """
-    from itera_runtime.bundle import MANIFEST_NAME, sha256_file
     from itera_runtime.graphcheck import pick_graph_set
 
     graph_set = graph_set or pick_graph_set(bundle)
     params = bundle.manifest.params or {}
     return {
         "bundle": str(bundle.path),
-        "bundle_sha256": sha256_file(os.path.join(bundle.path, MANIFEST_NAME)),
+        "bundle_sha256": bundle.sha256,
         "model_filename": os.path.basename(os.path.normpath(bundle.path)),
         "family": bundle.family,
         "quantization": bundle.quantization,

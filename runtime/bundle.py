@@ -7,6 +7,7 @@ needs is pinned by its sha256 and size. The manifest's types are in `manifest.py
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -148,6 +149,11 @@ class Bundle:
     @property
     def manifest_path(self) -> Path:
         return self.path / MANIFEST_NAME
+
+    @functools.cached_property
+    def sha256(self) -> str:
+        """The bundle's identity: sha256 of its manifest.json, which pins every other file's sha256."""
+        return sha256_file(self.manifest_path)
 
     @property
     def format_version(self) -> int:

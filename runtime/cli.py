@@ -2,7 +2,9 @@
 
     itera-run BUNDLE --prompt "To be" --max-new-tokens 64
     echo "To be" | itera-run BUNDLE --temperature 0.8 --top-k 40 --seed 1 --json
-    itera-run BUNDLE            # stdin is a terminal: interactive, one continuation per line
+    itera-run BUNDLE            # stdin is a terminal: interactive, the text carrying over from line to line
+    printf 'To be\nor not\n' | itera-run BUNDLE --interactive --json   # the same, one turn per stdin line
+    itera-run BUNDLE --state chat.state -p "To be"   # continue from (and save) the carried state
 
 Text streams to stdout; a stats line goes to stderr (or everything into one JSON object
 with --json). Errors a user can cause end in one "error: ..." line and exit code 1.
@@ -18,13 +20,16 @@ import sys
 import click
 
 from .bundle import BundleError
-from .generate import Generator
+from .generate import Generation, Generator
 from .graphcheck import GRAPH_SET_ENV
+from .session import State
+from .statefile import StateFileError
 from .sampling import SamplingConfig
 from .requires import installed_version as ort_version
 from .options import DeviceError, check_threads
 
 EXIT_PROMPTS = ("exit", "quit")
+RESET_PROMPT = "/reset"
 
 
 def _out(text: str) -> None:
@@ -42,10 +47,14 @@ def _utf8(raw: bytes, where: str) -> str:
 
 
 def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
-             stop: tuple[str, ...], stream: bool, as_json: bool) -> dict:
-    """Generate one continuation, printing it (and its stats) as the options ask; returns the record."""
+             stop: tuple[str, ...], stream: bool, as_json: bool, state: State | None = None,
+             keep_state: bool = False) -> Generation:
+    """Generate one continuation, printing it (and its stats) as the options ask.
+
+    state: continue after the text it has seen (`prompt` is then only the new text).
+    """
     gen = generator.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
-                             stream=stream and not as_json)
+                             stream=stream and not as_json, state=state, keep_state=keep_state)
     for piece in gen:
         if not as_json:
             _out(piece)
@@ -53,6 +62,7 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
     record = {
         "text": stats.text,
         "prompt": prompt,
+        "continued_after_tokens": gen.start_position,  # tokens of carried state before the prompt
         "stats": stats.as_dict(),
         "bundle": str(generator.bundle.path),
         "family": generator.family,
@@ -72,29 +82,49 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
     else:
         _out("\n")
         click.echo(stats.summary(), err=True)
-    return record
+    return gen
 
 
 def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingConfig,
-                stop: tuple[str, ...], stream: bool, as_json: bool) -> None:
+                stop: tuple[str, ...], stream: bool, as_json: bool, state: State | None = None,
+                state_file: str | None = None) -> None:
     """Read a line, print its continuation, repeat; Ctrl-D, "exit" or "quit" ends.
 
-    Each line is a fresh prompt: nothing carries over from one turn to the next. With a
+    The text carries over: each line continues after the previous continuation (on a new
+    line), from the model's carried state, so a turn computes only its own line; "/reset"
+    starts afresh. With `state_file` the state is written there after every turn. With a
     fixed seed every turn restarts the same random stream.
     """
-    click.echo(f"{generator.family} bundle {generator.bundle.path}: type a prompt; Ctrl-D or 'exit' quits.",
-               err=True)
+    click.echo(f"{generator.family} bundle {generator.bundle.path}: type a prompt; the text carries over "
+               f"({RESET_PROMPT} starts afresh); Ctrl-D or 'exit' quits.", err=True)
     while True:
         try:
-            line = input("> ")
+            line = input("> " if sys.stdin.isatty() else "")
         except EOFError:
-            _out("\n")
+            if not as_json:
+                _out("\n")
             return
         if line.strip() in EXIT_PROMPTS:
             return
+        if line.strip() == RESET_PROMPT:
+            state = None
+            continue
         if not line:
             continue
-        run_once(generator, line, max_new_tokens, sampling, stop, stream, as_json)
+        gen = run_once(generator, line if state is None else "\n" + line, max_new_tokens, sampling, stop, stream,
+                       as_json, state=state, keep_state=True)
+        state = gen.state
+        if state_file is not None:
+            generator.save_state(state, state_file)
+
+
+def _read_state(generator: Generator, path: str | None) -> State | None:
+    """The state in `path` when it exists (a state file of this bundle, else one error line)."""
+    import os
+
+    if path is None or not os.path.exists(path):
+        return None
+    return generator.load_state(path)
 
 
 def _has_datastore(path: str) -> bool:
@@ -136,14 +166,23 @@ def _env_graph_set(path: str) -> str | None:
 @click.option("--retrieval-temperature", default=None, type=float, help="Default: the datastore's.")
 @click.option("--no-stream", is_flag=True, help="Print the text at the end instead of as it comes.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object: text, prompt, stats, sampling.")
+@click.option("--interactive", "-i", "interactive_", is_flag=True,
+              help="One turn per line of stdin, the text carrying over, even when stdin is not a terminal "
+                   "(the default when it is one).")
+@click.option("--state", "state_file", default=None, type=click.Path(dir_okay=False, path_type=str),
+              help="Continue from the carried state in this file when it exists (the prompt is then only the new "
+                   "text), and write the state after the text back to it.")
 def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
-         stop, threads, graph_set, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature, no_stream, as_json):
+         stop, threads, graph_set, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature, no_stream, as_json,
+         state_file, interactive_):
     """Generate text from the itera bundle folder BUNDLE."""
     try:
         check_threads(threads)
         sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
                                   repetition_penalty=repetition_penalty, seed=seed)
-        if prompt is None and not sys.stdin.isatty():
+        if interactive_ and prompt is not None:
+            raise ValueError("--interactive reads its prompts from stdin; leave out --prompt")
+        if prompt is None and not interactive_ and not sys.stdin.isatty():
             prompt = _utf8(sys.stdin.buffer.read(), "stdin")
             prompt = prompt[:-1] if prompt.endswith("\n") else prompt
         elif prompt is not None:
@@ -154,11 +193,15 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
             retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
         generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
                               retrieval=mix if retrieval else None)
+        state = _read_state(generator, state_file)
         if prompt is None:
-            interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
+            interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json, state, state_file)
         else:
-            run_once(generator, prompt, max_new_tokens, sampling, tuple(stop), not no_stream, as_json)
-    except (BundleError, DeviceError, ValueError) as e:
+            gen = run_once(generator, prompt, max_new_tokens, sampling, tuple(stop), not no_stream, as_json,
+                           state=state, keep_state=state_file is not None)
+            if state_file is not None:
+                generator.save_state(gen.state, state_file)
+    except (BundleError, DeviceError, StateFileError, ValueError) as e:
         click.echo("error: " + " ".join(str(e).split()), err=True)
         sys.exit(1)
     except KeyboardInterrupt:

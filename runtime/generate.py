@@ -25,9 +25,10 @@ import dataclasses
 import secrets
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -126,25 +127,33 @@ class LoopTiming:
 
 
 def generate_tokens(session: ModelSession, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, sampler: Sampler,
-                    timing: LoopTiming | None = None, state: State | None = None) -> Iterator[int]:
+                    timing: LoopTiming | None = None, state: State | None = None,
+                    after_prefill: Callable[[State], None] | None = None,
+                    decoder: Callable[[State], Any] | None = None) -> Iterator[int]:
     """The loop: prefill once, then sample and decode with the carried state.
 
     Each token is yielded before the next decode step runs, so a consumer that stops early
     never pays for an unused step. `timing` (if given) is filled in as the loop runs.
     state: continue after earlier tokens (default: an empty context); it is not consumed.
+    after_prefill: called with the state after the prompt, before decoding consumes it.
+    decoder: makes the decoder (anything with `step(token) -> logits`) from the state after the
+    prompt, before the first token is yielded (itera-serve's batch takes the state in then);
+    default: the session's own, made when the first step is needed.
     """
     timing = timing if timing is not None else LoopTiming()
     perf = time.perf_counter
     start = perf()
     logits, state = session.prefill(prompt_ids, state)
     timing.prefill_s = perf() - start
+    if after_prefill is not None:
+        after_prefill(state)
     history = list(prompt_ids)  # for the repetition penalty
     token = sampler(logits, history)
     timing.first_token_s = perf() - start
     history.append(token)
+    step = decoder(state).step if decoder is not None else None
     yield token
-    decoder = session.decoder(state)
-    step = decoder.step
+    step = step or session.decoder(state).step
     for _ in range(max_new_tokens - 1):
         t = perf()
         token = sampler(step(token), history)
@@ -158,16 +167,22 @@ class Generation:
     """One `Generator.generate` call: iterate it for text pieces as they are produced.
 
     `.text`, `.stats` and `.token_ids` are complete once iteration has ended; reading
-    `.text` or calling `finish()` runs what is left of the generation first.
+    `.text` or calling `finish()` runs what is left of the generation first. With
+    `keep_state`, `.state` is the state after the prompt and the returned text.
     """
 
-    def __init__(self, prompt: str, prompt_ids: list[int], sampling: SamplingConfig):
+    def __init__(self, generator: Generator, prompt: str, prompt_ids: list[int], sampling: SamplingConfig,
+                 start_position: int = 0):
+        self.generator = generator
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.sampling = sampling  # as used: a seed drawn for an unseeded config is filled in
+        self.start_position = start_position  # tokens the state given to generate had seen
         self.token_ids: list[int] = []
         self.stats: GenerationStats | None = None
         self._pieces: Iterator[str] = iter(())
+        self._after_prompt: State | None = None
+        self._state: State | None = None
 
     def __iter__(self) -> Generation:
         return self
@@ -185,6 +200,24 @@ class Generation:
     @property
     def text(self) -> str:
         return self.finish().text
+
+    @property
+    def state(self) -> State:
+        """The state after the prompt and the returned text: pass it to the next `generate` to continue.
+
+        It is the state after the prompt with the returned text prefilled on top, i.e. what a
+        client that sends prompt + text back would get: the tokens sampled after a stop
+        string (and the last token sampled, which no decode step fed) are not in it.
+        """
+        if self._state is None:
+            text = self.finish().text
+            if self._after_prompt is None:
+                raise ValueError("this generation did not keep its state: call generate(..., keep_state=True)")
+            session = self.generator.session
+            ids = self.generator.tokenizer.encode(text).ids if text else []
+            self._state = session.prefill(ids, self._after_prompt)[1] if ids else self._after_prompt
+            self._after_prompt = None
+        return self._state
 
 
 class Generator:
@@ -233,11 +266,25 @@ class Generator:
             sampling = dataclasses.replace(sampling, seed=secrets.randbits(32))
         return Sampler(sampling)
 
-    def _check(self, n_prompt: int, max_new_tokens: int) -> None:
+    def _check(self, n_prompt: int, max_new_tokens: int, position: int = 0) -> None:
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        self.bundle.check_context(n_prompt + max_new_tokens,
-                                  f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens})")
+        before = f"{position} tokens of state + " if position else ""
+        self.bundle.check_context(position + n_prompt + max_new_tokens,
+                                  f"{before}prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens})")
+
+    def save_state(self, state: State, path: str | Path, meta: dict | None = None) -> Path:
+        """Write `state` (e.g. `Generation.state`) to a file tied to this bundle's hash; atomic, no pickle."""
+        from .statefile import write_state
+
+        return write_state(path, self.bundle, state.numpy(), state.position, meta)
+
+    def load_state(self, path: str | Path) -> State:
+        """A state saved by `save_state` with this same bundle (StateFileError otherwise)."""
+        from .statefile import read_state
+
+        saved = read_state(path, self.bundle)
+        return self.session.state_kind.from_arrays(saved.arrays, saved.position)
 
     def generate_ids(self, prompt_ids: Sequence[int], max_new_tokens: int = 128,
                      sampling: SamplingConfig | None = None) -> list[int]:
@@ -249,13 +296,22 @@ class Generator:
         return list(generate_tokens(self.session, prompt_ids, max_new_tokens, self._sampler(sampling)))
 
     def generate(self, prompt: str, max_new_tokens: int = 128, sampling: SamplingConfig | None = None,
-                 stop: Sequence[str] = (), stream: bool = True) -> Generation:
+                 stop: Sequence[str] = (), stream: bool = True, state: State | None = None,
+                 keep_state: bool = False, prompt_ids: Sequence[int] | None = None,
+                 decoder: Callable[[State], Any] | None = None) -> Generation:
         """Continue `prompt`; returns a `Generation` to iterate for text pieces.
 
         sampling: None samples from the plain softmax with a fresh (recorded) seed;
         SamplingConfig(temperature=0) is greedy.
         stop: strings that end the generation; the text ends right before the first one.
         stream: False yields the whole text as one piece at the end.
+        state: continue after the text this state has seen (an earlier `Generation.state`, or
+        `load_state`); `prompt` is then only the new text. It is not consumed.
+        keep_state: make `Generation.state` available (one small copy of the state after the
+        prompt; the returned text is prefilled on top when `.state` is first read).
+        prompt_ids: `prompt` already tokenized with `encode` (skips tokenizing it again).
+        decoder: the decode loop's decoder, made from the state after the prompt (itera-serve's
+        batch). Iteration then takes exactly one token per piece, and a piece may be "".
         """
         if isinstance(stop, str):
             stop = (stop,)
@@ -263,16 +319,20 @@ class Generator:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
         start = time.perf_counter()
-        ids = self.encode(prompt)
-        self._check(len(ids), max_new_tokens)
+        ids = self.encode(prompt) if prompt_ids is None else [int(i) for i in prompt_ids]
+        if not ids:
+            raise ValueError("prompt_ids is empty; give at least one token")
+        position = state.position if state is not None else 0
+        self._check(len(ids), max_new_tokens, position)
         sampler = self._sampler(sampling)
-        gen = Generation(prompt, ids, sampler.config)
-        pieces = self._pieces(gen, start, max_new_tokens, sampler, stop)
+        gen = Generation(self, prompt, ids, sampler.config, position)
+        pieces = self._pieces(gen, start, max_new_tokens, sampler, stop, state, keep_state, decoder)
         gen._pieces = pieces if stream else _whole(pieces)
         return gen
 
     def _pieces(self, gen: Generation, start: float, max_new_tokens: int, sampler: Sampler,
-                stop: tuple[str, ...]) -> Iterator[str]:
+                stop: tuple[str, ...], state: State | None = None, keep_state: bool = False,
+                decoder: Callable[[State], Any] | None = None) -> Iterator[str]:
         streamer = TextStreamer(self.tokenizer)
         push = streamer.push
         out = gen.token_ids
@@ -283,7 +343,12 @@ class Generator:
         held = ""  # decoded text not yet emitted: it may be the start of a stop string
         reason = "max_new_tokens"
 
-        for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing):
+        def keep(after_prompt: State) -> None:
+            gen._after_prompt = self.session.state_kind.snapshot(after_prompt)
+
+        every_token = decoder is not None
+        for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing, state,
+                                     keep if keep_state else None, decoder):
             if first is None:
                 first = time.perf_counter()
             out.append(token)
@@ -292,7 +357,7 @@ class Generator:
                 piece, held, hit = _hold_back(held + piece, stop)
                 if hit:
                     reason = "stop_string"
-            if piece:
+            if piece or every_token:
                 emitted.append(piece)
                 t = time.perf_counter()
                 yield piece

@@ -126,6 +126,18 @@ class StateKind:
     def decoder(self, state: State) -> Decoder:
         return GrowingDecoder(self.s, state)
 
+    def snapshot(self, state: State) -> State:
+        """`state` as it is now, still valid after a decoder has run on it.
+
+        Graph calls and the growing decoder return new OrtValues and never write their inputs,
+        so a view is enough here; kinds whose decoder writes in place override this.
+        """
+        return State(list(state.values), state.position, state.buffers)
+
+    def from_arrays(self, arrays: list[np.ndarray], position: int) -> State:
+        """A state from numpy arrays in manifest order (what `State.numpy()` gave), batch 1."""
+        return State([ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for a in arrays], position)
+
 
 class SsmState(StateKind):
     """Itera-Lite's conv and SSM state per layer: a fixed shape, whatever the position."""
@@ -137,6 +149,10 @@ class SsmState(StateKind):
         if self.s.attention_mask or self.s.position_ids:
             return GrowingDecoder(self.s, state)
         return DoubleBufferedDecoder(self.s, state)
+
+    def snapshot(self, state: State) -> State:
+        # The double-buffered decoder writes its input set from the second step on: copy.
+        return self.from_arrays([v.numpy().copy() for v in state.values], state.position)
 
 
 class KvCacheState(StateKind):
@@ -173,6 +189,22 @@ class KvBufferState(StateKind):
         if past[KV_BUFFER_AXIS] != present[KV_BUFFER_AXIS]:
             raise BundleError(f"{where}: kv_buffer state {name} differs in capacity between input and output "
                               f"({past} vs {present}); the buffer is written in place")
+
+    def snapshot(self, state: State) -> State:
+        # The in-place decoder writes rows at and after the position only: rows before it,
+        # which are all this state reads, stay as they are, so a view is enough.
+        return State(list(state.values), state.position, state.buffers)
+
+    def from_arrays(self, arrays: list[np.ndarray], position: int) -> State:
+        """The filled rows (what `State.numpy()` gave) written into buffers of full capacity."""
+        self.check_room(0, position)
+        fresh = []
+        for a, spec in zip(arrays, self.s.state_specs):
+            shape = [1 if d == "batch" else d for d in spec.shape]
+            b = _unbacked_zeros(shape, spec.dtype)
+            b[:, :, :position] = a
+            fresh.append(b)
+        return _buffer_state(fresh, position)
 
     def _copy(self, state: State) -> State:
         """New buffers holding `state`'s rows, so that running on them leaves `state` usable."""

@@ -275,9 +275,9 @@ def test_all_runs_every_registered_measurement_with_its_small_options():
 
     from itera_bench.cli import MEASUREMENTS, bench_command, main, measurement, suite
 
-    assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy"]
+    assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy", "serve"]
     runs = {inv.name: inv for inv in suite(["a", "b.gguf"], [1, 2], 3, [128, 2048], baseline="a", skip=("profile",))}
-    assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy"]
+    assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy", "serve"]
     assert runs["latency"].bundles == ("a", "b.gguf") and runs["step"].bundles == ("a",)  # .gguf: latency only
     assert runs["latency"].argv() == ["latency", "a", "b.gguf", "--threads", "1,2", "--repetitions", "3",
                                       "--output", "jsonl", "--baseline", "a", "--n-gen", "32",
