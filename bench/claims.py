@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .record import Record
@@ -99,7 +100,10 @@ def _size(bundle: str, baseline: str, mine, base, sizes: dict) -> Claim:
 def _speed(mine, base, reasons: dict) -> Claim:
     target = _range(*SPEED_TARGET, f"decode tokens/s at depth {' and '.join(map(str, SPEED_DEPTHS))}; "
                     f"prompt tokens/s at {SPEED_PROMPT}")
-    wanted = [(f"decode@d{d}", lambda r, d=d: r.test.startswith("tg") and r.n_depth == d) for d in SPEED_DEPTHS]
+    def decode_at(d: int) -> Callable[[Record], bool]:
+        return lambda r: r.test.startswith("tg") and r.n_depth == d
+
+    wanted = [(f"decode@d{d}", decode_at(d)) for d in SPEED_DEPTHS]
     wanted.append((f"pp{SPEED_PROMPT}", lambda r: r.test == f"pp{SPEED_PROMPT}"))
     parts, numbers, verdicts, threads = [], {}, [], set()
     for name, match in wanted:
@@ -221,13 +225,14 @@ def claims_markdown(tables: list[ClaimsTable]) -> str:
     return "\n".join(out).rstrip()
 
 
-def measure_claims(itera: list[str], baseline: str, results=(), threads: int = 1, repetitions: int = 3,
+def measure_claims(itera: list[str], baseline: str, results=(), threads=(1,), repetitions: int = 3,
                    n_gen: int = 32, measure_speed: bool = True, warmup: bool = True) -> list[ClaimsTable]:
-    """Load and verify the bundles, measure size and speed here, read the rest from results files."""
-    from itera_runtime.bundle import load_bundle
+    """Load and verify the bundles, measure size and speed here (at each thread count), read the rest
+    from results files."""
+    from itera_runtime.bundle import ContextError, load_bundle
 
     from .latency import Target, check_depth, gen_case, prompt_case
-    from .report import load_results
+    from .results import load_results
     from .sweep import run_cases
 
     records, reasons = load_results(results)
@@ -235,16 +240,16 @@ def measure_claims(itera: list[str], baseline: str, results=(), threads: int = 1
     sizes = {p: b.size_bytes for p, b in bundles.items()}
     if measure_speed:
         cases, skipped = [], []
+        wanted = [(SPEED_PROMPT, 0, prompt_case), *((n_gen, d, gen_case) for d in SPEED_DEPTHS)]
         for path, bundle in bundles.items():
-            target = Target(bundle, threads)
-            wanted = [(SPEED_PROMPT, 0, prompt_case), *((n_gen, d, gen_case) for d in SPEED_DEPTHS)]
             for n, depth, make in wanted:
                 try:
                     check_depth(bundle, depth, n + 1)
-                except ValueError as e:
+                except ContextError as e:
                     skipped.append(str(e))
-                    continue
-                cases.append(make(target, n, depth))
+            targets = [Target(bundle, t) for t in threads]
+            cases += [make(target, n, depth) for target in targets for n, depth, make in wanted
+                      if bundle.fits(depth + n + 1)]
         # speed measured here replaces any latency rows of the given files (one source per row)
         records = [r for r in records if r.kind != "latency"] + run_cases(cases, repetitions, warmup,
                                                                            desc="claims: speed")

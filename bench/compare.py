@@ -19,6 +19,8 @@ import math
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 
+from itera_runtime.errors import UsageError
+
 from .record import Record, _num
 
 ALPHA = 0.05
@@ -130,7 +132,7 @@ def _label(r: Record) -> str:
 def compare(old: list[Record], new: list[Record]) -> Comparison:
     """Match NEW's rows to OLD's (module docstring) and test each pair."""
     if not old or not new:
-        raise ValueError(f"nothing to compare: {'OLD' if not old else 'NEW'} has no records")
+        raise UsageError(f"nothing to compare: {'OLD' if not old else 'NEW'} has no records")
     changed = [name for name, get in KEY_FIELDS.items()
                if not {get(r) for r in old} & {get(r) for r in new}]
     fields = {name: get for name, get in KEY_FIELDS.items() if name not in changed}

@@ -1,12 +1,9 @@
 """Energy per token: joules per token (tokens per joule, average watts) for prefill and decode,
 gross and net of an idle baseline measured in the same run, and CPU time per token always.
 
-Backends (`--energy-backend`), each a small module of its own:
-- `powercap`: Linux powercap/RAPL (`powercap.py`), package + dram by default.
-- `pi5-pmic`: Raspberry Pi 5 PMIC rails through vcgencmd (`pi5pmic.py`), labelled "PMIC rails".
-- `perf`: `perf stat -e power/energy-pkg/` (`perf_energy.py`).
-- `pyrapl`: the pyRAPL package (extra `energy`; Intel only, unmaintained since 2019).
-- `auto`: the first of powercap, pi5-pmic, perf that reads and advances here; `none`: no counter.
+Counters (`--energy-backend`): powercap/RAPL (`powercap.py`), the Raspberry Pi 5 PMIC
+(`pi5pmic.py`), `perf stat` (`perf_energy.py`), pyRAPL; `auto` takes the first that reads
+and advances here.
 
 What one repetition of a test measures (a "window"): the meter is read, then the generate
 loop users run (`generate_tokens`, which calls `ModelSession.prefill` then decodes) is
@@ -35,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .record import Record
-from itera_runtime.errors import UserError
+from itera_runtime.errors import UsageError, UserError
 
 if TYPE_CHECKING:  # the runtime (numpy, onnxruntime) loads when measuring, not for `itera-bench --help`
     from .latency import Target
@@ -151,7 +148,7 @@ class PmicBackend(Meter):
         from .pi5pmic import DEFAULT_INTERVAL_S, LABEL, PmicMeter
 
         if opts.domains:
-            raise ValueError("pi5-pmic: --energy-domains does not apply (the PMIC sums its rails)")
+            raise UsageError("pi5-pmic: --energy-domains does not apply (the PMIC sums its rails)")
         self.meter = PmicMeter(opts.vcgencmd, opts.interval_s or DEFAULT_INTERVAL_S)
         self.interval_s = self.meter.interval_s
         self.source = LABEL
@@ -221,20 +218,20 @@ class PyraplBackend(Meter):
         try:
             import pyRAPL
         except ImportError:
-            raise ValueError("pyrapl: pyRAPL is not installed (pip install 'itera-lite[energy]')") from None
+            raise UsageError("pyrapl: pyRAPL is not installed (pip install 'itera-lite[energy]')") from None
         finally:
             logger.setLevel(level)
         self.domains = tuple(opts.domains or ("package", "dram"))
         devices = {"package": pyRAPL.Device.PKG, "dram": pyRAPL.Device.DRAM}
         unknown = [d for d in self.domains if d not in devices]
         if unknown:
-            raise ValueError(f"pyrapl: pyRAPL has no domain {', '.join(unknown)} (only package, dram)")
+            raise UsageError(f"pyrapl: pyRAPL has no domain {', '.join(unknown)} (only package, dram)")
         try:
             # devices=None: pyRAPL's default, package and dram where there is one
             pyRAPL.setup(devices=[devices[d] for d in self.domains] if opts.domains else None)
         except Exception as e:  # noqa: BLE001 - pyRAPL raises bare exception types without messages
             why = str(e) or "it found no RAPL counter it can read"
-            raise ValueError(f"pyrapl: pyRAPL.setup failed ({type(e).__name__}: {why})") from None
+            raise UsageError(f"pyrapl: pyRAPL.setup failed ({type(e).__name__}: {why})") from None
         self._pyrapl = pyRAPL
         self.total_of = list(self.domains)
 

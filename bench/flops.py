@@ -22,6 +22,7 @@ from collections import Counter
 import numpy as np
 
 from itera_runtime.bundle import Bundle
+from itera_runtime.errors import UserError
 
 MATMUL_OPS = ("MatMul", "MatMulInteger", "Gemm", "MatMulNBits", "FusedMatMul")
 FUSED_OPS = ("MoE", "QMoE", "TopKMoE", "LinearAttention", "SsmStep", "SelectiveScan", "CausalConvWithState",
@@ -122,7 +123,7 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
     try:
         import onnx
     except ImportError:
-        raise ValueError("counting FLOPs from the graph needs the onnx package: "
+        raise UserError("counting FLOPs from the graph needs the onnx package: "
                          "pip install 'itera-lite[train]' (or pip install onnx)") from None
     from itera_runtime.graphcheck import pick_graph_set
     from itera_runtime.options import make_session
@@ -170,11 +171,11 @@ def flops_records(bundles: list[Bundle], depths: list[int]) -> list:
     from .record import Record
     from .sweep import bundle_fields, stamp
 
+    from .latency import check_depth
+
     records = []
     for b in bundles:
-        limit = b.max_seq_len
-        if limit is not None and max(depths) + 1 > limit:
-            raise ValueError(f"{b.path}: depth {max(depths)} exceeds the model's context of {limit} tokens")
+        check_depth(b, max(depths), 1)
     for b in bundles:
         counted = graph_flops(b, depths)
         for d in depths:

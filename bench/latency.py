@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,10 +75,7 @@ class Target:
 
 def check_depth(bundle: Bundle, n_depth: int, n_tokens: int) -> None:
     """Refuse a context longer than the model was built for (the KV cache would still grow)."""
-    limit = bundle.max_seq_len
-    if limit and n_depth + n_tokens > limit:
-        raise ValueError(f"{bundle.path}: depth {n_depth} + {n_tokens} tokens exceeds the model's "
-                         f"max_seq_len {limit}")
+    bundle.check_context(n_depth + n_tokens, f"depth {n_depth} + {n_tokens} tokens")
 
 
 def _name(kind: str, n: int, depth: int) -> str:
@@ -173,7 +171,7 @@ def step_case(target: Target, n_steps: int, n_depth: int) -> Case:
 
 
 def latency_cases(targets: list, n_prompt: list[int], n_gen: list[int], n_depth: list[int],
-                  prompt=prompt_case, gen=gen_case, n_pg: list[tuple[int, int]] = ()) -> list[Case]:
+                  prompt=prompt_case, gen=gen_case, n_pg: Sequence[tuple[int, int]] = ()) -> list[Case]:
     """The product of the lists for every target, llama-bench's order: pp tests, tg tests, pg tests.
 
     prompt/gen: the case builders of the engine (bench/llamacpp.py passes its own).

@@ -93,13 +93,13 @@ class GgufTarget:
         self.n_ctx = n_ctx or model.context_length or 4096
         self._llama_cpp = _llama_cpp()
         self.flash_attn_mode = flash_attn
+        self.flash_attn: bool = flash_attn == "on"  # "auto": the faster of the two, after _pick_flash_attn
         self.llm = self._load(flash_attn == "on")
         self.n_vocab = self.llm.n_vocab()
         self._text_ids = np.asarray(self.llm.tokenize(CONTEXT_TEXT.encode(), add_bos=False, special=False),
                                     dtype=np.int64)
         if flash_attn == "auto":
             self.llm = self._pick_flash_attn()
-        self.flash_attn = flash_attn == "on" if flash_attn != "auto" else self.flash_attn
 
     def _load(self, flash_attn: bool):
         try:
@@ -156,7 +156,7 @@ class GgufTarget:
 
 def _check(target: GgufTarget, n_depth: int, n_tokens: int) -> None:
     if n_depth + n_tokens > target.n_ctx:
-        raise ValueError(f"{target.model.path}: depth {n_depth} + {n_tokens} tokens exceeds its context "
+        raise LlamaCppError(f"{target.model.path}: depth {n_depth} + {n_tokens} tokens exceeds its context "
                          f"length {target.n_ctx}")
 
 

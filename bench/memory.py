@@ -23,6 +23,8 @@ import json
 import subprocess
 import sys
 
+from itera_runtime.errors import UserError
+
 STATUS_FIELDS = {"VmRSS": "rss", "VmHWM": "hwm", "RssAnon": "rss_anon", "RssFile": "rss_file"}
 
 
@@ -40,7 +42,7 @@ def _status() -> dict[str, int | None]:
     return out
 
 
-def probe(bundle_path: str, depth: int, n_gen: int, threads: int | None) -> dict:
+def probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, graph_set: str | None = None) -> dict:
     """Load, prefill `depth` tokens, generate `n_gen`; this process's memory at each stage."""
     before = _status()  # imports of this module only: the interpreter floor
     import numpy as np
@@ -52,7 +54,7 @@ def probe(bundle_path: str, depth: int, n_gen: int, threads: int | None) -> dict
 
     imported = _status()
     bundle = load_bundle(bundle_path, verify=False)  # the parent verified it
-    session = ModelSession(bundle, threads=threads)
+    session = ModelSession(bundle, threads=threads, graph_set=graph_set)
     loaded = _status()
     ids = np.arange(depth + 1, dtype=np.int64) % bundle.vocab_size
     state = session.prefill(ids[:depth])[1] if depth else session.initial_state()
@@ -71,17 +73,18 @@ def probe(bundle_path: str, depth: int, n_gen: int, threads: int | None) -> dict
             "runtime_state_bytes": runtime_state, "torch_imported": "torch" in sys.modules}
 
 
-def run_probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, timeout: float = 600) -> dict:
+def run_probe(bundle_path: str, depth: int, n_gen: int, threads: int | None, graph_set: str | None = None,
+              timeout: float = 600) -> dict:
     """Run `probe` in a fresh interpreter and return what it measured."""
     cmd = [sys.executable, "-m", "itera_bench.memory", str(bundle_path), str(depth), str(n_gen),
-           str(threads or 0)]
+           str(threads or 0), graph_set or ""]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
-        raise ValueError(f"memory probe of {bundle_path} did not finish in {timeout:.0f} s") from None
-    if proc.returncode != 0:  # ValueError: bench_command's one-line error, not a traceback
+        raise UserError(f"memory probe of {bundle_path} did not finish in {timeout:.0f} s") from None
+    if proc.returncode != 0:  # the child's last line: what it failed on
         lines = (proc.stderr or proc.stdout).strip().splitlines()
-        raise ValueError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
+        raise UserError(f"memory probe of {bundle_path} failed: {lines[-1] if lines else proc.returncode}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
@@ -93,28 +96,28 @@ def state_bytes(bundle, depth: int) -> int:
 def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
     """One peak-RSS case per (bundle, threads, depth); each repetition is a fresh process."""
     from itera_runtime.bundle import BundleError
+    from itera_runtime.graphcheck import pick_graph_set
     from itera_runtime.options import thread_settings
 
+    from .latency import check_depth
     from .record import Record
     from .sweep import Case, Sample, bundle_fields
 
     cases = []
     for b in bundles:
-        limit = b.max_seq_len
+        graph_set = pick_graph_set(b)  # the probe's process runs the set this one would
         for d in depths:
-            if limit is not None and d + n_gen > limit:
-                raise ValueError(f"{b.path}: depth {d} + {n_gen} generated tokens exceeds the model's "
-                                 f"context of {limit} tokens")
+            check_depth(b, d, n_gen)
             for t in threads:
                 expected = state_bytes(b, d)
 
-                def run(b=b, d=d, t=t, expected=expected) -> Sample:
-                    m = run_probe(str(b.path), d, n_gen, t)
+                def run(b=b, d=d, t=t, expected=expected, graph_set=graph_set) -> Sample:
+                    m = run_probe(str(b.path), d, n_gen, t, graph_set)
                     if m["runtime_state_bytes"] != expected:
                         raise BundleError(f"{b.path}: the runtime holds {m['runtime_state_bytes']} bytes of "
                                            f"state at depth {d} but the manifest says {expected}")
                     if m["peak_rss_bytes"] is None:
-                        raise OSError("this OS reports no peak resident memory for a process")
+                        raise UserError("this OS reports no peak resident memory for a process")
                     extra = {k: v for k, v in m.items() if k not in ("peak_rss_bytes", "torch_imported") and v is not None}
                     return Sample(float(m["peak_rss_bytes"]), extra=extra)
 
@@ -124,7 +127,7 @@ def memory_cases(bundles, threads: list[int], depths: list[int], n_gen: int):
                              method="VmHWM of a fresh process that loads the bundle, prefills n_depth "
                                     "tokens and generates n_gen",
                              extra={"model_bytes": b.size_bytes, "state_kind": b.state_kind,
-                                    "state_bytes": expected}, **bundle_fields(b))
+                                    "state_bytes": expected}, **bundle_fields(b, graph_set))
                 cases.append(Case(rec, run))
     return cases
 
@@ -153,9 +156,10 @@ def state_records(bundles, depths: list[int], n_gen: int, measured) -> list:
 
 
 def main(argv: list[str]) -> None:
-    """The probe's entry point: BUNDLE DEPTH N_GEN THREADS (0 = onnxruntime decides); JSON out."""
-    bundle, depth, n_gen, threads = argv
-    print(json.dumps(probe(bundle, int(depth), int(n_gen), int(threads) or None)))
+    """The probe's entry point: BUNDLE DEPTH N_GEN THREADS (0: onnxruntime decides) GRAPH_SET ("": the
+    runtime picks); JSON out."""
+    bundle, depth, n_gen, threads, graph_set = argv
+    print(json.dumps(probe(bundle, int(depth), int(n_gen), int(threads) or None, graph_set or None)))
 
 
 if __name__ == "__main__":

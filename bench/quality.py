@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from itera_runtime.bundle import Bundle
+from itera_runtime.errors import UsageError
 from itera_runtime.retrieval import open_retriever
 from itera_runtime.scoring import kl_nats, nll_nats
 from itera_runtime.session import PREFILL_CHUNK, ModelSession
@@ -84,7 +85,7 @@ def _logits(session: ModelSession, ids: np.ndarray, state=None, chunk: int = PRE
 def window_blocks(session: ModelSession, ids: np.ndarray, window: int, stride: int):
     """The window rule (module docstring): (logits of the scored positions, their targets) per block."""
     if not 1 <= stride <= window:
-        raise ValueError(f"stride must be between 1 and the window ({window}), got {stride}")
+        raise UsageError(f"stride must be between 1 and the window ({window}), got {stride}")
     n = len(ids)
     for first in range(1, n, stride):  # first target of the block
         last = min(first + stride, n)  # one past the block's last target
@@ -133,13 +134,14 @@ def divergence(reference: Bundle, bundle: Bundle, docs, threads: int | None, win
     sessions = [ModelSession(b, threads=threads) for b in (reference, bundle)]
     carried = carry_state and reference.state_kind == bundle.state_kind == "ssm"
     blocks = [carried_blocks(s, ids, window) if carried else window_blocks(s, ids, window, stride) for s in sessions]
-    kl, agree = [], 0
+    per_block: list[np.ndarray] = []
+    agree = 0
     for (ref_rows, targets), (rows, _) in zip(*blocks):
         if ref_rows.shape[-1] != rows.shape[-1]:
             return f"vocabularies differ ({ref_rows.shape[-1]} vs {rows.shape[-1]}): no per-token KL"
-        kl.append(kl_nats(ref_rows, rows))
+        per_block.append(kl_nats(ref_rows, rows))
         agree += int((ref_rows.argmax(-1) == rows.argmax(-1)).sum())
-    kl = np.concatenate(kl)
+    kl = np.concatenate(per_block)
     return {"kl_mean": float(kl.mean()), "kl_p99": float(np.percentile(kl, 99)), "kl_max": float(kl.max()),
             "top1_agreement": agree / len(kl), "n_positions": int(len(kl)),
             "context": "carried" if carried else f"window {window}, stride {stride}"}
@@ -149,16 +151,13 @@ def load_text(data: str, split: str | None):
     """Documents to evaluate: a corpus split (default test), or a whole file unless split is given."""
     from itera_lite.data import DataError, load_corpus, read_document
 
-    try:
-        if data == "shakespeare" or data.startswith("hf:") or split is not None:
-            split = split or "test"
-            corpus = load_corpus(data)
-            if split not in corpus.splits:
-                raise DataError(f"{data} has no {split!r} split")
-            return corpus.splits[split], split
-        return [read_document(data)], "all"
-    except DataError as e:
-        raise ValueError(str(e)) from None
+    if data == "shakespeare" or data.startswith("hf:") or split is not None:
+        split = split or "test"
+        corpus = load_corpus(data)
+        if split not in corpus.splits:
+            raise DataError(f"{data} has no {split!r} split")
+        return corpus.splits[split], split
+    return [read_document(data)], "all"
 
 
 def first_bytes(docs, max_bytes: int):
@@ -186,7 +185,7 @@ def first_bytes(docs, max_bytes: int):
             kept.append(Document(doc.name, head[:cut + 1]))
         break
     if not kept:
-        raise ValueError(f"--max-bytes {max_bytes}: the text's first line is longer; give more bytes")
+        raise UsageError(f"--max-bytes {max_bytes}: the text's first line is longer; give more bytes")
     return kept
 
 
@@ -206,7 +205,7 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
     if max_tokens is not None:
         ids = ids[:max_tokens]
     if len(ids) < 2:
-        raise ValueError("the text has fewer than 2 tokens: nothing to predict")
+        raise UsageError("the text has fewer than 2 tokens: nothing to predict")
     byte_len = token_byte_lengths(tokenizer)
     retriever = open_retriever(bundle, **retrieval) if retrieval is not None else None
     session = ModelSession(bundle, threads=threads, retriever=retriever)
@@ -244,14 +243,13 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
 
     stride = stride or max(1, window // 2)
     for b in bundles:  # refused before any progress is shown
-        if b.max_seq_len is not None and window > b.max_seq_len:
-            raise ValueError(f"{b.path}: window {window} exceeds the model's context of {b.max_seq_len} tokens")
+        b.check_context(window, f"window {window}")
     docs, split = load_text(data, split)
     if max_bytes is not None:
         docs = first_bytes(docs, max_bytes)
     records: list[Record] = []
     scores: dict[str, Score] = {}
-    runs = [(b, None) for b in bundles]
+    runs: list[tuple[Bundle, dict | None]] = [(b, None) for b in bundles]
     if retrieval is not None:
         runs += [(b, retrieval) for b in bundles if b.manifest.retrieval is not None]
     for b, mix in tqdm(runs, desc="quality", file=sys.stderr, leave=False):

@@ -40,11 +40,6 @@ class Case:
     extras: list[dict] = field(default_factory=list)
 
 
-# The SSM path each graph set of an Itera-Lite bundle holds (a dual bundle's manifest names its
-# preferred set's path only).
-_SET_SSM_PATH = {"fused": "lowered", "portable": "function"}
-
-
 def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
     """The record fields that describe a bundle and the graph set of it that ran.
 
@@ -60,7 +55,7 @@ def bundle_fields(bundle: Bundle, graph_set: str | None = None) -> dict:
         "model_filename": os.path.basename(os.path.normpath(bundle.path)),
         "family": bundle.family,
         "quantization": bundle.quantization,
-        "ssm_path": _SET_SSM_PATH.get(graph_set, bundle.manifest.ssm_path),
+        "ssm_path": bundle.manifest.only_set(graph_set).ssm_path,
         "graph_set": graph_set,
         "model_size": bundle.size_bytes,
         "model_n_params": params.get("total"),

@@ -22,6 +22,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from itera_runtime.errors import UsageError
+
 from .sampler import BackgroundSampler
 
 # thermal_zone types that are the CPU or SoC die, in the order they are preferred.
@@ -100,7 +102,7 @@ class ThermalProbe(BackgroundSampler):
         if self.vcgencmd is None:
             self.missing.append(f"{opts.vcgencmd} not found (not a Raspberry Pi): no throttle flags")
         if opts.cool_to_c is not None and self.zone is None:
-            raise ValueError(f"--cool-to {opts.cool_to_c:g}: {self.missing[0]}, so there is no temperature to wait for")
+            raise UsageError(f"--cool-to {opts.cool_to_c:g}: {self.missing[0]}, so there is no temperature to wait for")
         self._lock = threading.Lock()
         self._current: CaseThermal | None = None
         self._final: tuple | None = None

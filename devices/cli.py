@@ -17,13 +17,16 @@ import sys
 
 import click
 
+from itera_runtime.errors import OneLineErrorsGroup
+
 from .profiles import Profile, ProfileError, adhoc_profile, load_profile, profile_paths
 from .ssh import Connection, SshError
 
 
-def _fail(message: str, tail: list[str] | None = None) -> None:
-    click.echo("error: " + " ".join(str(message).split()), err=True)
-    for line in tail or []:
+def _fail_with_tail(message: str, tail: list[str]) -> None:
+    """The one error line, then the end of the device's stderr under it."""
+    click.echo("error: " + " ".join(message.split()), err=True)
+    for line in tail:
         click.echo(f"  | {line}", err=True)
     sys.exit(1)
 
@@ -140,7 +143,7 @@ def render(report: dict, profile: Profile) -> str:
     return "\n".join(lines)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OneLineErrorsGroup, context_settings={"help_option_names": ["-h", "--help"]})
 def main():
     """Devices for itera-bench --host/--device-profile/--fleet."""
 
@@ -153,15 +156,11 @@ def main():
 @click.option("--json", "as_json", is_flag=True, help="the report as JSON")
 def check(host, bundle, no_index, as_json):
     """What HOST (a profile name, a .toml file, or user@host) has and lacks for a benchmark run."""
-    from itera_runtime.bundle import BundleError
-
+    profile = resolve(host)
     try:
-        profile = resolve(host)
         report = check_device(profile, bundle, index=not no_index)
-    except (ProfileError, BundleError) as e:
-        _fail(str(e))
     except SshError as e:
-        _fail(f"{profile.name}: {e}", e.tail)
+        _fail_with_tail(f"{profile.name}: {e}", e.tail)
     click.echo(json.dumps(report, indent=2) if as_json else render(report, profile))
     if report["blockers"]:
         sys.exit(1)

@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from itera_bench.invocation import Invocation
 from itera_bench.record import Record, parse
 from itera_runtime.bundle import MANIFEST_NAME, Bundle, sha256_file
 from itera_runtime.provenance import git_commit
@@ -34,7 +35,7 @@ from itera_runtime.provenance import git_commit
 from . import agent
 from .profiles import Profile, ProfileError, adhoc_profile, load_fleet, load_profile, with_host
 from .ssh import Connection, SshError, tail_lines
-from itera_runtime.errors import UserError
+from itera_runtime.errors import UsageError, UserError
 
 LOCAL = "local"  # `--host local`: run here too, in the same table
 
@@ -222,14 +223,14 @@ def agent_call(conn: Connection, command: str, *args: str, feed=None) -> dict:
 class HostRun:
     """Everything one host does; `kill()` stops it from another thread."""
 
-    def __init__(self, profile: Profile, wheel: LazyWheel, specs: list[BundleSpec], subcommand: str,
-                 options: tuple[list[str], dict[int, Path]], requirement: str):
+    def __init__(self, profile: Profile, wheel: LazyWheel, specs: list[BundleSpec], invocation: Invocation,
+                 requirement: str):
         self.profile = profile
         self.lazy_wheel = wheel
         self.wheel: Wheel | None = None
         self.specs = specs
-        self.subcommand = subcommand
-        self.options, self.option_files = options  # option files: argv index → local file to push
+        self.invocation = invocation
+        self.option_files = invocation.files()  # option name → local file to push
         self.requirement = requirement
         self.result = HostResult(profile)
         self.conn: Connection | None = None
@@ -254,18 +255,16 @@ class HostRun:
             with self.conn:
                 self.conn.connect()
                 self.wheel = self.lazy_wheel.get()
-                shas = {i: sha256_file(f) for i, f in self.option_files.items()}
+                shas = {k: sha256_file(f) for k, f in self.option_files.items()}
                 prep = self._push_and_prepare(shas)
-                options = list(self.options)
-                for i in self.option_files:
-                    options[i] = prep["files"][shas[i]]
+                there = {k: prep["files"][shas[k]] for k in self.option_files}
                 remote_paths = [prep["bundles"][f"{s.key}/{s.name}"] for s in self.specs]
                 remote_of = {os.path.normpath(str(s.bundle.path)): rp for s, rp in zip(self.specs, remote_paths)}
-                for i, v in enumerate(options):  # an option naming a bundle (quality --reference)
-                    if i not in self.option_files and os.path.normpath(v) in remote_of and os.path.isdir(v):
-                        options[i] = remote_of[os.path.normpath(v)]
-                records = self._bench([prep["python"], "-m", "itera_devices.agent", "guard",
-                                       prep["bench"], self.subcommand, *remote_paths, *options, "-o", "jsonl"])
+                for k, v in self.invocation.options.items():  # an option naming a bundle (quality --reference)
+                    if k not in there and isinstance(v, str) and os.path.normpath(v) in remote_of and os.path.isdir(v):
+                        there[k] = remote_of[os.path.normpath(v)]
+                argv = self.invocation.replace(bundles=remote_paths, **there).argv()
+                records = self._bench([prep["python"], "-m", "itera_devices.agent", "guard", prep["bench"], *argv])
                 local_of = {rp: str(s.bundle.path) for rp, s in zip(remote_paths, self.specs)}
                 res.records = [self._stamp(rec, local_of) for rec in records]
         except SshError as e:
@@ -280,7 +279,7 @@ class HostRun:
             res.seconds = time.monotonic() - start
         return res
 
-    def _push_and_prepare(self, option_shas: dict[int, str]) -> dict:
+    def _push_and_prepare(self, option_shas: dict[str, str]) -> dict:
         """Probe, send the objects the device lacks, lay out bundles and the venv; prepare's answer."""
         res, p = self.result, self.profile
         objects = objects_of(self.wheel, self.specs)
@@ -315,7 +314,7 @@ class HostRun:
         p = self.profile
         r = self.conn.run(argv, check=False, hold_stdin=True)
         if r.returncode not in (0, 130):  # 130: Ctrl-C there, rows so far are marked interrupted
-            raise SshError(f"itera-bench {self.subcommand} exited {r.returncode} on {p.host}", tail_lines(r.stderr))
+            raise SshError(f"itera-bench {self.invocation.name} exited {r.returncode} on {p.host}", tail_lines(r.stderr))
         # rows only: a login script that echoes something must not break the parse
         rows = [ln for ln in r.stdout.decode("utf-8", "replace").splitlines() if ln.startswith("{")]
         try:
@@ -370,16 +369,16 @@ def select_devices(hosts: tuple[str, ...], profiles: tuple[str, ...], fleet: str
     return out, local
 
 
-def run_hosts(profiles: list[Profile], bundles: list[Bundle], subcommand: str,
-              options_for: Callable, log=None) -> tuple[list[HostResult], bool]:
-    """Every host in parallel; (results in profile order, interrupted by Ctrl-C)."""
+def run_hosts(profiles: list[Profile], bundles: list[Bundle], invocation_for: Callable[[Profile], Invocation],
+              log=None) -> tuple[list[HostResult], bool]:
+    """Every host in parallel, each running its invocation; (results in profile order, interrupted by Ctrl-C)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     wheel = LazyWheel()
     from importlib import metadata
 
     requirement = f"itera-lite=={metadata.version('itera-lite')}"
     specs = [bundle_spec(b) for b in bundles]
-    runs = [HostRun(p, wheel, specs, subcommand, options_for(p), requirement) for p in profiles]
+    runs = [HostRun(p, wheel, specs, invocation_for(p), requirement) for p in profiles]
     interrupted = False
 
     def report(res: HostResult) -> None:  # as each host finishes, so a long fleet shows progress
@@ -416,65 +415,24 @@ def merged_records(results: list[HostResult]) -> list[Record]:
     return [r for res in results for r in res.records]
 
 
-def remote_options(ctx, skip: set[str], overrides: dict | None = None) -> tuple[list[str], dict[int, Path]]:
-    """The subcommand's options as the device's itera-bench takes them, from the parsed values.
-
-    Built from click's own parameter list, so a subcommand added later is covered without
-    knowing its options: lists come back comma-joined (as `-p 128,512` went in), flags as
-    flags, anything named in `skip` (bundles, threads, output, the device options) is left
-    out, `overrides` replace values. Returns (argv, {argv index: local file}): a file typed
-    on the command line as an option's value (e.g. a text to score) is pushed like a bundle
-    file and its device path put in its place (the local command would read that file too).
-    """
-    import click
-
-    argv: list[str] = []
-    files: dict[int, Path] = {}
-    for param in ctx.command.params:
-        if not isinstance(param, click.Option) or param.name in skip:
-            continue
-        value = (overrides or {}).get(param.name, ctx.params.get(param.name))
-        if value is None:
-            continue
-        flag = max(param.opts, key=len)
-        if param.is_flag:
-            if value:
-                argv.append(flag)
-            elif param.secondary_opts:
-                argv.append(max(param.secondary_opts, key=len))
-            continue
-        given = ctx.get_parameter_source(param.name) == click.core.ParameterSource.COMMANDLINE
-        for v in (value if param.multiple else [value]):
-            argv.append(flag)
-            if given and isinstance(v, str) and os.path.isfile(v):
-                files[len(argv)] = Path(v)
-            argv.append(",".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v))
-    return argv, files
+def device_invocation(invocation: Invocation, profile: Profile) -> Invocation:
+    """What runs on the device: the invocation typed here as JSON lines, without the device
+    options and the baseline (ratios are made here), with the profile's `threads` and `energy`
+    where the command line gave none."""
+    mine: dict = {"hosts": (), "device_profiles": (), "fleet": None, "baseline": None, "output": "jsonl"}
+    if profile.threads and "threads" not in invocation.given:
+        mine["threads"] = list(profile.threads)
+    if profile.energy and "energy_backend" in invocation.options and "energy_backend" not in invocation.given:
+        mine["energy_backend"] = profile.energy  # the profile says which counter the device has
+    return invocation.replace(**mine)
 
 
-def bench_on_devices(ctx, bundles: list[Bundle], devices: list[Profile], threads: list[int]) -> tuple[list[Record], int]:
-    """Run the command in `ctx` on each device; (their rows, exit code: 0, 1 = a host failed, 130).
-
-    threads: the command line's -t; a profile's `threads` replaces it when -t was not given.
-    """
-    import click
-
+def bench_on_devices(invocation: Invocation, bundles: list[Bundle], devices: list[Profile]) -> tuple[list[Record], int]:
+    """Run `invocation` on each device; (their rows, exit code: 0, 1 = a host failed, 130)."""
     others = [b for b in bundles if not isinstance(b, Bundle)]
     if others:  # a .gguf model (llama.cpp) needs llama-cpp-python built on the device: not pushed
-        raise ValueError(f"{getattr(others[0], 'path', others[0])}: only itera bundles run on devices "
+        raise UsageError(f"{getattr(others[0], 'path', others[0])}: only itera bundles run on devices "
                          "(--host/--device-profile/--fleet); measure .gguf files locally")
-    threads_given = ctx.get_parameter_source("threads") == click.core.ParameterSource.COMMANDLINE
-    skip = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
-    backend_given = ("energy_backend" in ctx.params
-                     and ctx.get_parameter_source("energy_backend") == click.core.ParameterSource.COMMANDLINE)
-
-    def options_for(p: Profile) -> tuple[list[str], dict[int, Path]]:
-        t = threads if threads_given or not p.threads else p.threads
-        # the profile says which counter the device has, unless the command line chose one
-        overrides = {"energy_backend": p.energy} if p.energy and "energy_backend" in ctx.params and not backend_given else {}
-        argv, files = remote_options(ctx, skip, overrides)
-        return [*argv, "-t", ",".join(map(str, t))], files
-
-    results, interrupted = run_hosts(devices, bundles, ctx.command.name, options_for)
+    results, interrupted = run_hosts(devices, bundles, lambda p: device_invocation(invocation, p))
     code = 130 if interrupted else (1 if any(r.error for r in results) else 0)
     return merged_records(results), code

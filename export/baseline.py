@@ -5,7 +5,7 @@ prefill (past length 0) and decode. We rename its symbolic dims to the bundle's 
 the manifest's parts back from the written graph. Validation against torch is
 `validate.compare`, the same for both families.
 
-KV layouts (`kv=`; itera-export --lower fused / none):
+KV layouts (`kv=`; itera-export --graph-set fused / portable):
 - "buffer" (default): each layer's attention (RoPE, scores, softmax, the KV append) becomes one
   onnxruntime `com.microsoft::GroupQueryAttention` over a preallocated cache of max_seq_len
   positions that the runtime binds as both past input and present output, as
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from itera_runtime.bundle import IoNames, StateSpec, StateTensor
+from itera_runtime.manifest import FUSED, PORTABLE, IoNames, StateSpec, StateTensor
 
 from . import graphfile
 from .graph_passes import prune
@@ -257,5 +257,6 @@ def baseline_parts(path: Path, opset: int, n_nodes: int) -> ExportedGraphs:
                    position_ids="position_ids" if "position_ids" in in_names else None),
         state=StateSpec("kv_buffer" if buffer else "kv_cache", state),
         opset=opset,
+        graph_set=FUSED if buffer else PORTABLE,
         nodes={"prefill": n_nodes, "decode": n_nodes},
     )

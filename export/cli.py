@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-
 import click
 
-from .lower import LOWER_MODES
+from itera_runtime.errors import OneLineErrors, fail
+
+from .graphfile import GRAPH_SET_CHOICES, LOWER_TO_GRAPH_SET
 from .quantize import SCHEMES
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
 @click.option("-o", "--out", default=None, help="bundle folder [default: bundles/<run name>]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default="none",
@@ -18,11 +18,13 @@ from .quantize import SCHEMES
 @click.option("--quant-option", "quant_options", multiple=True, metavar="KEY=VALUE",
               help="change one quantization setting (repeatable), e.g. block_size=64, weights=dynamic, "
                    "table_bits=8; the defaults were chosen by measurement (export/quantize.py SETTINGS)")
-@click.option("--lower", type=click.Choice(list(LOWER_MODES)), default="auto",
-              help="Itera-Lite SSM/MoE path: onnxruntime fused kernels, the portable ai.itera functions "
-                   "(standard ops, older onnxruntime), or dual: both over one weights file, the runtime "
-                   "runs fused where it can. Baseline: fused = GroupQueryAttention over a KV buffer, "
-                   "none = optimum's standard-op graph")
+@click.option("--graph-set", type=click.Choice(GRAPH_SET_CHOICES), default="auto",
+              help="fused: onnxruntime's fused kernels; portable: standard ops, older onnxruntime; both "
+                   "(Itera-Lite): the two over one weights file, the runtime runs fused where it can; auto: "
+                   "both (Itera-Lite) or fused (baseline: GroupQueryAttention over a KV buffer) where this "
+                   "onnxruntime validates them, else portable")
+@click.option("--lower", type=click.Choice(list(LOWER_TO_GRAPH_SET)), default=None, hidden=True,
+              help="former name of --graph-set (none = portable, dual = both)")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
@@ -32,28 +34,21 @@ from .quantize import SCHEMES
                    "itera-run and itera-bench quality then mix its next-token distribution in")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
-def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, retrieval, force, as_json):
+def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_text, fmt, retrieval, force, as_json):
     """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
-    from itera_lite.checkpoint import CheckpointError
-    from itera_runtime.bundle import BundleError
-
-    from .exporter import ExportError, export_checkpoint
-    from .gguf import GgufError, export_gguf
+    if lower is not None and click.get_current_context().get_parameter_source("graph_set") == \
+            click.core.ParameterSource.COMMANDLINE:
+        raise click.UsageError("--lower is the former name of --graph-set: give one of them")
+    from .exporter import export_checkpoint
+    from .gguf import export_gguf
 
     if fmt == "gguf":
         if retrieval:
-            click.echo("error: --retrieval applies to ONNX bundles", err=True)
-            sys.exit(1)
+            fail("--retrieval applies to ONNX bundles")
         if quant_options:
-            click.echo("error: --quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize",
-                       err=True)
-            sys.exit(1)
-        try:
-            summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
-                                  log=lambda m: click.echo(f"· {m}", err=True))
-        except (GgufError, CheckpointError, ExportError) as e:
-            click.echo("error: " + " ".join(str(e).split()), err=True)
-            sys.exit(1)
+            fail("--quant-option applies to ONNX bundles; GGUF types are f32/q8_0/q4_0 from --quantize")
+        summary = export_gguf(checkpoint, out, quantize=quantize, force=force,
+                              log=lambda m: click.echo(f"· {m}", err=True))
         if as_json:
             import json
 
@@ -62,23 +57,18 @@ def main(checkpoint, out, quantize, quant_options, lower, validate_text, fmt, re
             click.echo(f"{summary['path']}: GGUF {summary['file_type']}, {summary['bytes'] / 1e6:.2f} MB")
         return
     try:
-        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, lower=lower, force=force,
-                                           validate_text=validate_text, quant_options=quant_options,
-                                           retrieval=retrieval,
-                                           log=lambda m: click.echo(f"· {m}", err=True))
-    except (ExportError, CheckpointError, BundleError) as e:
-        click.echo("error: " + " ".join(str(e).split()), err=True)
-        sys.exit(1)
+        path, manifest = export_checkpoint(checkpoint, out, quantize=quantize, graph_set=graph_set, lower=lower,
+                                           force=force, validate_text=validate_text, quant_options=quant_options,
+                                           retrieval=retrieval, log=lambda m: click.echo(f"· {m}", err=True))
     except KeyboardInterrupt:
-        click.echo("error: interrupted; nothing written", err=True)
-        sys.exit(130)
+        fail("interrupted; nothing written", 130)
     if as_json:
         click.echo(manifest.to_json().rstrip("\n"))
         return
     v = manifest.validation
     nodes = ", ".join(f"{f} {c['nodes']} nodes" for f, c in manifest.graph_checks.items())
     click.echo(f"{path}: {manifest.family} bundle, quantization {manifest.quantization.mode}, "
-               f"ssm path {manifest.ssm_path}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
+               f"graph sets {', '.join(manifest.graph_sets())}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
     click.echo(f"validation vs torch on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
                f"decode top-1 agreement {v.decode_top1_agreement:.1%}, "
                f"bits/byte {v.bits_per_byte:.4f} (torch {v.bits_per_byte_torch:.4f})")

@@ -18,17 +18,18 @@ import shutil
 import warnings
 from pathlib import Path
 
-from itera_runtime.bundle import GraphSet, GraphSpec, Manifest, Quantization, Requires, Retrieval, write_manifest
+from itera_runtime.bundle import write_manifest
+from itera_runtime.manifest import (FUSED, PORTABLE, GraphSet, GraphSpec, Manifest, Quantization, Requires,
+                                    Retrieval)
 from itera_runtime.requires import installed_version, requires_for
 
-from .graphfile import check_graph, graph_functions, graph_ops, graph_spec
-from .lower import LOWER_MODES
+from .graphfile import GRAPH_SET_CHOICES, LOWER_TO_GRAPH_SET, check_graph, graph_functions, graph_ops, graph_spec
 from .publish import PublishError, check_destination, make_temp_dir, manifest_digest, publish
 from .quantize import SCHEMES, parse_options
 from .validate import FP32_TOLERANCE, ValidationTextError, compare, held_out_tokens
 from itera_runtime.errors import UserError
 
-PORTABLE_SUFFIX = ".portable"  # prefill.portable.onnx, decode.portable.onnx in a dual bundle
+PORTABLE_SUFFIX = ".portable"  # prefill.portable.onnx, decode.portable.onnx in a bundle with both sets
 VALIDATION_TOKENS = 96
 # The decode check of a quantized bundle against its fp32 source: interleaved rounds of
 # greedy decoding, medians compared (a few hundred ms at the base preset).
@@ -78,11 +79,12 @@ def _tokenizer_json(ckpt: dict, checkpoint: Path) -> str:
     return text
 
 
-def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str = "auto", force: bool = False,
+def export_checkpoint(checkpoint, out=None, quantize: str = "none", graph_set: str = "auto", force: bool = False,
                       validate_text=None, log=lambda msg: None, quant_options=(),
-                      retrieval=None) -> tuple[Path, Manifest]:
+                      retrieval=None, lower: str | None = None) -> tuple[Path, Manifest]:
     """Export a checkpoint of either family to a validated bundle; returns (folder, manifest).
 
+    graph_set: one of GRAPH_SET_CHOICES; `lower` is its former name and values (LOWER_TO_GRAPH_SET).
     quant_options: `KEY=VALUE` changes to the scheme's settings (`quantize.parse_options`).
     retrieval: a datastore folder to ship in the bundle (Itera-Lite only).
     """
@@ -96,8 +98,12 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         logging.getLogger(name).setLevel(logging.ERROR)
     if quantize not in SCHEMES:
         raise ExportError(f"unknown --quantize {quantize!r}; choose from {', '.join(SCHEMES)}")
-    if lower not in LOWER_MODES:
-        raise ExportError(f"unknown --lower {lower!r}; choose from {', '.join(LOWER_MODES)}")
+    if lower is not None:
+        if lower not in LOWER_TO_GRAPH_SET:
+            raise ExportError(f"unknown --lower {lower!r}; choose from {', '.join(LOWER_TO_GRAPH_SET)}")
+        graph_set = LOWER_TO_GRAPH_SET[lower]
+    if graph_set not in GRAPH_SET_CHOICES:
+        raise ExportError(f"unknown --graph-set {graph_set!r}; choose from {', '.join(GRAPH_SET_CHOICES)}")
     try:
         overrides = parse_options(quantize, quant_options) if quant_options else {}
     except ValueError as e:
@@ -125,7 +131,7 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", lower: str =
         _remove(tmp)
         raise ExportError(_os_error(e, out)) from None
     try:
-        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, lower, log, ref, overrides,
+        manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, graph_set, log, ref, overrides,
                           datastore)
         for set_name in manifest.graph_sets():
             log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
@@ -220,44 +226,45 @@ def _datastore(folder, model, tokenizer_json: str) -> tuple[dict, Path, Path]:
     return meta, keys, values
 
 
-def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, lower: str,
+def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, graph_set: str,
            log, ref: Path | None = None, overrides: dict | None = None, datastore=None) -> Manifest:
     """Graphs, tokenizer and manifest into `tmp`; with a quantization, the fp32 bundle into `ref` too."""
     family = model.config.family
     log(f"exporting {family} graphs")
-    alt = None  # the portable set of a dual bundle
+    alt = None  # the portable set of a bundle with both
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
         if family == "itera":
             from .itera import export_itera_graphs
             from .lower import fused_ops_available
 
-            if lower == "auto":
+            if graph_set == "auto":
                 # Both sets when this onnxruntime can validate the fused one: fused decode ran
                 # ~4x faster than portable on tiny, and the portable set costs only its graph
                 # files (tiny: +5% fp32, +19% int8; a fixed ~150 KB, less for bigger models),
                 # so the bundle is fast where it can be and runs on any onnxruntime >= the
                 # portable floor.
-                lower = "dual" if fused_ops_available() else "none"
+                graph_set = "both" if fused_ops_available() else PORTABLE
             hidden = datastore is not None  # the kNN query is an extra output only where it is used
-            parts = export_itera_graphs(model, tmp, lower="fused" if lower == "dual" else lower, hidden=hidden)
-            if lower == "dual":
-                alt = export_itera_graphs(model, tmp, lower="none", suffix=PORTABLE_SUFFIX, fused_weights=True,
-                                          hidden=hidden)
+            parts = export_itera_graphs(model, tmp, graph_set=FUSED if graph_set == "both" else graph_set,
+                                        hidden=hidden)
+            if graph_set == "both":
+                alt = export_itera_graphs(model, tmp, graph_set=PORTABLE, suffix=PORTABLE_SUFFIX,
+                                          fused_weights=True, hidden=hidden)
         else:
             from .baseline import export_baseline_graphs, group_query_attention_runs_here
 
-            if lower == "dual":
-                raise ExportError("--lower dual is for Itera-Lite bundles; a baseline bundle carries one graph "
-                                  "set: --lower fused (GroupQueryAttention) or none (standard ops)")
-            if lower == "auto":
+            if graph_set == "both":
+                raise ExportError("--graph-set both is for Itera-Lite bundles; a baseline bundle carries one "
+                                  "graph set: fused (GroupQueryAttention) or portable (standard ops)")
+            if graph_set == "auto":
                 # The KV buffer graph decodes in nearly flat time in depth (tiny: see README's
                 # speed table); standard ops only where this onnxruntime cannot validate it.
-                lower = "fused" if group_query_attention_runs_here() else "none"
-            parts = export_baseline_graphs(model, tmp, kv="buffer" if lower == "fused" else "concat")
-    sets = {_set_name(family, parts.ssm_path): parts.graphs}
+                graph_set = FUSED if group_query_attention_runs_here() else PORTABLE
+            parts = export_baseline_graphs(model, tmp, kv="buffer" if graph_set == FUSED else "concat")
+    sets = {parts.graph_set: parts.graphs}
     if alt is not None:
-        sets["portable"] = alt.graphs
+        sets[alt.graph_set] = alt.graphs
     graph_files = sorted({g.file for graphs in sets.values() for g in graphs.values()})
     try:
         checks = {f: check_graph(tmp / f) for f in graph_files}
@@ -279,8 +286,8 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
             dst.replace(src)
             checks[f] = {**check_graph(src), "bytes_fp32": records[-1].bytes_before}
         if alt is not None:
-            _share_quantized_experts(tmp, sets[next(iter(sets))], sets["portable"])
-            checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets["portable"].values()})
+            _share_quantized_experts(tmp, sets[next(iter(sets))], sets[PORTABLE])
+            checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets[PORTABLE].values()})
     return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, sets, graph_files, checks, records, datastore)
 
 
@@ -323,7 +330,6 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
         alt_graph_sets={s: GraphSet(specs[s], graphs_requires(tmp, specs[s])) for s in alts},
         io=parts.io,
         state=parts.state,
-        ssm_path=parts.ssm_path,
         opset=parts.opset,
         custom_domains=parts.custom_domains,
         quantization=_combine(records),
@@ -338,11 +344,6 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
     )
     write_manifest(tmp, manifest)
     return manifest
-
-
-def _set_name(family: str, ssm_path: str | None) -> str:
-    """What the runtime calls a graph set: fused / portable (Itera-Lite), default (baseline)."""
-    return {"lowered": "fused", "function": "portable"}.get(ssm_path, "default") if family == "itera" else "default"
 
 
 def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:

@@ -14,7 +14,13 @@ from pathlib import Path
 
 import onnx
 
-from itera_runtime.bundle import GraphSpec, IoNames, StateSpec, TensorSpec
+from itera_runtime.manifest import FUSED, PORTABLE, GraphSpec, IoNames, StateSpec, TensorSpec
+
+# itera-export --graph-set: one set, both (Itera-Lite: fused preferred, portable as the
+# fallback, over one weights file), or auto (the exporter's `_build` says which).
+GRAPH_SET_CHOICES = ("auto", FUSED, PORTABLE, "both")
+# The values of the option's former name, --lower, in the words of --graph-set.
+LOWER_TO_GRAPH_SET = {"auto": "auto", "fused": FUSED, "none": PORTABLE, "dual": "both"}
 
 # protobuf refuses messages over 2 GiB; below that a graph may stay one file.
 SINGLE_FILE_LIMIT = 2**31 - 2**24
@@ -28,7 +34,7 @@ class ExportedGraphs:
     io: IoNames
     state: StateSpec
     opset: int
-    ssm_path: str | None = None
+    graph_set: str  # FUSED (onnxruntime's contrib kernels) or PORTABLE (standard ops)
     custom_domains: dict[str, int] = field(default_factory=dict)
     nodes: dict[str, int] = field(default_factory=dict)
 

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from itera_lite.checkpoint import weights_sha256
-from itera_runtime.bundle import IoNames, StateSpec, StateTensor
+from itera_runtime.manifest import FUSED, PORTABLE, IoNames, StateSpec, StateTensor
 
 from . import lower as lowering
 from .graph_passes import name_nodes_by_layer, plain_softplus, prune
@@ -128,27 +128,27 @@ def _custom_domains(models) -> dict[str, int]:
     return {o.domain: o.version for m in models for o in m.opset_import if o.domain not in ("", "ai.onnx")}
 
 
-def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 18,
+def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: int = 18,
                         suffix: str = "", fused_weights: bool = False, hidden: bool = False) -> ExportedGraphs:
     """Write prefill{suffix}.onnx and decode{suffix}.onnx for an IteraLite into out_dir; return what was written.
 
-    lower: "none" keeps the ai.itera function path, "fused" rewrites to onnxruntime's contrib
-    kernels, "auto" picks fused when the installed onnxruntime has them (faster decode:
-    `itera-bench step` times both).
-    fused_weights: a portable ("none") graph reads its expert weights in the fused layout, so
-    it shares them with fused graphs in one weights file (dual bundles).
+    graph_set: "portable" keeps the ai.itera functions (standard ops), "fused" rewrites them to
+    onnxruntime's contrib kernels, "auto" picks fused when the installed onnxruntime has them
+    (faster decode: `itera-bench step` times both).
+    fused_weights: a portable graph reads its expert weights in the fused layout, so it shares
+    them with fused graphs in one weights file (bundles with both sets).
     hidden: also output the head's input (`hidden`), for bundles with a retrieval datastore.
     """
-    if lower not in ("auto", "none", "fused"):
-        raise ValueError(f"lower must be 'auto', 'none' or 'fused', not {lower!r}")
-    if lower == "auto":
-        lower = "fused" if lowering.fused_ops_available() else "none"
+    if graph_set not in ("auto", FUSED, PORTABLE):
+        raise ValueError(f"graph_set must be 'auto', 'fused' or 'portable', not {graph_set!r}")
+    if graph_set == "auto":
+        graph_set = FUSED if lowering.fused_ops_available() else PORTABLE
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
     graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset, hidden).items()}
     for m in graphs.values():
-        if lower == "fused":
+        if graph_set == FUSED:
             lowering.lower_to_fused(m)
         elif fused_weights:
             lowering.read_fused_moe_weights(m)
@@ -171,7 +171,7 @@ def export_itera_graphs(model, out_dir: Path, lower: str = "auto", opset: int = 
         io=IoNames(input_ids="input_ids", logits="logits", hidden=HIDDEN if hidden else None),
         state=StateSpec("ssm", tensors),
         opset=opset,
-        ssm_path="lowered" if lower == "fused" else "function",
+        graph_set=graph_set,
         custom_domains=_custom_domains(graphs.values()),
         nodes=nodes,
     )

@@ -23,10 +23,6 @@ from .graph_passes import (collapse_reshapes, drop_identity_reshapes, prune, sym
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
-# itera-export --lower: fused (these kernels), none (the portable ai.itera functions: standard
-# ops, older onnxruntime), dual (both sets over one weights file; the runtime runs fused where
-# it can), auto (see export_itera_graphs / the exporter).
-LOWER_MODES = ("auto", "fused", "none", "dual")
 FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")
 
 

@@ -75,7 +75,7 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
 #   the smallest block, the least rounding error (4-bit 2048x128 head, Gaussian weights: 0.10
 #   at 32, 0.14 at 64/128), wins.
 # - tied table at the scheme's bits: int4 with an 8-bit table was 10% larger (1,423,611 B) and
-#   no faster (3,962 tok/CPU-s); a float table (as before: fp32 Gather + 4-bit head copy) made
+#   no faster (3,962 tok/CPU-s); a float table (fp32 Gather + a 4-bit copy for the head) made
 #   the int4 bundle larger than int8 (2,340,684 B).
 # - in_proj stays quantized: keeping it float nearly doubled the int4 bundle (2,485,137 B) for
 #   no measurable bits/byte (-0.074% vs -0.08%).

@@ -16,6 +16,9 @@ from pathlib import Path
 
 import click
 
+from itera_bench.params import COUNTS
+from itera_runtime.errors import UserError, fail
+
 QUANTIZE = ("none", "int8")  # the bundles the report compares: fp32 and int8 of each family
 
 
@@ -47,7 +50,7 @@ def _quality_table(summaries: dict) -> str:
 @click.option("--preset", type=click.Choice(["tiny", "small", "base"]), default="tiny")
 @click.option("--minutes", type=float, default=3.0, help="training wall-clock budget per model")
 @click.option("--max-steps", type=int, default=400, help="schedule length (cosine ends here)")
-@click.option("--contexts", default="128,2048", help="decode-speed context lengths")
+@click.option("--contexts", type=COUNTS, default="128,2048", help="decode-speed context lengths (list)")
 @click.option("--bench-threads", type=int, default=1, help="onnxruntime threads for the speed comparison")
 @click.option("--threads", type=int, default=None, help="torch threads for training")
 @click.option("--out", default="runs/pipeline", type=click.Path(file_okay=False))
@@ -55,15 +58,13 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.plot import PlotError, pyplot
     from itera_bench.record import format_records
-    from itera_bench.report import CLAIMS_JSON, ReportError, render
+    from itera_bench.report import CLAIMS_JSON, render
+    from itera_bench.cli import suite
     from itera_bench.suite import collect, run_all
-    from itera_export.exporter import ExportError, export_checkpoint
+    from itera_export.exporter import export_checkpoint
     from itera_runtime import Generator, SamplingConfig
     from itera_runtime.provenance import provenance
 
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .train import TrainError
 
     try:
         pyplot()  # the report's plots need matplotlib: say so now, not after minutes of training
@@ -72,7 +73,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         sys.exit(1)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ctx = [int(c) for c in contexts.split(",") if c]
+    ctx = contexts
     families = {"itera": "Itera-Lite", "baseline": "Transformer baseline"}
     try:
         summaries = {}
@@ -105,14 +106,14 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         results = out / "results"
         paths = [str(p) for p in bundles.values()]
         baseline = str(bundles["baseline"])
-        depths = ",".join(map(str, [0, *ctx]))
-        status = run_all(paths, results, threads=str(bench_threads), repetitions=3, depths=ctx, baseline=baseline,
-                         skip=("profile",), options={"latency": ["-p", "512", "-n", "64", "-d", depths]},
-                         shared={"data": data}, log=lambda m: click.echo(f"· {m}", err=True))
+        latency = {"n_prompt": [512], "n_gen": [64], "n_depth": list(dict.fromkeys([0, *ctx]))}
+        invocations = suite(paths, [bench_threads], 3, ctx, baseline, skip=("profile",),
+                            options={"latency": latency}, shared={"data": data})
+        status = run_all(invocations, results, log=lambda m: click.echo(f"· {m}", err=True))
         records, reasons = collect(results, status)
         decode = [r for r in records if r.kind == "latency" and r.test.startswith("tg") and r.n_depth in ctx]
         if not decode:
-            raise ValueError(f"the decode benchmark measured nothing: {status.get('latency')}")
+            raise UserError(f"the decode benchmark measured nothing: {status.get('latency')}")
         click.echo(format_records(decode, "md"))
         for r in decode:
             if r.family == "itera" and r.vs_baseline is not None:
@@ -123,9 +124,8 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
                     + "\n".join(f"{f}: {samples[f]!r}" for f in families) + "\n```")
         report_md = render(records, out, runs=[out / f for f in families], reasons=reasons, baseline=baseline,
                            title="Itera-Lite vs Transformer baseline", sources=[str(results)], preamble=preamble)
-    except (TrainError, CheckpointError, DataError, ExportError, ReportError, PlotError, ValueError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(1)
+    except UserError as e:  # a bug keeps its traceback
+        fail(e)
 
     claims = json.loads((out / CLAIMS_JSON).read_text())["claims"] if (out / CLAIMS_JSON).exists() else []
     for table in claims:

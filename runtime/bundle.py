@@ -19,9 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from .errors import UsageError
+
 # The manifest's names, importable from here as from their home: the bundle is what users open.
-from .manifest import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, FAMILIES, KV_BUFFER_AXIS, MANIFEST_NAME,
-                       RETRIEVAL_METRICS, STATE_KINDS, BundleError, FileEntry, GraphSet, GraphSpec, IoNames,
+from .manifest import (BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, DEFAULT_SET, FAMILIES, FUSED, GRAPH_SETS,
+                       KV_BUFFER_AXIS, MANIFEST_NAME, PORTABLE, RETRIEVAL_METRICS, STATE_KINDS, BundleError, FileEntry, GraphSet, GraphSpec, IoNames,
                        Manifest, Quantization, Requires, Retrieval, StateSpec, StateTensor, TensorSpec, Validation)
 
 __all__ = [
@@ -31,6 +33,10 @@ __all__ = [
     "FAMILIES",
     "STATE_KINDS",
     "KV_BUFFER_AXIS",
+    "FUSED",
+    "PORTABLE",
+    "DEFAULT_SET",
+    "GRAPH_SETS",
     "RETRIEVAL_METRICS",
     "BundleError",
     "FileEntry",
@@ -46,6 +52,7 @@ __all__ = [
     "GraphSet",
     "Manifest",
     "Bundle",
+    "ContextError",
     "sha256_file",
     "file_entry",
     "write_manifest",
@@ -55,6 +62,10 @@ __all__ = [
 ]
 
 _CHUNK = 1 << 20
+
+
+class ContextError(UsageError):
+    """More tokens of context than the model was built for; one line."""
 
 
 def sha256_file(path: str | os.PathLike) -> str:
@@ -166,6 +177,16 @@ class Bundle:
         """Longest context the model was built for (None: no limit, as for the SSM)."""
         return self.manifest.model_config.get("max_seq_len")
 
+    def fits(self, n_tokens: int) -> bool:
+        """Whether `n_tokens` of context fit the model (always, for the SSM)."""
+        limit = self.max_seq_len
+        return not limit or n_tokens <= limit
+
+    def check_context(self, n_tokens: int, what: str) -> None:
+        """Refuse `what` (how the `n_tokens` add up, e.g. "depth 2048 + 65 tokens") beyond max_seq_len."""
+        if not self.fits(n_tokens):
+            raise ContextError(f"{self.path}: {what} exceeds the model's context (max_seq_len {self.max_seq_len})")
+
     @property
     def tokenizer_path(self) -> Path:
         return _safe_member(self.path, self.manifest.tokenizer, str(self.manifest_path))
@@ -177,6 +198,13 @@ class Bundle:
     @property
     def graph_names(self) -> list[str]:
         return list(self.manifest.graphs)
+
+    def with_graph_set(self, name: str) -> Bundle:
+        """This bundle with its graph set `name` as the only one (every session of it runs that set)."""
+        try:
+            return Bundle(self.path, self.manifest.only_set(name))
+        except BundleError as e:
+            raise BundleError(f"{self.manifest_path}: {e}") from None
 
     def graph(self, name: str, graph_set: str | None = None) -> GraphSpec:
         """The graph called `name` ("prefill", "decode", ...) of a graph set (default: the preferred one)."""

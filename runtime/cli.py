@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 
 import click
 
 from .bundle import BundleError
 from .generate import Generation, Generator
+from .graphcheck import GRAPH_SET_ENV
 from .session import State
 from .statefile import StateFileError
 from .sampling import SamplingConfig
@@ -131,6 +133,14 @@ def _has_datastore(path: str) -> bool:
     return load_bundle(path, verify=False).manifest.retrieval is not None
 
 
+def _env_graph_set(path: str) -> str | None:
+    """$ITERA_GRAPH_SET where the bundle has that set: the variable is set for mixed runs of bundles."""
+    from .bundle import load_bundle
+
+    name = os.environ.get(GRAPH_SET_ENV)
+    return name if name and name in load_bundle(path, verify=False).manifest.graph_sets() else None
+
+
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--prompt", "-p", default=None,
@@ -146,8 +156,8 @@ def _has_datastore(path: str) -> bool:
 @click.option("--stop", multiple=True, help="Stop when the text contains this (not printed); repeatable.")
 @click.option("--threads", default=None, type=int, help="onnxruntime intra-op threads (default: its own choice).")
 @click.option("--graph-set", default=None,
-              help="Run this graph set of a dual bundle (fused, portable). Default: fused when this "
-                   "onnxruntime has its kernels, else portable.")
+              help="Run this graph set of the bundle (fused, portable). Default: $ITERA_GRAPH_SET where the "
+                   "bundle has that set, else fused when this onnxruntime has its kernels, else portable.")
 @click.option("--retrieval/--no-retrieval", default=None,
               help="Mix in the bundle's kNN datastore (default: on when the bundle carries one).")
 @click.option("--retrieval-k", default=None, type=int, help="Neighbours (default: the datastore's).")
@@ -181,7 +191,7 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
         mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature)
         if retrieval is None:  # default: use a datastore where there is one; asking for settings asks for one
             retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
-        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set,
+        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
                               retrieval=mix if retrieval else None)
         state = _read_state(generator, state_file)
         if prompt is None:

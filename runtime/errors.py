@@ -35,14 +35,16 @@ def fail(message: str | BaseException, code: int = 1) -> NoReturn:
     sys.exit(code)
 
 
-def _handled(invoke):
+def _handled(invoke, usage_exit_code: int):
     try:
         return invoke()
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except (click.Abort, KeyboardInterrupt):
         fail("interrupted", 130)
-    except click.ClickException as e:  # usage errors: the same one line as every other error
+    except click.UsageError as e:  # a bad option or value: the same one line as every other error
+        fail(e.format_message(), usage_exit_code)
+    except click.ClickException as e:
         fail(e.format_message())
     except UserError as e:
         fail(e)
@@ -51,16 +53,21 @@ def _handled(invoke):
 class OneLineErrors(click.Command):
     """A console script's command: click usage errors and UserErrors end in one `error:` line."""
 
+    usage_exit_code = 1
+
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
-        return _handled(lambda: super(OneLineErrors, self).main(*args, standalone_mode=False, **kwargs))
+        return _handled(lambda: super(OneLineErrors, self).main(*args, standalone_mode=False, **kwargs),
+                        self.usage_exit_code)
 
 
 class OneLineErrorsGroup(click.Group):
     """The same for a group of subcommands (itera-bench, itera-devices)."""
 
     command_class = OneLineErrors
+    usage_exit_code = 2  # click's own: scripts around itera-bench tell a bad option from a failed run by it
 
     def main(self, *args, **kwargs):
         kwargs.pop("standalone_mode", None)
-        return _handled(lambda: super(OneLineErrorsGroup, self).main(*args, standalone_mode=False, **kwargs))
+        return _handled(lambda: super(OneLineErrorsGroup, self).main(*args, standalone_mode=False, **kwargs),
+                        self.usage_exit_code)

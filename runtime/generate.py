@@ -30,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from .bundle import Bundle, load_bundle
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession, State
@@ -124,7 +126,7 @@ class LoopTiming:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else 0.0
 
 
-def generate_tokens(session: ModelSession, prompt_ids: Sequence[int], max_new_tokens: int, sampler: Sampler,
+def generate_tokens(session: ModelSession, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int, sampler: Sampler,
                     timing: LoopTiming | None = None, state: State | None = None,
                     after_prefill: Callable[[State], None] | None = None,
                     decoder: Callable[[State], Any] | None = None) -> Iterator[int]:
@@ -267,11 +269,9 @@ class Generator:
     def _check(self, n_prompt: int, max_new_tokens: int, position: int = 0) -> None:
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        limit = self.bundle.max_seq_len
-        if limit and position + n_prompt + max_new_tokens > limit:
-            before = f"{position} tokens of state + " if position else ""
-            raise ValueError(f"{before}prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) "
-                             f"exceeds the model's max_seq_len {limit}")
+        before = f"{position} tokens of state + " if position else ""
+        self.bundle.check_context(position + n_prompt + max_new_tokens,
+                                  f"{before}prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens})")
 
     def save_state(self, state: State, path: str | Path, meta: dict | None = None) -> Path:
         """Write `state` (e.g. `Generation.state`) to a file tied to this bundle's hash; atomic, no pickle."""

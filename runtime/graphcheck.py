@@ -7,18 +7,15 @@ instead of a traceback mid-run.
 
 from __future__ import annotations
 
-import os
-
 import onnxruntime as ort
 
 from . import requires as _requires
 from .bundle import Bundle, BundleError, TensorSpec
 from .state import ORT_DTYPES, STATE_KINDS
 
-# Names a graph set to run instead of choosing one (`itera-bench` on the portable set of a
-# dual bundle, say); `itera-run --graph-set` sets it for one run.
+# The environment variable the console scripts read for a graph set to run (where a bundle has
+# it) instead of the one this onnxruntime picks; the library itself takes the set as a value.
 GRAPH_SET_ENV = "ITERA_GRAPH_SET"
-
 
 
 def _actual(node_arg) -> TensorSpec:
@@ -35,17 +32,13 @@ def _same_shape(declared: list, actual: list) -> bool:
 
 
 def pick_graph_set(bundle: Bundle, graph_set: str | None = None) -> str:
-    """The graph set to run: `graph_set` (or $ITERA_GRAPH_SET, if the bundle has it), else the first this onnxruntime runs.
+    """The graph set to run: `graph_set`, else the first this onnxruntime runs.
 
     Refuses in one line, before any session is made, when the set asked for (or every set)
     needs contrib ops or a release this onnxruntime lacks.
     """
-    m = bundle.manifest
-    sets = m.set_requires()
+    sets = bundle.manifest.set_requires()
     where = str(bundle.path)
-    if graph_set is None and os.environ.get(GRAPH_SET_ENV) in sets:
-        # Only bundles that have the set: a bench run may mix dual and baseline bundles.
-        graph_set = os.environ[GRAPH_SET_ENV]
     if graph_set is not None:
         if graph_set not in sets:
             raise BundleError(f"{where}: no graph set {graph_set!r} (has: {', '.join(sets)})")

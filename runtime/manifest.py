@@ -28,6 +28,13 @@ FAMILIES = ("itera", "baseline")
 STATE_KINDS = ("ssm", "kv_cache", "kv_buffer")
 KV_BUFFER_AXIS = 2  # the sequence axis of a kv_buffer tensor (batch, kv_heads, capacity, head_dim)
 
+# Graph sets: a bundle's graphs over one weights file, "fused" (onnxruntime's contrib kernels)
+# or "portable" (standard ops, older onnxruntime). A manifest that names no set has one, "default".
+FUSED, PORTABLE, DEFAULT_SET = "fused", "portable", "default"
+GRAPH_SETS = (FUSED, PORTABLE)
+# Manifests before graph sets said `ssm_path` for the same thing (Itera-Lite only); records still do.
+SSM_PATHS = {FUSED: "lowered", PORTABLE: "function"}
+
 
 class BundleError(UserError):
     """A bundle that cannot be used; the message is one line meant for the user."""
@@ -397,8 +404,7 @@ class Manifest:
     tokenizer: str = "tokenizer.json"
     files: dict[str, FileEntry] = field(default_factory=dict)
     params: dict[str, int] | None = None
-    ssm_path: str | None = None
-    graph_set: str | None = None  # name of the set in `graphs` (None: a bundle from before dual sets)
+    graph_set: str | None = None  # name of the set in `graphs` (None: a bundle from before graph sets)
     requires: Requires | None = None  # what `graphs` needs from onnxruntime (runtime/requires.py)
     alt_graph_sets: dict[str, GraphSet] = field(default_factory=dict)
     opset: int | None = None
@@ -451,8 +457,8 @@ class Manifest:
             graph_set = _str(graph_set, f"{where}: graph_set")
         alts = d.get("alt_graph_sets")
         alts = {} if alts is None else _need(alts, (), f"{where}: alt_graph_sets")
-        if (graph_set or "default") in alts:
-            raise BundleError(f"{where}: alt_graph_sets repeats the main graph set {graph_set or 'default'!r}")
+        if (graph_set or DEFAULT_SET) in alts:
+            raise BundleError(f"{where}: alt_graph_sets repeats the main graph set {graph_set or DEFAULT_SET!r}")
         return cls(
             format=d["format"],
             format_version=d["format_version"],
@@ -465,7 +471,6 @@ class Manifest:
             io=IoNames.from_dict(d["io"], f"{where}: io"),
             state=StateSpec.from_dict(d.get("state"), f"{where}: state"),
             params=d.get("params"),
-            ssm_path=d.get("ssm_path"),
             graph_set=graph_set,
             requires=Requires.from_dict(d.get("requires"), f"{where}: requires"),
             alt_graph_sets={str(k): GraphSet.from_dict(v, f"{where}: alt_graph_sets.{k}") for k, v in alts.items()},
@@ -497,7 +502,26 @@ class Manifest:
     @property
     def main_set(self) -> str:
         """Name of the graph set in `graphs` ("default" for bundles that do not name it)."""
-        return self.graph_set or "default"
+        return self.graph_set or DEFAULT_SET
+
+    @property
+    def ssm_path(self) -> str | None:
+        """The main set in the words of manifests before graph sets: "lowered" (fused) or "function"."""
+        if self.family != "itera":
+            return None
+        # a manifest of before graph sets names none; its ssm_path stays in `extra` as written
+        return SSM_PATHS.get(self.main_set, self.extra.get("ssm_path"))
+
+    def only_set(self, name: str) -> Manifest:
+        """This manifest with one graph set, `name`, as its only one: a run that asks for that set."""
+        sets = self.graph_sets()
+        if name not in sets:
+            raise BundleError(f"no graph set {name!r} (has: {', '.join(sets)})")
+        if name == self.main_set:
+            return dataclasses.replace(self, alt_graph_sets={})
+        alt = self.alt_graph_sets[name]
+        return dataclasses.replace(self, graph_set=name, graphs=alt.graphs, requires=alt.requires,
+                                   validation=alt.validation, alt_graph_sets={})
 
     def graph_sets(self) -> dict[str, dict[str, GraphSpec]]:
         """Every graph set, preferred first: {set name: {graph name: GraphSpec}}."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 import onnxruntime as ort
-from .errors import UserError
+from .errors import UsageError, UserError
 
 # User-facing device names → onnxruntime execution providers.
 DEVICES = {
@@ -47,10 +47,10 @@ def check_threads(threads: int | None) -> int | None:
     if threads is None:
         return None
     if isinstance(threads, bool) or int(threads) != threads or threads < 1:
-        raise ValueError(f"threads must be an integer >= 1, got {threads!r}")
+        raise UsageError(f"threads must be an integer >= 1, got {threads!r}")
     cpus = os.cpu_count() or 1
     if threads > cpus:
-        raise ValueError(f"{threads} threads requested but this machine has {cpus} CPUs; use at most {cpus}")
+        raise UsageError(f"{threads} threads requested but this machine has {cpus} CPUs; use at most {cpus}")
     return int(threads)
 
 
@@ -68,7 +68,7 @@ def _env_config() -> dict[str, str]:
     for item in filter(None, (part.strip() for part in text.split(";"))):
         key, sep, value = item.partition("=")
         if not sep or not key.strip().startswith("session.") or not value.strip():
-            raise ValueError(f"${ORT_CONFIG_ENV}: {item!r} is not KEY=VALUE with an onnxruntime "
+            raise UsageError(f"${ORT_CONFIG_ENV}: {item!r} is not KEY=VALUE with an onnxruntime "
                              f"session config key (session.…)")
         out[key.strip()] = value.strip()
     return out

@@ -1,14 +1,10 @@
 """What a bundle needs from onnxruntime, checked before any session is made.
 
-A bundle made on a laptop runs on whatever onnxruntime a device has. Graphs that use
-onnxruntime's contrib kernels (com.microsoft: the fused SSM/MoE path, the quantized
-kernels) fail to load on releases older than the kernel, with onnxruntime's own error
-("... is not a registered function/op"), which says neither what is needed nor what to do.
-So the exporter records in the manifest (`Manifest.requires`) the contrib ops of each graph
-and the lowest onnxruntime that runs them all, computed from the graphs it wrote
-(`export.graphfile.graph_ops` + `requires_for`); `check_requires` compares that with the
-installed onnxruntime, and `choose_graph_set` picks the first graph set of a bundle (fused,
-then portable) that this onnxruntime runs.
+Graphs with onnxruntime's contrib kernels (the fused SSM/MoE path, the quantized kernels)
+fail to load on releases older than a kernel with an error that says neither what is needed
+nor what to do. So the manifest records each graph set's contrib ops and the lowest
+onnxruntime that runs them (`requires_for`); `check_requires` compares that with the
+installed onnxruntime, and `choose_graph_set` picks the first set it runs.
 
 The versions below were measured, not read from release notes: for each onnxruntime
 release (last patch of every minor from 1.15, CPU wheels, Python 3.11) a throwaway venv
@@ -116,7 +112,7 @@ KNOWN_BAD = {"1.21.0": "crashes with 'Illegal instruction' on import on a Raspbe
 # `pip index versions onnxruntime --python-version 310 --only-binary=:all:` for
 # manylinux_2_28_aarch64 and _x86_64 said 1.23.2 on 2026-12-03 (Python 3.11: 1.32.0). So
 # Ubuntu 22.04 on a Pi and JetPack 6 (Python 3.10) run the portable graph set only.
-LAST_WHEEL = {(3, 10): "1.23.2"}
+LAST_WHEEL: dict[tuple[int, ...], str] = {(3, 10): "1.23.2"}
 
 
 def op_key(domain: str, op_type: str) -> str:
@@ -220,7 +216,7 @@ def refusal(where: str, requires: Requires, problems: list[str], ort_version: st
     more = f" (and {len(problems) - 1} more op{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
     return (f"{where}: {problems[0]}{more}; installed onnxruntime is "
             f"{ort_version}{also}. Either upgrade (pip install -U \"onnxruntime>={requires.onnxruntime}\") "
-            f"or use a portable bundle (itera-export --lower none; Itera-Lite bundles can carry both with --lower dual)")
+            f"or use a portable bundle (itera-export --graph-set portable; Itera-Lite bundles can carry both with --graph-set both)")
 
 
 def choose_graph_set(sets: Mapping[str, Requires | None], ort_version: str | None = None,

@@ -1,24 +1,10 @@
 """Next-token sampling: greedy, temperature, top-k, top-p and repetition penalty.
 
-A small, separate module in the style of onnxruntime-genai and llama.cpp: the generate loop
-hands it one row of logits per step and gets back one token id.
-
-The processing order, applied by `Sampler.__call__` to the logits of one step:
-
-1. repetition penalty (CTRL-style, as in HF `RepetitionPenaltyLogitsProcessor`): for every
-   distinct id already in the history, a positive logit is divided by the penalty and a
-   negative one multiplied by it, so a penalty > 1 always makes seen tokens less likely;
-2. temperature == 0: greedy, return the argmax (ties go to the lowest id);
-3. temperature scaling: logits / temperature;
-4. top-k: keep the k highest logits;
-5. top-p (nucleus): keep the smallest set of most probable tokens whose cumulative
-   probability reaches top_p, always at least one;
-6. sample from the renormalised softmax of what is left.
-
-Everything runs on the whole vocabulary with numpy (no Python loop over the vocab) in
-float64; top-k uses argpartition and top-p sorts only as many candidates as the nucleus
-needs, so one step stays well under a millisecond for a vocab of 8k.
-Removed entries are set to -inf; -inf logits coming from the model are handled the same way.
+The order (`Sampler.__call__`): repetition penalty (CTRL-style, as HF's
+`RepetitionPenaltyLogitsProcessor`: a positive logit divided by it, a negative one
+multiplied), then greedy at temperature 0 (ties to the lowest id), else temperature, top-k,
+top-p (the smallest nucleus reaching top_p, at least one token) and a draw from the
+renormalised softmax of what is left.
 """
 
 from __future__ import annotations
@@ -27,6 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from .errors import UsageError
 
 __all__ = [
     "SamplingConfig",
@@ -59,13 +47,13 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
+            raise UsageError(f"temperature must be >= 0 (0 means greedy), got {self.temperature}")
         if isinstance(self.top_k, bool) or int(self.top_k) != self.top_k or self.top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k}")
+            raise UsageError(f"top_k must be an integer >= 0 (0 means off), got {self.top_k}")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
+            raise UsageError(f"top_p must be in (0, 1] (1 means off), got {self.top_p}")
         if not np.isfinite(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(
+            raise UsageError(
                 f"repetition_penalty must be > 0 (1 means off), got {self.repetition_penalty}"
             )
 

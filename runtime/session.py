@@ -35,7 +35,7 @@ from .options import (
 from .retrieval import Retriever
 from .state import STATE_KINDS, Decoder, State
 
-# The names callers have always imported from here.
+# What a session is made with (options.py, graphcheck.py, state.py), importable from here too.
 __all__ = ["DEVICES", "GRAPH_SET_ENV", "ORT_CONFIG_ENV", "PREFILL_CHUNK", "Decoder", "DeviceError", "ModelSession",
            "State", "check_manifest_against_graphs", "check_threads", "make_session", "pick_graph_set",
            "providers_for", "session_options", "thread_settings"]

@@ -7,7 +7,7 @@ one byte and multi-byte characters are always split across tokens.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -49,6 +49,7 @@ class TinyBundle:
     family: str
     checkpoint: Path
     bundle: Path
+    log: list[str] = field(default_factory=list)  # the export's progress and warning lines
 
 
 def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
@@ -68,8 +69,9 @@ def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
     ckpt = root / "tiny.pt"
     save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
                            "tokenizer_json": tokenizer.to_str()})
-    out, _ = export_checkpoint(ckpt, root / "bundle")
-    return TinyBundle(family, ckpt, out)
+    log: list[str] = []
+    out, _ = export_checkpoint(ckpt, root / "bundle", log=log.append)
+    return TinyBundle(family, ckpt, out, log)
 
 
 @pytest.fixture(scope="session")
@@ -87,9 +89,10 @@ def tiny_itera_int8(tiny_itera, tmp_path_factory) -> TinyBundle:
     """tiny_itera's checkpoint exported again with int8 weights: a real fp32 / int8 pair."""
     from itera_export.exporter import export_checkpoint
 
+    log: list[str] = []
     out, _ = export_checkpoint(tiny_itera.checkpoint, tmp_path_factory.mktemp("tiny-itera-int8") / "bundle",
-                               quantize="int8")
-    return TinyBundle("itera", tiny_itera.checkpoint, out)
+                               quantize="int8", log=log.append)
+    return TinyBundle("itera", tiny_itera.checkpoint, out, log)
 
 
 @pytest.fixture(params=["baseline", "itera"])

@@ -15,9 +15,13 @@ import pytest
 from itera_bench.record import FORMATS, Record, format_records, markdown, parse
 
 
-def bench(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300, **kw)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def one_error_line(proc) -> str:

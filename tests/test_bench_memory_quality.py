@@ -20,9 +20,13 @@ TEXT = ("To be, or not to be, that is the question:\nWhether 'tis nobler in the 
         "And by opposing end them. Café, naïve — ☃.\n") * 3
 
 
-def bench(*args):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def rows(proc) -> list[dict]:
@@ -270,7 +274,7 @@ def test_flops_of_the_function_path_int8_graph(tiny_itera, tmp_path):
     from itera_export.exporter import export_checkpoint
     from itera_runtime.bundle import load_bundle
 
-    out, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "fn8", quantize="int8", lower="none")
+    out, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "fn8", quantize="int8", graph_set="portable")
     assert manifest.ssm_path == "function"
     fn8 = graph_flops(load_bundle(out), [0])[0]
     fused = graph_flops(load_bundle(tiny_itera.bundle), [0])[0]

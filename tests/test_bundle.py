@@ -183,6 +183,18 @@ def test_example_manifest_parses_into_every_field_and_round_trips_unchanged():
     assert {name for _, name in m.referenced_files()} == set(m.files)
 
 
+def test_manifest_of_before_graph_sets_keeps_its_ssm_path_and_new_ones_say_it_by_graph_set():
+    example = json.loads(EXAMPLE.read_text())
+    old = {k: v for k, v in example.items() if k not in ("graph_set", "alt_graph_sets", "requires")}
+    m = Manifest.from_json(old | {"ssm_path": "function"})
+    assert m.main_set == "default" and m.ssm_path == "function"
+    assert json.loads(m.to_json())["ssm_path"] == "function"  # written back as it was
+    new = Manifest.from_json(example)
+    assert "ssm_path" not in new.to_dict() and new.ssm_path == "lowered"
+    assert new.only_set("portable").ssm_path == "function"
+    assert Manifest.from_json(example | {"family": "baseline"}).ssm_path is None
+
+
 def test_tampered_graph_is_refused(bundle_dir):
     path = bundle_dir / "decode.onnx"
     data = bytearray(path.read_bytes())

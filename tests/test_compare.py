@@ -6,8 +6,6 @@ from __future__ import annotations
 import itertools
 import json
 import statistics
-import subprocess
-import sys
 
 import pytest
 
@@ -15,9 +13,13 @@ from itera_bench.compare import compare, mann_whitney_u
 from itera_bench.record import parse
 
 
-def bench(*args):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def brute_force_p(x, y) -> float:

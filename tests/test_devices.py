@@ -88,17 +88,19 @@ def test_bad_profile_from_the_cli(tmp_path):
 
 
 def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_path):
-    """The device's argv, rebuilt from click's parsed values, parses back to the same values:
+    """The device's argv, built from the typed invocation, parses back to the same values:
     for every subcommand, including those added after this code (none is named here)."""
     import click
 
-    from itera_bench.cli import main
-    from itera_devices.remote import remote_options
+    from itera_bench.cli import bench_command, main
+    from itera_bench.invocation import Invocation
+    from itera_bench.params import IntList, IntPair
+    from itera_devices.profiles import adhoc_profile
+    from itera_devices.remote import device_invocation
 
-    skip = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
+    device = {"threads", "output", "baseline", "hosts", "device_profiles", "fleet"}
     text = tmp_path / "some text.txt"
     text.write_text("x")
-    from itera_bench.cli import bench_command
 
     @click.command()
     @bench_command
@@ -110,22 +112,46 @@ def test_every_subcommand_reaches_the_device_with_the_options_typed_here(tmp_pat
         names = {p.name for p in cmd.params}
         if "bundles" not in names or "device_profiles" not in names:
             continue  # not a bench_command
-        args = ["b1", "b2", "-r", "3", "--no-warmup"]
+        args = ["b1", "b2", "-r", "3", "--no-warmup", "-t", "2", "--host", "pi@x", "--baseline", "b2"]
         for p in cmd.params:  # give every list option two values and every path option a file
-            if isinstance(p, click.Option) and p.name not in skip and p.callback is not None and not p.is_flag:
+            if isinstance(p, click.Option) and p.name not in device and isinstance(p.type, (IntList, IntPair)):
                 args += [max(p.opts, key=len), "1,2"]
-            elif isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.name not in skip:
+            elif isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.name not in device:
                 args += [max(p.opts, key=len), str(text)]
         if "data" in names:  # a str option that takes a corpus name or a FILE (quality --data)
             args += ["--data", str(text)]
-        ctx = cmd.make_context(name, list(args))
-        argv, files = remote_options(ctx, skip)
-        again = cmd.make_context(name, ["b1", "b2", *argv])
-        for key in names - skip:
-            assert again.params[key] == ctx.params[key], (name, key)
-        assert all(argv[i] == str(text) for i in files)  # files to push, by argv position
-        assert bool(files) == ("data" in names or any(isinstance(p, click.Option) and isinstance(p.type, click.Path)
-                                                      and p.name not in skip for p in cmd.params))
+        typed = Invocation.parse(cmd, args)
+        sent = device_invocation(typed, adhoc_profile("pi@x"))
+        argv = sent.argv()
+        assert argv[:3] == [name, "b1", "b2"] and "--host" not in argv and "--baseline" not in argv
+        again = Invocation.parse(cmd, argv[1:])
+        assert again.bundles == typed.bundles
+        for key in names - device - {"bundles"}:
+            assert again.options[key] == typed.options[key], (name, key)
+        assert again.options["threads"] == [2] and again.options["output"] == "jsonl"
+        assert {k: str(v) for k, v in sent.files().items()} == {
+            k: str(text) for k, v in typed.options.items() if v == str(text)}
+        assert bool(sent.files()) == ("data" in names or any(
+            isinstance(p, click.Option) and isinstance(p.type, click.Path) and p.name not in device
+            for p in cmd.params))
+
+
+def test_a_profiles_threads_and_energy_counter_apply_where_the_command_line_gave_none():
+    from itera_bench.cli import main
+    from itera_bench.invocation import Invocation
+    from itera_devices.profiles import adhoc_profile
+    from itera_devices.remote import device_invocation
+
+    import dataclasses
+
+    pi = dataclasses.replace(adhoc_profile("pi@x"), threads=[4], energy="pi5-pmic")
+    energy = main.commands["energy"]
+    assert device_invocation(Invocation.parse(energy, ["b"]), pi).options["threads"] == [4]
+    assert device_invocation(Invocation.parse(energy, ["b"]), pi).options["energy_backend"] == "pi5-pmic"
+    typed = Invocation.parse(energy, ["b", "-t", "1,2", "--energy-backend", "perf"])
+    assert device_invocation(typed, pi).options["threads"] == [1, 2]
+    assert device_invocation(typed, pi).options["energy_backend"] == "perf"
+    assert "energy_backend" not in device_invocation(Invocation.parse(main.commands["step"], ["b"]), pi).options
 
 
 def test_requires_verdict_against_the_device_version(tmp_path, tiny_itera):

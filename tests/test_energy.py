@@ -35,8 +35,12 @@ from itera_bench.record import format_records, parse
 
 
 def bench(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def one_error_line(proc) -> str:

@@ -43,7 +43,7 @@ def test_parts_match_graph(exported):
     assert parts.graphs == {"prefill": spec, "decode": spec} and spec.external_data == []
     n_nodes = len(onnx.load(str(out / "model.onnx")).graph.node)
     assert parts.nodes == {"prefill": n_nodes, "decode": n_nodes}
-    assert parts.opset == 18 and parts.ssm_path is None and parts.custom_domains == {}
+    assert parts.opset == 18 and parts.graph_set == "fused" and parts.custom_domains == {}
     names = [t.name for t in spec.inputs]
     assert names[:2] == ["input_ids", "attention_mask"]
     # GroupQueryAttention places tokens by the mask's count: no position_ids.
@@ -120,6 +120,7 @@ def test_parity_past_one_prefill_chunk(tiny_baseline):
 
 def test_buffer_state_is_written_in_place_and_counts_filled_rows(tiny_baseline):
     session = ModelSession(load_bundle(tiny_baseline.bundle), threads=1)
+    assert session.graph_set == "fused"  # GroupQueryAttention over the buffer: onnxruntime's fused kernel
     _, state = session.prefill([1, 2, 3, 4, 5])
     per_token = state.nbytes // 5
     assert per_token == 2 * 2 * 4 * 32 * 4  # (K, V) x 2 layers x 4 kv heads x head_dim 32 x float32
@@ -140,9 +141,11 @@ def test_buffer_state_is_written_in_place_and_counts_filled_rows(tiny_baseline):
 
 
 def test_growing_cache_bundles_still_run(tiny_baseline, tmp_path):
-    """Bundles of the earlier format (optimum's Concat cache, kind kv_cache; today --lower none) load and match torch."""
-    out, manifest = export_checkpoint(tiny_baseline.checkpoint, tmp_path / "old", lower="none")
+    """Bundles of the earlier format (optimum's Concat cache, kind kv_cache; today --graph-set portable) load and
+    match torch."""
+    out, manifest = export_checkpoint(tiny_baseline.checkpoint, tmp_path / "old", graph_set="portable")
     assert manifest.state.kind == "kv_cache" and manifest.io.position_ids == "position_ids"
+    assert list(manifest.graph_sets()) == ["portable"] and manifest.ssm_path is None
     assert manifest.requires.ops == {"decode": [], "prefill": []}
     model, _ = load_model(tiny_baseline.checkpoint)
     tokens = np.random.default_rng(0).integers(0, 256, 32 + 16)
@@ -153,11 +156,11 @@ def test_growing_cache_bundles_still_run(tiny_baseline, tmp_path):
             == Generator(tiny_baseline.bundle, threads=1).generate_ids([5, 6, 7], 24, greedy))
 
 
-def test_lower_dual_is_refused_for_the_baseline(tiny_baseline, tmp_path):
+def test_graph_set_both_is_refused_for_the_baseline(tiny_baseline, tmp_path):
     from itera_export.exporter import ExportError
 
-    with pytest.raises(ExportError, match="--lower dual is for Itera-Lite bundles"):
-        export_checkpoint(tiny_baseline.checkpoint, tmp_path / "dual", lower="dual")
+    with pytest.raises(ExportError, match="--graph-set both is for Itera-Lite bundles"):
+        export_checkpoint(tiny_baseline.checkpoint, tmp_path / "dual", graph_set="both")
     assert not (tmp_path / "dual").exists()
 
 

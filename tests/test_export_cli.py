@@ -165,3 +165,15 @@ def test_itera_graphs_share_one_copy_of_the_weights(tiny_itera):
     assert shared["bytes"] <= 1.15 * param_bytes, (shared, param_bytes)
     assert shared["bytes"] <= 0.6 * shared["bytes_if_inline"]
     assert m.total_bytes <= 1.3 * param_bytes
+
+
+def test_lower_is_the_hidden_former_name_of_graph_set_and_not_given_with_it(tmp_path):
+    from itera_export.cli import main
+
+    assert "--graph-set" in export_here("--help").stdout and "--lower" not in export_here("--help").stdout
+    (tmp_path / "model.pt").write_bytes(b"")
+    res = export_here(tmp_path / "model.pt", "-o", tmp_path / "b", "--lower", "none", "--graph-set", "fused")
+    assert res.returncode == 1 and res.stderr.startswith("error: --lower is the former name of --graph-set")
+    assert not (tmp_path / "b").exists()
+    assert {o.name: o.hidden for o in main.params if o.name in ("lower", "graph_set")} == \
+        {"lower": True, "graph_set": False}

@@ -137,8 +137,8 @@ def test_manifest(bundles, model):
 
 
 def test_auto_picks_fused_when_available(model, tmp_path):
-    parts = export_itera_graphs(model, tmp_path, lower="auto")
-    assert parts.ssm_path == ("lowered" if fused_ops_available() else "function")
+    parts = export_itera_graphs(model, tmp_path, graph_set="auto")
+    assert parts.graph_set == ("fused" if fused_ops_available() else "portable")
 
 
 # --- numerics through the runtime -----------------------------------------------------------

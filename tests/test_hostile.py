@@ -56,8 +56,17 @@ def tmpfs(path: Path, size: str = "1m", read_only: bool = False):
 
 
 def export(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "itera_export.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    """itera-export in this process (tests/clirun.py): a fresh interpreter proves nothing about its refusals."""
+    from clirun import invoke
+
+    from itera_export.cli import main
+
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        return invoke(main, *args, env=env)
+    finally:
+        os.chdir(here)
 
 
 def run(*args, **kw) -> subprocess.CompletedProcess:
@@ -66,8 +75,12 @@ def run(*args, **kw) -> subprocess.CompletedProcess:
 
 
 def bench(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    """itera-bench in this process (tests/clirun.py)."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args)
 
 
 @pytest.fixture
@@ -268,6 +281,7 @@ def test_invalid_utf8_on_stdin_is_replaced_and_said(tiny_itera):
     assert json.loads(proc.stdout)["prompt"] == "To be \ufffd\ufffd or not"
 
 
+@pytest.mark.slow  # two fresh processes' memory, ~15-20 s on 2 cores
 def test_long_ssm_prompt_prefills_in_bounded_memory(tiny_itera):
     """20,000 prompt tokens: chunked prefill with the state carried keeps memory flat; one call
     over the whole prompt (what main did) needs far more."""
@@ -320,11 +334,14 @@ def tiny_run(text_file, tmp_path_factory) -> Path:
     return out
 
 
-def itera_train(*args, tmp_path: Path, timeout=300) -> subprocess.CompletedProcess:
-    # Prepared data is cached beside the text it came from, so tests share one preparation.
-    env = {**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache"), "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "itera_lite.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=timeout, env=env)
+def itera_train(*args, tmp_path: Path) -> subprocess.CompletedProcess:
+    """itera-train in this process (tests/clirun.py); prepared data is cached beside the text it
+    came from, so tests share one preparation."""
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    return invoke(main, *args, env={"ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache")})
 
 
 def trained(out: Path, data: Path, tmp_path: Path, *args) -> None:
@@ -462,6 +479,7 @@ def test_run_killed_before_its_first_checkpoint_starts_over(text_file, tmp_path)
     assert json.loads((out / "summary.json").read_text())["steps"] == 2
 
 
+@pytest.mark.slow  # two ranks, each a fresh interpreter with torch: ~30 s on 2 cores
 def test_torchrun_into_a_user_folder_stops_every_rank(text_file, user_folder, tmp_path):
     # Rank 0 refuses the folder; the other rank must stop too, not wait for it forever.
     before = tree(user_folder)
@@ -490,8 +508,7 @@ def test_report_refuses_foreign_record_files_in_one_line(tmp_path, name, text):
     f = tmp_path / name
     f.write_bytes(text if isinstance(text, bytes) else text.encode())
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "itera_bench.cli", "report", str(f), "-o", str(out)],
-                          capture_output=True, text=True, timeout=120)
+    proc = bench("report", f, "-o", out)
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
     assert not (out / "report.md").exists()

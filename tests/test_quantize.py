@@ -18,6 +18,7 @@ from itera_export.exporter import export_checkpoint  # noqa: E402
 from itera_export.quantize import SCHEMES, quantize_graph  # noqa: E402
 from itera_export.validate import compare  # noqa: E402
 from itera_lite.checkpoint import load_model  # noqa: E402
+from itera_runtime.bundle import load_bundle  # noqa: E402
 from itera_runtime.options import make_session  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -78,14 +79,14 @@ def _bundle_bytes(folder):
 
 
 @pytest.fixture(scope="module")
-def itera_bundles(tiny_itera, tmp_path_factory):
+def itera_bundles(tiny_itera, tiny_itera_int8, tmp_path_factory):
     """The tiny Itera-Lite checkpoint exported at fp32, int8 and int4 (traced once)."""
     root = tmp_path_factory.mktemp("itera-quant")
-    logs = {}
-    out = {}
-    for mode in ("none", "int8", "int4"):
-        lines = logs.setdefault(mode, [])
-        out[mode] = export_checkpoint(tiny_itera.checkpoint, root / mode, quantize=mode, log=lines.append)
+    # fp32 and int8 are the session's exports of this checkpoint (conftest); int4 is made here.
+    out = {mode: (b.bundle, load_bundle(b.bundle).manifest) for mode, b in (("none", tiny_itera),
+                                                                           ("int8", tiny_itera_int8))}
+    logs = {"none": tiny_itera.log, "int8": tiny_itera_int8.log, "int4": []}
+    out["int4"] = export_checkpoint(tiny_itera.checkpoint, root / "int4", quantize="int4", log=logs["int4"].append)
     return out, logs
 
 

@@ -4,8 +4,6 @@ from every format, the claims table on two real bundles, and refusals in one lin
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,9 +16,13 @@ REPO = Path(__file__).resolve().parents[1]
 BLUE = (0x1F / 255, 0x77 / 255, 0xB4 / 255)  # plot.PALETTE[0]: the first series of every plot
 
 
-def bench(*args, **kw):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)],
-                          capture_output=True, text=True, timeout=600, **kw)
+def bench(*args, env=None):
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def one_error_line(proc) -> str:
@@ -61,11 +63,13 @@ def train_run(tmp_path_factory):
                              "export/exporter.py", "bench/record.py"]):
         (data / f"{i}.txt").write_text((REPO / src).read_text())
     out = root / "itera"
-    proc = subprocess.run([sys.executable, "-m", "itera_lite.cli", "--model", "itera", "--data", str(data),
-                           "--out", str(out), "--vocab-size", "256", "--seq-len", "32", "--batch-size", "4",
-                           "--threads", "1", "--max-steps", "12", "--eval-every", "4", "--eval-batches", "2",
-                           "--final-eval-batches", "2", "--warmup-steps", "2", "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    proc = invoke(main, "--model", "itera", "--data", data, "--out", out, "--vocab-size", "256", "--seq-len", "32",
+                  "--batch-size", "4", "--threads", "1", "--max-steps", "12", "--eval-every", "4",
+                  "--eval-batches", "2", "--final-eval-batches", "2", "--warmup-steps", "2", "--quiet")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
@@ -266,25 +270,32 @@ def test_claims_never_count_an_estimate_or_a_missing_row(tiny_itera, tiny_baseli
 # --------------------------------------------------------------------------- all
 
 
-def test_all_finds_measuring_subcommands_by_name():
+def test_all_runs_every_registered_measurement_with_its_small_options():
     import click
 
-    from itera_bench.cli import bench_command, main
-    from itera_bench.suite import measuring_commands
+    from itera_bench.cli import MEASUREMENTS, bench_command, main, measurement, suite
 
-    assert {"latency", "step", "profile"} <= set(measuring_commands(main))
-    assert not {"all", "report", "claims"} & set(measuring_commands(main))
+    assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy", "serve"]
+    runs = {inv.name: inv for inv in suite(["a", "b.gguf"], [1, 2], 3, [128, 2048], baseline="a", skip=("profile",))}
+    assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy", "serve"]
+    assert runs["latency"].bundles == ("a", "b.gguf") and runs["step"].bundles == ("a",)  # .gguf: latency only
+    assert runs["latency"].argv() == ["latency", "a", "b.gguf", "--threads", "1,2", "--repetitions", "3",
+                                      "--output", "jsonl", "--baseline", "a", "--n-gen", "32",
+                                      "--n-depth", "0,128,2048", "--n-prompt-gen", "512,32"]  # -p 512: its default
+    assert runs["step"].options["n_depth"] == [128, 2048] and runs["memory"].options["n_gen"] == 16
 
+    @measurement(lambda depths: {"n": 2})
     @main.command(name="widgets")
     @bench_command
     @click.option("-n", default=1)
     def widgets(bundles, threads, repetitions, warmup, n):
         return []
 
-    try:  # a subcommand merged later is picked up without touching `all`
-        assert "widgets" in measuring_commands(main)
+    try:  # a subcommand merged later runs in `all` by registering itself
+        assert suite(["a"], [1], 1, [8])[-1].argv() == ["widgets", "a", "--repetitions", "1", "--output", "jsonl",
+                                                        "-n", "2"]
     finally:
-        del main.commands["widgets"]
+        del main.commands["widgets"], MEASUREMENTS["widgets"]
 
 
 @pytest.mark.slow

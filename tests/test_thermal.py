@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -161,8 +159,12 @@ def test_cool_to_without_a_temperature_sensor_is_refused():
 
 
 def bench(*args, env=None):
-    return subprocess.run([sys.executable, "-m", "itera_bench.cli", *map(str, args)], capture_output=True,
-                          text=True, timeout=300, env=env)
+    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
 
 
 def test_step_end_to_end_on_a_fixture_tree_and_replayed_vcgencmd(tiny_itera, tmp_path):

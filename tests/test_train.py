@@ -26,8 +26,13 @@ FAST = ["--vocab-size", "256", "--seq-len", "64", "--batch-size", "8", "--thread
         "--warmup-steps", "10", "--eval-batches", "4", "--final-eval-batches", "8", "--quiet"]
 
 
-def run_train(*args, check=True, **kw) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "itera_lite.cli", *args], capture_output=True, text=True, **kw)
+def run_train(*args, check=True) -> subprocess.CompletedProcess:
+    """itera-train in this process (tests/clirun.py); the runs that must be killed are started as processes."""
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    proc = invoke(main, *args)
     if check and proc.returncode != 0:
         raise AssertionError(f"itera-train failed:\n{proc.stderr[-3000:]}")
     return proc
