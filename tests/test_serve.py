@@ -405,9 +405,14 @@ def _start_stream(url: str, body: dict) -> socket.socket:
     return sock
 
 
+LONG = 1_000_000  # tokens: a request that cannot finish within any of these tests' time limits
+
+
 def test_a_full_queue_is_503_and_a_killed_client_frees_its_slot(tmp_path):
-    long = {"model": "golden-itera", "prompt": "To be", "max_tokens": 2000, "temperature": 0, "stream": True}
-    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--parallel", 1, "--queue", 0]) as s:
+    # The golden model decodes up to ~7,000 tokens/s on a quiet machine: a long request must be
+    # long in time on any machine, so the server lets it ask for far more than it will ever get.
+    long = {"model": "golden-itera", "prompt": "To be", "max_tokens": LONG, "temperature": 0, "stream": True}
+    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--parallel", 1, "--queue", 0, "--max-tokens", LONG]) as s:
         sock = _start_stream(s.url, long)  # takes the only slot for seconds
         status, data = raw(s.url, "POST", "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 2}).encode())
         assert status == 503 and data["error"]["code"] == "queue_full"
@@ -423,10 +428,11 @@ def test_a_full_queue_is_503_and_a_killed_client_frees_its_slot(tmp_path):
 
 
 def test_a_request_over_its_timeout_is_504_and_frees_its_slot(tmp_path):
-    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--request-timeout", 0.3, "--no-batch"]) as s:
+    with ServerProcess([BUNDLES["itera"]], ["--threads", "1", "--request-timeout", 0.3, "--no-batch",
+                                            "--max-tokens", LONG]) as s:
         assert raw(s.url, "GET", "/health")[1]["models"]["golden-itera"]["batched"] is False
         status, data = raw(s.url, "POST", "/v1/completions",
-                           json.dumps({"prompt": "To be", "max_tokens": 2000, "temperature": 0}).encode())
+                           json.dumps({"prompt": "To be", "max_tokens": LONG, "temperature": 0}).encode())
         assert status == 504 and data["error"]["code"] == "timeout"
         assert raw(s.url, "GET", "/health")[1]["models"]["golden-itera"]["active"] == 0
 
