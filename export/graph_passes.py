@@ -314,3 +314,144 @@ def name_nodes_by_layer(model: onnx.ModelProto) -> None:
         layer = layer_of.get(n.output[0]) if n.output else None
         if layer is not None and not n.name.startswith("blocks."):
             n.name = f"blocks.{layer}/{n.name}"
+
+
+def fuse_skip_rms_norms(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Add(a, b) → RMSNorm (as `rms_normalize` exports: Pow, ReduceMean, Add eps, Sqrt, Div, Mul w)
+    → one com.microsoft SkipSimplifiedLayerNormalization(a, b, w), whose 4th output is the sum.
+
+    A residual add and the next norm are one node where onnxruntime (1.32, CPU) keeps two: it
+    fuses the norm but not the add into it. Only 3-D a and b of the same known shape, a
+    1-D weight initializer and the last axis. dims: shapes from shape inference. Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {i.name: i for i in g.initializer}
+
+    def const(name):
+        if name in inits:
+            return numpy_helper.to_array(inits[name])
+        c = producers.get(name)
+        if c is not None and c.op_type == "Constant" and c.attribute and c.attribute[0].name == "value":
+            return numpy_helper.to_array(c.attribute[0].t)
+        return None
+
+    def only(value, op):
+        users = consumers.get(value, [])
+        return users[0] if len(users) == 1 and users[0].op_type == op else None
+
+    done, remove, add_nodes = 0, set(), []
+    for div in list(g.node):
+        if div.op_type != "Div" or div.domain not in ("", "ai.onnx"):
+            continue
+        x = div.input[0]
+        sqrt = producers.get(div.input[1])
+        eps_add = producers.get(sqrt.input[0]) if sqrt is not None and sqrt.op_type == "Sqrt" else None
+        mean = producers.get(eps_add.input[0]) if eps_add is not None and eps_add.op_type == "Add" else None
+        pow_ = producers.get(mean.input[0]) if mean is not None and mean.op_type == "ReduceMean" else None
+        res = producers.get(x)
+        mul = only(div.output[0], "Mul")
+        if (pow_ is None or pow_.op_type != "Pow" or pow_.input[0] != x or mul is None
+                or res is None or res.op_type != "Add" or res.domain not in ("", "ai.onnx")):
+            continue
+        two, eps, axes = const(pow_.input[1]), const(eps_add.input[1]), const(mean.input[1]) if len(mean.input) > 1 else None
+        keep = next((a.i for a in mean.attribute if a.name == "keepdims"), 1)
+        w = mul.input[1] if mul.input[0] == div.output[0] else mul.input[0]
+        a, b = res.input
+        shape_a, shape_b = dims.get(a), dims.get(b)
+        if (two is None or two.size != 1 or float(two) != 2.0 or eps is None or eps.size != 1 or axes is None
+                or axes.tolist() not in ([-1], [2]) or not keep or w not in inits or len(inits[w].dims) != 1
+                or not shape_a or len(shape_a) != 3 or shape_a != shape_b or None in shape_a
+                or shape_a[-1] != inits[w].dims[0] or only(pow_.output[0], "ReduceMean") is None
+                or only(mean.output[0], "Add") is None or only(eps_add.output[0], "Sqrt") is None
+                or only(sqrt.output[0], "Div") is None):
+            continue
+        fused = helper.make_node("SkipSimplifiedLayerNormalization", [a, b, w], [mul.output[0], "", "", x],
+                                 name=(res.name or x) + "_skip_norm", domain="com.microsoft", epsilon=float(eps))
+        remove.update(id(n) for n in (res, pow_, mean, eps_add, sqrt, div, mul))
+        add_nodes.append((res, fused))
+        done += 1
+    if not done:
+        return 0
+    where = {id(res): fused for res, fused in add_nodes}
+    nodes = [where.get(id(n), n) for n in g.node if id(n) not in remove or id(n) in where]
+    del g.node[:]
+    g.node.extend(nodes)
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
+    return done
+
+
+def sink_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Move Reshapes below element-wise ops so that chains of them meet and cancel.
+
+    - Mul(Reshape(a), c) with c a constant that broadcasts over the dims the Reshape split out
+      of a's last axis → Reshape(Mul(a, c spread to that axis)): a per-head scale (the SSM's D
+      skip on (B, T, H, P)) applied in the packed (B, T, H·P) layout.
+    - Add(Reshape(p, s), Reshape(q, s)) with p and q of one known shape → Reshape(Add(p, q), s).
+    Then `collapse_reshapes` / `drop_identity_reshapes` fold the Reshape into the next one.
+    Exact: the same products and sums, in another layout. Returns how many ops moved.
+    """
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    done = 0
+    changed = True
+    while changed:
+        changed = False
+        producers = {o: n for n in g.node for o in n.output}
+        for k, n in enumerate(list(g.node)):
+            if n.op_type not in ("Mul", "Add") or n.domain not in ("", "ai.onnx"):
+                continue
+            r = [producers.get(i) for i in n.input]
+            new = None
+            if n.op_type == "Mul":
+                for j in (0, 1):
+                    rs, c = r[j], n.input[1 - j]
+                    if rs is None or rs.op_type != "Reshape" or c not in inits:
+                        continue
+                    src, out = dims.get(rs.input[0]), dims.get(rs.output[0])
+                    if not src or not out or len(out) < len(src):
+                        continue
+                    lead = len(src) - 1
+                    tail = out[lead:]
+                    cv = numpy_helper.to_array(inits[c])
+                    if (src[:lead] != out[:lead] or None in src[:lead] or not all(isinstance(d, int) for d in tail)
+                            or src[-1] != int(np.prod(tail)) or cv.ndim > len(tail)):
+                        continue
+                    try:
+                        spread = np.ascontiguousarray(np.broadcast_to(cv, tail)).reshape(-1)
+                    except ValueError:
+                        continue
+                    name = f"{c}_spread_{src[-1]}"
+                    if name not in inits:
+                        g.initializer.append(numpy_helper.from_array(spread.astype(cv.dtype), name))
+                        inits[name] = g.initializer[-1]
+                    flat = n.output[0] + "_packed"
+                    new = [helper.make_node("Mul", [rs.input[0], name], [flat], name=(n.name or n.output[0]) + "_packed"),
+                           helper.make_node("Reshape", [flat, rs.input[1]], list(n.output), name=(n.name or n.output[0]) + "_unpack")]
+                    dims[flat] = list(src)
+                    break
+            else:
+                # Same input shape and same output shape: either Reshape's target serves both.
+                if (all(x is not None and x.op_type == "Reshape" for x in r)
+                        and dims.get(r[0].input[0]) and dims.get(r[0].input[0]) == dims.get(r[1].input[0])
+                        and dims.get(r[0].output[0]) and dims.get(r[0].output[0]) == dims.get(r[1].output[0])
+                        and None not in dims[r[0].input[0]] + dims[r[0].output[0]]):
+                    flat = n.output[0] + "_packed"
+                    new = [helper.make_node("Add", [r[0].input[0], r[1].input[0]], [flat], name=(n.name or n.output[0]) + "_packed"),
+                           helper.make_node("Reshape", [flat, r[0].input[1]], list(n.output), name=(n.name or n.output[0]) + "_unpack")]
+                    dims[flat] = list(dims[r[0].input[0]])
+            if new:
+                pos = list(g.node).index(n)
+                g.node.remove(n)
+                for i, m in enumerate(new):
+                    g.node.insert(pos + i, m)
+                done += 1
+                changed = True
+                break
+    _drop_dead_nodes(model)
+    return done

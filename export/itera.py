@@ -52,7 +52,9 @@ class _Decode(nn.Module):
     def forward(self, input_ids, *past):
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True)
-        return (logits[:, None], *[t for layer in new_state for t in layer], *([hidden[:, None]] if self.hidden else []))
+        # reshape, not [:, None]: it folds into the step's own (B, 1, V) -> (B, V) and drops out
+        return (logits.reshape(-1, 1, logits.shape[-1]), *[t for layer in new_state for t in layer],
+                *([hidden.reshape(-1, 1, hidden.shape[-1])] if self.hidden else []))
 
 
 HIDDEN = "hidden"

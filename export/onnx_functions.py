@@ -23,7 +23,7 @@ from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
 from itera_lite.models.moe import moe_dense
-from itera_lite.models.ssm import causal_conv1d, ssd_chunked, ssd_step
+from itera_lite.models.ssm import causal_conv1d, ssd_chunked, ssd_token
 
 DOMAIN = "ai.itera"
 VERSION = 1
@@ -169,7 +169,7 @@ def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: 
         (btl, btl, None, btl, btl, bt), opset,
     )
     step = _export_kernel(
-        ssd_step, (r(2, H, P), r(2, H).abs(), -r(H).abs(), r(2, G, N), r(2, G, N), r(2, H, N, P)),
+        ssd_token, (r(2, 1, H, P), r(2, 1, H).abs(), -r(H).abs(), r(2, 1, G, N), r(2, 1, G, N), r(2, H, N, P)),
         (bt, bt, None, bt, bt, bt), opset,
     )
     # top_k = 2 at trace time only; the function reads its `top_k` attribute.

@@ -15,8 +15,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 from itera_export.graph_passes import (  # noqa: E402
     collapse_reshapes,
     drop_identity_reshapes,
+    fuse_skip_rms_norms,
     plain_softplus,
     prune,
+    sink_reshapes,
     symbolic_dims,
     unit_gathers_to_reshapes,
 )
@@ -131,3 +133,94 @@ def test_softplus_with_a_low_threshold_is_kept():
     model = _thresholded_softplus(1.0)  # x and softplus(x) differ visibly above 1
     assert plain_softplus(model) == 0
     assert _ops(model) == ["Greater", "Neg", "Softplus", "Where"]
+
+
+def _io_model(nodes, inits, inputs, out_shape):
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info(k, TensorProto.FLOAT, v) for k, v in inputs.items()],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _feeds(inputs, batch, seed=0):
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal([batch if d == "batch" else d for d in v]).astype(np.float32)
+            for k, v in inputs.items()}
+
+
+def _run_io(model, feeds):
+    return make_session(model.SerializeToString(), threads=1).run(["y"], feeds)[0]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_residual_add_and_rms_norm_become_one_skip_norm(batch):
+    """Add → x / sqrt(mean(x²) + eps) * w (as the model's RMSNorm exports) → one
+    SkipSimplifiedLayerNormalization whose 4th output (the sum) still feeds the next residual."""
+    D = 8
+    inputs = {"a": ["batch", 1, D], "b": ["batch", 1, D]}
+    nodes = [
+        helper.make_node("Add", ["a", "b"], ["x"]),
+        helper.make_node("Pow", ["x", "two"], ["p"]),
+        helper.make_node("ReduceMean", ["p", "last"], ["m"], keepdims=1),
+        helper.make_node("Add", ["m", "eps"], ["me"]),
+        helper.make_node("Sqrt", ["me"], ["s"]),
+        helper.make_node("Div", ["x", "s"], ["d"]),
+        helper.make_node("Mul", ["d", "w"], ["n"]),
+        helper.make_node("Add", ["x", "n"], ["y"]),  # the next residual reads the sum
+    ]
+    inits = {"two": np.float32(2), "last": np.array([-1], np.int64), "eps": np.float32(1e-5),
+             "w": np.linspace(0.5, 2, D).astype(np.float32)}
+    model = _io_model(nodes, inits, inputs, ["batch", 1, D])
+    feeds = _feeds(inputs, batch)
+    before = _run_io(model, feeds)
+    assert fuse_skip_rms_norms(model, symbolic_dims(model)) == 1
+    prune(model)
+    assert _ops(model) == ["Add", "SkipSimplifiedLayerNormalization"]
+    np.testing.assert_allclose(_run_io(model, feeds), before, atol=1e-5)
+
+
+def test_rms_norm_after_a_broadcasting_add_is_left_alone():
+    D = 8
+    inputs = {"a": ["batch", 1, D]}
+    nodes = [
+        helper.make_node("Add", ["a", "bias"], ["x"]),
+        helper.make_node("Pow", ["x", "two"], ["p"]),
+        helper.make_node("ReduceMean", ["p", "last"], ["m"], keepdims=1),
+        helper.make_node("Add", ["m", "eps"], ["me"]),
+        helper.make_node("Sqrt", ["me"], ["s"]),
+        helper.make_node("Div", ["x", "s"], ["d"]),
+        helper.make_node("Mul", ["d", "w"], ["y"]),
+    ]
+    inits = {"bias": np.ones(D, np.float32), "two": np.float32(2), "last": np.array([-1], np.int64),
+             "eps": np.float32(1e-5), "w": np.ones(D, np.float32)}
+    model = _io_model(nodes, inits, inputs, ["batch", 1, D])
+    assert fuse_skip_rms_norms(model, symbolic_dims(model)) == 0
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_per_head_scale_and_add_sink_below_reshapes_and_cancel(batch):
+    """y = (Reshape(o, (B,1,H,P)) + Reshape(x, (B,1,H,P)) * D[:, None]) reshaped to (B,1,H·P):
+    the SSM's D skip. After sinking, the scale runs packed and no Reshape is left."""
+    H, P = 3, 4
+    inputs = {"o": ["batch", 1, H * P], "x": ["batch", 1, H * P]}
+    nodes = [
+        helper.make_node("Reshape", ["o", "s4"], ["o4"]),
+        helper.make_node("Reshape", ["x", "s4m"], ["x4"]),
+        helper.make_node("Mul", ["x4", "D"], ["xd"]),
+        helper.make_node("Add", ["o4", "xd"], ["sum"]),
+        helper.make_node("Reshape", ["sum", "s3"], ["r"]),
+        helper.make_node("Neg", ["r"], ["y"]),
+    ]
+    inits = {"s4": np.array([0, 1, H, P], np.int64), "s4m": np.array([0, 1, H, P], np.int64),
+             "s3": np.array([0, 1, H * P], np.int64), "D": np.arange(1, H + 1, dtype=np.float32)[:, None]}
+    model = _io_model(nodes, inits, inputs, ["batch", 1, H * P])
+    feeds = _feeds(inputs, batch)
+    before = _run_io(model, feeds)
+    dims = symbolic_dims(model)
+    assert sink_reshapes(model, dims) == 2
+    collapse_reshapes(model, dims)
+    drop_identity_reshapes(model, dims)
+    prune(model)
+    assert _ops(model) == ["Add", "Mul", "Neg"]
+    np.testing.assert_array_equal(_run_io(model, feeds), before)

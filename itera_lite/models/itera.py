@@ -97,10 +97,11 @@ class IteraLite(nn.Module):
 
     def step(self, token: Tensor, state: list[LayerState], return_hidden: bool = False):
         """token (B,) int64 -> logits (B, V), new state (and hidden (B, D) with return_hidden)."""
-        x = self.embed(token)  # (B, D)
+        x = self.embed(token)[:, None]  # (B, 1, D): the one-token layout, kept through the blocks
         new_state = []
         for blk, s in zip(self.blocks, state):
             x, s = blk.step(x, s)
             new_state.append(s)
         logits, hidden = self._head(x)
+        logits, hidden = logits[:, 0], hidden[:, 0]  # (B, V), (B, D)
         return (logits, new_state, hidden) if return_hidden else (logits, new_state)

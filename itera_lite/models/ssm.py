@@ -59,6 +59,16 @@ def ssd_step(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Te
     return y, state
 
 
+def ssd_token(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor):
+    """`ssd_step` in the sequence layout of one token: x (B, 1, H, P), dt (B, 1, H), Bm/Cm (B, 1, G, N).
+
+    The decode step keeps this (B, 1, ·) layout end to end, the layout onnxruntime's fused
+    kernels read, so its exported graph needs no reshapes around them (bench/PROFILE.md).
+    """
+    y, state = ssd_step(x[:, 0], dt[:, 0], A, Bm[:, 0], Cm[:, 0], state)
+    return y[:, None], state  # (B, 1, H, P), (B, H, N, P)
+
+
 def _segsum(a: Tensor) -> Tensor:
     """(..., T) -> (..., T, T) with [i, j] = sum(a[j+1 .. i]) for j <= i, -inf above.
 
@@ -148,7 +158,7 @@ def _(x, dt, A, Bm, Cm, state):
 def _ssm_step_op(
     x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: Tensor
 ) -> tuple[Tensor, Tensor]:
-    y, new = ssd_step(x, dt, A, Bm, Cm, state)
+    y, new = ssd_token(x, dt, A, Bm, Cm, state)
     return y.contiguous(), new.contiguous()
 
 
@@ -256,16 +266,21 @@ class Mamba2Mixer(nn.Module):
         return self.out_proj(y), (conv_state, ssm_state)
 
     def step(self, u: Tensor, state: tuple[Tensor, Tensor]):
-        """One token. u (B, D) -> (B, D), new (conv_state, ssm_state)."""
+        """One token. u (B, 1, D) -> (B, 1, D), new (conv_state, ssm_state).
+
+        The one-token layout (B, 1, ·) is kept throughout (no squeezing to (B, ·)): it is the
+        layout of the fused kernels the decode graph lowers to, and 3-D residual adds let
+        onnxruntime fuse them into the next norm.
+        """
         conv_state, ssm_state = state
-        z, xbc, dt = self._project(u)  # (B, d_inner), (B, Cc), (B, H)
+        z, xbc, dt = self._project(u)  # (B, 1, d_inner), (B, 1, Cc), (B, 1, H)
         conv = _causal_conv1d_op if _exporting() else causal_conv1d
-        xbc, conv_state = conv(xbc[:, None], conv_state, self.conv_weight, self.conv_bias)
-        x, Bm, Cm = self._split_xbc(xbc[:, 0])  # (B, H, P), (B, G, N) x2
-        dt = F.softplus(dt + self.dt_bias)  # (B, H)
+        xbc, conv_state = conv(xbc, conv_state, self.conv_weight, self.conv_bias)
+        x, Bm, Cm = self._split_xbc(xbc)  # (B, 1, H, P), (B, 1, G, N) x2
+        dt = F.softplus(dt + self.dt_bias)  # (B, 1, H)
         A = -torch.exp(self.A_log)
-        step = _ssm_step_op if _exporting() else ssd_step
+        step = _ssm_step_op if _exporting() else ssd_token
         y, ssm_state = step(x, dt, A, Bm, Cm, ssm_state)
-        y = y + x * self.D[:, None]  # (B, H, P)
-        y = self.norm(y.reshape(u.shape[0], self.d_inner), z)
+        y = y + x * self.D[:, None]  # (B, 1, H, P)
+        y = self.norm(y.reshape(*u.shape[:-1], self.d_inner), z)
         return self.out_proj(y), (conv_state, ssm_state)
