@@ -154,6 +154,19 @@ def generate_tokens(session: ModelSession, prompt_ids: Sequence[int] | np.ndarra
     step = decoder(state).step if decoder is not None else None
     yield token
     step = step or session.decoder(state).step
+    if sampler.config.greedy and sampler.config.repetition_penalty == 1.0:
+        # The greedy hot path: an argmax on the decoder's logits view and nothing else (no
+        # history, no sampler call); the same token and nan check as Sampler's greedy branch.
+        for _ in range(max_new_tokens - 1):
+            t = perf()
+            logits = step(token)
+            token = int(logits.argmax())
+            if logits[token] != logits[token]:
+                raise ValueError("cannot sample: logits contain nan")
+            timing.decode_s += perf() - t
+            timing.decode_steps += 1
+            yield token
+        return
     for _ in range(max_new_tokens - 1):
         t = perf()
         token = sampler(step(token), history)
