@@ -3,7 +3,7 @@
 A graph pass over an exported model (function path in, fused path out):
 
     SelectiveScan / SsmStep → LinearAttention (update_rule="gated") + packing Reshapes/Muls
-    CausalConv1d            → CausalConvWithState (activation="silu", channels-first) for one
+    CausalConv1d            → CausalConvWithState (activation="silu", channels-last) for one
                               token; a depthwise Conv over [state, x] + SiLU for a sequence
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
 
@@ -154,31 +154,26 @@ class _Rewriter:
             raise ValueError(f"{n.name}: conv weight {weight!r} must be an initializer to lower")
         w3 = self.derived(weight + ".kernel", lambda: numpy_helper.to_array(self.inits[weight]).reshape(Cc, 1, K))
         if self.shapes.get(x, [None, None])[1:2] == [1]:
-            # One token (decode): (B, 1, Cc) and (B, Cc, 1) are the same bytes, so the kernel
-            # runs channels-first on the model's own (B, Cc, K-1) state through two free
-            # Reshapes, instead of two Transposes of the state, which onnxruntime hands to
-            # its thread pool (a wake-up each, for 3·Cc values) at 2 threads.
-            r_in, (x_cf,) = self.node("Reshape", [x, self.ints(0, Cc, 1)])
-            y_cf = self.fresh("conv_cf")
+            # One token (decode): the kernel channels-last reads the activations (B, 1, Cc)
+            # and the model's (B, K-1, Cc) state as they are: no Transpose, no Reshape.
             cc, _ = self.node(
-                "CausalConvWithState", [x_cf, w3, bias, conv_state], domain=MS,
-                outputs=[y_cf, new_state], activation="silu", channels_last=0,
+                "CausalConvWithState", [x, w3, bias, conv_state], domain=MS,
+                outputs=[y, new_state], activation="silu", channels_last=1,
             )
-            r_out, _ = self.node("Reshape", [y_cf, self.ints(0, 1, Cc)], outputs=[y])
-            return [r_in, cc, r_out]
-        # A sequence (prefill): a depthwise Conv over the window [state, x] (B, Cc, K-1+L).
+            return [cc]
+        # A sequence (prefill): a depthwise Conv over the window [state, x] (B, K-1+L, Cc).
         # onnxruntime's CausalConvWithState (channels-last) took 20% of a tiny 512-token
         # prefill, 30x the time of its MACs; Conv's depthwise kernel does the same work in a
-        # fraction of it, and the Transposes and the Concat move L·Cc floats once each.
-        t_in, (x_cf,) = self.node("Transpose", [x], perm=[0, 2, 1])
-        cat, (window,) = self.node("Concat", [conv_state, x_cf], axis=2)
-        conv, (pre,) = self.node("Conv", [window, w3, bias], group=Cc, kernel_shape=[K])
+        # fraction of it, and the Concat and the two Transposes move L·Cc floats once each.
+        cat, (window,) = self.node("Concat", [conv_state, x], axis=1)
+        t_in, (window_cf,) = self.node("Transpose", [window], perm=[0, 2, 1])
+        conv, (pre,) = self.node("Conv", [window_cf, w3, bias], group=Cc, kernel_shape=[K])
         sig, (gate,) = self.node("Sigmoid", [pre])
         act, (y_cf,) = self.node("Mul", [pre, gate])  # SiLU: onnxruntime fuses the pair
         t_out, _ = self.node("Transpose", [y_cf], outputs=[y], perm=[0, 2, 1])
-        keep, _ = self.node("Slice", [window, self.ints(-(K - 1)), self.ints(2**62), self.ints(2)],
+        keep, _ = self.node("Slice", [window, self.ints(-(K - 1)), self.ints(2**62), self.ints(1)],
                             outputs=[new_state])
-        return [t_in, cat, conv, sig, act, t_out, keep]
+        return [cat, t_in, conv, sig, act, t_out, keep]
 
     def moe(self, n: onnx.NodeProto) -> list[onnx.NodeProto]:
         x, logits, w_gate, w_up, w_down = n.input

@@ -161,7 +161,7 @@ def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: 
     btl = {0: b, 1: L}
     r = torch.randn
     conv = _export_kernel(
-        causal_conv1d, (r(2, 5, Cc), r(2, Cc, K - 1), r(Cc, K), r(Cc)), (btl, bt, None, None), opset
+        causal_conv1d, (r(2, 5, Cc), r(2, K - 1, Cc), r(Cc, K), r(Cc)), (btl, bt, None, None), opset
     )
     scan = _export_kernel(
         _selective_scan_kernel,

@@ -6,7 +6,7 @@ manifest order (batch 1; a kv_buffer keeps its filled rows only):
     header.json: {"format": "itera-state", "format_version": 1,
                   "bundle_sha256": "<sha256 of the bundle's manifest.json>",
                   "family": str, "state_kind": str, "position": int,   # tokens the state has seen
-                  "tensors": [{"name": "past.0.conv", "dtype": "float32", "shape": [1, 384, 3]}, ...],
+                  "tensors": [{"name": "past.0.conv", "dtype": "float32", "shape": [1, 3, 384]}, ...],
                   "meta": {...}}                                       # the caller's own fields
     0.npy, 1.npy, ...
 

@@ -21,7 +21,7 @@ from .moe import SparseMoE
 from .norms import RMSNorm
 from .ssm import Mamba2Mixer
 
-LayerState = tuple[Tensor, Tensor]  # (conv_state (B, Cc, K-1), ssm_state (B, H, N, P))
+LayerState = tuple[Tensor, Tensor]  # (conv_state (B, K-1, Cc), ssm_state (B, H, N, P))
 
 
 @dataclass

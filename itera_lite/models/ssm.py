@@ -123,16 +123,17 @@ def ssd_chunked(
 def causal_conv1d(x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor):
     """Depthwise causal conv + SiLU with carried state.
 
-    x (B, L, Cc), conv_state (B, Cc, K-1) holding the previous K-1 inputs, weight (Cc, K),
+    x (B, L, Cc), conv_state (B, K-1, Cc) holding the previous K-1 inputs, channels last like
+    the activations (so the decode graph's fused conv reads both as they are), weight (Cc, K),
     bias (Cc,) -> y (B, L, Cc), new conv_state.
     """
-    window = torch.cat([conv_state, x.transpose(1, 2)], dim=-1)  # (B, Cc, K-1+L)
+    window = torch.cat([conv_state, x], dim=1)  # (B, K-1+L, Cc)
     K = weight.shape[-1]
     if x.shape[1] == 1:
-        y = (window * weight).sum(-1)[:, None, :]  # (B, 1, Cc): a step needs no conv kernel
+        y = (window * weight.T).sum(1, keepdim=True)  # (B, 1, Cc): a step needs no conv kernel
     else:
-        y = F.conv1d(window, weight[:, None, :], groups=weight.shape[0]).transpose(1, 2)
-    return F.silu(y + bias), window[..., window.shape[-1] - (K - 1) :]
+        y = F.conv1d(window.transpose(1, 2), weight[:, None, :], groups=weight.shape[0]).transpose(1, 2)
+    return F.silu(y + bias), window[:, window.shape[1] - (K - 1):]
 
 
 # ---------------------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class Mamba2Mixer(nn.Module):
 
     def state_shapes(self, batch: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """Shapes of (conv_state, ssm_state) for this layer."""
-        return (batch, self.conv_dim, self.d_conv - 1), (batch, self.n_heads, self.d_state, self.head_dim)
+        return (batch, self.d_conv - 1, self.conv_dim), (batch, self.n_heads, self.d_state, self.head_dim)
 
     def _project(self, u: Tensor):
         zxbcdt = self.in_proj(u)  # (B, L, d_inner + Cc + H)
