@@ -35,15 +35,17 @@ KEEP_FLOAT: dict[str, tuple[str, str]] = {
     "router": (r"\.router\.",
                "MoE router (D×E, under 0.1% of the weights): its argmax picks the experts, so rounding it "
                "flips expert choices for a few bytes saved"),
-    "ssm": (r"\.(A_log|D|dt_bias)$|^(neg|unsqueeze)(_\d+)?$",
+    "ssm": (r"\.(A_log|D|dt_bias)$|^(neg|unsqueeze)(_\d+)?$|^spread_heads_",
             "SSM decay A, skip D and dt bias (3·H floats per layer; traced names neg/unsqueeze are the "
-            "folded -exp(A_log) and D): exponentiated and compounded over every recurrence step"),
+            "folded -exp(A_log) and D): exponentiated and compounded over every recurrence step; the "
+            "lowering's one-hot spread of dt over each head's channels (a MatMul: quantizing it would "
+            "round dt, and a quantized MatMul of H×H·P is slower than the float one)"),
     "norm": (r"norm", "RMSNorm gains: elementwise, D floats each"),
     "conv": (r"conv", "depthwise causal conv kernel and bias (K taps per channel): CausalConvWithState "
                       "takes fp32 weights only"),
 }
 # MatMul weights (regex on the name) the quantizers must skip: the KEEP_FLOAT rows that are MatMuls.
-FLOAT_MATMULS = (KEEP_FLOAT["router"][0],)
+FLOAT_MATMULS = (KEEP_FLOAT["router"][0], r"^spread_heads_")
 
 # Dense weights and the tied table, per scheme, chosen by measurement on Itera-Lite tiny (trained
 # 71 steps, vocab 2048) and small (random init), 2-vCPU Xeon shared with other jobs. Speed:
