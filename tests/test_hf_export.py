@@ -107,7 +107,7 @@ def test_inexpressible_config_refused_and_nothing_written(tmp_path, tiny_itera):
     ckpt = tmp_path / "groups.pt"
     save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": build_model(cfg).state_dict(),
                            "tokenizer_json": load_checkpoint(tiny_itera.checkpoint)["tokenizer_json"]})
-    for fmt in ("hf",):
+    for fmt in ("hf", "gguf"):
         r = invoke(main, ckpt, "--format", fmt, "-o", tmp_path / f"out-{fmt}")
         assert r.returncode == 1 and r.stderr.startswith("error: n_groups = 2") and len(r.stderr.splitlines()) == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["groups.pt"]

@@ -125,11 +125,6 @@ def gguf_keys(cfg: IteraConfig) -> dict:
     }
 
 
-# GGUF tensors whose llama.cpp ops need f32 (ssm ops, norms) or that llama-quantize keeps f32 (router)
-GGUF_F32 = ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_dt.bias", "ssm_a", "ssm_d", "ssm_norm.weight",
-            "attn_norm.weight", "ffn_norm.weight", "output_norm.weight", "ffn_gate_inp.weight")
-
-
 def gguf_tensors(model) -> dict[str, np.ndarray]:
     """GGUF tensor name → float32 array in the numpy shape gguf writes, the inert layer last."""
     cfg: IteraConfig = model.config
