@@ -466,6 +466,9 @@ def compare(old, new, output):
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--baseline", required=True, type=click.Path(path_type=str), help="the Transformer baseline bundle")
+@click.option("--also", "others", multiple=True, type=click.Path(path_type=str),
+              help="another Transformer model (bundle at another precision, or .gguf) for the same-engine and "
+                   "same-precision speed rows; repeatable")
 @click.option("--results", multiple=True, type=click.Path(path_type=str),
               help="record files or results folders with energy / quality (and latency) rows; repeatable")
 @threads_option()
@@ -475,10 +478,11 @@ def compare(old, new, output):
               help="measure speed here; --no-measure takes it from --results only")
 @click.option("--no-warmup", is_flag=True)
 @click.option("-o", "--output", type=click.Choice(["md", "json"]), default="md", show_default=True)
-def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_warmup, output):
-    """The four claims (size, speed, energy, quality) of each Itera BUNDLE against --baseline.
+def claims(bundles, baseline, others, results, threads, repetitions, n_gen, measure, no_warmup, output):
+    """The four claims (size, speed, energy, quality) of each Itera BUNDLE (or .gguf) against --baseline.
 
     Speed is measured at each thread count; a claim is judged at the fewest (the edge-device case).
+    With --also models, speed also against the Transformer in the same engine and at the same precision.
     """
     import json
 
@@ -488,7 +492,8 @@ def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_
 
     for t in threads:
         check_threads(t)
-    tables = measure_claims(list(bundles), baseline, results, threads, repetitions, n_gen, measure, not no_warmup)
+    tables = measure_claims(list(bundles), baseline, results, threads, repetitions, n_gen, measure, not no_warmup,
+                            others=list(others))
     click.echo(json.dumps(claims_to_json(tables), indent=2) if output == "json" else claims_markdown(tables))
 
 
