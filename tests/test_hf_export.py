@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -17,7 +18,12 @@ def folders(tiny_itera, tiny_baseline, tmp_path_factory):
     from itera_export.hf_folder import export_hf
 
     root = tmp_path_factory.mktemp("hf")
-    return {"itera": export_hf(tiny_itera.checkpoint, root / "itera-hf")["path"],
+    run = root / "run"  # a training run's folder: the card takes bits/byte from its summary.json
+    run.mkdir()
+    shutil.copy(tiny_itera.checkpoint, run / "best.pt")
+    (run / "summary.json").write_text(json.dumps({"data": "shakespeare", "best": {"val_bpb": 2.345678,
+                                                                                  "test_bpb": 2.456789}}))
+    return {"itera": export_hf(run / "best.pt", root / "itera-hf")["path"],
             "baseline": export_hf(tiny_baseline.checkpoint, root / "baseline-hf")["path"]}
 
 
@@ -47,7 +53,9 @@ def test_itera_folder_loads_with_auto_classes(folders, tiny_itera):
     assert "inert" in cfg["itera_lite"]["note"]
     card = open(f"{path}/README.md").read()
     assert card.startswith("---\nlibrary_name: transformers\npipeline_tag: text-generation\nlicense: apache-2.0\n")
-    assert "inert attention layer" in card and "647," not in card.split("---")[1]
+    assert "datasets:\n- shakespeare\n" in card and "inert attention layer" in card
+    assert "| 2.3457 |" in card and "| 2.4568 |" in card  # from the run's summary.json, nothing invented
+    assert "bits/byte | not known" in open(f"{folders['baseline']}/README.md").read()  # no summary beside it
     tok = AutoTokenizer.from_pretrained(path)
     ours = Tokenizer.from_str(load_checkpoint(tiny_itera.checkpoint)["tokenizer_json"])
     assert tok(PROMPT).input_ids == ours.encode(PROMPT).ids
