@@ -80,12 +80,10 @@ def _baseline_header(w, cfg) -> None:
 
 def _itera_header(w, cfg) -> None:
     """granitehybrid keys, from the one map."""
-    from itera_lite.models.granite import INERT_NOTE, gguf_keys
-
-    from .hf_folder import ITERA_CONTEXT
+    from itera_lite.models.granite import CONTEXT_LENGTH, INERT_NOTE, gguf_keys
 
     k = gguf_keys(cfg)
-    w.add_context_length(ITERA_CONTEXT)  # no limit of the model's own: sizes the inert layer's cache
+    w.add_context_length(CONTEXT_LENGTH)  # no limit of the model's own: sizes the inert layer's cache
     w.add_embedding_length(k["embedding_length"])
     w.add_block_count(k["block_count"])
     w.add_feed_forward_length(k["feed_forward_length"])

@@ -17,12 +17,12 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 from itera_runtime.errors import UserError
 
 MARK = "itera_lite"  # our key in config.json: a folder with it is ours to replace with --force
-ITERA_CONTEXT = 8192  # Itera-Lite has no length limit; this sizes the inert layer's cache in the engines
 PARITY_TOLERANCE = 1e-4  # max |Δ| of logits (relative to max |logit|) before the export refuses
 
 
@@ -50,7 +50,7 @@ def check_destination(out: Path, force: bool) -> None:
 
 def hf_model(model, extra: dict):
     """The transformers model of `model` (either family), weights shared or copied in."""
-    from itera_lite.models.granite import hf_config, hf_state_dict
+    from itera_lite.models.granite import CONTEXT_LENGTH, hf_config, hf_state_dict
 
     if model.config.family == "baseline":
         hf = model.llama
@@ -58,8 +58,15 @@ def hf_model(model, extra: dict):
         return hf
     from transformers import GraniteMoeHybridConfig, GraniteMoeHybridForCausalLM
 
-    config = GraniteMoeHybridConfig(**hf_config(model.config, ITERA_CONTEXT, extra))
-    hf = GraniteMoeHybridForCausalLM(config).eval()
+    from transformers.utils import logging as hf_logging
+
+    config = GraniteMoeHybridConfig(**hf_config(model.config, CONTEXT_LENGTH, extra))
+    # Quiet the two notices building it prints: the CUDA-kernel fast path (not needed: the
+    # folder's user may have it) and torch's no-op init of the zero-wide shared MLP.
+    hf_logging.set_verbosity_error()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Initializing zero-element tensors")
+        hf = GraniteMoeHybridForCausalLM(config).eval()
     hf.load_state_dict(hf_state_dict(model), strict=True)
     return hf
 
@@ -143,7 +150,9 @@ def export_hf(checkpoint, out=None, force: bool = False, log=lambda m: None) -> 
         raise HfExportError(f"the transformers model's logits differ from the checkpoint's by {check['max_abs_diff']:.2e}; "
                             "nothing written")
     log(f"transformers logits vs torch: max |Δ| {check['max_abs_diff']:.2e} on {check['tokens']} tokens")
-    context = ITERA_CONTEXT if family == "itera" else model.config.max_seq_len
+    from itera_lite.models.granite import CONTEXT_LENGTH
+
+    context = CONTEXT_LENGTH if family == "itera" else model.config.max_seq_len
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:

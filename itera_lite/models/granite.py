@@ -36,6 +36,7 @@ from .config import IteraConfig
 INERT_NOTE = ("the last layer is an inert attention layer (output projection and experts zero: it adds exactly "
               "0.0) because transformers' hybrid cache and llama.cpp's hybrid memory need at least one attention "
               "layer; layers before it are Itera-Lite's Mamba-2 + MoE blocks")
+CONTEXT_LENGTH = 8192  # Itera-Lite has no length limit; this sizes the inert layer's cache in the engines
 INERT_HEAD_DIM = 32  # width of the inert layer's one head (its KV cache is 2 x 32 floats per token)
 
 
