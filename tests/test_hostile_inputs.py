@@ -11,6 +11,7 @@ import socket
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from itera_bench.record import Record, format_records
@@ -214,3 +215,124 @@ def test_devices_readme_says_profiles_are_trusted_like_ssh_config():
     readme = (Path(profiles.__file__).parent / "README.md").read_text()
     assert "ProxyCommand" in readme and "trusted like" in readme
     assert "ProxyCommand" in (profiles.__doc__ or "")
+
+
+# --- data given as text: binary refused, bad bytes said, a folder named (items 13, 20) ------------
+
+
+@pytest.fixture
+def binary_file(tmp_path) -> Path:
+    path = tmp_path / "random.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 64_000, dtype=np.uint8).tobytes())
+    return path
+
+
+def test_train_refuses_binary_data_in_one_line_and_writes_no_run(binary_file, tmp_path):
+    from clirun import invoke
+
+    from itera_lite.cli import main
+
+    out = tmp_path / "run"
+    proc = invoke(main, "--data", binary_file, "--out", out, "--max-steps", "1", "--vocab-size", "256",
+                  env={"ITERA_CACHE_DIR": str(tmp_path / "cache")})
+    line = one_error_line(proc)
+    assert str(binary_file) in line and "not text" in line
+    assert not out.exists()
+
+
+def test_quality_refuses_binary_data_in_one_line(binary_file, tiny_itera):
+    line = one_error_line(bench("quality", tiny_itera.bundle, "--data", binary_file))
+    assert str(binary_file) in line and "not text" in line
+
+
+def test_text_with_a_few_bad_bytes_is_read_with_the_same_warning_everywhere(tmp_path, tiny_itera, capsys):
+    """itera-run's stdin rule, for a data file: a Latin-1 é is replaced and said, the rest is read."""
+    from itera_lite.data import load_corpus
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("To be or not to be, café, that is the question.\n".encode("latin-1") * 300)
+    corpus = load_corpus(str(latin))
+    assert "caf\ufffd" in corpus.splits["train"][0].text
+    assert f"warning: {latin} is not valid UTF-8; undecodable bytes replaced by U+FFFD" in capsys.readouterr().err
+    proc = bench("quality", tiny_itera.bundle, "--data", latin, "--max-bytes", "2000")
+    assert proc.returncode == 0, proc.stderr
+    assert f"warning: {latin} is not valid UTF-8" in proc.stderr
+
+
+def test_quality_data_that_is_a_folder_says_so(tmp_path, tiny_itera):
+    (tmp_path / "texts").mkdir()
+    line = one_error_line(bench("quality", tiny_itera.bundle, "--data", tmp_path / "texts"))
+    assert "is a folder" in line and "no such file" not in line
+
+
+# --- bench depth on a model without a context limit (item 18) -------------------------------------
+
+
+@pytest.mark.parametrize("sub", ["latency", "step", "memory"])
+def test_depth_beyond_the_bench_limit_on_an_ssm_is_refused_before_any_work(tiny_itera, sub):
+    from itera_bench.latency import MAX_BENCH_CONTEXT
+
+    t0 = time.monotonic()
+    line = one_error_line(bench(sub, tiny_itera.bundle, "-d", "99999999", "-r", "1"))
+    assert "99,999,999" in line and f"{MAX_BENCH_CONTEXT:,}" in line
+    assert time.monotonic() - t0 < 30
+
+
+# --- Ctrl-C during itera-run --json (item 22) ---------------------------------------------------
+
+
+def test_ctrl_c_during_json_generation_prints_the_partial_result(tiny_itera, capsys):
+    import _thread
+    import threading
+
+    from itera_runtime.cli import run_once
+    from itera_runtime.generate import Generator
+    from itera_runtime.sampling import SamplingConfig
+
+    generator = Generator(tiny_itera.bundle, threads=1)
+    timer = threading.Timer(1.0, _thread.interrupt_main)  # a real KeyboardInterrupt, as Ctrl-C raises it
+    timer.start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_once(generator, "To be", 10_000_000, SamplingConfig(temperature=0), (), True, True)
+    finally:
+        timer.cancel()
+    out = json.loads(capsys.readouterr().out)
+    assert out["stats"]["stop_reason"] == "interrupted" and out["stats"]["new_tokens"] > 0
+    assert out["prompt"] == "To be" and isinstance(out["text"], str) and out["text"]
+
+
+def test_ctrl_c_of_itera_run_json_exits_130_with_the_partial_object(tiny_itera):
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "itera_runtime.cli", str(tiny_itera.bundle), "-p", "To be",
+                             "-n", "10000000", "--temperature", "0", "--json", "--threads", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(12)  # imports and session (2-6 s on 2 loaded cores); then it decodes for hours
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert json.loads(out)["stats"]["stop_reason"] == "interrupted", (out, err)
+
+
+# --- file modes: checkpoints private, bundles shareable (item 25) ---------------------------------
+
+
+def test_checkpoints_are_private_and_bundles_readable_by_all_as_documented(tiny_itera, tmp_path):
+    import os
+    import stat
+
+    from itera_lite.checkpoint import save_checkpoint
+
+    old = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "c.pt", {"x": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "c.pt").stat().st_mode) == 0o600
+    for p in Path(tiny_itera.bundle).iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) & 0o044 == 0o044, p
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert "0600" in readme and "0644" in readme and "checkpoint" in readme[readme.index("0600") - 400:][:800]
