@@ -76,6 +76,23 @@ def test_claims_refuses_a_non_finite_or_absurd_sample(tmp_path, tiny_itera, tiny
     assert "rows.json: row 1" in line
 
 
+def test_report_that_fails_on_a_full_disk_removes_the_folders_it_made(tmp_path):
+    """A real one-page (4 KB) filesystem: claims.json fits, report.md does not, and out/ (made by this call) goes again."""
+    import subprocess
+
+    f = _write_records(tmp_path / "rows.json", [_row("itera", "itera", [100.0, 101.0, 99.0]),
+                                                _row("base", "baseline", [50.0, 51.0, 49.0])])
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4k", "tmpfs", str(mnt)], check=True)
+    try:
+        line = one_error_line(bench("report", f, "-o", mnt / "new" / "report"))
+        assert "No space left" in line
+        assert list(mnt.iterdir()) == []
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
 def test_implausible_ratio_in_claims_is_shown_and_never_met(tmp_path):
     f = _write_records(tmp_path / "rows.json", [
         _row("itera", "itera", [1e14]), _row("base", "baseline", [1e-3]),
