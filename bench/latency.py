@@ -86,7 +86,7 @@ def check_depth(bundle: Bundle, n_depth: int, n_tokens: int) -> None:
     if n_depth + n_tokens > MAX_BENCH_CONTEXT:
         raise ContextError(f"{bundle.path}: depth {n_depth:,} + {n_tokens:,} tokens exceeds itera-bench's "
                            f"{MAX_BENCH_CONTEXT:,}-token limit for a model without a context limit (each case "
-                           "prefills its depth first: hours at this depth); give a smaller -d")
+                           "prefills its whole depth before it is timed); give a smaller -d")
 
 
 def _name(kind: str, n: int, depth: int) -> str:

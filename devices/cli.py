@@ -63,7 +63,7 @@ def resolve(target: str) -> Profile:
     if not looks_like_host(target):
         raise ProfileError(f"no device profile named {target!r} (known: {', '.join(sorted(paths))}); "
                            f"for a host write user@{target} or ssh://{target}")
-    return adhoc_profile(target)
+    return adhoc_profile(target, where="HOST")
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:

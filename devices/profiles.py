@@ -198,9 +198,9 @@ def load_profile(name_or_path: str) -> Profile:
     return load_profile_file(paths[name_or_path])
 
 
-def adhoc_profile(host: str) -> Profile:
+def adhoc_profile(host: str, where: str = "--host") -> Profile:
     """A profile for `--host TARGET` alone: defaults for everything but the destination."""
-    return Profile(name=host, host=_check("--host", "host", host), source="--host")
+    return Profile(name=host, host=_check(where, "host", host), source=where)
 
 
 def with_host(profile: Profile, host: str) -> Profile:
