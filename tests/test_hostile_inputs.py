@@ -319,6 +319,7 @@ def test_ctrl_c_during_json_generation_prints_the_partial_result(tiny_itera, cap
     assert out["prompt"] == "To be" and isinstance(out["text"], str) and out["text"]
 
 
+@pytest.mark.slow  # a fresh process left 12 s to load before the Ctrl-C; the test above covers the logic fast
 def test_ctrl_c_of_itera_run_json_exits_130_with_the_partial_object(tiny_itera):
     import signal
     import subprocess
