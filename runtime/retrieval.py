@@ -279,7 +279,7 @@ def open_retriever(bundle: Bundle, k: int | None = None, lam: float | None = Non
     """Load and check the bundle's datastore; mix settings default to the ones tuned on validation text."""
     spec = check_datastore(bundle)
     settings = MixSettings.of(spec, k, lam, temperature)
-    notes = ()
+    notes: tuple[str, ...] = ()
     if settings.k > spec.n_entries:  # the search would return them all anyway: say so, record the k used
         notes = (f"retrieval k {settings.k:,} is more than the datastore's {spec.n_entries:,} entries; "
                  f"using k {spec.n_entries:,}",)
