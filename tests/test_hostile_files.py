@@ -215,3 +215,71 @@ def test_bench_quality_retrieval_settings_on_a_bundle_without_datastore_refused(
     assert "--retrieval-k" in line and "no bundle given has a retrieval datastore" in line
     assert one_error_line(run_cli(tiny_itera.bundle, "-p", "x", "--retrieval-k", "5"))  # as itera-run does
 
+
+
+# --- itera-bench report -o / all -o: only files of an earlier report of ours are replaced --------
+
+
+@pytest.fixture
+def record_file(tiny_itera, tmp_path) -> Path:
+    from test_report import crafted
+
+    from itera_bench.record import format_records
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text(format_records([crafted(tiny_itera.bundle, "memory", "d0", "peak_rss", "bytes", [60e6, 61e6])],
+                                   "jsonl"))
+    return path
+
+
+@pytest.mark.parametrize("name", ["report.md", "claims.json", "memory_peak_rss.png"])
+def test_report_never_overwrites_a_user_file_in_an_existing_folder(record_file, tmp_path, name):
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / name).write_text("mine")
+    before = tree(d)
+    line = one_error_line(bench("report", record_file, "-o", d))
+    assert name in line and "not ours" in line
+    assert tree(d) == before
+
+
+def test_report_rerun_replaces_its_own_files_and_keeps_the_users(record_file, tmp_path):
+    d = tmp_path / "d"
+    assert bench("report", record_file, "-o", d).returncode == 0
+    (d / "notes.txt").write_text("mine, beside the report")
+    first = tree(d)
+    proc = bench("report", record_file, "-o", d)
+    assert proc.returncode == 0, proc.stderr
+    assert (d / "notes.txt").read_text() == "mine, beside the report" and set(tree(d)) == set(first)
+    (d / "report.md").write_text((d / "report.md").read_text() + "\nmy edit\n")  # now the user's
+    edited = tree(d)
+    line = one_error_line(bench("report", record_file, "-o", d))
+    assert "report.md" in line
+    assert tree(d) == edited
+
+
+@pytest.mark.parametrize("where", ["latency.jsonl", "quality.err", "report/report.md"])
+def test_bench_all_refuses_a_folder_of_user_files_before_measuring(tiny_itera, tmp_path, where):
+    d = tmp_path / "results"
+    (d / where).parent.mkdir(parents=True)
+    (d / where).write_text("mine")
+    before = tree(d)
+    proc = bench("all", tiny_itera.bundle, "-o", d, "-r", "1")
+    line = one_error_line(proc)
+    assert Path(where).name in line and "not ours" in line
+    assert "itera-bench latency" not in proc.stderr  # nothing measured
+    assert tree(d) == before
+
+
+def test_a_results_folder_of_ours_reads_back_as_its_records_only(record_file, tmp_path):
+    """The listing run_all keeps in a results folder is not taken for a record file."""
+    from itera_runtime.owned import record
+
+    from itera_bench.results import load_results
+
+    d = tmp_path / "results"
+    d.mkdir()
+    shutil.copy(record_file, d / "memory.jsonl")
+    record(d, ["memory.jsonl"])
+    records, _ = load_results([d])
+    assert len(records) == 1
