@@ -130,3 +130,66 @@ def record(folder: str | os.PathLike, written: Iterable[str] = (), removed: Iter
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+# ------------------------------------------------------------------- a folder one process writes
+
+
+class FolderLock:
+    """One writer per folder: a lock file holding our pid and host, flock'd while we write.
+
+    The kernel drops the flock when the process dies however it dies, so a lock left by a
+    killed process never blocks: the next writer takes it over and says whose it was.
+    """
+
+    def __init__(self, path: str | os.PathLike, tool: str):
+        self.path, self.tool = Path(path), tool
+        self._fd: int | None = None
+
+    def _holder(self, fd: int) -> dict:
+        try:
+            d = json.loads(os.pread(fd, 4096, 0).decode("utf-8", "replace") or "{}")
+        except ValueError:
+            return {}
+        return d if isinstance(d, dict) else {}
+
+    def acquire(self, log=lambda msg: None) -> None:
+        """Hold the lock or raise NotOursError naming the process that holds it."""
+        import fcntl
+        import socket
+        import time
+
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                h = self._holder(fd)
+                os.close(fd)
+                who = (f"pid {h.get('pid')} on {h.get('host')}, since {h.get('started')}" if h.get("pid")
+                       else "starting")
+                raise NotOursError(f"{self.path.parent} is in use by another {self.tool} ({who}); wait for it to "
+                                   "finish or choose another folder") from None
+            try:  # the file may have been released and unlinked between our open and our flock
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        before = self._holder(fd)
+        if before.get("pid") and (before.get("pid"), before.get("host")) != (os.getpid(), socket.gethostname()):
+            log(f"note: {self.path}: taking over the lock of {self.tool} pid {before['pid']} on {before.get('host')} "
+                f"(since {before.get('started')}), which no longer runs")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps({"tool": self.tool, "pid": os.getpid(), "host": socket.gethostname(),
+                                   "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n").encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        """Remove the lock file and let go (a no-op when not held)."""
+        if self._fd is None:
+            return
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None

@@ -6,16 +6,23 @@ Every refusal: one `error:` line, a non-zero exit, the user's files as they were
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from test_hostile import bench, export, one_error_line, tree
+import test_hostile
+from test_hostile import TRAIN_FAST, bench, export, itera_train, one_error_line, tree
 
 from itera_runtime.bundle import load_bundle, write_manifest
+
+
+text_file, tiny_run = test_hostile.text_file, test_hostile.tiny_run  # its training fixtures, here too
 
 
 def run_cli(*args) -> subprocess.CompletedProcess:
@@ -283,3 +290,85 @@ def test_a_results_folder_of_ours_reads_back_as_its_records_only(record_file, tm
     record(d, ["memory.jsonl"])
     records, _ = load_results([d])
     assert len(records) == 1
+
+
+# --- two itera-train --out SAME at once --------------------------------------------------------
+
+HOLD_LOCK = ("import sys, time\nfrom itera_runtime.owned import FolderLock\n"
+             "FolderLock(sys.argv[1], 'itera-train').acquire()\nprint('held', flush=True)\ntime.sleep(300)\n")
+
+
+@pytest.fixture
+def lock_holder():
+    """Start a real process holding a folder's lock (as a running itera-train does); killed after the test."""
+    procs = []
+
+    def start(lock: Path) -> subprocess.Popen:
+        p = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(lock)], stdout=subprocess.PIPE, text=True)
+        procs.append(p)
+        assert p.stdout.readline().strip() == "held"
+        return p
+
+    yield start
+    for p in procs:
+        p.kill()
+        p.wait()
+
+
+@pytest.mark.parametrize("resume", [True, False])
+def test_second_train_into_a_folder_in_use_is_refused_naming_the_writer(tiny_run, text_file, tmp_path, lock_holder,
+                                                                        resume):
+    from itera_lite.train import RUN_LOCK
+
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    if not resume:  # a first run still before its first checkpoint: the second must not start it over
+        (out / "last.pt").unlink()
+    holder = lock_holder(out / RUN_LOCK)
+    before = tree(out)
+    args = ["--resume", "--max-steps", "4"] if resume else ["--data", str(text_file), *TRAIN_FAST]
+    line = one_error_line(itera_train("--out", out, *args, "--quiet", tmp_path=tmp_path))
+    assert "in use by another itera-train" in line and f"pid {holder.pid} " in line and str(out) in line
+    assert tree(out) == before
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over_and_said(tiny_run, tmp_path):
+    import socket
+
+    from itera_lite.train import RUN_LOCK
+
+    assert not (tiny_run / RUN_LOCK).exists()  # a finished run leaves no lock
+    out = tmp_path / "run"
+    shutil.copytree(tiny_run, out)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    (out / RUN_LOCK).write_text(json.dumps({"tool": "itera-train", "pid": pid, "host": socket.gethostname(),
+                                            "started": "2026-12-06T23:00:00+0000"}))
+    proc = itera_train("--out", out, "--resume", "--max-steps", "3", "--quiet", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"taking over the lock of itera-train pid {pid} " in proc.stderr
+    assert not (out / RUN_LOCK).exists()
+    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+
+
+@pytest.mark.slow  # a real training process beside the test: ~20 s on 2 cores
+def test_two_trainings_into_one_folder_the_second_is_refused(text_file, tmp_path):
+    from itera_lite.train import RUN_LOCK
+
+    out = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "itera_lite.cli", "--out", str(out), "--data", str(text_file),
+                              *TRAIN_FAST, "--max-steps", "100000", "--eval-every", "100000"],
+                             env={**os.environ, "ITERA_CACHE_DIR": str(tmp_path.parent / "itera-cache")},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and first.poll() is None and not (out / "train.csv").exists():
+            time.sleep(0.05)
+        assert (out / RUN_LOCK).exists()
+        line = one_error_line(itera_train("--out", out, "--data", text_file, *TRAIN_FAST, "--max-steps", "2",
+                                          tmp_path=tmp_path))
+        assert f"pid {first.pid} " in line
+        assert first.poll() is None  # the first still runs, its files untouched
+    finally:
+        first.kill()
+        first.wait()
