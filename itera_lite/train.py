@@ -127,22 +127,57 @@ class TrainError(UserError):
 # ---------------------------------------------------------------------------------------
 
 
-def budget_fraction(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
-    """How much of the run's budget is used: the largest of steps, tokens and time (0..1)."""
-    used = [step / cfg.max_steps]
+# With a time budget, training stops at (1 - CLOSING_SHARE) of it: the rest is for the closing
+# evaluation of best.pt on val and test (as many windows as fit), so a run ends near its budget.
+CLOSING_SHARE = 0.1
+# With a time or token budget, warm-up ends by this share of it, whatever --warmup-steps says:
+# steps are slow on a small CPU, and 100 of them can outlast a short budget.
+WARMUP_MAX_SHARE = 0.1
+
+
+def training_seconds(cfg: TrainConfig) -> float | None:
+    """The part of a --max-minutes budget training may use (None: no time budget)."""
+    return None if cfg.max_minutes is None else cfg.max_minutes * 60 * (1 - CLOSING_SHARE)
+
+
+def _time_or_token_fraction(cfg: TrainConfig, tokens_seen: int, elapsed_s: float) -> float | None:
+    used = []
     if cfg.max_tokens is not None:
         used.append(tokens_seen / cfg.max_tokens)
     if cfg.max_minutes is not None:
-        used.append(elapsed_s / (cfg.max_minutes * 60))
-    return min(1.0, max(used))
+        used.append(elapsed_s / training_seconds(cfg))
+    return max(used) if used else None
 
 
-def lr_at(cfg: TrainConfig, step: int, fraction: float, warmup_end_fraction: float | None) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio * lr as the budget
-    fraction goes from where warm-up ended to 1, whichever budget (steps, tokens, time) ends
-    the run. With only a step budget this is the usual step-based cosine."""
-    if step < cfg.warmup_steps or warmup_end_fraction is None:
-        return cfg.lr * (step + 1) / max(1, cfg.warmup_steps)
+def budget_fraction(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
+    """How much of the run's budget is used: the largest of steps, tokens and time (0..1)."""
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    return min(1.0, max(step / cfg.max_steps, other or 0.0))
+
+
+def warmup_progress(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
+    """How far warm-up is (0..1): step + 1 of warmup_steps, or WARMUP_MAX_SHARE of a time or token budget."""
+    ramp = (step + 1) / max(1, cfg.warmup_steps)
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    if other is not None:
+        ramp = max(ramp, other / WARMUP_MAX_SHARE)
+    return min(1.0, ramp)
+
+
+def warmup_over(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> bool:
+    """Whether the cosine starts now: warmup_steps done, or the warm-up's share of a time or token budget."""
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    return step >= cfg.warmup_steps or (other is not None and other >= WARMUP_MAX_SHARE)
+
+
+def lr_at(cfg: TrainConfig, step: int, fraction: float, warmup_end_fraction: float | None,
+          warmup: float | None = None) -> float:
+    """Linear warm-up (`warmup`: its progress, default step + 1 of warmup_steps), then cosine from lr
+    to min_lr_ratio * lr as the budget fraction goes from where warm-up ended to 1, whichever
+    budget (steps, tokens, time) ends the run. With only a step budget this is the usual
+    step-based cosine."""
+    if warmup_end_fraction is None:
+        return cfg.lr * (min(1.0, (step + 1) / max(1, cfg.warmup_steps)) if warmup is None else warmup)
     progress = (fraction - warmup_end_fraction) / max(1e-12, 1.0 - warmup_end_fraction)
     progress = min(1.0, max(0.0, progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -192,7 +227,8 @@ class RunState:
         return None if self.warmup_end is None else budget_fraction(self.cfg, *self.warmup_end)
 
     def lr(self) -> float:
-        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction())
+        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction(),
+                     warmup_progress(self.cfg, self.step, self.tokens_seen, self.elapsed_s))
 
     def to_checkpoint(self) -> dict:
         """The checkpoint payload (configs, tokenizer, weights, optimizer, position)."""
@@ -527,6 +563,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
         tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
         start_step, saved_step = state.step, state.step
         t_start, elapsed0 = time.perf_counter(), state.elapsed_s
+        # Where a time budget ends on this clock: the closing evaluations take what is left of it.
+        budget_end = None if cfg.max_minutes is None else t_start + cfg.max_minutes * 60 - elapsed0
         stop_reason = "max_steps"
 
         def tick():
@@ -539,8 +577,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
             if path == last_path:
                 saved_step = state.step
 
-        def run_eval():
-            state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+        def run_eval(deadline: float | None = None, desc: str | None = None):
+            state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                 deadline=deadline, progress=desc)
             state.last_eval_step = state.step
             improved = state.val["loss"] < state.best_val_loss
             state.best_val_loss = min(state.best_val_loss, state.val["loss"])
@@ -568,8 +607,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 if state.step >= cfg.max_steps:
                     stop_reason = "max_steps"
                     break
-                if cfg.max_minutes is not None and state.elapsed_s >= cfg.max_minutes * 60:
-                    stop_reason = "max_minutes"
+                if cfg.max_minutes is not None and state.elapsed_s >= training_seconds(cfg):
+                    stop_reason = "max_minutes"  # the rest of the budget is the closing evaluation's
                     break
                 if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
                     stop_reason = "max_tokens"
@@ -577,7 +616,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 if cfg.patience is not None and state.evals_since_best >= cfg.patience:
                     stop_reason = "early_stopping"
                     break
-                if state.warmup_end is None and state.step >= cfg.warmup_steps:
+                if state.warmup_end is None and warmup_over(cfg, state.step, state.tokens_seen, state.elapsed_s):
                     state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
                 lr = state.lr()
                 for group in optimizer.param_groups:
@@ -659,8 +698,11 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 _remove_run_files(out, created)
             raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
         if state.last_eval_step != state.step and stop_reason != "early_stopping":
-            # A time or token budget ended between evals: evaluate the model the run ends with.
-            run_eval()
+            # A time or token budget ended between evals: evaluate the model the run ends with (with a
+            # time budget, on what fits half of the time left: best.pt's evaluation needs the rest).
+            now = time.perf_counter()
+            run_eval(None if budget_end is None else now + max(0.0, budget_end - now) / 2,
+                     "closing eval" if progress and rank == 0 else None)
         if rank == 0 and saved_step != state.step:
             save(last_path)
         ranks = None
@@ -672,7 +714,8 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
         if rank == 0:
             logs.close()
             summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
-                                 resumed_spent=resume and state.step == start_step)
+                                 resumed_spent=resume and state.step == start_step, deadline=budget_end,
+                                 progress=progress)
         if world > 1:
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
@@ -717,8 +760,14 @@ def _distillation_summary(state: RunState, records: list[dict]) -> dict | None:
             "teacher_share_of_step": teacher_s / step_s if rows else None}
 
 
-def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent) -> dict:
-    """Final evaluation of best.pt on the whole validation and test splits; summary.json."""
+def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent,
+               deadline: float | None = None, progress: bool = False) -> dict:
+    """Final evaluation of best.pt on the validation and test splits; summary.json.
+
+    Whole splits (or --final-eval-batches), unless the run has a time budget: then as many
+    windows from each split's start as fit what is left of it (`deadline`, a perf_counter
+    time; at least one batch each), said in the summary's "final_eval".
+    """
     from itera_runtime.provenance import provenance
 
     cfg, model_cfg = state.cfg, state.model_cfg
@@ -734,11 +783,28 @@ def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed
                 load += output.aux["load"]
 
         hook = best.register_forward_hook(count)
+    started = time.perf_counter()
+    left = None if deadline is None else max(0.0, deadline - started)
+    if progress:
+        what = ("whole splits" if cfg.final_eval_batches is None else f"first {cfg.final_eval_batches} batches of each")
+        if left is not None:
+            what = f"as much of each as fits the {left:.0f} s left of --max-minutes"
+        print(f"evaluating best.pt on the validation and test splits ({what})", file=sys.stderr)
     full = {}
-    for s in ("val", "test"):
-        full[s] = evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
+    for i, s in enumerate(("val", "test")):
+        split_deadline = None
+        if deadline is not None:  # val gets half of what is left, test the rest
+            now = time.perf_counter()
+            split_deadline = now + max(0.0, deadline - now) / (2 - i)
+        full[s] = evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches,
+                           deadline=split_deadline, progress=f"final eval {s}" if progress else None)
         if s == "val" and load is not None:
             hook.remove()
+    final_eval = {"bounded_by": None if deadline is None else "max_minutes",
+                  "seconds_left": None if left is None else round(left, 2),
+                  "seconds": round(time.perf_counter() - started, 2),
+                  **{s: {"windows": full[s]["windows"], "windows_in_split": full[s]["windows_in_split"],
+                         "complete": full[s]["complete"], "from": "start of the split"} for s in full}}
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
     speeds = speeds[5:] or speeds  # skip warm-up steps when there are enough
@@ -751,6 +817,7 @@ def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed
         "best": {"val_loss": full["val"]["loss"], "val_ppl": full["val"]["ppl"], "val_bpb": full["val"]["bpb"],
                  "test_loss": full["test"]["loss"], "test_ppl": full["test"]["ppl"], "test_bpb": full["test"]["bpb"]},
         "eval_tokens": {"val": full["val"]["tokens"], "test": full["test"]["tokens"]},
+        "final_eval": final_eval,
         # Routing of best.pt over the validation split it was evaluated on above.
         "experts": (None if load is None else
                     {"split": "val", **expert_utilisation(load, model_cfg.top_k)}),

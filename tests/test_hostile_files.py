@@ -372,3 +372,63 @@ def test_two_trainings_into_one_folder_the_second_is_refused(text_file, tmp_path
     finally:
         first.kill()
         first.wait()
+
+
+# --- a time budget means what it says: warm-up and the closing evaluation inside it -------------
+
+
+def test_warmup_of_a_time_budgeted_run_ends_by_its_share_of_the_budget():
+    from itera_lite.train import (CLOSING_SHARE, WARMUP_MAX_SHARE, TrainConfig, lr_at, training_seconds,
+                                  warmup_over, warmup_progress)
+
+    cfg = TrainConfig(lr=1e-2, warmup_steps=100, max_steps=10**6, max_minutes=0.5)  # 30 s; 100 steps take longer
+    seconds = training_seconds(cfg)
+    assert seconds == pytest.approx(30 * (1 - CLOSING_SHARE))
+    share = WARMUP_MAX_SHARE * seconds
+    assert not warmup_over(cfg, 3, 0, 0.5 * share) and warmup_over(cfg, 3, 0, share)
+    assert warmup_progress(cfg, 3, 0, 0.5 * share) == pytest.approx(0.5)  # the clock, not 4 of 100 steps
+    assert lr_at(cfg, 3, 0.0, None, warmup_progress(cfg, 3, 0, share)) == pytest.approx(cfg.lr)
+    # Only a step budget: the warm-up is --warmup-steps, as before.
+    steps = TrainConfig(lr=1e-2, warmup_steps=100, max_steps=200)
+    assert not warmup_over(steps, 3, 0, 1e6) and warmup_progress(steps, 3, 0, 1e6) == pytest.approx(0.04)
+
+
+@pytest.fixture(scope="module")
+def big_text(tmp_path_factory) -> Path:
+    """~1.5 MB of made-up words: a validation split whose whole evaluation outlasts a 6-second budget."""
+    rng = np.random.default_rng(1)
+    words = ["thou", "art", "the", "king", "of", "night", "and", "day", "to", "be", "or", "not"]
+    path = tmp_path_factory.mktemp("big") / "big.txt"
+    path.write_text("\n".join(" ".join(rng.choice(words, size=12)) for _ in range(30_000)) + "\n")
+    return path
+
+
+@pytest.mark.slow  # a 6-second run on 1.5 MB of text (prepared once), with its closing evaluation
+def test_time_budget_includes_the_closing_evaluation_and_says_so(big_text, tmp_path, monkeypatch):
+    from itera_lite.data import prepare_data
+
+    cache = tmp_path.parent / "itera-cache"
+    monkeypatch.setenv("ITERA_CACHE_DIR", str(cache))
+    prepare_data(str(big_text), 256, progress=False)  # the preparation is not part of the budget
+    fast = [a for a in TRAIN_FAST if a != "--quiet"]
+    i = fast.index("--final-eval-batches")
+    fast = fast[:i] + fast[i + 2:]  # whole splits, as a user's run evaluates
+    out = tmp_path / "run"
+    start = time.perf_counter()
+    proc = itera_train("--out", out, "--data", big_text, *fast, "--max-steps", "1000000", "--eval-every", "1000000",
+                       "--warmup-steps", "1000000", "--max-minutes", "0.1", tmp_path=tmp_path)
+    wall = time.perf_counter() - start
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    final = summary["final_eval"]
+    assert summary["stop_reason"] == "max_minutes" and final["bounded_by"] == "max_minutes"
+    assert summary["elapsed_s"] < 6 * 0.9 + 2  # training stopped at its share (one step of slack)
+    assert not final["val"]["complete"] and 0 < final["val"]["windows"] < final["val"]["windows_in_split"]
+    assert final["seconds"] <= final["seconds_left"] + 2  # one batch past the deadline at most, and its slack
+    assert wall < 6 + 15, wall  # model build, checkpoints and a loaded machine; the whole splits took minutes
+    assert "evaluating best.pt on the validation and test splits" in proc.stderr and "final eval val" in proc.stderr
+    assert f"of {final['val']['windows_in_split']:,} val" in proc.stderr  # the user is told
+    # Warm-up ended by its share of the budget although --warmup-steps was never reached.
+    lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()
+           if json.loads(ln)["kind"] == "train"]
+    assert max(lrs) > 0.9 * 3e-3 > lrs[0]
