@@ -241,7 +241,7 @@ def load_arrays(root: str | os.PathLike, spec: Retrieval, vocab_size: int, where
     low, high = int(values.min()), int(values.max())
     if low < 0 or high >= vocab_size:
         raise BundleError(f"{root / spec.values}: token ids {low}..{high} reach outside the vocabulary of {vocab_size}")
-    rows = max(1, _BLOCK_ELEMENTS // max(spec.dim, 1))
+    rows = max(1, (1 << 20) // spec.dim)  # float64 blocks of 8 MB: a large store is checked in pieces
     for start in range(0, spec.n_entries, rows):
         block = np.asarray(keys[start:start + rows], dtype=np.float64)
         finite = np.isfinite(block).all(axis=1)
