@@ -41,6 +41,7 @@ from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
 from itera_runtime.errors import UserError
+from itera_runtime.owned import FolderLock, NotOursError
 
 
 @dataclass
@@ -229,6 +230,7 @@ class RunState:
 
 # Names a run folder of ours holds. A folder holding anything else is the user's.
 RUN_MARKER = ".itera-train"
+RUN_LOCK = ".itera-train.lock"  # pid and host of the process writing the run (runtime/owned.py FolderLock)
 RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "train.csv", "eval.csv", "summary.json", RUN_MARKER)
 RUN_DIRS = ("tensorboard",)
 # Temp files of our own atomic writes (checkpoint.save_checkpoint, summary.json): a kill
@@ -236,8 +238,8 @@ RUN_DIRS = ("tensorboard",)
 STALE_TEMP = re.compile(r"^(\.(best|last)\.pt\..+\.tmp|summary\.json\.tmp)$")
 
 
-def _claim_run_folder(out: Path, resume: bool) -> bool:
-    """Check `out` may hold this run, clean our stale temp files; True if we create it."""
+def _claim_run_folder(out: Path, resume: bool) -> tuple[bool, FolderLock]:
+    """Check `out` may hold this run, take its lock, clean our stale temp files; (True if we created it, lock)."""
     last = out / "last.pt"
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
@@ -247,20 +249,30 @@ def _claim_run_folder(out: Path, resume: bool) -> bool:
     elif last.exists():
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     created = not out.exists()
-    if created:
-        return True
-    entries = [p for p in out.iterdir() if not STALE_TEMP.match(p.name)]
-    if entries and not resume and not (out / RUN_MARKER).exists():
-        names = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
-        raise TrainError(f"--out {out} is not empty and is not an itera-train run (holds {names}); "
-                         "choose a new or empty folder")
+    if not created:
+        entries = [p for p in out.iterdir() if not STALE_TEMP.match(p.name) and p.name != RUN_LOCK]
+        if entries and not resume and not (out / RUN_MARKER).exists():
+            names = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise TrainError(f"--out {out} is not empty and is not an itera-train run (holds {names}); "
+                             "choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out / RUN_LOCK, "itera-train")
+        lock.acquire(log=lambda m: print(m, file=sys.stderr))
+    except NotOursError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if not resume and last.exists():  # another run wrote its first checkpoint while we looked
+        lock.release()
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     for p in out.iterdir():
         if STALE_TEMP.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
-    if not resume:
+    if not resume and not created:
         # A run of ours killed before its first checkpoint: start it over from nothing.
         _remove_run_files(out, created=False)
-    return False
+    return created, lock
 
 
 def _remove_run_files(out: Path, created: bool) -> None:
@@ -458,205 +470,216 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    created, error = False, None
+    created, error, lock = False, None, None
     if rank == 0:
         try:
-            created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
+            # Before any work: refuse early, write nothing but our lock (one writer per run folder).
+            created, lock = _claim_run_folder(out, resume)
             data = prepare_data(cfg.data, cfg.vocab_size, progress=progress)
             _check_splits(cfg, data)
             teacher = _load_teacher(cfg, data, ckpt)
             try:
-                out.mkdir(parents=True, exist_ok=True)
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
             except OSError as e:
                 raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
         except (TrainError, DataError, CheckpointError) as e:
             error = e
-    if world > 1:
-        # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
-        failed = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(failed, 0)
-        if failed[0] is not None and rank != 0:
-            raise TrainError(f"rank 0 failed: {failed[0]}")
-    if error is not None:
-        raise error
-    if rank != 0:
-        data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
-        teacher = _load_teacher(cfg, data, ckpt)
-    if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
-        raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
-
-    torch.manual_seed(cfg.seed)
-    model_cfg = (config_from_dict(ckpt["model_config"]) if ckpt
-                 else make_config(cfg.model, cfg.preset, vocab_size=data.vocab_size))
-    model = build_model(model_cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=False)
-    state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
-                     params=count_params(model), teacher=teacher and teacher.describe())
-    if ckpt:
-        state.restore(ckpt)
-    model.train()
-    # Experts that get no tokens on a rank have no gradient there: DDP must not wait for them.
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model)
-
-    train_tokens, val_tokens = data.split("train"), data.split("val")
-    byte_len = token_byte_lengths(data.tokenizer_json)
-    logs = _Logs(out, state.step if ckpt else None, cfg.tensorboard) if rank == 0 else None
-    save_every = cfg.save_every or cfg.eval_every
-    rows_per_rank = cfg.batch_size // world
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    start_step, saved_step = state.step, state.step
-    t_start, elapsed0 = time.perf_counter(), state.elapsed_s
-    stop_reason = "max_steps"
-
-    def tick():
-        state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-
-    def save(path: Path):
-        nonlocal saved_step
-        tick()
-        save_checkpoint(path, state.to_checkpoint())
-        if path == last_path:
-            saved_step = state.step
-
-    def run_eval():
-        state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        state.last_eval_step = state.step
-        improved = state.val["loss"] < state.best_val_loss
-        state.best_val_loss = min(state.best_val_loss, state.val["loss"])
-        state.evals_since_best = 0 if improved else state.evals_since_best + 1
-        if rank == 0:
-            tick()
-            logs.write("eval", {"step": state.step, "tokens": state.tokens_seen, "val_loss": state.val["loss"],
-                                "val_ppl": state.val["ppl"], "val_bpb": state.val["bpb"],
-                                "best_val_loss": state.best_val_loss, "elapsed_s": state.elapsed_s})
-            bar.set_postfix(val_bpb=f"{state.val['bpb']:.3f}", refresh=False)
-            # best.pt only ever holds the best model seen: never a worse one after a resume.
-            if improved:
-                save(out / "best.pt")
-
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {model_cfg.family}-{cfg.preset}",
-               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+            if lock is not None:  # undo only what this run did: its lock, and the folder if it made it
+                lock.release()
+                lock = None
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
     try:
-        while True:
+        if world > 1:
+            # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
+            failed = [None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(failed, 0)
+            if failed[0] is not None and rank != 0:
+                raise TrainError(f"rank 0 failed: {failed[0]}")
+        if error is not None:
+            raise error
+        if rank != 0:
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
+            teacher = _load_teacher(cfg, data, ckpt)
+        if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
+            raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
+
+        torch.manual_seed(cfg.seed)
+        model_cfg = (config_from_dict(ckpt["model_config"]) if ckpt
+                     else make_config(cfg.model, cfg.preset, vocab_size=data.vocab_size))
+        model = build_model(model_cfg)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=False)
+        state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
+                         params=count_params(model), teacher=teacher and teacher.describe())
+        if ckpt:
+            state.restore(ckpt)
+        model.train()
+        # Experts that get no tokens on a rank have no gradient there: DDP must not wait for them.
+        ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model)
+
+        train_tokens, val_tokens = data.split("train"), data.split("val")
+        byte_len = token_byte_lengths(data.tokenizer_json)
+        logs = _Logs(out, state.step if ckpt else None, cfg.tensorboard) if rank == 0 else None
+        save_every = cfg.save_every or cfg.eval_every
+        rows_per_rank = cfg.batch_size // world
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        start_step, saved_step = state.step, state.step
+        t_start, elapsed0 = time.perf_counter(), state.elapsed_s
+        stop_reason = "max_steps"
+
+        def tick():
+            state.elapsed_s = elapsed0 + time.perf_counter() - t_start
+
+        def save(path: Path):
+            nonlocal saved_step
             tick()
-            if world > 1:
-                # Ranks measure time apart: rank 0's clock decides the budget and the rate.
-                clock = torch.tensor([state.elapsed_s], dtype=torch.float64)
-                torch.distributed.broadcast(clock, 0)
-                state.elapsed_s = float(clock)
-            if state.step >= cfg.max_steps:
-                stop_reason = "max_steps"
-                break
-            if cfg.max_minutes is not None and state.elapsed_s >= cfg.max_minutes * 60:
-                stop_reason = "max_minutes"
-                break
-            if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
-                stop_reason = "max_tokens"
-                break
-            if cfg.patience is not None and state.evals_since_best >= cfg.patience:
-                stop_reason = "early_stopping"
-                break
-            if state.warmup_end is None and state.step >= cfg.warmup_steps:
-                state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
-            lr = state.lr()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "kl": 0.0, "distill_loss": 0.0}
-            teacher_s = 0.0
-            load = None
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
-                                 cfg.seed, rank=rank, world_size=world)
-                # Gradients are averaged across ranks once per step, on the last micro-batch.
-                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
-                with sync:
-                    x_t = torch.from_numpy(x)
-                    teacher_logits = None
-                    if teacher is not None:
-                        t_teacher = time.perf_counter()
-                        teacher_logits = teacher.logits(x_t)  # (B, L, V), no graph
-                        teacher_s += time.perf_counter() - t_teacher
-                    res = ddp(x_t)
-                    total, loss, kl = distill_loss(res.logits, teacher_logits, torch.from_numpy(y),
-                                                   cfg.distill_alpha, cfg.distill_temperature)
-                    if kl is not None:
-                        sums["kl"] += kl.item() / cfg.grad_accum
-                        sums["distill_loss"] += total.item() / cfg.grad_accum
-                    if res.aux:
-                        total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
-                                 + cfg.z_loss_coef * res.aux["z_loss"])
-                        sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
-                        sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
-                        load = res.aux["load"] if load is None else load + res.aux["load"]
-                    (total / cfg.grad_accum).backward()
-                sums["loss"] += loss.item() / cfg.grad_accum
-            if world > 1:
-                # Log the global batch's losses and expert load, not rank 0's share of them.
-                names = list(sums)
-                logged = torch.tensor([sums[k] for k in names])
-                torch.distributed.all_reduce(logged)
-                sums = dict(zip(names, (logged / world).tolist()))
-                if load is not None:
-                    load = load.clone()
-                    torch.distributed.all_reduce(load)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            bar.update(1)
+            save_checkpoint(path, state.to_checkpoint())
+            if path == last_path:
+                saved_step = state.step
 
-            if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
+        def run_eval():
+            state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
+            state.last_eval_step = state.step
+            improved = state.val["loss"] < state.best_val_loss
+            state.best_val_loss = min(state.best_val_loss, state.val["loss"])
+            state.evals_since_best = 0 if improved else state.evals_since_best + 1
+            if rank == 0:
                 tick()
-                rec = {"step": state.step, "tokens": state.tokens_seen, "loss": sums["loss"],
-                       "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step / dt,
-                       "balance_loss": sums["balance_loss"] if load is not None else None,
-                       "z_loss": sums["z_loss"] if load is not None else None,
-                       "kl": sums["kl"] if teacher is not None else None,
-                       "distill_loss": sums["distill_loss"] if teacher is not None else None,
-                       "teacher_s": teacher_s if teacher is not None else None, "elapsed_s": state.elapsed_s}
-                if load is not None:
-                    rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
-                logs.write("train", rec)
-                bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
+                logs.write("eval", {"step": state.step, "tokens": state.tokens_seen, "val_loss": state.val["loss"],
+                                    "val_ppl": state.val["ppl"], "val_bpb": state.val["bpb"],
+                                    "best_val_loss": state.best_val_loss, "elapsed_s": state.elapsed_s})
+                bar.set_postfix(val_bpb=f"{state.val['bpb']:.3f}", refresh=False)
+                # best.pt only ever holds the best model seen: never a worse one after a resume.
+                if improved:
+                    save(out / "best.pt")
 
-            if state.step % cfg.eval_every == 0 or state.step >= cfg.max_steps:
-                run_eval()
-            if rank == 0 and state.step % save_every == 0:
-                save(last_path)
-    finally:
-        bar.close()
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {model_cfg.family}-{cfg.preset}",
+                   disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+        try:
+            while True:
+                tick()
+                if world > 1:
+                    # Ranks measure time apart: rank 0's clock decides the budget and the rate.
+                    clock = torch.tensor([state.elapsed_s], dtype=torch.float64)
+                    torch.distributed.broadcast(clock, 0)
+                    state.elapsed_s = float(clock)
+                if state.step >= cfg.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if cfg.max_minutes is not None and state.elapsed_s >= cfg.max_minutes * 60:
+                    stop_reason = "max_minutes"
+                    break
+                if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
+                    stop_reason = "max_tokens"
+                    break
+                if cfg.patience is not None and state.evals_since_best >= cfg.patience:
+                    stop_reason = "early_stopping"
+                    break
+                if state.warmup_end is None and state.step >= cfg.warmup_steps:
+                    state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
+                lr = state.lr()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "kl": 0.0, "distill_loss": 0.0}
+                teacher_s = 0.0
+                load = None
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
+                                     cfg.seed, rank=rank, world_size=world)
+                    # Gradients are averaged across ranks once per step, on the last micro-batch.
+                    sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
+                    with sync:
+                        x_t = torch.from_numpy(x)
+                        teacher_logits = None
+                        if teacher is not None:
+                            t_teacher = time.perf_counter()
+                            teacher_logits = teacher.logits(x_t)  # (B, L, V), no graph
+                            teacher_s += time.perf_counter() - t_teacher
+                        res = ddp(x_t)
+                        total, loss, kl = distill_loss(res.logits, teacher_logits, torch.from_numpy(y),
+                                                       cfg.distill_alpha, cfg.distill_temperature)
+                        if kl is not None:
+                            sums["kl"] += kl.item() / cfg.grad_accum
+                            sums["distill_loss"] += total.item() / cfg.grad_accum
+                        if res.aux:
+                            total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
+                                     + cfg.z_loss_coef * res.aux["z_loss"])
+                            sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
+                            sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
+                            load = res.aux["load"] if load is None else load + res.aux["load"]
+                        (total / cfg.grad_accum).backward()
+                    sums["loss"] += loss.item() / cfg.grad_accum
+                if world > 1:
+                    # Log the global batch's losses and expert load, not rank 0's share of them.
+                    names = list(sums)
+                    logged = torch.tensor([sums[k] for k in names])
+                    torch.distributed.all_reduce(logged)
+                    sums = dict(zip(names, (logged / world).tolist()))
+                    if load is not None:
+                        load = load.clone()
+                        torch.distributed.all_reduce(load)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                dt = time.perf_counter() - t0
+                bar.update(1)
 
-    if state.step == 0:
-        # Nothing trained: leave nothing behind, not even a folder that now "holds a run".
+                if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
+                    tick()
+                    rec = {"step": state.step, "tokens": state.tokens_seen, "loss": sums["loss"],
+                           "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": tokens_per_step / dt,
+                           "balance_loss": sums["balance_loss"] if load is not None else None,
+                           "z_loss": sums["z_loss"] if load is not None else None,
+                           "kl": sums["kl"] if teacher is not None else None,
+                           "distill_loss": sums["distill_loss"] if teacher is not None else None,
+                           "teacher_s": teacher_s if teacher is not None else None, "elapsed_s": state.elapsed_s}
+                    if load is not None:
+                        rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
+                    logs.write("train", rec)
+                    bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
+
+                if state.step % cfg.eval_every == 0 or state.step >= cfg.max_steps:
+                    run_eval()
+                if rank == 0 and state.step % save_every == 0:
+                    save(last_path)
+        finally:
+            bar.close()
+
+        if state.step == 0:
+            # Nothing trained: leave nothing behind, not even a folder that now "holds a run".
+            if rank == 0:
+                logs.close()
+                lock.release()  # first: the folder can only go once its lock file has
+                _remove_run_files(out, created)
+            raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
+        if state.last_eval_step != state.step and stop_reason != "early_stopping":
+            # A time or token budget ended between evals: evaluate the model the run ends with.
+            run_eval()
+        if rank == 0 and saved_step != state.step:
+            save(last_path)
+        ranks = None
+        if world > 1:
+            digests = [None] * world
+            torch.distributed.all_gather_object(digests, params_sha256(model))
+            ranks = {"world_size": world, "params_sha256": digests, "in_sync": len(set(digests)) == 1}
+        summary = None
         if rank == 0:
             logs.close()
-            _remove_run_files(out, created)
-        raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
-    if state.last_eval_step != state.step and stop_reason != "early_stopping":
-        # A time or token budget ended between evals: evaluate the model the run ends with.
-        run_eval()
-    if rank == 0 and saved_step != state.step:
-        save(last_path)
-    ranks = None
-    if world > 1:
-        digests = [None] * world
-        torch.distributed.all_gather_object(digests, params_sha256(model))
-        ranks = {"world_size": world, "params_sha256": digests, "in_sync": len(set(digests)) == 1}
-    summary = None
-    if rank == 0:
-        logs.close()
-        summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
-                             resumed_spent=resume and state.step == start_step)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return summary
+            summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
+                                 resumed_spent=resume and state.step == start_step)
+        if world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ------------------------------------------------------------------------------ summary
