@@ -17,6 +17,7 @@ below the target makes it not met. Estimates (`estimated: true`) never count as 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ ENERGY_TARGET = (50.0, 200.0)
 QUALITY_MAX_LOSS = 0.20
 SPEED_DEPTHS = (128, 2048)
 SPEED_PROMPT = 512
+# A ratio outside this is a broken or forged record, not a measurement: shown, never judged.
+PLAUSIBLE_RATIO = (1e-6, 1e6)
 
 
 @dataclass
@@ -76,7 +79,24 @@ def _pairs(mine: list[Record], base: list[Record], accept) -> list[tuple[Record,
     return sorted(out, key=lambda p: (p[0].n_threads or 0))
 
 
+def _ratio(a: float, b: float) -> float:
+    """a / b; nan where b is 0 or either side is not finite (judged implausible, never met)."""
+    try:
+        r = a / b
+    except (ZeroDivisionError, OverflowError):
+        return math.nan
+    return r if math.isfinite(r) else math.nan
+
+
+def _plausible(ratio: float) -> bool:
+    return math.isfinite(ratio) and PLAUSIBLE_RATIO[0] <= abs(ratio) <= PLAUSIBLE_RATIO[1]
+
+
 def _x(v: float) -> str:
+    if not math.isfinite(v):
+        return "not finite"
+    if not _plausible(v):
+        return f"{v:.3g}x (implausible)"
     return f"{v:.3g}x" if v < 100 else f"{v:,.0f}x"
 
 
@@ -91,9 +111,9 @@ def _size(bundle: str, baseline: str, mine, base, sizes: dict) -> Claim:
     b = sizes.get(baseline) or next((r.model_size for r in base if r.model_size), None)
     if not a or not b:
         return Claim("size", target, "not measured: no bundle size known", how, NOT_MEASURED)
-    ratio = b / a
+    ratio = _ratio(b, a)
     return Claim("size", target, f"{_x(ratio)} ({b / 1e6:.2f} MB / {a / 1e6:.2f} MB)", how,
-                 MET if ratio >= SIZE_TARGET[0] else NOT_MET,
+                 NOT_MEASURED if not _plausible(ratio) else MET if ratio >= SIZE_TARGET[0] else NOT_MET,
                  {"ratio": ratio, "bundle_bytes": a, "baseline_bytes": b})
 
 
@@ -114,13 +134,13 @@ def _speed(mine, base, reasons: dict) -> Claim:
             verdicts.append(NOT_MEASURED)
             continue
         r, ref = pairs[0]  # fewest threads: the edge-device case
-        ratio = r.median / ref.median
+        ratio = _ratio(r.median, ref.median)
         threads.add(r.n_threads)
         numbers[name] = {"test": r.test, "ratio": ratio, "tokens_per_s": r.median, "baseline_tokens_per_s": ref.median,
                          "n_threads": r.n_threads, "noisy": r.noisy or ref.noisy}
         parts.append(f"{r.test} {_x(ratio)} ({r.median:,.0f} vs {ref.median:,.0f} tok/s"
                      f"{', noisy' if r.noisy or ref.noisy else ''})")
-        verdicts.append(MET if ratio >= SPEED_TARGET[0] else NOT_MET)
+        verdicts.append(NOT_MEASURED if not _plausible(ratio) else MET if ratio >= SPEED_TARGET[0] else NOT_MET)
     verdict = NOT_MET if NOT_MET in verdicts else MET if set(verdicts) == {MET} else NOT_MEASURED
     why = reasons.get("speed") or reasons.get("latency")
     how = (f"itera-bench latency: median tokens/s, Itera / baseline, {'/'.join(map(str, sorted(threads)))} "
@@ -144,13 +164,14 @@ def _energy(mine, base, energy_rows, reasons: dict) -> Claim:
     target = _range(*ENERGY_TARGET, "less J/token")
     pairs = _pairs(mine, base, lambda r: r.kind == "energy" and _is_joules(r) and not r.estimated)
     cpu = _pairs(mine, base, lambda r: r.kind == "energy" and r.metric.startswith("cpu_"))
-    cpu_numbers = {r.test: ref.median / r.median for r, ref in cpu if r.median}
+    cpu_numbers = {r.test: _ratio(ref.median, r.median) for r, ref in cpu if r.median}
     cpu_text = "; ".join(f"{t} {_x(v)}" for t, v in cpu_numbers.items())
     if pairs:
-        ratios = {r.test + (" net" if r.metric.endswith("_net") else ""): ref.median / r.median
+        ratios = {r.test + (" net" if r.metric.endswith("_net") else ""): _ratio(ref.median, r.median)
                   for r, ref in pairs if r.median}
         sources = sorted({energy_source(r) or "source not recorded" for r, _ in pairs})
-        verdict = MET if ratios and min(ratios.values()) >= ENERGY_TARGET[0] else NOT_MET
+        verdict = (NOT_MEASURED if not all(map(_plausible, ratios.values()))
+                   else MET if ratios and min(ratios.values()) >= ENERGY_TARGET[0] else NOT_MET)
         measured = "; ".join(f"{t} {_x(v)}" for t, v in ratios.items())
         if cpu_text:
             measured += f" (CPU-seconds/token ratio, CPU time not energy: {cpu_text})"
@@ -176,10 +197,12 @@ def _quality(mine, base, reasons: dict) -> Claim:
         return Claim("quality", target, f"not measured: {why.removeprefix('error: ')}", "itera-bench quality",
                      NOT_MEASURED)
     r, ref = pairs[0]
-    change = (r.median - ref.median) / ref.median
-    return Claim("quality", target, f"{change:+.1%} ({r.median:.4f} vs {ref.median:.4f} bits/byte, {r.test})",
+    change = _ratio(r.median - ref.median, ref.median)
+    plausible = math.isfinite(change) and r.median > 0 and ref.median > 0  # bits/byte of any model is > 0
+    shown = f"{change:+.1%}" if plausible else "implausible" if math.isfinite(change) else "not finite"
+    return Claim("quality", target, f"{shown} ({r.median:.4f} vs {ref.median:.4f} bits/byte, {r.test})",
                  "itera-bench quality: bits/byte through onnxruntime, (Itera − baseline) / baseline",
-                 MET if change < QUALITY_MAX_LOSS else NOT_MET,
+                 NOT_MEASURED if not plausible else MET if change < QUALITY_MAX_LOSS else NOT_MET,
                  {"relative_change": change, "bits_per_byte": r.median, "baseline_bits_per_byte": ref.median,
                   "test": r.test})
 

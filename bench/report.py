@@ -18,6 +18,7 @@ them), shown under "Not measured" and used by the claims table as the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -336,8 +337,10 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         raise ReportError("nothing to report: give record files (or a results folder) or --runs")
     out_dir = Path(out_dir)
     check_report_folder(out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again if the report fails
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    done = False
     try:
         label = _labeller(records)
         compare_to_baseline(records, baseline)  # rows from different files get their ratio too
@@ -386,6 +389,11 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         for name in names:
             os.replace(tmp / name, out_dir / name)
         record(out_dir, names, removed=stale)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
+        if not done:
+            for d in made:  # the folders this call made, innermost first; rmdir keeps any that is not empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return out_dir / REPORT_NAME
