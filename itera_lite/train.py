@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, get_batch, prepare_data
+from .data import get_batch, prepare_data
 from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
@@ -518,14 +518,16 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
             except OSError as e:
                 raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        except (TrainError, DataError, CheckpointError) as e:
-            error = e
+        except BaseException as e:
             if lock is not None:  # undo only what this run did: its lock, and the folder if it made it
                 lock.release()
                 lock = None
                 if created:
                     with contextlib.suppress(OSError):
                         out.rmdir()
+            if not isinstance(e, UserError):
+                raise  # a bug keeps its traceback
+            error = e  # raised below, after the other ranks are told
     try:
         if world > 1:
             # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
