@@ -138,7 +138,7 @@ def build_datastore(checkpoint, out=None, max_entries: int | None = 100_000, seq
     if max_entries is not None and max_entries < 1:
         raise DatastoreError(f"--max-entries must be at least 1, got {max_entries}")
     out = Path(out) if out else default_out(checkpoint)
-    check_replaceable(out, model.config.vocab_size, force)
+    check_replaceable(out, force)
     train_cfg = ckpt.get("train_config") or {}
     seq_len = seq_len or int(train_cfg.get("seq_len", 256))
     if texts is None:
@@ -195,11 +195,11 @@ def build_datastore(checkpoint, out=None, max_entries: int | None = 100_000, seq
                    "seq_len": seq_len, "windows": int(n_windows), "windows_in_split": int(len(windows)),
                    "seed": seed, "tuning": {"split": "val", **tuned}},
     }
-    _write(out, keys, values, meta, model.config.vocab_size, force)
+    _write(out, keys, values, meta, force)
     return out, meta
 
 
-def _write(out: Path, keys: np.ndarray, values: np.ndarray, meta: dict, vocab_size: int, force: bool) -> None:
+def _write(out: Path, keys: np.ndarray, values: np.ndarray, meta: dict, force: bool) -> None:
     """Write the folder beside `out` and rename it into place: never half a datastore.
 
     meta gets the arrays' sha256 and size ("files"): what says, next time, that they are ours.
@@ -215,7 +215,7 @@ def _write(out: Path, keys: np.ndarray, values: np.ndarray, meta: dict, vocab_si
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         os.chmod(tmp, 0o755)
         if out.exists():
-            check_replaceable(out, vocab_size, force)  # still ours after the minutes of work
+            check_replaceable(out, force)  # still ours after the minutes of work
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
@@ -257,8 +257,12 @@ def read_datastore(folder, vocab_size: int | None = None):
     return spec, folder / KEYS_NAME, folder / VALUES_NAME
 
 
-def check_replaceable(out: Path, vocab_size: int, force: bool) -> None:
-    """Refuse, before any work, an --out that is not a datastore of ours (exactly its three files, as written)."""
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that is not a datastore of ours (exactly its three files, as written).
+
+    The arrays must have the sha256 datastore.json pins; a datastore from before the pins must
+    at least read as one (of any vocabulary: it may be another model's).
+    """
     from itera_runtime.owned import NotOursError, refuse_strays, strays
 
     if not out.exists() and not out.is_symlink():
@@ -268,11 +272,14 @@ def check_replaceable(out: Path, vocab_size: int, force: bool) -> None:
     if not any(out.iterdir()):
         return  # an empty folder holds nothing to lose
     try:
-        read_datastore(out, vocab_size)
+        meta = json.loads((out / META_NAME).read_text(encoding="utf-8"))
+        pinned = meta.get("files") if isinstance(meta, dict) and isinstance(meta.get("files"), dict) else {}
+        read_datastore(out, None if pinned else np.iinfo(np.int64).max)
+    except (OSError, ValueError, RecursionError):
+        raise DatastoreError(f"{out}: exists and is not a datastore of ours ({out / META_NAME} does not read as "
+                             "one); refusing to replace it") from None
     except DatastoreError as e:
         raise DatastoreError(f"{out}: exists and is not a datastore of ours ({e}); refusing to replace it") from None
-    meta = json.loads((out / META_NAME).read_text(encoding="utf-8"))
-    pinned = meta.get("files") if isinstance(meta.get("files"), dict) else {}
     expected = {}
     for name in (KEYS_NAME, VALUES_NAME):
         entry = pinned.get(name) if isinstance(pinned.get(name), dict) else {}
