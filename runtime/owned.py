@@ -4,7 +4,8 @@ Ours is what carries our marker *and* still matches what we wrote: a bundle's fi
 manifest pins them, a datastore's arrays as its datastore.json describes them, a report's or
 a results folder's files as the listing we keep beside them (`LISTING`) hashes them. Anything
 else in the way (a file the user added, one of ours the user edited, a symbolic link) is the
-user's, and the tool refuses in one line naming it, before any work starts. Torch-free.
+user's, and the tool refuses in one line naming it, before any work starts. `FolderLock`
+keeps a folder to one writing process at a time (itera-train's run folder). Torch-free.
 """
 
 from __future__ import annotations
@@ -107,9 +108,11 @@ def check_in_the_way(folder: str | os.PathLike, wanted: Iterable[str], what: str
     found = [n for n in wanted if (root / n).exists() or (root / n).is_symlink()]
     foreign = [n for n in found if n not in mine or not _matches(root / n, mine[n])]
     if foreign:
-        raise NotOursError(f"{root}: {names(foreign)} {'is' if len(foreign) == 1 else 'are'} not ours (no "
-                           f"{what or 'earlier output'} of ours wrote {'it' if len(foreign) == 1 else 'them'}, or "
-                           "edited since); refusing to overwrite: move them out or choose another folder")
+        one = len(foreign) == 1
+        raise NotOursError(f"{root}: {names(foreign)} {'is' if one else 'are'} not ours (no {what or 'earlier run'} "
+                           f"of ours wrote {'it' if one else 'them'}, or {'it was' if one else 'they were'} edited "
+                           f"since); refusing to overwrite: move {'it' if one else 'them'} out or choose another "
+                           "folder")
 
 
 def record(folder: str | os.PathLike, written: Iterable[str] = (), removed: Iterable[str] = ()) -> None:
