@@ -432,3 +432,21 @@ def test_time_budget_includes_the_closing_evaluation_and_says_so(big_text, tmp_p
     lrs = [json.loads(ln)["lr"] for ln in (out / "metrics.jsonl").read_text().splitlines()
            if json.loads(ln)["kind"] == "train"]
     assert max(lrs) > 0.9 * 3e-3 > lrs[0]
+
+
+def test_bench_all_results_folder_reruns_over_its_own_files_and_refuses_a_users(tiny_itera, tmp_path):
+    """run_all (what `all` and the pipeline measure with) on the cheapest subcommand, twice into one folder."""
+    from itera_bench.cli import flops
+    from itera_bench.invocation import Invocation
+    from itera_bench.suite import run_all
+    from itera_runtime.owned import NotOursError
+
+    d = tmp_path / "results"
+    inv = [Invocation.of(flops, [tiny_itera.bundle], n_depth=[0])]
+    assert run_all(inv, d) == {"flops": "ok"}
+    assert run_all(inv, d) == {"flops": "ok"}  # its own flops.jsonl, replaced
+    (d / "flops.jsonl").write_text((d / "flops.jsonl").read_text() + "\n")  # the user's edit: now theirs
+    before = tree(d)
+    with pytest.raises(NotOursError, match="flops.jsonl is not ours"):
+        run_all(inv, d)
+    assert tree(d) == before
