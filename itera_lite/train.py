@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, get_batch, prepare_data
+from .data import get_batch, prepare_data
 from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
@@ -482,7 +482,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
             except OSError as e:
                 raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        except (TrainError, DataError, CheckpointError) as e:
+        except UserError as e:  # any refusal before work: our lock and folder go again
             error = e
             if lock is not None:  # undo only what this run did: its lock, and the folder if it made it
                 lock.release()
