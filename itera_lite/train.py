@@ -518,7 +518,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
             except OSError as e:
                 raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        except BaseException as e:
+        except BaseException as e:  # any refusal before work (or a bug): our lock and folder go again
             if lock is not None:  # undo only what this run did: its lock, and the folder if it made it
                 lock.release()
                 lock = None
