@@ -27,8 +27,9 @@ from .quantize import SCHEMES
               help="former name of --graph-set (none = portable, dual = both)")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
-              help="onnx: a bundle folder; gguf: one file for llama.cpp (baseline only, f32/q8_0/q4_0)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf", "hf"]), default="onnx",
+              help="onnx: a bundle folder; gguf: one file for llama.cpp (f32/q8_0/q4_0); hf: a transformers "
+                   "model folder (GraniteMoeHybridForCausalLM / LlamaForCausalLM)")
 @click.option("--retrieval", type=click.Path(file_okay=False, path_type=str), default=None,
               help="ship this kNN datastore (from `itera-train retrieval-index`) in the bundle; "
                    "itera-run and itera-bench quality then mix its next-token distribution in")
@@ -42,6 +43,20 @@ def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_te
     from .exporter import export_checkpoint
     from .gguf import export_gguf
 
+    if fmt == "hf":
+        from .hf_folder import export_hf
+
+        if retrieval or quant_options or quantize != "none":
+            fail("--format hf writes float32 weights; --quantize, --quant-option and --retrieval apply to other formats")
+        summary = export_hf(checkpoint, out, force=force, log=lambda m: click.echo(f"· {m}", err=True))
+        if as_json:
+            import json
+
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            click.echo(f"{summary['path']}: transformers {summary['architecture']} folder, "
+                       f"{summary['bytes'] / 1e6:.2f} MB; logits vs torch max |Δ| {summary['parity']['max_abs_diff']:.2e}")
+        return
     if fmt == "gguf":
         if retrieval:
             fail("--retrieval applies to ONNX bundles")
