@@ -519,8 +519,8 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, 
 
     from .curves import load_runs
     from .llamacpp import is_gguf
-    from .report import render
-    from .suite import collect, quantization_reference, run_all
+    from .report import check_report_folder, render
+    from .suite import check_results_folder, collect, quantization_reference, run_all
 
     load_runs(runs)  # a bad run folder is refused before minutes of measuring
     loaded = [load_bundle(b) for b in bundles if not is_gguf(b)]
@@ -535,6 +535,8 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, 
     if reference is not None and "quality" in MEASUREMENTS:
         options["quality"] = {**MEASUREMENTS["quality"].small(depths), "reference": str(reference.path)}
     invocations = suite(list(bundles), threads, repetitions, depths, baseline, skip, options, shared)
+    check_results_folder(out_dir, invocations)  # a user's files are refused before minutes of measuring
+    check_report_folder(Path(out_dir) / "report")
     status = run_all(invocations, out_dir, log=lambda m: click.echo(m, err=True))
     records, reasons = collect(out_dir, status)
     try:

@@ -78,7 +78,8 @@ def load_results(paths) -> tuple[list[Record], dict[str, str]]:
     reasons: dict[str, str] = {}
     for p in map(Path, paths):
         if p.is_dir():
-            for f in sorted(p.iterdir()):
+            # Hidden files are not results: our listing of the folder (runtime/owned.py), temp files.
+            for f in sorted(q for q in p.iterdir() if not q.name.startswith(".")):
                 if f.is_file() and f.suffix.lower() in RECORD_SUFFIXES:
                     records += _read_records(f)
                 elif f.is_file() and f.suffix == ".err":

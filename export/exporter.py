@@ -212,18 +212,18 @@ def _os_error(e: OSError, out: Path) -> str:
     return f"{where}: {cause}; nothing written to {out}"
 
 
-def _datastore(folder, model, tokenizer_json: str) -> tuple[dict, Path, Path]:
-    """A datastore folder checked to fit this model: (meta, keys path, values path)."""
+def _datastore(folder, model, tokenizer_json: str) -> tuple[Retrieval, Path, Path]:
+    """A datastore folder checked to fit this model, arrays as the runtime checks them: (spec, keys, values)."""
     from itera_lite.retrieval import DatastoreError, check_fits, read_datastore
 
     if model.config.family != "itera":
         raise ExportError(f"--retrieval is for Itera-Lite bundles, not {model.config.family}")
     try:
-        meta, keys, values = read_datastore(folder)
-        check_fits(meta, model, tokenizer_json, str(folder))
+        spec, keys, values = read_datastore(folder, model.config.vocab_size)
+        check_fits(spec, model, tokenizer_json, str(folder))
     except DatastoreError as e:
         raise ExportError(str(e)) from None
-    return meta, keys, values
+    return spec, keys, values
 
 
 def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, graph_set: str,
@@ -309,13 +309,11 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
     prov = provenance()
     retrieval = None
     if datastore is not None:
-        meta, keys, values = datastore
+        spec, keys, values = datastore
         (tmp / DATASTORE_DIR).mkdir(exist_ok=True)
         shutil.copyfile(keys, tmp / KEYS_FILE)
         shutil.copyfile(values, tmp / VALUES_FILE)
-        retrieval = Retrieval(KEYS_FILE, VALUES_FILE, meta["n_entries"], meta["dim"], meta["key_dtype"],
-                              meta["metric"], meta["k"], meta["lambda"], meta["temperature"],
-                              meta["tokenizer_sha256"], meta["model_sha256"], meta.get("source", {}))
+        retrieval = dataclasses.replace(spec, keys=KEYS_FILE, values=VALUES_FILE)
     # Re-read from the files: quantization and weight sharing rewrote them.
     specs = {s: {name: graph_spec(tmp / g.file) for name, g in graphs.items()} for s, graphs in sets.items()}
     main, *alts = specs

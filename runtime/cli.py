@@ -196,6 +196,8 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
             retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
         generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
                               retrieval=mix if retrieval else None)
+        for note in generator.retriever.notes if generator.retriever is not None else ():
+            click.echo(f"note: {note}", err=True)
         state = _read_state(generator, state_file)
         if prompt is None:
             interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json, state, state_file)
