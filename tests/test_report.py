@@ -278,7 +278,8 @@ def test_all_runs_every_registered_measurement_with_its_small_options():
     assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy", "serve"]
     runs = {inv.name: inv for inv in suite(["a", "b.gguf"], [1, 2], 3, [128, 2048], baseline="a", skip=("profile",))}
     assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy", "serve"]
-    assert runs["latency"].bundles == ("a", "b.gguf") and runs["step"].bundles == ("a",)  # .gguf: latency only
+    assert runs["latency"].bundles == runs["step"].bundles == runs["quality"].bundles == ("a", "b.gguf")
+    assert runs["memory"].bundles == runs["flops"].bundles == ("a",)  # .gguf: latency, step and quality only
     assert runs["latency"].argv() == ["latency", "a", "b.gguf", "--threads", "1,2", "--repetitions", "3",
                                       "--output", "jsonl", "--baseline", "a", "--n-gen", "32",
                                       "--n-depth", "0,128,2048", "--n-prompt-gen", "512,32"]  # -p 512: its default
