@@ -172,19 +172,18 @@ def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: 
         ssd_step, (r(2, H, P), r(2, H).abs(), -r(H).abs(), r(2, G, N), r(2, G, N), r(2, H, N, P)),
         (bt, bt, None, bt, bt, bt), opset,
     )
-    # top_k = 2 at trace time only; the function reads its `top_k` attribute.
-    moe = _export_kernel(
-        _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
-        ({0: T}, {0: T}, None, None, None), opset,
-    )
-    moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
-    _top_k_from_attribute(moe_fn)
-    return (
-        _graph_to_function(conv, CausalConv1d.op_schema),
-        _graph_to_function(scan, SelectiveScan.op_schema),
-        _graph_to_function(step, SsmStep.op_schema),
-        moe_fn,
-    )
+    fns = [_graph_to_function(conv, CausalConv1d.op_schema), _graph_to_function(scan, SelectiveScan.op_schema),
+           _graph_to_function(step, SsmStep.op_schema)]
+    if E:  # no MoE function for a model without experts (an imported plain Mamba-2)
+        # top_k = 2 at trace time only; the function reads its `top_k` attribute.
+        moe = _export_kernel(
+            _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
+            ({0: T}, {0: T}, None, None, None), opset,
+        )
+        moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
+        _top_k_from_attribute(moe_fn)
+        fns.append(moe_fn)
+    return tuple(fns)
 
 
 def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:

@@ -24,7 +24,7 @@ def count_params(model: nn.Module) -> dict[str, int]:
     cfg = model.config
     embedding = cfg.vocab_size * cfg.d_model
     inactive = 0
-    if cfg.family == "itera":
+    if cfg.family == "itera" and cfg.n_experts:
         for blk in model.blocks:
             experts = sum(p.numel() for p in (blk.moe.w_gate, blk.moe.w_up, blk.moe.w_down))
             inactive += experts * (cfg.n_experts - cfg.top_k) // cfg.n_experts

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 @dataclass
 class IteraConfig:
-    """Itera-Lite: N blocks of [RMSNorm → Mamba-2 mixer, RMSNorm → top-k SwiGLU MoE]."""
+    """Itera-Lite: N blocks of [RMSNorm → Mamba-2 mixer, RMSNorm → top-k SwiGLU MoE (when n_experts > 0)]."""
 
     family: str = "itera"
     vocab_size: int = 2048
@@ -23,11 +23,13 @@ class IteraConfig:
     chunk_size: int = 64
     dt_min: float = 0.001
     dt_max: float = 0.1
-    # Mixture of experts
+    proj_bias: bool = False  # in_proj / out_proj biases (Hugging Face Mamba-2 `use_bias`)
+    # Mixture of experts (n_experts 0: no MLP sublayer, as in Hugging Face's Mamba2ForCausalLM)
     n_experts: int = 8
     top_k: int = 2
     d_expert: int = 64
     norm_eps: float = 1e-5
+    tie_embeddings: bool = True  # False: a separate lm_head (imported checkpoints)
 
 
 @dataclass
