@@ -160,6 +160,87 @@ def _mamba2_cache_state(cache) -> list:
             for i in range(len(cache.conv_states))]
 
 
+# ------------------------------------------------------------------------- Granite-4.0-H
+
+
+def granite_config(hf: dict, folder: Path):
+    """GraniteMoeHybridConfig (as config.json holds it) → HybridConfig, or a one-line refusal."""
+    from itera_lite.models import HybridConfig
+
+    bad = []
+    n_layers, d_model = hf["num_hidden_layers"], hf["hidden_size"]
+    types = hf.get("layer_types") or ["mamba"] * n_layers
+    if len(types) != n_layers or set(types) - {"mamba", "attention"}:
+        bad.append(f"layer_types {types}")
+    expand = hf.get("mamba_expand", 2)
+    inner = int(expand * d_model)
+    if inner != expand * d_model or inner % d_model:
+        bad.append(f"mamba_expand {expand} (a whole number is mapped)")
+    heads, head_dim = hf.get("mamba_n_heads", 128), hf.get("mamba_d_head", "auto")
+    head_dim = inner // heads if head_dim == "auto" else head_dim
+    if heads * head_dim != inner:
+        bad.append(f"mamba_n_heads {heads} x mamba_d_head {head_dim} != mamba_expand x hidden_size {inner}")
+    groups = hf.get("mamba_n_groups", 1)
+    if heads % groups:
+        bad.append(f"mamba_n_groups {groups} does not divide mamba_n_heads {heads}")
+    if hf.get("hidden_act", "silu") != "silu":
+        bad.append(f"hidden_act {hf['hidden_act']!r} (silu is mapped)")
+    pos = hf.get("position_embedding_type")
+    if pos not in (None, "nope", "rope"):
+        bad.append(f"position_embedding_type {pos!r} (rope and nope are mapped)")
+    if pos == "rope" and hf.get("rope_scaling"):
+        bad.append(f"rope_scaling {hf['rope_scaling']} (plain RoPE is mapped)")
+    q_heads, kv_heads = hf.get("num_attention_heads", 32), hf.get("num_key_value_heads") or hf.get("num_attention_heads", 32)
+    if "attention" in types and (d_model % q_heads or q_heads % kv_heads):
+        bad.append(f"num_attention_heads {q_heads} / num_key_value_heads {kv_heads} do not divide hidden_size "
+                   f"{d_model} into heads")
+    _refuse(folder, bad)
+    return HybridConfig(
+        vocab_size=hf["vocab_size"], d_model=d_model, n_layers=n_layers, layer_types=list(types),
+        expand=inner // d_model, head_dim=head_dim, d_state=hf.get("mamba_d_state", 256), n_groups=groups,
+        d_conv=hf.get("mamba_d_conv", 4), chunk_size=hf.get("mamba_chunk_size", 256),
+        proj_bias=bool(hf.get("mamba_proj_bias", False)),
+        n_heads=q_heads, n_kv_heads=kv_heads, attention_bias=bool(hf.get("attention_bias", False)),
+        rope_theta=float(hf.get("rope_theta", 10000.0)) if pos == "rope" else 0.0,
+        max_seq_len=hf.get("max_position_embeddings", 2048),
+        n_experts=hf.get("num_local_experts", 8), top_k=hf.get("num_experts_per_tok", 2),
+        d_expert=hf.get("intermediate_size", 1024), d_shared=hf.get("shared_intermediate_size", 1024),
+        embedding_multiplier=float(hf.get("embedding_multiplier", 1.0)),
+        residual_multiplier=float(hf.get("residual_multiplier", 1.0)),
+        attention_multiplier=float(hf.get("attention_multiplier", 1.0)),
+        logits_scaling=float(hf.get("logits_scaling", 1.0)), norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+    )
+
+
+def granite_weights(sd: dict, cfg, hf: dict) -> dict:
+    """GraniteMoeHybridForCausalLM's state dict → HybridLM's (fused gate|up halves split)."""
+    out = {"embed.weight": sd["model.embed_tokens.weight"], "norm_f.weight": sd["model.norm.weight"]}
+    for i, kind in enumerate(cfg.layer_types):
+        src, dst = f"model.layers.{i}", f"blocks.{i}"
+        out[f"{dst}.norm1.weight"] = sd[f"{src}.input_layernorm.weight"]
+        out[f"{dst}.norm2.weight"] = sd[f"{src}.post_attention_layernorm.weight"]
+        if kind == "mamba":
+            out.update(_mixer_weights(sd, f"{src}.mamba", f"{dst}.mixer", bool(hf.get("mamba_conv_bias", True))))
+        else:
+            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                for t in ("weight", "bias"):
+                    if f"{src}.self_attn.{p}.{t}" in sd:
+                        out[f"{dst}.mixer.{p}.{t}"] = sd[f"{src}.self_attn.{p}.{t}"]
+        gate, up = sd[f"{src}.shared_mlp.input_linear.weight"].chunk(2, dim=0)
+        out.update({f"{dst}.mlp.gate.weight": gate, f"{dst}.mlp.up.weight": up,
+                    f"{dst}.mlp.down.weight": sd[f"{src}.shared_mlp.output_linear.weight"]})
+        if cfg.n_experts:
+            moe = f"{src}.block_sparse_moe"
+            gate, up = sd[f"{moe}.input_linear.weight"].chunk(2, dim=1)  # (E, 2F, D): gate rows, then up
+            out.update({f"{dst}.moe.router.weight": sd[f"{moe}.router.layer.weight"],
+                        f"{dst}.moe.w_gate": gate, f"{dst}.moe.w_up": up,
+                        f"{dst}.moe.w_down": sd[f"{moe}.output_linear.weight"]})
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = sd["lm_head.weight"]
+    return out
+
+
 # ------------------------------------------------------------------------- reference
 
 
@@ -180,8 +261,10 @@ class Reference:
         import torch
 
         with torch.no_grad():
-            out = self.hf(input_ids=tokens, use_cache=self._cache_state is not None)
-        state = self._cache_state(out.cache_params) if self._cache_state is not None else None
+            if self._cache_state is None:  # logits only (a hybrid's state is compared through its logits)
+                return SimpleNamespace(logits=self.hf(input_ids=tokens, use_cache=False).logits, state=None)
+            out = self.hf(input_ids=tokens, use_cache=True)
+        state = self._cache_state(out.cache_params)
         return SimpleNamespace(logits=out.logits, state=state)
 
 
@@ -243,7 +326,7 @@ def tokenizer_parts(folder: Path, hf: dict) -> tuple[str, dict]:
 
 # ------------------------------------------------------------------------- loading
 
-ARCHITECTURES = ("Mamba2ForCausalLM",)
+ARCHITECTURES = ("Mamba2ForCausalLM", "GraniteMoeHybridForCausalLM")
 
 
 def load_source(source: str | os.PathLike, log=lambda msg: None) -> HFSource:
@@ -255,7 +338,7 @@ def load_source(source: str | os.PathLike, log=lambda msg: None) -> HFSource:
     if arch not in ARCHITECTURES:
         raise HFImportError(f"{folder}: architecture {archs or hf.get('model_type')!r} is not one we import "
                             f"(we map {', '.join(ARCHITECTURES)})")
-    cfg = mamba2_config(hf, folder)
+    cfg = mamba2_config(hf, folder) if arch == "Mamba2ForCausalLM" else granite_config(hf, folder)
     tokenizer_json, extra = tokenizer_parts(folder, hf)
 
     import torch
@@ -263,7 +346,7 @@ def load_source(source: str | os.PathLike, log=lambda msg: None) -> HFSource:
     from transformers import AutoModelForCausalLM
 
     transformers.logging.set_verbosity_error()  # its advice (no CUDA kernels: the CPU forward runs) is not ours
-    from itera_lite.models import IteraLite
+    from itera_lite.models import build_model
     from itera_lite.models.config import config_to_dict
 
     log(f"loading {arch} from {folder}")
@@ -273,8 +356,13 @@ def load_source(source: str | os.PathLike, log=lambda msg: None) -> HFSource:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise HFImportError(f"{folder}: transformers cannot load it ({first[:200]})") from None
     sd = {k: v.detach().float() for k, v in hf_model.state_dict().items()}
-    model = IteraLite(cfg).eval()
-    model.load_state_dict(mamba2_weights(sd, cfg, hf), strict=True)
+    model = build_model(cfg).eval()
+    if arch == "Mamba2ForCausalLM":
+        model.load_state_dict(mamba2_weights(sd, cfg, hf), strict=True)
+        reference = Reference(hf_model, "itera", _mamba2_cache_state)
+    else:
+        model.load_state_dict(granite_weights(sd, cfg, hf), strict=True)
+        reference = Reference(hf_model, "hybrid", None)
     ckpt = {"model_config": config_to_dict(cfg), "tokenizer_json": tokenizer_json,
             "source": {"format": "transformers", "architecture": arch, "path": str(source)}}
-    return HFSource(folder, arch, model, Reference(hf_model, "itera", _mamba2_cache_state), ckpt, extra)
+    return HFSource(folder, arch, model, reference, ckpt, extra)
