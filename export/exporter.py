@@ -252,7 +252,7 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
     alt = None  # the portable set of a bundle with both
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
-        if family == "itera":
+        if family in ("itera", "hybrid"):  # a hybrid's graphs are traced the same way (export/itera.py)
             from .itera import export_itera_graphs
             from .lower import fused_ops_available
 
