@@ -62,17 +62,49 @@ def save_mamba2(folder: Path, *, n_groups: int = 1, tied: bool = False, conv_bia
     return folder
 
 
+def save_granite(folder: Path, *, moe: bool = True, rope: bool = True, tied: bool = False, seed: int = 0,
+                 **overrides) -> Path:
+    """A tiny random GraniteMoeHybridForCausalLM (attention at layers 1 and 3, GQA 4/2, Mamba n_groups 2,
+    multipliers away from 1) and its tokenizer, saved with save_pretrained."""
+    fast = _tokenizer()
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=len(fast), hidden_size=64, num_hidden_layers=4,
+              layer_types=["mamba", "attention", "mamba", "attention"], num_attention_heads=4, num_key_value_heads=2,
+              intermediate_size=32, shared_intermediate_size=48, num_local_experts=4 if moe else 0,
+              num_experts_per_tok=2, mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=16,
+              mamba_chunk_size=16, mamba_expand=2, max_position_embeddings=256,
+              position_embedding_type="rope" if rope else "nope", embedding_multiplier=2.0, residual_multiplier=0.5,
+              attention_multiplier=0.2, logits_scaling=0.5, tie_word_embeddings=tied, rms_norm_eps=1e-6,
+              bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=None)
+    model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(**{**kw, **overrides}))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "norm" in name:
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder, safe_serialization=not tied)
+    fast.save_pretrained(folder)
+    return folder
+
+
 MAMBA2 = {
     "groups1-tied-convbias": dict(n_groups=1, tied=True, conv_bias=True, proj_bias=False, eps=1e-5),
     "groups2-untied-projbias": dict(n_groups=2, tied=False, conv_bias=False, proj_bias=True, eps=1e-6),
 }
 
 
-@pytest.fixture(scope="module", params=sorted(MAMBA2))
-def mamba2(request, tmp_path_factory):
-    """(folder, fp32 bundle with both graph sets, the transformers model)."""
+GRANITE = {
+    "granite-moe-rope-untied": dict(moe=True, rope=True, tied=False),
+    "granite-dense-nope-tied": dict(moe=False, rope=False, tied=True),
+}
+MODELS = {**{k: (save_mamba2, v) for k, v in MAMBA2.items()}, **{k: (save_granite, v) for k, v in GRANITE.items()}}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def model_bundle(request, tmp_path_factory):
+    """(folder, fp32 bundle with both graph sets, the transformers model) of each model."""
     root = tmp_path_factory.mktemp(request.param)
-    folder = save_mamba2(root / "hf", **MAMBA2[request.param])
+    save, kwargs = MODELS[request.param]
+    folder = save(root / "hf", **kwargs)
     out, _ = export_checkpoint(folder, root / "bundle")
     hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     return folder, out, hf
@@ -84,8 +116,8 @@ def _ids(folder: Path, text: str = TEXT) -> list[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("graph_set", ["fused", "portable"])
-def test_mamba2_bundle_logits_equal_transformers_in_prefill_and_token_by_token_decode(mamba2, graph_set):
-    folder, out, hf = mamba2
+def test_bundle_logits_equal_transformers_in_prefill_and_token_by_token_decode(model_bundle, graph_set):
+    folder, out, hf = model_bundle
     ids = np.asarray(_ids(folder), dtype=np.int64)
     with torch.no_grad():
         ref = hf(torch.from_numpy(ids)[None]).logits[0].numpy()
@@ -103,8 +135,8 @@ def test_mamba2_bundle_logits_equal_transformers_in_prefill_and_token_by_token_d
 
 
 @pytest.mark.slow
-def test_mamba2_greedy_itera_run_text_equals_transformers_generate(mamba2):
-    folder, out, hf = mamba2
+def test_greedy_itera_run_text_equals_transformers_generate(model_bundle):
+    folder, out, hf = model_bundle
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     ids = tok("To be, or", return_tensors="pt")["input_ids"]
     assert ids[0, 0] == tok.bos_token_id  # the folder's tokenizer adds BOS; the bundle's must too
@@ -119,14 +151,35 @@ def test_mamba2_greedy_itera_run_text_equals_transformers_generate(mamba2):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("quantize", ["int8", "int4"])
-def test_quantized_mamba2_bundles_stay_within_half_a_percent_bits_per_byte(mamba2, quantize, tmp_path):
-    folder, _, _ = mamba2
+def test_quantized_bundles_stay_within_half_a_percent_bits_per_byte(model_bundle, quantize, tmp_path):
+    folder, _, _ = model_bundle
     _, manifest = export_checkpoint(folder, tmp_path / quantize, quantize=quantize)
     v = manifest.validation
     assert manifest.quantization.mode == quantize and manifest.quantization.nodes_quantized > 0
     assert manifest.quantization.bytes_after < 0.6 * manifest.quantization.bytes_before
     # bits/byte of the quantized bundle vs transformers' fp32 forward, on the built-in passage
     assert abs(v.bits_per_byte - v.bits_per_byte_torch) / v.bits_per_byte_torch < 0.005
+
+
+@pytest.mark.slow
+def test_a_hybrid_states_bytes_are_the_ssm_tensors_plus_the_filled_kv_rows_in_manifest_and_runtime(model_bundle):
+    folder, out, _ = model_bundle
+    bundle = load_bundle(out)
+    if bundle.state_kind != "hybrid":
+        pytest.skip("a Mamba-2 bundle carries an ssm state")
+    spec = bundle.manifest.state
+    kv = [t for t in spec.tensors if t.kind in ("key", "value")]
+    assert [t.kind for t in spec.tensors] == ["conv", "ssm", "key", "value"] * 2
+    assert {t.shape[2] for t in kv} == {256}  # max_position_embeddings: the buffers' capacity
+    fixed = spec.nbytes(1, 0)
+    per_row = sum(int(np.prod(t.shape[1:])) // 256 * 4 for t in kv)  # kv_heads * head_dim floats a row
+    session = ModelSession(bundle, threads=1)
+    ids = np.resize(np.asarray(_ids(folder), dtype=np.int64), 100)
+    for depth in (1, 40, 100):
+        state = session.prefill(ids[:depth], chunk=32)[1]
+        assert state.nbytes == spec.nbytes(1, depth) == fixed + per_row * depth
+    with pytest.raises(ValueError, match="exceed this model's KV buffers of 256"):
+        session.prefill(np.zeros(257, dtype=np.int64))
 
 
 def test_an_exported_folder_keeps_its_tokenizer_and_chat_fields_and_itera_run_matches_transformers(tmp_path):
@@ -173,6 +226,14 @@ def test_a_mamba2_config_we_do_not_map_is_refused_in_one_line_naming_it(tmp_path
     r = invoke(export_cli, folder, "-o", tmp_path / "bundle")
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and named in r.stderr
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_a_granite_config_we_do_not_map_is_refused_in_one_line_naming_it(tmp_path):
+    folder = save_granite(tmp_path / "hf", rope_scaling={"rope_type": "linear", "factor": 2.0})
+    r = invoke(export_cli, folder, "-o", tmp_path / "bundle")
+    assert r.returncode != 0
+    assert len(r.stderr.strip().splitlines()) == 1 and "rope_scaling" in r.stderr
     assert not (tmp_path / "bundle").exists()
 
 
