@@ -16,7 +16,9 @@ Conventions:
 - Stop strings are matched in the generated text only (never the prompt). Generation stops
   as soon as the text contains one; the text returned ends right before it. Text that could
   still become a stop string is held back until it cannot.
-- The models have no end-of-text token, so generation ends only by length or stop string.
+- Models we train have no end-of-text token, so generation ends by length or stop string; a
+  bundle imported from a checkpoint that has one (manifest `special_tokens.eos_token_id`) also
+  ends at it, as transformers' `generate` does (the token itself is not in the text).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from .textstream import TextStreamer
 
 __all__ = ["Generator", "Generation", "GenerationStats", "LoopTiming", "generate_tokens", "peak_rss_mb"]
 
-STOP_REASONS = ("max_new_tokens", "stop_string")
+STOP_REASONS = ("max_new_tokens", "stop_string", "eos_token")
 
 
 def peak_rss_mb() -> float | None:
@@ -254,6 +256,9 @@ class Generator:
                                     retriever=self.retriever)
         self.device, self.threads = device, threads
         self.last_stats: GenerationStats | None = None
+        special = self.bundle.manifest.extra.get("special_tokens")
+        eos = special.get("eos_token_id") if isinstance(special, dict) else None
+        self.eos_token_id: int | None = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
     @property
     def family(self) -> str:
@@ -380,6 +385,9 @@ class Generator:
                                          keep if keep_state else None, decoder):
                 if first is None:
                     first = time.perf_counter()
+                if token == self.eos_token_id:
+                    reason = "eos_token"
+                    break
                 out.append(token)
                 piece = push(token)
                 if stop:
@@ -398,7 +406,7 @@ class Generator:
             raise
         end = time.perf_counter()
 
-        if reason != "stop_string":
+        if reason != "stop_string":  # what was held back for a stop string that never came
             tail = held + streamer.flush()
             if stop:
                 cut = _first_stop(tail, stop)
