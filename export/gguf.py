@@ -154,6 +154,8 @@ def write_gguf(model, tokenizer_json: str, out: Path, quantize: str, source: str
     """Write the baseline `model` to `out` (atomically); returns what was written."""
     import gguf
 
+    if model.config.family not in ("itera", "baseline"):
+        raise GgufError(f"{model.config.family} checkpoints do not export to GGUF yet (itera and baseline do)")
     if model.config.family == "itera":
         from itera_lite.models.granite import check_expressible
 
@@ -226,6 +228,8 @@ def export_gguf(checkpoint, out=None, quantize: str = "none", force: bool = Fals
     out = Path(out) if out else default_output(checkpoint, quantize).with_suffix(".gguf")
     check_destination(out, force)
     model, ckpt = load_model(checkpoint)
+    if model.config.family not in ("itera", "baseline"):
+        raise GgufError(f"{model.config.family} checkpoints do not export to GGUF yet (itera and baseline do)")
     if model.config.family == "itera":
         from itera_lite.models.granite import check_expressible
 

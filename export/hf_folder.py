@@ -52,6 +52,9 @@ def hf_model(model, extra: dict):
     """The transformers model of `model` (either family), weights shared or copied in."""
     from itera_lite.models.granite import CONTEXT_LENGTH, hf_config, hf_state_dict
 
+    if model.config.family not in ("itera", "baseline"):
+        raise HfExportError(f"{model.config.family} checkpoints do not export to a transformers folder yet "
+                            "(itera and baseline do)")
     if model.config.family == "baseline":
         hf = model.llama
         setattr(hf.config, MARK, extra)
