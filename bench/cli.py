@@ -135,7 +135,7 @@ def _load(path: str, fn, graph_set: str | None = None):
 
     if is_gguf(path):
         if not getattr(fn, "accepts_gguf", False):
-            raise UsageError(f"{path}: a GGUF file is measured by `itera-bench latency` only")
+            raise UsageError(f"{path}: a GGUF file is measured by `itera-bench latency`, `step` and `quality` only")
         return GgufModel(path)
     bundle = load_bundle(path)
     return bundle.with_graph_set(graph_set) if graph_set in bundle.manifest.graph_sets() else bundle
@@ -201,7 +201,7 @@ def _targets(bundles, threads):
     return [Target(b, t) for b in bundles for t in threads]
 
 
-def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=()):
+def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=(), loop="decode"):
     """ONNX bundles and llama.cpp models in the order given, each at every thread count."""
     from . import latency, llamacpp
 
@@ -211,7 +211,7 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
             if isinstance(b, llamacpp.GgufModel):
                 if n_pg:
                     raise UsageError(f"{b.path}: -pg is measured for ONNX bundles only")
-                cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn)], n_prompt, n_gen, n_depth,
+                cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn, loop=loop)], n_prompt, n_gen, n_depth,
                                                prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
                 cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth, n_pg=n_pg)
@@ -234,14 +234,17 @@ def _span(depths: list[int]) -> list[int]:
                    "token (ms); repeatable")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="llama.cpp (.gguf) only: auto times both and keeps the faster")
+@click.option("--llamacpp-loop", "loop", type=click.Choice(["decode", "eval"]), default="decode", show_default=True,
+              help="llama.cpp (.gguf) decode loop timed: decode = llama_decode on a reused batch (llama-bench's), "
+                   "eval = llama-cpp-python's Llama.eval per token")
 @paced
 @accepts_gguf
-def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_pg, flash_attn, thermal):
+def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_pg, flash_attn, loop, thermal):
     """Prompt tokens/s (ppN), decode tokens/s (tgN) and requests (ppP+tgG, TTFT) of each BUNDLE (or .gguf)."""
     from .latency import ttft_records
     from .sweep import run_cases
 
-    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn, n_pg)
+    cases = _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn, n_pg, loop)
     records = run_cases(cases, repetitions, warmup, desc="latency", thermal=thermal)
     return records + ttft_records(cases, records)
 
@@ -252,12 +255,21 @@ def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_p
 @click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1), help="steps per repetition")
 @n_depth_option((128, 2048))
 @paced
+@accepts_gguf
 def step(bundles, threads, repetitions, warmup, n_steps, n_depth, thermal):
-    """The raw decode step of each BUNDLE (no sampling), µs per token."""
+    """The raw decode step of each BUNDLE or .gguf (no sampling), µs per token."""
+    from . import llamacpp
     from .latency import step_case
     from .sweep import run_cases
 
-    cases = [step_case(t, n_steps, d) for t in _targets(bundles, threads) for d in n_depth]
+    cases = []
+    for b in bundles:
+        for t in threads:
+            if isinstance(b, llamacpp.GgufModel):
+                target = llamacpp.GgufTarget(b, t)
+                cases += [llamacpp.step_case(target, n_steps, d) for d in n_depth]
+            else:
+                cases += [step_case(target, n_steps, d) for target in _targets([b], [t]) for d in n_depth]
     return run_cases(cases, repetitions, warmup, desc="step", thermal=thermal)
 
 
@@ -314,18 +326,30 @@ def memory(bundles, threads, repetitions, warmup, n_depth, n_gen, thermal):
               help="weight of the kNN distribution [default: the datastore's, tuned on val]")
 @click.option("--retrieval-temperature", default=None, type=click.FloatRange(0, min_open=True),
               help="softmax temperature over neighbour scores [default: the datastore's]")
+@accepts_gguf
 def quality(bundles, threads, repetitions, warmup, data, split, window, stride, carry_state, max_tokens, max_bytes,
             reference, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature):
-    """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime (deterministic: run once)."""
-    from .quality import quality_records
+    """Loss, perplexity and bits/byte of each BUNDLE through onnxruntime, or .gguf through llama.cpp (run once)."""
+    from . import llamacpp
+    from .quality import first_bytes, load_text, quality_records
 
+    ggufs = [b for b in bundles if isinstance(b, llamacpp.GgufModel)]
+    bundles = [b for b in bundles if not isinstance(b, llamacpp.GgufModel)]
     if reference is not None and all(os.path.normpath(reference) != os.path.normpath(str(b.path)) for b in bundles):
-        raise UsageError(f"--reference {reference} is not one of the bundles measured")
+        raise UsageError(f"--reference {reference} is not one of the ONNX bundles measured")
     if stride is not None and stride > window:
         raise UsageError(f"--stride {stride} is larger than --window {window}")
+    if ggufs and carry_state:
+        raise UsageError("--carry-state applies to ONNX bundles; a .gguf is scored with the window rule")
     mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature) if retrieval else None
-    return quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference, mix,
-                           max_bytes=max_bytes)
+    records = quality_records(bundles, threads[0], data, split, window, stride, carry_state, max_tokens, reference,
+                              mix, max_bytes=max_bytes) if bundles else []
+    if ggufs:
+        docs, split = load_text(data, split)
+        docs = first_bytes(docs, max_bytes) if max_bytes is not None else docs
+        records += llamacpp.quality_records(ggufs, threads[0], docs, data, split, window, stride or max(1, window // 2),
+                                            max_tokens, max_bytes)
+    return records
 
 
 @measurement(lambda depths: dict(n_depth=_span(depths)))
@@ -442,6 +466,9 @@ def compare(old, new, output):
 @main.command()
 @click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=str))
 @click.option("--baseline", required=True, type=click.Path(path_type=str), help="the Transformer baseline bundle")
+@click.option("--also", "others", multiple=True, type=click.Path(path_type=str),
+              help="another Transformer model (bundle at another precision, or .gguf) for the same-engine and "
+                   "same-precision speed rows; repeatable")
 @click.option("--results", multiple=True, type=click.Path(path_type=str),
               help="record files or results folders with energy / quality (and latency) rows; repeatable")
 @threads_option()
@@ -451,10 +478,11 @@ def compare(old, new, output):
               help="measure speed here; --no-measure takes it from --results only")
 @click.option("--no-warmup", is_flag=True)
 @click.option("-o", "--output", type=click.Choice(["md", "json"]), default="md", show_default=True)
-def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_warmup, output):
-    """The four claims (size, speed, energy, quality) of each Itera BUNDLE against --baseline.
+def claims(bundles, baseline, others, results, threads, repetitions, n_gen, measure, no_warmup, output):
+    """The four claims (size, speed, energy, quality) of each Itera BUNDLE (or .gguf) against --baseline.
 
     Speed is measured at each thread count; a claim is judged at the fewest (the edge-device case).
+    With --also models, speed also against the Transformer in the same engine and at the same precision.
     """
     import json
 
@@ -464,7 +492,8 @@ def claims(bundles, baseline, results, threads, repetitions, n_gen, measure, no_
 
     for t in threads:
         check_threads(t)
-    tables = measure_claims(list(bundles), baseline, results, threads, repetitions, n_gen, measure, not no_warmup)
+    tables = measure_claims(list(bundles), baseline, results, threads, repetitions, n_gen, measure, not no_warmup,
+                            others=list(others))
     click.echo(json.dumps(claims_to_json(tables), indent=2) if output == "json" else claims_markdown(tables))
 
 
@@ -490,8 +519,8 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, 
 
     from .curves import load_runs
     from .llamacpp import is_gguf
-    from .report import render
-    from .suite import collect, quantization_reference, run_all
+    from .report import check_report_folder, render
+    from .suite import check_results_folder, collect, quantization_reference, run_all
 
     load_runs(runs)  # a bad run folder is refused before minutes of measuring
     loaded = [load_bundle(b) for b in bundles if not is_gguf(b)]
@@ -506,6 +535,8 @@ def all_(bundles, out_dir, threads, repetitions, n_depth, baseline, runs, skip, 
     if reference is not None and "quality" in MEASUREMENTS:
         options["quality"] = {**MEASUREMENTS["quality"].small(depths), "reference": str(reference.path)}
     invocations = suite(list(bundles), threads, repetitions, depths, baseline, skip, options, shared)
+    check_results_folder(out_dir, invocations)  # a user's files are refused before minutes of measuring
+    check_report_folder(Path(out_dir) / "report")
     status = run_all(invocations, out_dir, log=lambda m: click.echo(m, err=True))
     records, reasons = collect(out_dir, status)
     try:

@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import click
+
 from .plot import PALETTE, figure, pyplot, save
 from itera_runtime.errors import UserError
 
@@ -37,6 +39,7 @@ class Run:
     train: list[dict] = field(default_factory=list)
     eval: list[dict] = field(default_factory=list)
     summary: dict | None = None
+    note: str | None = None  # what was left out on reading it (a cut last line)
 
     @property
     def expert_load(self) -> list[tuple[int, list[list[float]]]]:
@@ -64,10 +67,11 @@ def load_run(path: str | Path) -> Run:
     metrics, train_csv = path / "metrics.jsonl", path / "train.csv"
     try:
         if metrics.exists():
-            rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+            rows, note = _metrics_rows(metrics)
             train = [r for r in rows if r.get("kind") == "train"]
             evals = [r for r in rows if r.get("kind") == "eval"]
         elif train_csv.exists():
+            note = None
             train = _csv_rows(train_csv)
             evals = _csv_rows(path / "eval.csv") if (path / "eval.csv").exists() else []
         else:
@@ -78,7 +82,26 @@ def load_run(path: str | Path) -> Run:
     if not train and not evals:
         raise RunError(f"{path}: the training run logged no rows yet")
     label = f"{summary['model']}-{summary['preset']}" if summary and "model" in summary else path.name
-    return Run(path, label, train, evals, summary)
+    if note:
+        click.echo(f"warning: {path}: {note}", err=True)
+    return Run(path, label, train, evals, summary, note)
+
+
+def _metrics_rows(path: Path) -> tuple[list[dict], str | None]:
+    """The rows of metrics.jsonl, and a note when its last line was cut (a run killed mid-write
+    leaves one): the complete lines are read, a broken line anywhere else is refused."""
+    text = path.read_text()
+    lines = [line for line in text.split("\n") if line.strip()]
+    cut = None
+    if lines and not text.endswith("\n"):
+        try:
+            json.loads(lines[-1])
+        except json.JSONDecodeError:
+            cut = lines.pop()
+    rows = [json.loads(line) for line in lines]
+    note = (f"metrics.jsonl's last line is cut ({len(cut)} characters and no line end: the run was killed while "
+            f"writing it); read its {len(rows)} complete line(s)") if cut is not None else None
+    return rows, note
 
 
 def load_runs(paths) -> list[Run]:
@@ -228,6 +251,7 @@ def runs_section(runs: list[Run], out_dir: Path) -> str:
     """Markdown for the training runs, with the curves drawn into out_dir (PNG)."""
     out_dir = Path(out_dir)
     parts = ["## Training runs", "", _summary_table(runs), ""]
+    parts += [f"Note: `{run.path}`: {run.note}." for run in runs if run.note] + [""] * any(run.note for run in runs)
     plots = [
         ("Loss", _plot_vs_x(runs, [("train", "loss", "-"), ("eval", "val_loss", "--")], "loss (nats/token)",
                             "Train (solid) and validation (dashed) loss", out_dir / "runs_loss.png")),

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from itera_runtime.bundle import Bundle
+from itera_runtime.bundle import Bundle, ContextError
 from itera_runtime.generate import LoopTiming, generate_tokens
 from itera_runtime.sampling import Sampler, SamplingConfig
 from itera_runtime.session import ModelSession, State
@@ -73,9 +73,20 @@ class Target:
                       **bundle_fields(self.bundle, self.session.graph_set), **how)
 
 
+# Deepest context a case may reach. The SSM has no context limit, so without this `-d 99999999`
+# would prefill a hundred million tokens before its first repetition (hours, unannounced); the
+# Transformer stops at its own max_seq_len well before.
+MAX_BENCH_CONTEXT = 131_072
+
+
 def check_depth(bundle: Bundle, n_depth: int, n_tokens: int) -> None:
-    """Refuse a context longer than the model was built for (the KV cache would still grow)."""
+    """Refuse a context longer than the model was built for (the KV cache would still grow), or
+    than MAX_BENCH_CONTEXT for a model without a limit."""
     bundle.check_context(n_depth + n_tokens, f"depth {n_depth} + {n_tokens} tokens")
+    if n_depth + n_tokens > MAX_BENCH_CONTEXT:
+        raise ContextError(f"{bundle.path}: depth {n_depth:,} + {n_tokens:,} tokens exceeds itera-bench's "
+                           f"{MAX_BENCH_CONTEXT:,}-token limit for a model without a context limit (each case "
+                           "prefills its whole depth before it is timed); give a smaller -d")
 
 
 def _name(kind: str, n: int, depth: int) -> str:

@@ -1,25 +1,36 @@
-"""llama.cpp as a comparison engine: the Transformer baseline at its best, timed like our bundles.
+"""llama.cpp as a comparison engine: both families as GGUF files, timed like our bundles.
 
-`itera-bench latency BUNDLE... MODEL.gguf` measures a GGUF (written by `itera-export
---format gguf`) through llama-cpp-python (extra `llamacpp`) with the same tests, depths,
-threads, sweep and record as a bundle, so a row of llama.cpp sits beside a row of ONNX:
+`itera-bench latency/step/quality ... MODEL.gguf` measures a GGUF (written by `itera-export
+--format gguf`: the baseline as llama.cpp's `llama`, Itera-Lite as its `granitehybrid`) through
+llama-cpp-python (extra `llamacpp`) with the same tests, depths, threads, sweep and record as a
+bundle, so a row of llama.cpp sits beside a row of ONNX, and an Itera GGUF beside a Transformer
+GGUF in the same engine:
 
-- `pp{n}@d{d}`: `Llama.eval` of n prompt tokens after d tokens of context; tokens/s over that
-  call; time to first token adds the greedy pick of the first token.
-- `tg{n}@d{d}`: n decode steps after d tokens of context, each `Llama.eval([token])` plus a
-  greedy pick (argmax of the last logits) — the same work as our generate loop's step plus
-  greedy sampling. llama-cpp-python's Python wrapper (a few µs per call) is inside it, as
-  our Python loop is inside ours; llama-bench, which has neither, is a little faster still.
+- `pp{n}@d{d}`: `Llama.eval` of n prompt tokens after d tokens of context (one batched decode per
+  n_batch tokens); tokens/s over that call; time to first token adds the greedy pick.
+- `tg{n}@d{d}`: n decode steps after d tokens of context. Timed loop `decode` (default): llama.cpp's
+  own `llama_decode` on one reused one-token batch, as llama-bench's tg test does, plus the
+  greedy pick (argmax of the last logits read in place) that our generate loop also pays. Loop
+  `eval`: llama-cpp-python's high-level `Llama.eval([token])` per token (its Python bookkeeping
+  inside; 13-26% slower on the tiny models). Each row says which loop was timed (`extra.loop`).
+- `step@d{d}` (`itera-bench step`): the decode loop without the greedy pick, µs per token.
+- quality: bits/byte with llama.cpp's logits and llama.cpp's tokenizer (token bytes from
+  `llama_token_to_piece`), the same window rule as the bundles (bench/quality.py).
 
-The context is the same real text as the bundles' (bench/latency.py). The depth's KV cache is
-built once per case; each repetition rewinds to it (`n_tokens`), which is how llama-cpp-python
-reuses a prefix. Flash attention: llama.cpp turns it on by default on CPU, and it halves decode
-speed for 32-wide heads (measured, ../shared/notes); `--flash-attn auto` times both at the
-first depth during set-up and keeps the faster, recorded in each row's extra.
+Depth. A KV cache is built once per case and each repetition rewinds it (`n_tokens` plus
+removing the cells past it). A recurrent model's state cannot be rewound (llama.cpp's recurrent
+memory keeps only the latest state), so the state after the depth's prefill is saved once
+(`llama_state_get_data`) and restored before each repetition.
+
+Flash attention: llama.cpp turns it on by default on CPU, and it halves decode speed for
+32-wide heads (measured, ../shared/notes); `--flash-attn auto` times both at the first depth
+during set-up and keeps the faster, recorded in each row's extra.
 """
 
 from __future__ import annotations
 
+import ctypes
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -30,6 +41,8 @@ from .record import Record
 from .sweep import Case, Sample
 from itera_runtime.errors import UserError
 
+LOOPS = {"decode": "llama_decode on a reused 1-token batch (llama-bench's loop) + greedy argmax in place",
+         "eval": "llama-cpp-python Llama.eval([token]) per token + greedy argmax in place"}
 GGUF_QUANT = {"ALL_F32": "none", "MOSTLY_F16": "fp16", "MOSTLY_Q8_0": "int8", "MOSTLY_Q4_0": "int4"}
 
 
@@ -76,19 +89,23 @@ class GgufModel:
         self.n_params = int(sum(int(np.prod([int(d) for d in t.shape])) for t in reader.tensors))
         self.size_bytes = self.path.stat().st_size
         self.vocab = field("tokenizer.ggml.tokens")
+        self._family = field("itera.family")  # written by itera-export; absent in others' files
 
     @property
     def family(self) -> str:
-        return "baseline" if self.arch == "llama" else self.arch
+        return self._family or ("baseline" if self.arch == "llama" else self.arch)
 
 
 class GgufTarget:
     """A GGUF loaded in llama.cpp at one thread count."""
 
-    def __init__(self, model: GgufModel, threads: int | None, flash_attn: str = "auto", n_ctx: int | None = None):
+    def __init__(self, model: GgufModel, threads: int | None, flash_attn: str = "auto", n_ctx: int | None = None,
+                 loop: str = "decode", logits_all: bool = False):
         from .latency import CONTEXT_TEXT
 
-        self.model = model
+        if loop not in LOOPS:
+            raise LlamaCppError(f"unknown llama.cpp decode loop {loop!r}; choose from {', '.join(LOOPS)}")
+        self.model, self.loop, self.logits_all = model, loop, logits_all
         self.threads = threads or 1
         self.n_ctx = n_ctx or model.context_length or 4096
         self._llama_cpp = _llama_cpp()
@@ -96,6 +113,11 @@ class GgufTarget:
         self.flash_attn: bool = flash_attn == "on"  # "auto": the faster of the two, after _pick_flash_attn
         self.llm = self._load(flash_attn == "on")
         self.n_vocab = self.llm.n_vocab()
+        lc = self._llama_cpp
+        self.recurrent = bool(lc.llama_model_is_recurrent(self.llm.model) or lc.llama_model_is_hybrid(self.llm.model))
+        self._saved: dict[int, tuple[ctypes.Array, int]] = {}  # depth → llama.cpp state after its prefill
+        self._token = (lc.llama_token * 1)()  # the reused one-token batch of the decode loop
+        self._batch = lc.llama_batch_get_one(self._token, 1)
         self._text_ids = np.asarray(self.llm.tokenize(CONTEXT_TEXT.encode(), add_bos=False, special=False),
                                     dtype=np.int64)
         if flash_attn == "auto":
@@ -105,7 +127,7 @@ class GgufTarget:
         try:
             return self._llama_cpp.Llama(model_path=str(self.model.path), n_ctx=self.n_ctx, n_batch=512,
                                          n_threads=self.threads, n_threads_batch=self.threads,
-                                         flash_attn=flash_attn, verbose=False)
+                                         flash_attn=flash_attn, logits_all=self.logits_all, verbose=False)
         except (ValueError, RuntimeError) as e:
             raise LlamaCppError(f"{self.model.path}: llama.cpp could not load it ({e})") from None
 
@@ -128,16 +150,44 @@ class GgufTarget:
     def context(self, n: int) -> np.ndarray:
         return np.resize(self._text_ids, n)
 
+    def clear(self) -> None:
+        """Empty memory (KV cache and recurrent state alike), nothing evaluated."""
+        self.llm.reset()
+        self._llama_cpp.llama_memory_clear(self._llama_cpp.llama_get_memory(self.llm.ctx), True)
+
     def at_depth(self, n: int) -> None:
-        """The KV cache holds exactly the first n context tokens (built once, then rewound)."""
-        llm = self.llm
+        """The memory holds exactly the first n context tokens: a KV cache rewound to them, a
+        recurrent state restored from the copy saved after their prefill."""
+        llm, lc = self.llm, self._llama_cpp
+        if self.recurrent:
+            if n not in self._saved:
+                self.clear()
+                if n:
+                    llm.eval(self.context(n).tolist())
+                size = lc.llama_state_get_size(llm.ctx)
+                buf = (ctypes.c_uint8 * size)()
+                self._saved[n] = (buf, lc.llama_state_get_data(llm.ctx, buf, size))
+            buf, size = self._saved[n]
+            if lc.llama_state_set_data(llm.ctx, buf, size) != size:
+                raise LlamaCppError(f"{self.model.path}: llama.cpp could not restore its state at depth {n}")
+            llm.n_tokens = n
+            llm.input_ids[:n] = self.context(n)
+            return
         have = llm.n_tokens
         if have >= n and list(llm.input_ids[:n]) == self.context(n).tolist():
-            llm.n_tokens = n  # the next eval drops the cache past n
+            llm.n_tokens = n
+            # drop the cells past n now: the decode loop calls llama_decode directly, past Llama.eval
+            lc.llama_memory_seq_rm(lc.llama_get_memory(llm.ctx), 0, n, -1)
             return
-        llm.reset()
+        self.clear()
         if n:
             llm.eval(self.context(n).tolist())
+
+    def decode_one(self, token: int) -> None:
+        """One token through llama.cpp's own decode on the reused batch (llama-bench's loop)."""
+        self._token[0] = token
+        if self._llama_cpp.llama_decode(self.llm.ctx, self._batch) != 0:
+            raise LlamaCppError(f"{self.model.path}: llama_decode failed (context full?)")
 
     def template(self, test: str, **how) -> Record:
         m = self.model
@@ -145,7 +195,9 @@ class GgufTarget:
                       bundle=str(m.path), model_filename=os.path.basename(m.path), family=m.family,
                       quantization=m.quantization, engine="llama.cpp", model_size=m.size_bytes,
                       model_n_params=m.n_params, model_n_params_active=m.n_params,
-                      extra={"flash_attn": self.flash_attn, "llama_cpp_python": self._llama_cpp.__version__}, **how)
+                      extra={"flash_attn": self.flash_attn, "llama_cpp_python": self._llama_cpp.__version__,
+                             "loop": LOOPS[self.loop], "depth": "state restored" if self.recurrent else "KV rewound",
+                             "arch": m.arch}, **how)
 
     def _greedy(self) -> int:
         """Argmax of the last evaluated token's logits, read in place from llama.cpp (no copy):
@@ -187,13 +239,95 @@ def gen_case(target: GgufTarget, n_gen: int, n_depth: int) -> Case:
     def run() -> Sample:
         target.at_depth(start)
         token = int(target.context(start + 1)[start])  # the next context token: what is fed does not change the cost
-        eval_, greedy = target.llm.eval, target._greedy
+        step = target.decode_one if target.loop == "decode" else (lambda t: target.llm.eval([t]))
+        greedy = target._greedy
         t = time.perf_counter_ns()
         for _ in range(n_gen):
-            eval_([token])
+            step(token)
             token = greedy()
         ns = time.perf_counter_ns() - t
         return Sample(n_gen / (ns / 1e9), ns)
 
     return Case(target.template(_name("tg", n_gen, n_depth), n_gen=n_gen, n_depth=n_depth), run)
 
+
+def step_case(target: GgufTarget, n_steps: int, n_depth: int) -> Case:
+    """llama.cpp's raw decode step (no sampling: a synchronize instead of the greedy pick), µs per token."""
+    _check(target, n_depth, n_steps + 1)
+    start = max(n_depth, 1)
+    sync = target._llama_cpp.llama_synchronize
+
+    def run() -> Sample:
+        target.at_depth(start)
+        tokens = target.context(start + n_steps)[start:].tolist()
+        ctx = target.llm.ctx
+        t, cpu = time.perf_counter_ns(), time.process_time_ns()
+        for token in tokens:
+            target.decode_one(token)
+            sync(ctx)
+        ns, cpu = time.perf_counter_ns() - t, time.process_time_ns() - cpu
+        return Sample(ns / 1e3 / n_steps, ns, {"cpu_us_per_step": cpu / 1e3 / n_steps})
+
+    rec = target.template(f"step@d{n_depth}", n_gen=n_steps, n_depth=n_depth)
+    rec = dataclasses.replace(rec, kind="step", metric="us_per_step", unit="µs", higher_is_better=False)
+    rec.extra["loop"] = "llama_decode on a reused 1-token batch + llama_synchronize (llama-bench's loop)"
+    return Case(rec, run)
+
+
+class _Session:
+    """The one method of ModelSession the quality window rule calls, on llama.cpp's logits."""
+
+    def __init__(self, target: GgufTarget):
+        self.target = target
+
+    def forward_chunks(self, ids, state, chunk):
+        t = self.target
+        t.clear()
+        t.llm.eval([int(i) for i in ids])
+        yield np.asarray(t.llm.scores[: len(ids)], dtype=np.float32), None
+
+
+def _token_bytes(llm, n_vocab: int) -> np.ndarray:
+    """Bytes of every token as llama.cpp's detokenizer writes them (bits/byte's denominator)."""
+    return np.array([len(llm.detokenize([i])) for i in range(n_vocab)], dtype=np.int64)
+
+
+def quality_records(models: list[GgufModel], threads: int | None, docs, data: str, split: str, window: int,
+                    stride: int, max_tokens: int | None, max_bytes: int | None) -> list[Record]:
+    """bits_per_byte, loss and perplexity of each GGUF through llama.cpp (logits and tokenizer)."""
+    from itera_lite.data.prepared import _chunks
+
+    from .quality import METRICS, Score, window_blocks
+    from .sweep import stamp
+    from itera_runtime.scoring import nll_nats
+
+    records = []
+    for m in models:
+        target = GgufTarget(m, threads, "off", n_ctx=max(window + 8, 64), logits_all=True)
+        llm = target.llm
+        ids = np.concatenate([np.asarray(llm.tokenize(p.encode(), add_bos=False, special=False), dtype=np.int64)
+                              for p in _chunks(docs)])
+        ids = ids[:max_tokens] if max_tokens is not None else ids
+        if len(ids) < 2:
+            raise LlamaCppError("the text has fewer than 2 tokens: nothing to predict")
+        byte_len = _token_bytes(llm, target.n_vocab)
+        start = time.perf_counter_ns()
+        nats, n_tok, n_bytes = 0.0, 0, 0
+        for rows, targets in window_blocks(_Session(target), ids, window, stride):  # type: ignore[arg-type]
+            nats += nll_nats(rows, targets)
+            n_tok += len(targets)
+            n_bytes += int(byte_len[targets].sum())
+        score, ns = Score(nats, n_tok, n_bytes), time.perf_counter_ns() - start
+        extra = {"data": data, "split": split, "max_bytes": max_bytes, "context": f"window {window}, stride {stride}",
+                 "window": window, "stride": stride, "n_tokens": n_tok, "n_bytes": n_bytes, "eval_ns": ns,
+                 "llama_cpp_python": target._llama_cpp.__version__, "arch": m.arch}
+        for metric, unit in METRICS:
+            records.append(Record(kind="quality", test=f"{os.path.basename(str(data))}:{split}", metric=metric,
+                                  unit=unit, samples=[getattr(score, metric)], higher_is_better=False,
+                                  n_threads=target.threads, repetitions=1, warmup=False, samples_ns=[ns],
+                                  method=f"llama.cpp logits and tokenizer, window {window}, stride {stride}",
+                                  engine="llama.cpp", bundle=str(m.path), model_filename=os.path.basename(m.path),
+                                  family=m.family, quantization=m.quantization, model_size=m.size_bytes,
+                                  model_n_params=m.n_params, extra=extra))
+    stamp(records)
+    return records

@@ -191,7 +191,7 @@ def first_bytes(docs, max_bytes: int):
 
 def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stride: int,
                     carry_state: bool = False, max_tokens: int | None = None,
-                    retrieval: dict | None = None) -> tuple[Score, dict]:
+                    retrieval: dict | None = None, retriever=None) -> tuple[Score, dict]:
     """Score one bundle on the documents; (score, details for the record's extra).
 
     retrieval: mix in the bundle's datastore, with these overrides of its settings
@@ -207,7 +207,10 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
     if len(ids) < 2:
         raise UsageError("the text has fewer than 2 tokens: nothing to predict")
     byte_len = token_byte_lengths(tokenizer)
-    retriever = open_retriever(bundle, **retrieval) if retrieval is not None else None
+    if retriever is None and retrieval is not None:
+        retriever = open_retriever(bundle, **retrieval)
+    for note in retriever.notes if retriever is not None else ():
+        print(f"note: {bundle.path}: {note}", file=sys.stderr)
     session = ModelSession(bundle, threads=threads, retriever=retriever)
     carried = carry_state and bundle.state_kind == "ssm"
     start = time.perf_counter_ns()
@@ -223,7 +226,7 @@ def evaluate_bundle(bundle: Bundle, docs, threads: int | None, window: int, stri
     if retriever is not None:
         spec, mix = bundle.manifest.retrieval, retriever.settings
         extra["retrieval"] = {
-            "k": mix.k, "lambda": mix.lam, "temperature": mix.temperature, "metric": spec.metric,
+            "k": mix.k, "k_asked": (retrieval or {}).get("k"), "lambda": mix.lam, "temperature": mix.temperature, "metric": spec.metric,
             "n_entries": spec.n_entries, "key_dtype": spec.key_dtype,
             "datastore_bytes": sum(bundle.manifest.files[f].bytes for f in (spec.keys, spec.values)),
             "us_per_position": retriever.us_per_position, "positions": retriever.positions}
@@ -244,6 +247,11 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
     stride = stride or max(1, window // 2)
     for b in bundles:  # refused before any progress is shown
         b.check_context(window, f"window {window}")
+    asked = [name for name, v in (retrieval or {}).items() if v is not None]
+    if asked and not any(b.manifest.retrieval is not None for b in bundles):
+        options = ", ".join(f"--retrieval-{'lambda' if n == 'lam' else n}" for n in asked)
+        raise UsageError(f"{options}: no bundle given has a retrieval datastore "
+                         f"({', '.join(str(b.path) for b in bundles)}); export one with itera-export --retrieval")
     docs, split = load_text(data, split)
     if max_bytes is not None:
         docs = first_bytes(docs, max_bytes)
@@ -252,8 +260,11 @@ def quality_records(bundles: list[Bundle], threads: int | None, data: str, split
     runs: list[tuple[Bundle, dict | None]] = [(b, None) for b in bundles]
     if retrieval is not None:
         runs += [(b, retrieval) for b in bundles if b.manifest.retrieval is not None]
+    # Datastores are loaded and checked before any progress is shown: a bad one is one line.
+    retrievers = {id(b): open_retriever(b, **mix) for b, mix in runs if mix is not None}
     for b, mix in tqdm(runs, desc="quality", file=sys.stderr, leave=False):
-        score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens, mix)
+        score, extra = evaluate_bundle(b, docs, threads, window, stride, carry_state, max_tokens, mix,
+                                       retrievers.get(id(b)) if mix is not None else None)
         if mix is None:
             scores[str(b.path)] = score
         extra = {"data": data, "split": split, "max_bytes": max_bytes, **extra}

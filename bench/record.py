@@ -24,6 +24,15 @@ SPREAD_WARNING = 0.10  # (max - min) / median above this: the number is flagged 
 FORMATS = ("md", "csv", "json", "jsonl")
 
 
+def _stdev(xs: list) -> float | None:
+    """Sample standard deviation; nan when a sample is not finite (statistics.stdev raises on those)."""
+    if not xs:
+        return None
+    if not all(math.isfinite(x) for x in xs):
+        return math.nan
+    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+
 @dataclass
 class Record:
     """One measured row."""
@@ -78,7 +87,7 @@ class Record:
 
     @property
     def stddev(self) -> float | None:
-        return statistics.stdev(self.samples) if len(self.samples) > 1 else (0.0 if self.samples else None)
+        return _stdev(self.samples)
 
     @property
     def min(self) -> float | None:
@@ -110,7 +119,7 @@ class Record:
 
     @property
     def stddev_ns(self) -> float | None:
-        return statistics.stdev(self.samples_ns) if len(self.samples_ns) > 1 else (0.0 if self.samples_ns else None)
+        return _stdev(self.samples_ns)
 
     @property
     def avg_ts(self) -> float | None:

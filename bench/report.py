@@ -18,6 +18,7 @@ them), shown under "Not measured" and used by the claims table as the reason.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -295,6 +296,26 @@ def _provenance(records: list[Record]) -> list[str]:
     return lines + [""]
 
 
+def _report_files(folder: Path) -> list[str]:
+    """The names in `folder` a report writes (report.md, claims.json, its PNGs): what it may be in the way of."""
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.name in (REPORT_NAME, CLAIMS_JSON) or p.suffix == ".png")
+
+
+def check_report_folder(out_dir: str | os.PathLike) -> None:
+    """Refuse, before any work, a report folder holding report files (report.md, claims.json, PNGs) we did not write."""
+    from itera_runtime.owned import NotOursError, check_in_the_way
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"{out}: a file, not a folder for the report")
+    try:
+        check_in_the_way(out, _report_files(out), "report")
+    except NotOursError as e:
+        raise ReportError(str(e)) from None
+
+
 def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: dict[str, str] | None = None,
            baseline: str | None = None, title: str = "Itera-Lite benchmark report", sources=(),
            preamble: str = "") -> Path:
@@ -303,8 +324,10 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
     preamble: markdown placed before the claims (the pipeline's training table and samples).
 
     Everything is drawn into a temporary folder inside out_dir and moved in at the end, so
-    a failure leaves no half-written report.
+    a failure leaves no half-written report. Only files of an earlier report of ours are ever
+    replaced (`check_report_folder`); the ones it wrote that this one does not are removed.
     """
+    from itera_runtime.owned import NotOursError, check_in_the_way, listed, record
     from .claims import claims_markdown, claims_from_records, claims_to_json
     from .curves import load_runs, runs_section
 
@@ -313,8 +336,11 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
     if not records and not run_list:
         raise ReportError("nothing to report: give record files (or a results folder) or --runs")
     out_dir = Path(out_dir)
+    check_report_folder(out_dir)
+    made = [p for p in (out_dir, *out_dir.parents) if not p.exists()]  # removed again if the report fails
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".report-", dir=out_dir))
+    done = False
     try:
         label = _labeller(records)
         compare_to_baseline(records, baseline)  # rows from different files get their ratio too
@@ -352,10 +378,22 @@ def render(records: list[Record], out_dir: str | os.PathLike, runs=(), reasons: 
         parts += _provenance(records)
         (tmp / REPORT_NAME).write_text("\n".join(parts).rstrip() + "\n")
         names = sorted(os.listdir(tmp), key=lambda n: n == REPORT_NAME)  # the report last
-        if not claims:  # a claims.json of an earlier report would otherwise pass for this one's
-            (out_dir / CLAIMS_JSON).unlink(missing_ok=True)
+        try:  # again, now that the names are known: a user's file may have arrived meanwhile
+            check_in_the_way(out_dir, [*names, *_report_files(out_dir)], "report")
+        except NotOursError as e:
+            raise ReportError(str(e)) from None
+        # Files of the earlier report this one does not write (a claims.json would pass for this one's).
+        stale = [n for n in _report_files(out_dir) if n not in names and n in listed(out_dir)]
+        for name in stale:
+            (out_dir / name).unlink()
         for name in names:
             os.replace(tmp / name, out_dir / name)
+        record(out_dir, names, removed=stale)
+        done = True
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder, nothing else
+        if not done:
+            for d in made:  # the folders this call made, innermost first; rmdir keeps any that is not empty
+                with contextlib.suppress(OSError):
+                    d.rmdir()
     return out_dir / REPORT_NAME

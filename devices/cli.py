@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import time
 
 import click
 
@@ -31,11 +32,38 @@ def _fail_with_tail(message: str, tail: list[str]) -> None:
     sys.exit(1)
 
 
+def _ssh_config_alias(name: str) -> bool:
+    """~/.ssh/config gives `name` a HostName of its own (`ssh -G` resolves the config, connects nowhere)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("ssh") is None or name.startswith("-"):
+        return False
+    try:
+        out = subprocess.run(["ssh", "-G", "--", name], capture_output=True, text=True, timeout=10,
+                             stdin=subprocess.DEVNULL).stdout
+    except (OSError, subprocess.SubprocessError):
+        return False
+    hostname = next((ln.split(None, 1)[1] for ln in out.splitlines() if ln.startswith("hostname ")), name)
+    return hostname.strip().lower() != name.lower()
+
+
+def looks_like_host(target: str) -> bool:
+    """The rule `check TARGET` goes by when TARGET is no profile: user@host, ssh://..., a dotted
+    name or address (pi5.local, 10.0.0.7, ::1), localhost, or a ~/.ssh/config alias with a HostName."""
+    return ("@" in target or target.lower().startswith("ssh://") or "." in target or ":" in target
+            or target == "localhost" or _ssh_config_alias(target))
+
+
 def resolve(target: str) -> Profile:
-    """A profile name or .toml path, else an ssh destination with default settings."""
-    if target.endswith(".toml") or target in profile_paths():
+    """A profile name or .toml path, else an ssh destination (see looks_like_host) with default settings."""
+    paths = profile_paths()
+    if target.endswith(".toml") or target in paths:
         return load_profile(target)
-    return adhoc_profile(target)
+    if not looks_like_host(target):
+        raise ProfileError(f"no device profile named {target!r} (known: {', '.join(sorted(paths))}); "
+                           f"for a host write user@{target} or ssh://{target}")
+    return adhoc_profile(target, where="HOST")
 
 
 def _version(text: str | None) -> tuple[int, ...] | None:
@@ -63,13 +91,15 @@ def bundle_verdict(path: str, have: str | None) -> tuple[str, bool, str | None]:
     return refusal(path, sets[main], problems[main], have, alternatives=[s for s in sets if s != main]), False, None
 
 
-def check_device(profile: Profile, bundle: str | None = None, index: bool = True) -> dict:
-    """Everything `check` reports, as one dict (the --json output)."""
+def check_device(profile: Profile, bundle: str | None = None, index: bool = True,
+                 deadline: float | None = None) -> dict:
+    """Everything `check` reports, as one dict (the --json output); deadline: time.monotonic() after
+    which every ssh step is killed (the CLI gives the profile's timeout_s)."""
     from itera_runtime.requires import device_onnxruntime
 
     from .remote import agent_call
 
-    with Connection(profile) as conn:
+    with Connection(profile, deadline=deadline) as conn:
         conn.connect()
         facts = agent_call(conn, "probe")
         wheels = agent_call(conn, "wheels") if index else {"onnxruntime_wheel": None, "detail": "not asked (--no-index)"}
@@ -155,10 +185,16 @@ def main():
 @click.option("--no-index", is_flag=True, help="do not ask pip for an installable onnxruntime wheel (offline)")
 @click.option("--json", "as_json", is_flag=True, help="the report as JSON")
 def check(host, bundle, no_index, as_json):
-    """What HOST (a profile name, a .toml file, or user@host) has and lacks for a benchmark run."""
+    """What HOST has and lacks for a benchmark run.
+
+    HOST is a profile name, a .toml file, or an ssh destination: user@host, ssh://user@host:port, a
+    dotted name or address, localhost, or a ~/.ssh/config alias; another bare word is refused as an
+    unknown profile (write user@NAME for a host of that name).
+    """
     profile = resolve(host)
     try:
-        report = check_device(profile, bundle, index=not no_index)
+        report = check_device(profile, bundle, index=not no_index,
+                              deadline=time.monotonic() + profile.timeout_s)
     except SshError as e:
         _fail_with_tail(f"{profile.name}: {e}", e.tail)
     click.echo(json.dumps(report, indent=2) if as_json else render(report, profile))

@@ -6,6 +6,10 @@ in the user's config dir (`$XDG_CONFIG_HOME/itera-lite/devices/NAME.toml`, defau
 `~/.config/...`) and then among the built-in examples (laptop, pi4, pi5); a path to a
 .toml file works too. A fleet file lists several profiles (`[[hosts]]`). Anything wrong
 in a file is one `ProfileError` line naming the file and the field.
+
+Profile and fleet files are trusted like ~/.ssh/config: their `ssh_options` reach ssh as
+`-o` options, and one such as ProxyCommand runs a local command. Use only files you wrote
+or read; what is checked is their form, not their intent.
 """
 
 from __future__ import annotations
@@ -14,9 +18,11 @@ import dataclasses
 import os
 import re
 import sys
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
 from itera_runtime.errors import UserError
 
 if sys.version_info >= (3, 11):
@@ -76,6 +82,8 @@ def _check(where: str, key: str, value: Any) -> Any:
             raise bad("a value that does not start with '-' and has no line breaks")
         if key == "name" and not _NAME.match(value):
             raise bad("letters, digits, '.', '_' or '-'")
+        if key == "host" and value.lower().startswith("ssh://"):
+            _check_ssh_url(where, value)
         return value
     if key == "port":
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value < 65536:
@@ -114,6 +122,25 @@ def _check(where: str, key: str, value: Any) -> Any:
     raise ProfileError(f"{where}: unknown field {key!r} (known: {', '.join(_FIELDS)})")
 
 
+def _check_ssh_url(where: str, url: str) -> None:
+    """An ssh://[user@]host[:port] destination checked as the profile's own `port` is: ssh's
+    answer to a bad one is its whole usage text."""
+    def bad(why: str) -> ProfileError:
+        return ProfileError(f"{where}: field 'host': {url!r} {why} (expected ssh://[user@]host[:port], port 1-65535)")
+
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        raise bad("has a port that is not a number from 1 to 65535") from None
+    if port is not None and not 0 < port < 65536:
+        raise bad("has a port that is not a number from 1 to 65535")
+    if not parts.hostname:
+        raise bad("names no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise bad("has a path, query or fragment")
+
+
 def profile_from_dict(d: dict[str, Any], where: str, default_name: str | None = None) -> Profile:
     """A Profile from parsed TOML, every field checked."""
     values = {k: _check(where, k, v) for k, v in d.items()}
@@ -131,6 +158,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ProfileError(f"{path}: not found") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8 by definition; tomllib lets the decode error through
+        raise ProfileError(f"{path}: not UTF-8 text (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                           "save it as UTF-8") from None
     except tomllib.TOMLDecodeError as e:
         raise ProfileError(f"{path}: not valid TOML ({e})") from None
     except OSError as e:
@@ -168,9 +198,9 @@ def load_profile(name_or_path: str) -> Profile:
     return load_profile_file(paths[name_or_path])
 
 
-def adhoc_profile(host: str) -> Profile:
+def adhoc_profile(host: str, where: str = "--host") -> Profile:
     """A profile for `--host TARGET` alone: defaults for everything but the destination."""
-    return Profile(name=host, host=_check("--host", "host", host), source="--host")
+    return Profile(name=host, host=_check(where, "host", host), source=where)
 
 
 def with_host(profile: Profile, host: str) -> Profile:

@@ -11,7 +11,7 @@ from .quantize import SCHEMES
 
 
 @click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
-@click.argument("checkpoint", type=click.Path(dir_okay=False, path_type=str))
+@click.argument("checkpoint", type=click.Path(path_type=str))
 @click.option("-o", "--out", default=None, help="bundle folder [default: bundles/<run name>]")
 @click.option("--quantize", type=click.Choice(list(SCHEMES)), default="none",
               help="; ".join(f"{s.name}: {s.description}" for s in SCHEMES.values()))
@@ -27,22 +27,44 @@ from .quantize import SCHEMES
               help="former name of --graph-set (none = portable, dual = both)")
 @click.option("--validate-text", type=click.Path(dir_okay=False, path_type=str), default=None,
               help="text file to validate against torch on [default: the checkpoint's held-out sample]")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf"]), default="onnx",
-              help="onnx: a bundle folder; gguf: one file for llama.cpp (baseline only, f32/q8_0/q4_0)")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "gguf", "hf"]), default="onnx",
+              help="onnx: a bundle folder; gguf: one file for llama.cpp (f32/q8_0/q4_0); hf: a transformers "
+                   "model folder (GraniteMoeHybridForCausalLM / LlamaForCausalLM)")
 @click.option("--retrieval", type=click.Path(file_okay=False, path_type=str), default=None,
               help="ship this kNN datastore (from `itera-train retrieval-index`) in the bundle; "
                    "itera-run and itera-bench quality then mix its next-token distribution in")
 @click.option("--force", is_flag=True, help="replace an existing bundle (never anything else)")
 @click.option("--json", "as_json", is_flag=True, help="print the manifest as JSON")
 def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_text, fmt, retrieval, force, as_json):
-    """Export CHECKPOINT (best.pt / last.pt of either family) to a bundle that runs without torch."""
+    """Export CHECKPOINT to a bundle that runs without torch.
+
+    CHECKPOINT: best.pt / last.pt of either family, a Hugging Face transformers folder
+    (Mamba2ForCausalLM) or hf:ORG/NAME (downloads it; needs the `hf` extra and a network).
+    """
     if lower is not None and click.get_current_context().get_parameter_source("graph_set") == \
             click.core.ParameterSource.COMMANDLINE:
         raise click.UsageError("--lower is the former name of --graph-set: give one of them")
     from .exporter import export_checkpoint
     from .gguf import export_gguf
+    from .hf_import import is_hf_source
 
+    if fmt == "hf":
+        from .hf_folder import export_hf
+
+        if retrieval or quant_options or quantize != "none":
+            fail("--format hf writes float32 weights; --quantize, --quant-option and --retrieval apply to other formats")
+        summary = export_hf(checkpoint, out, force=force, log=lambda m: click.echo(f"· {m}", err=True))
+        if as_json:
+            import json
+
+            click.echo(json.dumps(summary, indent=2))
+        else:
+            click.echo(f"{summary['path']}: transformers {summary['architecture']} folder, "
+                       f"{summary['bytes'] / 1e6:.2f} MB; logits vs torch max |Δ| {summary['parity']['max_abs_diff']:.2e}")
+        return
     if fmt == "gguf":
+        if is_hf_source(checkpoint):
+            fail("--format gguf exports checkpoints of ours; a transformers folder becomes an ONNX bundle")
         if retrieval:
             fail("--retrieval applies to ONNX bundles")
         if quant_options:
@@ -69,7 +91,8 @@ def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_te
     nodes = ", ".join(f"{f} {c['nodes']} nodes" for f, c in manifest.graph_checks.items())
     click.echo(f"{path}: {manifest.family} bundle, quantization {manifest.quantization.mode}, "
                f"graph sets {', '.join(manifest.graph_sets())}; {manifest.total_bytes / 1e6:.2f} MB in all ({nodes})")
-    click.echo(f"validation vs torch on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
+    against = "transformers" if (manifest.source_checkpoint or {}).get("format") == "transformers" else "torch"
+    click.echo(f"validation vs {against} on {v.text}: max |Δ| {v.max_abs_diff:.2e}, "
                f"decode top-1 agreement {v.decode_top1_agreement:.1%}, "
                f"bits/byte {v.bits_per_byte:.4f} (torch {v.bits_per_byte_torch:.4f})")
     r = manifest.retrieval

@@ -42,9 +42,13 @@ class ExportError(UserError):
 
 
 def default_output(checkpoint: Path, quantize: str) -> Path:
-    """runs/x/best.pt → bundles/x (bundles/x-int8 when quantized)."""
+    """runs/x/best.pt → bundles/x (bundles/x-int8 when quantized); a model folder or hf:ORG/NAME → bundles/NAME."""
+    if str(checkpoint).startswith("hf:"):
+        return Path("bundles") / (str(checkpoint).rsplit("/", 1)[-1] + SCHEMES[quantize].suffix)
     checkpoint = Path(checkpoint).resolve()
     name = checkpoint.parent.name if checkpoint.stem in ("best", "last") else checkpoint.stem
+    if checkpoint.is_dir():
+        name = checkpoint.name
     return Path("bundles") / (name + SCHEMES[quantize].suffix)
 
 
@@ -108,15 +112,27 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", graph_set: s
         overrides = parse_options(quantize, quant_options) if quant_options else {}
     except ValueError as e:
         raise ExportError(str(e)) from None
-    checkpoint = Path(checkpoint)
-    model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
+    reference = None  # what validation compares against: the model itself, or transformers' own
+    origin = checkpoint
+    from .hf_import import is_hf_source
+
+    if is_hf_source(checkpoint):
+        from .hf_import import load_source
+
+        source = load_source(checkpoint, log)
+        model, ckpt, reference = source.model, source.ckpt, source.reference
+        ckpt["manifest_extra"] = source.manifest_extra
+        checkpoint = source.folder
+    else:
+        checkpoint = Path(checkpoint)
+        model, ckpt = load_model(checkpoint)  # CheckpointError carries its own one-line message
     tokenizer_json = _tokenizer_json(ckpt, checkpoint)
     datastore = _datastore(retrieval, model, tokenizer_json) if retrieval is not None else None
     try:
-        tokens, source = held_out_tokens(ckpt, VALIDATION_TOKENS, validate_text)
+        tokens, text_source = held_out_tokens(ckpt, VALIDATION_TOKENS, validate_text)
     except ValidationTextError as e:
         raise ExportError(str(e)) from None
-    out = Path(out) if out else default_output(checkpoint, quantize)
+    out = Path(out) if out else default_output(origin, quantize)
     tmp = ref = None
     try:
         check_destination(out, force)
@@ -134,12 +150,14 @@ def export_checkpoint(checkpoint, out=None, quantize: str = "none", graph_set: s
         manifest = _build(model, ckpt, checkpoint, tokenizer_json, tmp, quantize, graph_set, log, ref, overrides,
                           datastore)
         for set_name in manifest.graph_sets():
-            log(f"validating against torch ({set_name} graphs)" if manifest.alt_graph_sets else "validating against torch")
-            result = compare(model, tmp, tokens, text=source, graph_set=set_name)
+            against = "transformers" if reference is not None else "torch"
+            log(f"validating against {against} ({set_name} graphs)" if manifest.alt_graph_sets
+                else f"validating against {against}")
+            result = compare(reference or model, tmp, tokens, text=text_source, graph_set=set_name)
             tolerance = FP32_TOLERANCE * result.reference_scale if quantize == "none" else None
             if tolerance is not None and result.max_abs_diff > tolerance:
-                raise ExportError(f"validation failed: ORT differs from torch by {result.max_abs_diff:.3g} "
-                                  f"(> {tolerance:.3g}: {FP32_TOLERANCE:g} x the largest |torch value| "
+                raise ExportError(f"validation failed: ORT differs from {against} by {result.max_abs_diff:.3g} "
+                                  f"(> {tolerance:.3g}: {FP32_TOLERANCE:g} x the largest |{against} value| "
                                   f"{result.reference_scale:.3g}) on the {set_name} graphs; nothing written")
             result = dataclasses.replace(result, tolerance=tolerance)
             if set_name == manifest.main_set:
@@ -212,18 +230,18 @@ def _os_error(e: OSError, out: Path) -> str:
     return f"{where}: {cause}; nothing written to {out}"
 
 
-def _datastore(folder, model, tokenizer_json: str) -> tuple[dict, Path, Path]:
-    """A datastore folder checked to fit this model: (meta, keys path, values path)."""
+def _datastore(folder, model, tokenizer_json: str) -> tuple[Retrieval, Path, Path]:
+    """A datastore folder checked to fit this model, arrays as the runtime checks them: (spec, keys, values)."""
     from itera_lite.retrieval import DatastoreError, check_fits, read_datastore
 
     if model.config.family != "itera":
         raise ExportError(f"--retrieval is for Itera-Lite bundles, not {model.config.family}")
     try:
-        meta, keys, values = read_datastore(folder)
-        check_fits(meta, model, tokenizer_json, str(folder))
+        spec, keys, values = read_datastore(folder, model.config.vocab_size)
+        check_fits(spec, model, tokenizer_json, str(folder))
     except DatastoreError as e:
         raise ExportError(str(e)) from None
-    return meta, keys, values
+    return spec, keys, values
 
 
 def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, quantize: str, graph_set: str,
@@ -234,7 +252,7 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
     alt = None  # the portable set of a bundle with both
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter-internal advice, not the user's concern
-        if family == "itera":
+        if family in ("itera", "hybrid"):  # a hybrid's graphs are traced the same way (export/itera.py)
             from .itera import export_itera_graphs
             from .lower import fused_ops_available
 
@@ -309,13 +327,11 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
     prov = provenance()
     retrieval = None
     if datastore is not None:
-        meta, keys, values = datastore
+        spec, keys, values = datastore
         (tmp / DATASTORE_DIR).mkdir(exist_ok=True)
         shutil.copyfile(keys, tmp / KEYS_FILE)
         shutil.copyfile(values, tmp / VALUES_FILE)
-        retrieval = Retrieval(KEYS_FILE, VALUES_FILE, meta["n_entries"], meta["dim"], meta["key_dtype"],
-                              meta["metric"], meta["k"], meta["lambda"], meta["temperature"],
-                              meta["tokenizer_sha256"], meta["model_sha256"], meta.get("source", {}))
+        retrieval = dataclasses.replace(spec, keys=KEYS_FILE, values=VALUES_FILE)
     # Re-read from the files: quantization and weight sharing rewrote them.
     specs = {s: {name: graph_spec(tmp / g.file) for name, g in graphs.items()} for s, graphs in sets.items()}
     main, *alts = specs
@@ -340,7 +356,8 @@ def _finish(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path,
         created=prov["created"],
         source_checkpoint={"path": str(checkpoint), "step": ckpt.get("step"),
                            "metrics": (ckpt.get("metrics") or {}).get("val"),
-                           "model_sha256": weights_sha256(model)},
+                           "model_sha256": weights_sha256(model), **(ckpt.get("source") or {})},
+        extra=dict(ckpt.get("manifest_extra") or {}),  # an imported checkpoint's chat_template, special_tokens
     )
     write_manifest(tmp, manifest)
     return manifest

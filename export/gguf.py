@@ -16,7 +16,11 @@ Three things differ from the torch tensors:
   applied to 2-D weights; norms stay f32. The tied embedding (also the output head) is q8_0 in
   a q4_0 file, as llama-quantize keeps the output tensor at higher precision.
 
-Only the baseline family exports to GGUF: llama.cpp has no Mamba-2 + top-k MoE hybrid.
+Itera-Lite exports as llama.cpp's `granitehybrid` (IBM Granite-4.0-H: Mamba-2 + top-k MoE
+layers), with one inert attention layer appended because llama.cpp's hybrid memory needs one;
+the names, shapes and the inert layer live in itera_lite/models/granite.py (shared with the
+transformers writer). Its conv, A, D, dt bias, norms and router stay f32 in every file: llama.cpp's
+ssm ops need f32 and llama-quantize keeps the router f32.
 """
 
 from __future__ import annotations
@@ -63,6 +67,54 @@ def _tensors(model) -> dict[str, np.ndarray]:
     return out
 
 
+def _baseline_header(w, cfg) -> None:
+    w.add_context_length(cfg.max_seq_len)
+    w.add_embedding_length(cfg.d_model)
+    w.add_block_count(cfg.n_layers)
+    w.add_feed_forward_length(cfg.d_ff)
+    w.add_head_count(cfg.n_heads)
+    w.add_head_count_kv(cfg.n_kv_heads)
+    w.add_rope_dimension_count(cfg.d_model // cfg.n_heads)
+    w.add_rope_freq_base(cfg.rope_theta)
+
+
+def _itera_header(w, cfg) -> None:
+    """granitehybrid keys, from the one map."""
+    from itera_lite.models.granite import CONTEXT_LENGTH, INERT_NOTE, gguf_keys
+
+    k = gguf_keys(cfg)
+    w.add_context_length(CONTEXT_LENGTH)  # no limit of the model's own: sizes the inert layer's cache
+    w.add_embedding_length(k["embedding_length"])
+    w.add_block_count(k["block_count"])
+    w.add_feed_forward_length(k["feed_forward_length"])
+    w.add_expert_count(k["expert_count"])
+    w.add_expert_used_count(k["expert_used_count"])
+    w.add_ssm_conv_kernel(k["ssm_conv_kernel"])
+    w.add_ssm_inner_size(k["ssm_inner_size"])
+    w.add_ssm_state_size(k["ssm_state_size"])
+    w.add_ssm_time_step_rank(k["ssm_time_step_rank"])
+    w.add_ssm_group_count(k["ssm_group_count"])
+    w.add_head_count(k["head_count"])
+    w.add_head_count_kv(k["head_count_kv"])
+    w.add_key_length(k["key_length"])
+    w.add_value_length(k["value_length"])
+    # present as in Granite's own files; no position input is built (no rope scaling "finetuned")
+    w.add_rope_dimension_count(k["key_length"])
+    w.add_rope_freq_base(10000.0)
+    w.add_string("itera.inert_attention_layer", INERT_NOTE)
+
+
+def _itera_tensors(model) -> dict[str, np.ndarray]:
+    from itera_lite.models.granite import gguf_tensors
+
+    return gguf_tensors(model)
+
+
+# Itera-Lite tensors kept f32 in every file (ssm ops need f32; llama-quantize keeps the router f32)
+GGUF_F32 = ("ssm_conv1d.weight", "ssm_conv1d.bias", "ssm_dt.bias", "ssm_a", "ssm_d", "ssm_norm.weight",
+            "attn_norm.weight", "ffn_norm.weight", "output_norm.weight", "ffn_gate_inp.weight")
+
+
 def _tokenizer(tokenizer_json: str) -> tuple[list[str], list[str]]:
     """(tokens in id order, merges as 'a b') of our byte-level BPE."""
     model = json.loads(tokenizer_json)["model"]
@@ -102,8 +154,12 @@ def write_gguf(model, tokenizer_json: str, out: Path, quantize: str, source: str
     """Write the baseline `model` to `out` (atomically); returns what was written."""
     import gguf
 
-    if model.config.family != "baseline":
-        raise GgufError("only baseline checkpoints export to GGUF (llama.cpp has no Itera-Lite architecture)")
+    if model.config.family not in ("itera", "baseline"):
+        raise GgufError(f"{model.config.family} checkpoints do not export to GGUF yet (itera and baseline do)")
+    if model.config.family == "itera":
+        from itera_lite.models.granite import check_expressible
+
+        check_expressible(model.config, "llama.cpp")  # before anything is written
     if quantize not in GGUF_TYPES:
         raise GgufError(f"--format gguf supports --quantize {', '.join(GGUF_TYPES)}, not {quantize}")
     cfg = model.config
@@ -120,16 +176,11 @@ def write_gguf(model, tokenizer_json: str, out: Path, quantize: str, source: str
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, "llama")
-        w.add_name(Path(source).parent.name or "itera-baseline")
-        w.add_context_length(cfg.max_seq_len)
-        w.add_embedding_length(cfg.d_model)
-        w.add_block_count(cfg.n_layers)
-        w.add_feed_forward_length(cfg.d_ff)
-        w.add_head_count(cfg.n_heads)
-        w.add_head_count_kv(cfg.n_kv_heads)
-        w.add_rope_dimension_count(cfg.d_model // cfg.n_heads)
-        w.add_rope_freq_base(cfg.rope_theta)
+        itera = cfg.family == "itera"
+        w = gguf.GGUFWriter(tmp, "granitehybrid" if itera else "llama")
+        w.add_name(Path(source).parent.name or f"itera-{cfg.family}")
+        (_itera_header if itera else _baseline_header)(w, cfg)
+        tensors, f32_only = (_itera_tensors(model), GGUF_F32) if itera else (_tensors(model), ())
         w.add_layer_norm_rms_eps(cfg.norm_eps)
         w.add_vocab_size(cfg.vocab_size)
         w.add_file_type({"F32": gguf.LlamaFileType.ALL_F32, "Q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
@@ -145,10 +196,11 @@ def write_gguf(model, tokenizer_json: str, out: Path, quantize: str, source: str
         w.add_add_bos_token(False)
         w.add_add_eos_token(False)
         w.add_string(MARK, str(source))
+        w.add_string("itera.family", cfg.family)
         types = {}
-        for name, t in _tensors(model).items():
+        for name, t in tensors.items():
             qtype = embd_type if name == "token_embd.weight" else weight_type
-            if t.ndim < 2 or t.shape[-1] % 32:
+            if t.ndim < 2 or t.shape[-1] % 32 or name.endswith(f32_only):
                 qtype = gguf.GGMLQuantizationType.F32  # norms, and rows the block formats cannot hold
             data = t if qtype == gguf.GGMLQuantizationType.F32 else gguf.quants.quantize(t, qtype)
             w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)
@@ -176,6 +228,12 @@ def export_gguf(checkpoint, out=None, quantize: str = "none", force: bool = Fals
     out = Path(out) if out else default_output(checkpoint, quantize).with_suffix(".gguf")
     check_destination(out, force)
     model, ckpt = load_model(checkpoint)
+    if model.config.family not in ("itera", "baseline"):
+        raise GgufError(f"{model.config.family} checkpoints do not export to GGUF yet (itera and baseline do)")
+    if model.config.family == "itera":
+        from itera_lite.models.granite import check_expressible
+
+        check_expressible(model.config, "llama.cpp")  # refused before anything is said or written
     tokenizer_json = _tokenizer_json(ckpt, checkpoint)
     log(f"writing {out} ({GGUF_TYPES.get(quantize, ('?',))[0]})")
     try:

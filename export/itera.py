@@ -29,16 +29,24 @@ from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 STATE_KINDS = ("conv", "ssm")
 
 
+def _takes_mask(model) -> bool:
+    """A hybrid with attention layers reads how many tokens came before from attention_mask."""
+    return "attention" in getattr(model.config, "layer_types", ())
+
+
 class _Prefill(nn.Module):
-    """model.forward with the state list flattened into positional tensors."""
+    """model.forward with the state list flattened into positional tensors (after attention_mask, if any)."""
 
     def __init__(self, model, hidden: bool = False):
         super().__init__()
-        self.model, self.hidden = model, hidden
+        self.model, self.hidden, self.mask = model, hidden, _takes_mask(model)
 
     def forward(self, input_ids, *past):
+        mask = {}
+        if self.mask:
+            mask["attention_mask"], past = past[0], past[1:]
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        out = self.model(input_ids, state)
+        out = self.model(input_ids, state, **mask)
         return (out.logits, *[t for layer in out.state for t in layer], *([out.hidden] if self.hidden else []))
 
 
@@ -47,23 +55,36 @@ class _Decode(nn.Module):
 
     def __init__(self, model, hidden: bool = False):
         super().__init__()
-        self.model, self.hidden = model, hidden
+        self.model, self.hidden, self.mask = model, hidden, _takes_mask(model)
 
     def forward(self, input_ids, *past):
+        mask = {}
+        if self.mask:
+            mask["attention_mask"], past = past[0], past[1:]
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
-        logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True)
+        logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True, **mask)
         # reshape, not [:, None]: it folds into the step's own (B, 1, V) -> (B, V) and drops out
         return (logits.reshape(-1, 1, logits.shape[-1]), *[t for layer in new_state for t in layer],
                 *([hidden.reshape(-1, 1, hidden.shape[-1])] if self.hidden else []))
 
 
 HIDDEN = "hidden"
+MASK = "attention_mask"
 
 
-def _io_names(n_layers: int, hidden: bool = False) -> tuple[list[str], list[str]]:
-    past = [f"past.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
-    present = [f"present.{i}.{k}" for i in range(n_layers) for k in STATE_KINDS]
-    return ["input_ids", *past], ["logits", *present, *([HIDDEN] if hidden else [])]
+def _state_names(model) -> list[tuple[str, str]]:
+    """Per layer, its two state tensors' names: (conv, ssm), or (key, value) for a hybrid's attention."""
+    if hasattr(model, "state_names"):
+        return model.state_names()
+    return [STATE_KINDS] * model.config.n_layers
+
+
+def _io_names(model, hidden: bool = False) -> tuple[list[str], list[str]]:
+    names = _state_names(model)
+    past = [f"past.{i}.{k}" for i, layer in enumerate(names) for k in layer]
+    present = [f"present.{i}.{k}" for i, layer in enumerate(names) for k in layer]
+    mask = [MASK] if _takes_mask(model) else []
+    return ["input_ids", *mask, *past], ["logits", *present, *([HIDDEN] if hidden else [])]
 
 
 def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int,
@@ -71,14 +92,18 @@ def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict
     batch = torch.export.Dim("batch")
     dyn_tokens = {k: (batch if v == "batch" else torch.export.Dim(v)) for k, v in dynamic_tokens.items()}
     flat = [t for layer in state for t in layer]
-    names_in, names_out = _io_names(len(state), hidden)
+    names_in, names_out = _io_names(wrapper.model, hidden)
+    mask, dyn_mask = (), ()
+    if wrapper.mask:  # two tokens already in the buffer: the traced S differs from T
+        mask = (torch.ones(tokens.shape[0], tokens.shape[1] + 2, dtype=torch.long),)
+        dyn_mask = ({0: batch, 1: torch.export.Dim("total_sequence")},)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(
-            wrapper, (tokens, *flat), dynamo=True, opset_version=opset,
+            wrapper, (tokens, *mask, *flat), dynamo=True, opset_version=opset,
             custom_translation_table=translation_table(),
             input_names=names_in, output_names=names_out,
-            dynamic_shapes=(dyn_tokens, tuple({0: batch} for _ in flat)),
+            dynamic_shapes=(dyn_tokens, (*dyn_mask, *({0: batch} for _ in flat))),
             verbose=False,
         )
     return prog.model_proto
@@ -164,14 +189,16 @@ def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: in
         specs[name] = graph_spec(out_dir / f"{name}{suffix}.onnx")
         nodes[name] = len(m.graph.node)
 
-    conv_shape, ssm_shape = model.blocks[0].mixer.state_shapes(1)
-    tensors = [StateTensor(f"past.{i}.{kind}", f"present.{i}.{kind}", "float32", ["batch", *shape[1:]])
-               for i in range(cfg.n_layers)
-               for kind, shape in zip(STATE_KINDS, (conv_shape, ssm_shape))]
+    hybrid = cfg.family == "hybrid"
+    tensors = [StateTensor(f"past.{i}.{kind}", f"present.{i}.{kind}", "float32", ["batch", *shape[1:]],
+                           kind=kind if hybrid else None)
+               for i, (blk, names) in enumerate(zip(model.blocks, _state_names(model)))
+               for kind, shape in zip(names, blk.mixer.state_shapes(1))]
     return ExportedGraphs(
         graphs=specs,
-        io=IoNames(input_ids="input_ids", logits="logits", hidden=HIDDEN if hidden else None),
-        state=StateSpec("ssm", tensors),
+        io=IoNames(input_ids="input_ids", logits="logits", hidden=HIDDEN if hidden else None,
+                   attention_mask=MASK if _takes_mask(model) else None),
+        state=StateSpec("hybrid" if hybrid else "ssm", tensors),
         opset=opset,
         graph_set=graph_set,
         custom_domains=_custom_domains(graphs.values()),

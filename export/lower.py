@@ -6,6 +6,8 @@ A graph pass over an exported model (function path in, fused path out):
     CausalConv1d            → CausalConvWithState (activation="silu", channels-last) for one
                               token; a depthwise Conv over [state, x] + SiLU for a sequence
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
+    KvAttention             → GroupQueryAttention over the shared past/present KV buffer
+                              (a hybrid's attention layers; as the baseline's buffer graph)
 
 Functions no node calls any more are dropped. The mapping of the Mamba-2 recurrence onto
 LinearAttention (state_t = exp(dt·A)·state_{t-1} + B ⊗ (dt·x), y = C·state) is in
@@ -23,7 +25,7 @@ from .graph_passes import (collapse_reshapes, drop_identity_reshapes, fuse_skip_
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
-FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")
+FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")  # GroupQueryAttention: hybrids only
 
 
 def fused_ops_available() -> bool:
@@ -201,6 +203,40 @@ class _Rewriter:
         )
         return [moe, *tail]
 
+    def attention(self, n: onnx.NodeProto) -> list[onnx.NodeProto]:
+        q, k, v, past_k, past_v, mask = n.input
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        _, Hkv, C, Dh = self.dims(past_k, 4)
+        out = []
+        if "seqlens_k" not in self.memo:  # seqlens_k = tokens seen - 1; total = mask width (int32)
+            one, axis = self.ints(1), self.ints(1)
+            n1, (total_seen,) = self.node("ReduceSum", [mask, axis], keepdims=0)
+            n2, (seen,) = self.node("Sub", [total_seen, one])
+            n3, (seqlens,) = self.node("Cast", [seen], to=onnx.TensorProto.INT32)
+            n4, (width,) = self.node("Shape", [mask], start=1, end=2)
+            n5, (width0,) = self.node("Squeeze", [width])
+            n6, (total,) = self.node("Cast", [width0], to=onnx.TensorProto.INT32)
+            out += [n1, n2, n3, n4, n5, n6]
+            self.memo["seqlens_k"], self.memo["total_sequence_length"] = seqlens, total
+        rotary = []
+        theta = float(attrs["rope_theta"])
+        if theta:
+            # cos/sin caches (C, Dh/2) of positions · inv_freq, as in transformers' default RoPE.
+            # Kept as tables: C × Dh floats each (the baseline computes them with nodes at load).
+            def table(fn):
+                inv_freq = 1.0 / theta ** (np.arange(0, Dh, 2, dtype=np.float32) / Dh)
+                return fn(np.arange(C, dtype=np.float32)[:, None] * inv_freq[None]).astype(np.float32)
+
+            rotary = [self.derived(f"rope.{C}.{Dh}.{theta:g}.cos", lambda: table(np.cos)),
+                      self.derived(f"rope.{C}.{Dh}.{theta:g}.sin", lambda: table(np.sin))]
+        gqa, _ = self.node(
+            "GroupQueryAttention",
+            [q, k, v, past_k, past_v, self.memo["seqlens_k"], self.memo["total_sequence_length"], *rotary],
+            domain=MS, outputs=list(n.output), num_heads=int(attrs["num_heads"]), kv_num_heads=int(attrs["kv_heads"]),
+            do_rotary=1 if theta else 0, rotary_interleaved=0, scale=float(attrs["scale"]),
+        )
+        return out + [gqa]
+
 
 def _fc1_name(w_gate: str, w_up: str) -> str:
     return f"{w_gate}+{w_up}.fc1"
@@ -255,6 +291,8 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
             nodes += rw.conv(n)
         elif n.op_type == "TopKMoE":
             nodes += rw.moe(n)
+        elif n.op_type == "KvAttention":
+            nodes += rw.attention(n)
         else:
             raise ValueError(f"no lowering for {DOMAIN}::{n.op_type}")
     del model.graph.node[:]

@@ -22,6 +22,7 @@ from onnx import helper
 from onnx.defs import OpSchema
 from onnxscript.values import Op, Opset
 
+from itera_lite.models.hybrid import kv_attention
 from itera_lite.models.moe import moe_dense
 from itera_lite.models.ssm import causal_conv1d, ssd_chunked, ssd_token
 
@@ -48,6 +49,18 @@ _SCAN_IO = (["x", "dt", "A", "B", "C", "state"], ["y", "new_state"])
 CausalConv1d = Op(ITERA, "CausalConv1d", _schema("CausalConv1d", ["x", "conv_state", "weight", "bias"], ["y", "new_conv_state"]))
 SelectiveScan = Op(ITERA, "SelectiveScan", _schema("SelectiveScan", *_SCAN_IO))
 SsmStep = Op(ITERA, "SsmStep", _schema("SsmStep", *_SCAN_IO))
+# Attention of a hybrid's attention layer over its KV buffer (itera_lite/models/hybrid.py): the
+# mask is int64, and the attributes are what the GroupQueryAttention lowering reads.
+KvAttention = Op(ITERA, "KvAttention", OpSchema(
+    "KvAttention", DOMAIN, VERSION,
+    inputs=[*(_F(i, "T") for i in ("q", "k", "v", "past_key", "past_value")), _F("attention_mask", "M")],
+    outputs=[_F(o, "T") for o in ("y", "present_key", "present_value")],
+    type_constraints=[("T", ["tensor(float)"], ""), ("M", ["tensor(int64)"], "")],
+    attributes=[OpSchema.Attribute("num_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("kv_heads", OpSchema.AttrType.INT, ""),
+                OpSchema.Attribute("scale", OpSchema.AttrType.FLOAT, ""),
+                OpSchema.Attribute("rope_theta", OpSchema.AttrType.FLOAT, "")],
+))
 TopKMoE = Op(ITERA, "TopKMoE", _schema("TopKMoE", ["x", "router_logits", "w_gate", "w_up", "w_down"], ["y"], ("top_k",)))
 
 
@@ -68,6 +81,12 @@ def _moe(x, router_logits, w_gate, w_up, w_down, top_k: int):
     return TopKMoE(x, router_logits, w_gate, w_up, w_down, top_k=top_k)
 
 
+def _kv_attention(q, k, v, past_k, past_v, attention_mask, num_heads: int, kv_heads: int, scale: float,
+                  rope_theta: float):
+    return KvAttention(q, k, v, past_k, past_v, attention_mask, num_heads=num_heads, kv_heads=kv_heads,
+                       scale=scale, rope_theta=rope_theta)
+
+
 def translation_table() -> dict:
     """custom_translation_table mapping the model's torch custom ops to `ai.itera` nodes."""
     ops = torch.ops.itera
@@ -76,6 +95,7 @@ def translation_table() -> dict:
         ops.selective_scan.default: _selective_scan,
         ops.ssm_step.default: _ssm_step,
         ops.moe.default: _moe,
+        ops.kv_attention.default: _kv_attention,
     }
 
 
@@ -172,19 +192,35 @@ def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: 
         ssd_token, (r(2, 1, H, P), r(2, 1, H).abs(), -r(H).abs(), r(2, 1, G, N), r(2, 1, G, N), r(2, H, N, P)),
         (bt, bt, None, bt, bt, bt), opset,
     )
-    # top_k = 2 at trace time only; the function reads its `top_k` attribute.
-    moe = _export_kernel(
-        _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
-        ({0: T}, {0: T}, None, None, None), opset,
+    fns = [_graph_to_function(conv, CausalConv1d.op_schema), _graph_to_function(scan, SelectiveScan.op_schema),
+           _graph_to_function(step, SsmStep.op_schema)]
+    if E:  # no MoE function for a model without experts (an imported plain Mamba-2)
+        # top_k = 2 at trace time only; the function reads its `top_k` attribute.
+        moe = _export_kernel(
+            _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
+            ({0: T}, {0: T}, None, None, None), opset,
+        )
+        moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
+        _top_k_from_attribute(moe_fn)
+        fns.append(moe_fn)
+    return tuple(fns)
+
+
+@functools.lru_cache(maxsize=8)
+def _attention_decomposition(Hq: int, Hkv: int, Dh: int, C: int, scale: float, theta: float, opset: int):
+    """KvAttention's function, its sizes and constants baked in (every attention layer shares them)."""
+    b, T, S = torch.export.Dim("batch"), torch.export.Dim("seq", min=2), torch.export.Dim("total", min=2)
+    r = torch.randn
+
+    def kernel(q, k, v, past_k, past_v, mask):
+        return kv_attention(q, k, v, past_k, past_v, mask, Hq, Hkv, scale, theta)
+
+    model = _export_kernel(
+        kernel, (r(2, 5, Hq * Dh), r(2, 5, Hkv * Dh), r(2, 5, Hkv * Dh), r(2, Hkv, C, Dh), r(2, Hkv, C, Dh),
+                 torch.ones(2, 9, dtype=torch.long)),
+        ({0: b, 1: T}, {0: b, 1: T}, {0: b, 1: T}, {0: b}, {0: b}, {0: b, 1: S}), opset,
     )
-    moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
-    _top_k_from_attribute(moe_fn)
-    return (
-        _graph_to_function(conv, CausalConv1d.op_schema),
-        _graph_to_function(scan, SelectiveScan.op_schema),
-        _graph_to_function(step, SsmStep.op_schema),
-        moe_fn,
-    )
+    return _graph_to_function(model, KvAttention.op_schema)
 
 
 def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:
@@ -198,4 +234,7 @@ def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:
     Cc = d_inner + 2 * cfg.n_groups * cfg.d_state
     fns = _decompositions(H, cfg.head_dim, cfg.d_state, cfg.n_groups, Cc, cfg.d_conv,
                           cfg.d_model, cfg.n_experts, cfg.d_expert, opset)
+    if "attention" in getattr(cfg, "layer_types", ()):
+        fns = (*fns, _attention_decomposition(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
+                                              cfg.max_seq_len, cfg.attention_multiplier, cfg.rope_theta, opset))
     return [onnx.FunctionProto.FromString(f.SerializeToString()) for f in fns]

@@ -18,8 +18,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from itera_runtime.bundle import MANIFEST_NAME, is_bundle, sha256_file
+from itera_runtime.bundle import MANIFEST_NAME, BundleError, is_bundle, sha256_file
 from itera_runtime.errors import UserError
+from itera_runtime.manifest import Manifest
+from itera_runtime.owned import NotOursError, refuse_strays, strays
 
 
 class PublishError(UserError):
@@ -57,6 +59,21 @@ def check_destination(out: Path, force: bool) -> None:
     if not is_bundle(out):
         raise PublishError(f"{out} is not an itera bundle (no {MANIFEST_NAME} of ours); --force replaces "
                            "only bundles, so nothing was written")
+    try:
+        refuse_strays(out, bundle_strays(out), "an itera bundle")
+    except NotOursError as e:
+        raise PublishError(str(e)) from None
+
+
+def bundle_strays(folder: Path) -> list[str]:
+    """Files of a bundle folder that its manifest does not pin as they are now (the user's)."""
+    mpath = folder / MANIFEST_NAME
+    try:
+        manifest = Manifest.from_json(mpath.read_text(encoding="utf-8"), str(mpath))
+    except (OSError, ValueError, BundleError) as e:
+        raise PublishError(f"{folder} looks like a bundle but its {MANIFEST_NAME} does not read as ours "
+                           f"({e}); refusing to replace it") from None
+    return strays(folder, {n: (f.sha256, f.bytes) for n, f in manifest.files.items()}, ignore=(MANIFEST_NAME,))
 
 
 def _temp_prefix(out: Path) -> str:

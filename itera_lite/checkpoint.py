@@ -36,6 +36,9 @@ def save_checkpoint(path: str | Path, payload: dict) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        # 0600 (mkstemp's mode, kept on purpose): a checkpoint is one user's work in progress and
+        # --resume trusts it; the exported bundle (0644) is the file meant for others (README).
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)
             f.flush()

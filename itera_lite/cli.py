@@ -36,7 +36,8 @@ def _finite_positive(ctx, param, value):
 @click.option("--grad-clip", type=float, default=_D.grad_clip, callback=_finite_positive)
 @click.option("--max-steps", type=click.IntRange(1), default=_D.max_steps)
 @click.option("--max-minutes", type=click.FloatRange(0, min_open=True), default=None, callback=_finite_positive,
-              help="wall-clock budget")
+              help="wall-clock budget, the closing evaluation of best.pt included: training takes 90% of it, "
+                   "the evaluation what fits the rest (summary.json final_eval)")
 @click.option("--max-tokens", type=click.IntRange(1), default=None, help="training-token budget")
 @click.option("--eval-every", type=click.IntRange(1), default=_D.eval_every)
 @click.option("--eval-batches", type=click.IntRange(1), default=_D.eval_batches)
@@ -81,6 +82,12 @@ def main(model, preset, out, resume, quiet, **kw):
                    f"{summary['steps']} steps ({summary['stop_reason']}), "
                    f"val bits/byte {best['val_bpb']:.4f}, val ppl {best['val_ppl']:.2f}, "
                    f"test bits/byte {best['test_bpb']:.4f} → {summary['train_config']['out']}/summary.json")
+        final = summary.get("final_eval") or {}
+        if final.get("bounded_by") == "max_minutes" and not (final["val"]["complete"] and final["test"]["complete"]):
+            click.echo(f"note: best.pt was evaluated on the first {final['val']['windows']:,} of "
+                       f"{final['val']['windows_in_split']:,} val and {final['test']['windows']:,} of "
+                       f"{final['test']['windows_in_split']:,} test windows, what fit the --max-minutes budget "
+                       "(summary.json final_eval; itera-bench quality scores a bundle on whole splits)", err=True)
         distill = summary.get("distillation")
         if distill:
             share = distill["teacher_share_of_step"]

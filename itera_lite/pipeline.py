@@ -58,7 +58,7 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
     """Run the whole job: train both families, compare, export, generate, measure decode speed."""
     from itera_bench.plot import PlotError, pyplot
     from itera_bench.record import format_records
-    from itera_bench.report import CLAIMS_JSON, render
+    from itera_bench.report import CLAIMS_JSON, check_report_folder, render
     from itera_bench.cli import suite
     from itera_bench.suite import collect, run_all
     from itera_export.exporter import export_checkpoint
@@ -72,6 +72,10 @@ def main(data, preset, minutes, max_steps, contexts, bench_threads, threads, out
         click.echo(f"error: {e}", err=True)
         sys.exit(1)
     out = Path(out)
+    try:
+        check_report_folder(out)  # a user's report.md there is refused now, not after minutes of training
+    except UserError as e:
+        fail(e)
     out.mkdir(parents=True, exist_ok=True)
     ctx = contexts
     families = {"itera": "Itera-Lite", "baseline": "Transformer baseline"}

@@ -20,6 +20,7 @@ The folder written (atomically) is what `itera-export --retrieval DIR` puts in a
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -36,6 +37,7 @@ from itera_runtime.errors import UserError
 DATASTORE_FORMAT = "itera-datastore"
 DATASTORE_FORMAT_VERSION = 1
 META_NAME = "datastore.json"
+KEYS_NAME, VALUES_NAME = "keys.npy", "values.npy"
 KEY_DTYPE = "float16"
 # The tuning grid. Temperatures are multiples of the median nearest-neighbour score
 # magnitude, so one grid fits models whose hidden states differ in scale.
@@ -136,11 +138,7 @@ def build_datastore(checkpoint, out=None, max_entries: int | None = 100_000, seq
     if max_entries is not None and max_entries < 1:
         raise DatastoreError(f"--max-entries must be at least 1, got {max_entries}")
     out = Path(out) if out else default_out(checkpoint)
-    if out.exists():
-        if not (out / META_NAME).is_file():
-            raise DatastoreError(f"{out}: exists and is not a datastore; refusing to replace it")
-        if not force:
-            raise DatastoreError(f"{out}: a datastore is already there; --force replaces it")
+    check_replaceable(out, force)
     train_cfg = ckpt.get("train_config") or {}
     seq_len = seq_len or int(train_cfg.get("seq_len", 256))
     if texts is None:
@@ -197,56 +195,111 @@ def build_datastore(checkpoint, out=None, max_entries: int | None = 100_000, seq
                    "seq_len": seq_len, "windows": int(n_windows), "windows_in_split": int(len(windows)),
                    "seed": seed, "tuning": {"split": "val", **tuned}},
     }
-    _write(out, keys, values, meta)
+    _write(out, keys, values, meta, force)
     return out, meta
 
 
-def _write(out: Path, keys: np.ndarray, values: np.ndarray, meta: dict) -> None:
-    """Write the folder beside `out` and rename it into place: never half a datastore."""
+def _write(out: Path, keys: np.ndarray, values: np.ndarray, meta: dict, force: bool) -> None:
+    """Write the folder beside `out` and rename it into place: never half a datastore.
+
+    meta gets the arrays' sha256 and size ("files"): what says, next time, that they are ours.
+    """
+    from itera_runtime.bundle import file_entry
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
     try:
-        np.save(tmp / "keys.npy", keys, allow_pickle=False)
-        np.save(tmp / "values.npy", values, allow_pickle=False)
+        np.save(tmp / KEYS_NAME, keys, allow_pickle=False)
+        np.save(tmp / VALUES_NAME, values, allow_pickle=False)
+        meta["files"] = {n: dataclasses.asdict(file_entry(tmp / n)) for n in (KEYS_NAME, VALUES_NAME)}
         (tmp / META_NAME).write_text(json.dumps(meta, indent=1) + "\n")
         os.chmod(tmp, 0o755)
-        if out.exists():  # checked above to be a datastore of ours
+        if out.exists():
+            check_replaceable(out, force)  # still ours after the minutes of work
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def read_datastore(folder) -> tuple[dict, Path, Path]:
-    """(meta, keys path, values path) of a datastore folder, checked; DatastoreError in one line."""
+def read_datastore(folder, vocab_size: int | None = None):
+    """(spec, keys path, values path) of a datastore folder, checked as the runtime checks it; one line if not.
+
+    spec is an `itera_runtime.manifest.Retrieval` built from datastore.json (its settings
+    checked); with vocab_size the arrays are loaded and checked too (`load_arrays`), every
+    message naming the user's file.
+    """
+    from itera_runtime.bundle import BundleError
+    from itera_runtime.retrieval import datastore_spec, load_arrays
+
     folder = Path(folder)
+    meta_path = folder / META_NAME
     try:
-        meta = json.loads((folder / META_NAME).read_text(encoding="utf-8"))
+        if meta_path.is_symlink():
+            raise DatastoreError(f"{meta_path}: a symbolic link; a datastore's files are its own")
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise DatastoreError(f"{folder}: no {META_NAME}; not a datastore (build one with itera-train "
                              "retrieval-index)") from None
-    except (OSError, ValueError) as e:
-        raise DatastoreError(f"{folder / META_NAME}: unreadable ({e})") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise DatastoreError(f"{meta_path}: unreadable ({' '.join(str(e).split())})") from None
     if not isinstance(meta, dict) or meta.get("format") != DATASTORE_FORMAT:
-        raise DatastoreError(f"{folder}: not an {DATASTORE_FORMAT} folder")
+        raise DatastoreError(f"{meta_path}: not an {DATASTORE_FORMAT} file")
     if meta.get("format_version") != DATASTORE_FORMAT_VERSION:
-        raise DatastoreError(f"{folder}: datastore format version {meta.get('format_version')} is not "
+        raise DatastoreError(f"{meta_path}: datastore format version {meta.get('format_version')} is not "
                              f"{DATASTORE_FORMAT_VERSION}; rebuild it")
-    keys, values = folder / "keys.npy", folder / "values.npy"
-    for p in (keys, values):
-        if not p.is_file():
-            raise DatastoreError(f"{p}: missing")
-    return meta, keys, values
+    try:
+        spec = datastore_spec({**meta, "keys": KEYS_NAME, "values": VALUES_NAME}, str(meta_path))
+        if vocab_size is not None:
+            load_arrays(folder, spec, vocab_size, str(meta_path))
+    except BundleError as e:
+        raise DatastoreError(str(e)) from None
+    return spec, folder / KEYS_NAME, folder / VALUES_NAME
 
 
-def check_fits(meta: dict, model, tokenizer_json: str, where: str) -> None:
-    """Refuse, in one line, a datastore made with another tokenizer or other weights than this model."""
+def check_replaceable(out: Path, force: bool) -> None:
+    """Refuse, before any work, an --out that is not a datastore of ours (exactly its three files, as written).
+
+    The arrays must have the sha256 datastore.json pins; a datastore from before the pins must
+    at least read as one (of any vocabulary: it may be another model's).
+    """
+    from itera_runtime.owned import NotOursError, refuse_strays, strays
+
+    if not out.exists() and not out.is_symlink():
+        return
+    if out.is_symlink() or not out.is_dir():
+        raise DatastoreError(f"{out}: exists and is not a datastore folder; refusing to replace it")
+    if not any(out.iterdir()):
+        return  # an empty folder holds nothing to lose
+    try:
+        meta = json.loads((out / META_NAME).read_text(encoding="utf-8"))
+        pinned = meta.get("files") if isinstance(meta, dict) and isinstance(meta.get("files"), dict) else {}
+        read_datastore(out, None if pinned else np.iinfo(np.int64).max)
+    except (OSError, ValueError, RecursionError):
+        raise DatastoreError(f"{out}: exists and is not a datastore of ours ({out / META_NAME} does not read as "
+                             "one); refusing to replace it") from None
+    except DatastoreError as e:
+        raise DatastoreError(f"{out}: exists and is not a datastore of ours ({e}); refusing to replace it") from None
+    expected = {}
+    for name in (KEYS_NAME, VALUES_NAME):
+        entry = pinned.get(name) if isinstance(pinned.get(name), dict) else {}
+        expected[name] = (entry.get("sha256"), entry.get("bytes"))
+    try:
+        refuse_strays(out, strays(out, expected, ignore=(META_NAME,)), "a datastore")
+    except NotOursError as e:
+        raise DatastoreError(str(e)) from None
+    if not force:
+        raise DatastoreError(f"{out}: a datastore is already there; --force replaces it")
+
+
+def check_fits(spec, model, tokenizer_json: str, where: str) -> None:
+    """Refuse, in one line, a datastore (its `Retrieval` spec) made with another tokenizer or other weights."""
     from .checkpoint import weights_sha256
 
-    if meta.get("tokenizer_sha256") != tokenizer_sha256(tokenizer_json):
+    if spec.tokenizer_sha256 != tokenizer_sha256(tokenizer_json):
         raise DatastoreError(f"{where}: the datastore was built with another tokenizer than this checkpoint's; refused")
-    if meta.get("model_sha256") != weights_sha256(model):
+    if spec.model_sha256 != weights_sha256(model):
         raise DatastoreError(f"{where}: the datastore was built from other weights than this checkpoint's; refused")
-    if meta.get("dim") != model.config.d_model:
-        raise DatastoreError(f"{where}: keys have {meta.get('dim')} dims, the model's hidden state "
+    if spec.dim != model.config.d_model:
+        raise DatastoreError(f"{where}: keys have {spec.dim} dims, the model's hidden state "
                              f"{model.config.d_model}; refused")

@@ -36,11 +36,12 @@ import numpy as np
 import torch
 
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .data import DataError, get_batch, prepare_data
+from .data import get_batch, prepare_data
 from .distill import DistillError, Teacher, distill_loss, teacher_path
 from .evaluation import evaluate, perplexity, token_byte_lengths
 from .models import build_model, config_from_dict, config_to_dict, count_params, make_config
 from itera_runtime.errors import UserError
+from itera_runtime.owned import FolderLock, NotOursError
 
 
 @dataclass
@@ -126,22 +127,57 @@ class TrainError(UserError):
 # ---------------------------------------------------------------------------------------
 
 
-def budget_fraction(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
-    """How much of the run's budget is used: the largest of steps, tokens and time (0..1)."""
-    used = [step / cfg.max_steps]
+# With a time budget, training stops at (1 - CLOSING_SHARE) of it: the rest is for the closing
+# evaluation of best.pt on val and test (as many windows as fit), so a run ends near its budget.
+CLOSING_SHARE = 0.1
+# With a time or token budget, warm-up ends by this share of it, whatever --warmup-steps says:
+# steps are slow on a small CPU, and 100 of them can outlast a short budget.
+WARMUP_MAX_SHARE = 0.1
+
+
+def training_seconds(cfg: TrainConfig) -> float | None:
+    """The part of a --max-minutes budget training may use (None: no time budget)."""
+    return None if cfg.max_minutes is None else cfg.max_minutes * 60 * (1 - CLOSING_SHARE)
+
+
+def _time_or_token_fraction(cfg: TrainConfig, tokens_seen: int, elapsed_s: float) -> float | None:
+    used = []
     if cfg.max_tokens is not None:
         used.append(tokens_seen / cfg.max_tokens)
     if cfg.max_minutes is not None:
-        used.append(elapsed_s / (cfg.max_minutes * 60))
-    return min(1.0, max(used))
+        used.append(elapsed_s / training_seconds(cfg))
+    return max(used) if used else None
 
 
-def lr_at(cfg: TrainConfig, step: int, fraction: float, warmup_end_fraction: float | None) -> float:
-    """Linear warm-up over warmup_steps, then cosine from lr to min_lr_ratio * lr as the budget
-    fraction goes from where warm-up ended to 1, whichever budget (steps, tokens, time) ends
-    the run. With only a step budget this is the usual step-based cosine."""
-    if step < cfg.warmup_steps or warmup_end_fraction is None:
-        return cfg.lr * (step + 1) / max(1, cfg.warmup_steps)
+def budget_fraction(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
+    """How much of the run's budget is used: the largest of steps, tokens and time (0..1)."""
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    return min(1.0, max(step / cfg.max_steps, other or 0.0))
+
+
+def warmup_progress(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> float:
+    """How far warm-up is (0..1): step + 1 of warmup_steps, or WARMUP_MAX_SHARE of a time or token budget."""
+    ramp = (step + 1) / max(1, cfg.warmup_steps)
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    if other is not None:
+        ramp = max(ramp, other / WARMUP_MAX_SHARE)
+    return min(1.0, ramp)
+
+
+def warmup_over(cfg: TrainConfig, step: int, tokens_seen: int, elapsed_s: float) -> bool:
+    """Whether the cosine starts now: warmup_steps done, or the warm-up's share of a time or token budget."""
+    other = _time_or_token_fraction(cfg, tokens_seen, elapsed_s)
+    return step >= cfg.warmup_steps or (other is not None and other >= WARMUP_MAX_SHARE)
+
+
+def lr_at(cfg: TrainConfig, step: int, fraction: float, warmup_end_fraction: float | None,
+          warmup: float | None = None) -> float:
+    """Linear warm-up (`warmup`: its progress, default step + 1 of warmup_steps), then cosine from lr
+    to min_lr_ratio * lr as the budget fraction goes from where warm-up ended to 1, whichever
+    budget (steps, tokens, time) ends the run. With only a step budget this is the usual
+    step-based cosine."""
+    if warmup_end_fraction is None:
+        return cfg.lr * (min(1.0, (step + 1) / max(1, cfg.warmup_steps)) if warmup is None else warmup)
     progress = (fraction - warmup_end_fraction) / max(1e-12, 1.0 - warmup_end_fraction)
     progress = min(1.0, max(0.0, progress))
     return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
@@ -191,7 +227,8 @@ class RunState:
         return None if self.warmup_end is None else budget_fraction(self.cfg, *self.warmup_end)
 
     def lr(self) -> float:
-        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction())
+        return lr_at(self.cfg, self.step, self.fraction(), self.warmup_end_fraction(),
+                     warmup_progress(self.cfg, self.step, self.tokens_seen, self.elapsed_s))
 
     def to_checkpoint(self) -> dict:
         """The checkpoint payload (configs, tokenizer, weights, optimizer, position)."""
@@ -229,6 +266,7 @@ class RunState:
 
 # Names a run folder of ours holds. A folder holding anything else is the user's.
 RUN_MARKER = ".itera-train"
+RUN_LOCK = ".itera-train.lock"  # pid and host of the process writing the run (runtime/owned.py FolderLock)
 RUN_FILES = ("best.pt", "last.pt", "metrics.jsonl", "train.csv", "eval.csv", "summary.json", RUN_MARKER)
 RUN_DIRS = ("tensorboard",)
 # Temp files of our own atomic writes (checkpoint.save_checkpoint, summary.json): a kill
@@ -236,8 +274,8 @@ RUN_DIRS = ("tensorboard",)
 STALE_TEMP = re.compile(r"^(\.(best|last)\.pt\..+\.tmp|summary\.json\.tmp)$")
 
 
-def _claim_run_folder(out: Path, resume: bool) -> bool:
-    """Check `out` may hold this run, clean our stale temp files; True if we create it."""
+def _claim_run_folder(out: Path, resume: bool) -> tuple[bool, FolderLock]:
+    """Check `out` may hold this run, take its lock, clean our stale temp files; (True if we created it, lock)."""
     last = out / "last.pt"
     if out.exists() and not out.is_dir():
         raise TrainError(f"--out {out} is a file, not a folder")
@@ -247,20 +285,30 @@ def _claim_run_folder(out: Path, resume: bool) -> bool:
     elif last.exists():
         raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     created = not out.exists()
-    if created:
-        return True
-    entries = [p for p in out.iterdir() if not STALE_TEMP.match(p.name)]
-    if entries and not resume and not (out / RUN_MARKER).exists():
-        names = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
-        raise TrainError(f"--out {out} is not empty and is not an itera-train run (holds {names}); "
-                         "choose a new or empty folder")
+    if not created:
+        entries = [p for p in out.iterdir() if not STALE_TEMP.match(p.name) and p.name != RUN_LOCK]
+        if entries and not resume and not (out / RUN_MARKER).exists():
+            names = ", ".join(sorted(p.name for p in entries)[:3]) + (", ..." if len(entries) > 3 else "")
+            raise TrainError(f"--out {out} is not empty and is not an itera-train run (holds {names}); "
+                             "choose a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = FolderLock(out / RUN_LOCK, "itera-train")
+        lock.acquire(log=lambda m: print(m, file=sys.stderr))
+    except NotOursError as e:
+        raise TrainError(str(e)) from None
+    except OSError as e:
+        raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+    if not resume and last.exists():  # another run wrote its first checkpoint while we looked
+        lock.release()
+        raise TrainError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
     for p in out.iterdir():
         if STALE_TEMP.match(p.name) and p.is_file():
             p.unlink(missing_ok=True)
-    if not resume:
+    if not resume and not created:
         # A run of ours killed before its first checkpoint: start it over from nothing.
         _remove_run_files(out, created=False)
-    return False
+    return created, lock
 
 
 def _remove_run_files(out: Path, created: bool) -> None:
@@ -458,205 +506,225 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, given: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
 
-    created, error = False, None
+    created, error, lock = False, None, None
     if rank == 0:
         try:
-            created = _claim_run_folder(out, resume)  # before any work: refuse early, write nothing
+            # Before any work: refuse early, write nothing but our lock (one writer per run folder).
+            created, lock = _claim_run_folder(out, resume)
             data = prepare_data(cfg.data, cfg.vocab_size, progress=progress)
             _check_splits(cfg, data)
             teacher = _load_teacher(cfg, data, ckpt)
             try:
-                out.mkdir(parents=True, exist_ok=True)
                 (out / RUN_MARKER).write_text(json.dumps({"tool": "itera-train"}) + "\n")
             except OSError as e:
                 raise TrainError(f"--out {out}: cannot write there ({e.strerror or e})") from None
-        except (TrainError, DataError, CheckpointError) as e:
-            error = e
-    if world > 1:
-        # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
-        failed = [None if error is None else str(error)]
-        torch.distributed.broadcast_object_list(failed, 0)
-        if failed[0] is not None and rank != 0:
-            raise TrainError(f"rank 0 failed: {failed[0]}")
-    if error is not None:
-        raise error
-    if rank != 0:
-        data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
-        teacher = _load_teacher(cfg, data, ckpt)
-    if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
-        raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
-
-    torch.manual_seed(cfg.seed)
-    model_cfg = (config_from_dict(ckpt["model_config"]) if ckpt
-                 else make_config(cfg.model, cfg.preset, vocab_size=data.vocab_size))
-    model = build_model(model_cfg)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                                  betas=(cfg.beta1, cfg.beta2), fused=False)
-    state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
-                     params=count_params(model), teacher=teacher and teacher.describe())
-    if ckpt:
-        state.restore(ckpt)
-    model.train()
-    # Experts that get no tokens on a rank have no gradient there: DDP must not wait for them.
-    ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model)
-
-    train_tokens, val_tokens = data.split("train"), data.split("val")
-    byte_len = token_byte_lengths(data.tokenizer_json)
-    logs = _Logs(out, state.step if ckpt else None, cfg.tensorboard) if rank == 0 else None
-    save_every = cfg.save_every or cfg.eval_every
-    rows_per_rank = cfg.batch_size // world
-    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
-    start_step, saved_step = state.step, state.step
-    t_start, elapsed0 = time.perf_counter(), state.elapsed_s
-    stop_reason = "max_steps"
-
-    def tick():
-        state.elapsed_s = elapsed0 + time.perf_counter() - t_start
-
-    def save(path: Path):
-        nonlocal saved_step
-        tick()
-        save_checkpoint(path, state.to_checkpoint())
-        if path == last_path:
-            saved_step = state.step
-
-    def run_eval():
-        state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches)
-        state.last_eval_step = state.step
-        improved = state.val["loss"] < state.best_val_loss
-        state.best_val_loss = min(state.best_val_loss, state.val["loss"])
-        state.evals_since_best = 0 if improved else state.evals_since_best + 1
-        if rank == 0:
-            tick()
-            logs.write("eval", {"step": state.step, "tokens": state.tokens_seen, "val_loss": state.val["loss"],
-                                "val_ppl": state.val["ppl"], "val_bpb": state.val["bpb"],
-                                "best_val_loss": state.best_val_loss, "elapsed_s": state.elapsed_s})
-            bar.set_postfix(val_bpb=f"{state.val['bpb']:.3f}", refresh=False)
-            # best.pt only ever holds the best model seen: never a worse one after a resume.
-            if improved:
-                save(out / "best.pt")
-
-    bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {model_cfg.family}-{cfg.preset}",
-               disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+        except BaseException as e:  # any refusal before work (or a bug): our lock and folder go again
+            if lock is not None:  # undo only what this run did: its lock, and the folder if it made it
+                lock.release()
+                lock = None
+                if created:
+                    with contextlib.suppress(OSError):
+                        out.rmdir()
+            if not isinstance(e, UserError):
+                raise  # a bug keeps its traceback
+            error = e  # raised below, after the other ranks are told
     try:
-        while True:
+        if world > 1:
+            # Rank 0 prepares the data and the folder; the others wait, and stop if it failed.
+            failed = [None if error is None else str(error)]
+            torch.distributed.broadcast_object_list(failed, 0)
+            if failed[0] is not None and rank != 0:
+                raise TrainError(f"rank 0 failed: {failed[0]}")
+        if error is not None:
+            raise error
+        if rank != 0:
+            data = prepare_data(cfg.data, cfg.vocab_size, progress=False)
+            teacher = _load_teacher(cfg, data, ckpt)
+        if ckpt is not None and ckpt["tokenizer_json"] != data.tokenizer_json:
+            raise CheckpointError(f"{last_path}: the data's tokenizer differs from the checkpoint's; same --data?")
+
+        torch.manual_seed(cfg.seed)
+        model_cfg = (config_from_dict(ckpt["model_config"]) if ckpt
+                     else make_config(cfg.model, cfg.preset, vocab_size=data.vocab_size))
+        model = build_model(model_cfg)
+        optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr,
+                                      betas=(cfg.beta1, cfg.beta2), fused=False)
+        state = RunState(cfg, model_cfg, data.tokenizer_json, data.meta, validation_sample(cfg, data), model, optimizer,
+                         params=count_params(model), teacher=teacher and teacher.describe())
+        if ckpt:
+            state.restore(ckpt)
+        model.train()
+        # Experts that get no tokens on a rank have no gradient there: DDP must not wait for them.
+        ddp = (torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True) if world > 1 else model)
+
+        train_tokens, val_tokens = data.split("train"), data.split("val")
+        byte_len = token_byte_lengths(data.tokenizer_json)
+        logs = _Logs(out, state.step if ckpt else None, cfg.tensorboard) if rank == 0 else None
+        save_every = cfg.save_every or cfg.eval_every
+        rows_per_rank = cfg.batch_size // world
+        tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum
+        start_step, saved_step = state.step, state.step
+        t_start, elapsed0 = time.perf_counter(), state.elapsed_s
+        # Where a time budget ends on this clock: the closing evaluations take what is left of it.
+        budget_end = None if cfg.max_minutes is None else t_start + cfg.max_minutes * 60 - elapsed0
+        stop_reason = "max_steps"
+
+        def tick():
+            state.elapsed_s = elapsed0 + time.perf_counter() - t_start
+
+        def save(path: Path):
+            nonlocal saved_step
             tick()
-            if world > 1:
-                # Ranks measure time apart: rank 0's clock decides the budget and the rate.
-                clock = torch.tensor([state.elapsed_s], dtype=torch.float64)
-                torch.distributed.broadcast(clock, 0)
-                state.elapsed_s = float(clock)
-            if state.step >= cfg.max_steps:
-                stop_reason = "max_steps"
-                break
-            if cfg.max_minutes is not None and state.elapsed_s >= cfg.max_minutes * 60:
-                stop_reason = "max_minutes"
-                break
-            if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
-                stop_reason = "max_tokens"
-                break
-            if cfg.patience is not None and state.evals_since_best >= cfg.patience:
-                stop_reason = "early_stopping"
-                break
-            if state.warmup_end is None and state.step >= cfg.warmup_steps:
-                state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
-            lr = state.lr()
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            t0 = time.perf_counter()
-            sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "kl": 0.0, "distill_loss": 0.0}
-            teacher_s = 0.0
-            load = None
-            for micro in range(cfg.grad_accum):
-                x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
-                                 cfg.seed, rank=rank, world_size=world)
-                # Gradients are averaged across ranks once per step, on the last micro-batch.
-                sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
-                with sync:
-                    x_t = torch.from_numpy(x)
-                    teacher_logits = None
-                    if teacher is not None:
-                        t_teacher = time.perf_counter()
-                        teacher_logits = teacher.logits(x_t)  # (B, L, V), no graph
-                        teacher_s += time.perf_counter() - t_teacher
-                    res = ddp(x_t)
-                    total, loss, kl = distill_loss(res.logits, teacher_logits, torch.from_numpy(y),
-                                                   cfg.distill_alpha, cfg.distill_temperature)
-                    if kl is not None:
-                        sums["kl"] += kl.item() / cfg.grad_accum
-                        sums["distill_loss"] += total.item() / cfg.grad_accum
-                    if res.aux:
-                        total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
-                                 + cfg.z_loss_coef * res.aux["z_loss"])
-                        sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
-                        sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
-                        load = res.aux["load"] if load is None else load + res.aux["load"]
-                    (total / cfg.grad_accum).backward()
-                sums["loss"] += loss.item() / cfg.grad_accum
-            if world > 1:
-                # Log the global batch's losses and expert load, not rank 0's share of them.
-                names = list(sums)
-                logged = torch.tensor([sums[k] for k in names])
-                torch.distributed.all_reduce(logged)
-                sums = dict(zip(names, (logged / world).tolist()))
-                if load is not None:
-                    load = load.clone()
-                    torch.distributed.all_reduce(load)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
-            state.tokens_seen += tokens_per_step
-            dt = time.perf_counter() - t0
-            bar.update(1)
+            save_checkpoint(path, state.to_checkpoint())
+            if path == last_path:
+                saved_step = state.step
 
-            if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
+        def run_eval(deadline: float | None = None, desc: str | None = None):
+            state.val = evaluate(model, val_tokens, byte_len, cfg.batch_size, cfg.seq_len, cfg.eval_batches,
+                                 deadline=deadline, progress=desc)
+            state.last_eval_step = state.step
+            improved = state.val["loss"] < state.best_val_loss
+            state.best_val_loss = min(state.best_val_loss, state.val["loss"])
+            state.evals_since_best = 0 if improved else state.evals_since_best + 1
+            if rank == 0:
                 tick()
-                rec = {"step": state.step, "tokens": state.tokens_seen, "loss": sums["loss"],
-                       "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
-                       "tokens_per_s": tokens_per_step / dt,
-                       "balance_loss": sums["balance_loss"] if load is not None else None,
-                       "z_loss": sums["z_loss"] if load is not None else None,
-                       "kl": sums["kl"] if teacher is not None else None,
-                       "distill_loss": sums["distill_loss"] if teacher is not None else None,
-                       "teacher_s": teacher_s if teacher is not None else None, "elapsed_s": state.elapsed_s}
-                if load is not None:
-                    rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
-                logs.write("train", rec)
-                bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
+                logs.write("eval", {"step": state.step, "tokens": state.tokens_seen, "val_loss": state.val["loss"],
+                                    "val_ppl": state.val["ppl"], "val_bpb": state.val["bpb"],
+                                    "best_val_loss": state.best_val_loss, "elapsed_s": state.elapsed_s})
+                bar.set_postfix(val_bpb=f"{state.val['bpb']:.3f}", refresh=False)
+                # best.pt only ever holds the best model seen: never a worse one after a resume.
+                if improved:
+                    save(out / "best.pt")
 
-            if state.step % cfg.eval_every == 0 or state.step >= cfg.max_steps:
-                run_eval()
-            if rank == 0 and state.step % save_every == 0:
-                save(last_path)
-    finally:
-        bar.close()
+        bar = tqdm(total=cfg.max_steps, initial=state.step, desc=f"train {model_cfg.family}-{cfg.preset}",
+                   disable=not progress or rank != 0, file=sys.stderr, dynamic_ncols=True)
+        try:
+            while True:
+                tick()
+                if world > 1:
+                    # Ranks measure time apart: rank 0's clock decides the budget and the rate.
+                    clock = torch.tensor([state.elapsed_s], dtype=torch.float64)
+                    torch.distributed.broadcast(clock, 0)
+                    state.elapsed_s = float(clock)
+                if state.step >= cfg.max_steps:
+                    stop_reason = "max_steps"
+                    break
+                if cfg.max_minutes is not None and state.elapsed_s >= training_seconds(cfg):
+                    stop_reason = "max_minutes"  # the rest of the budget is the closing evaluation's
+                    break
+                if cfg.max_tokens is not None and state.tokens_seen >= cfg.max_tokens:
+                    stop_reason = "max_tokens"
+                    break
+                if cfg.patience is not None and state.evals_since_best >= cfg.patience:
+                    stop_reason = "early_stopping"
+                    break
+                if state.warmup_end is None and warmup_over(cfg, state.step, state.tokens_seen, state.elapsed_s):
+                    state.warmup_end = [state.step, state.tokens_seen, state.elapsed_s]
+                lr = state.lr()
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                t0 = time.perf_counter()
+                sums = {"loss": 0.0, "balance_loss": 0.0, "z_loss": 0.0, "kl": 0.0, "distill_loss": 0.0}
+                teacher_s = 0.0
+                load = None
+                for micro in range(cfg.grad_accum):
+                    x, y = get_batch(train_tokens, state.step * cfg.grad_accum + micro, rows_per_rank, cfg.seq_len,
+                                     cfg.seed, rank=rank, world_size=world)
+                    # Gradients are averaged across ranks once per step, on the last micro-batch.
+                    sync = contextlib.nullcontext() if world == 1 or micro == cfg.grad_accum - 1 else ddp.no_sync()
+                    with sync:
+                        x_t = torch.from_numpy(x)
+                        teacher_logits = None
+                        if teacher is not None:
+                            t_teacher = time.perf_counter()
+                            teacher_logits = teacher.logits(x_t)  # (B, L, V), no graph
+                            teacher_s += time.perf_counter() - t_teacher
+                        res = ddp(x_t)
+                        total, loss, kl = distill_loss(res.logits, teacher_logits, torch.from_numpy(y),
+                                                       cfg.distill_alpha, cfg.distill_temperature)
+                        if kl is not None:
+                            sums["kl"] += kl.item() / cfg.grad_accum
+                            sums["distill_loss"] += total.item() / cfg.grad_accum
+                        if res.aux:
+                            total = (total + cfg.aux_loss_coef * res.aux["balance_loss"]
+                                     + cfg.z_loss_coef * res.aux["z_loss"])
+                            sums["balance_loss"] += res.aux["balance_loss"].item() / cfg.grad_accum
+                            sums["z_loss"] += res.aux["z_loss"].item() / cfg.grad_accum
+                            load = res.aux["load"] if load is None else load + res.aux["load"]
+                        (total / cfg.grad_accum).backward()
+                    sums["loss"] += loss.item() / cfg.grad_accum
+                if world > 1:
+                    # Log the global batch's losses and expert load, not rank 0's share of them.
+                    names = list(sums)
+                    logged = torch.tensor([sums[k] for k in names])
+                    torch.distributed.all_reduce(logged)
+                    sums = dict(zip(names, (logged / world).tolist()))
+                    if load is not None:
+                        load = load.clone()
+                        torch.distributed.all_reduce(load)
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip).item()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                dt = time.perf_counter() - t0
+                bar.update(1)
 
-    if state.step == 0:
-        # Nothing trained: leave nothing behind, not even a folder that now "holds a run".
+                if rank == 0 and (state.step % cfg.log_every == 0 or state.step == 1):
+                    tick()
+                    rec = {"step": state.step, "tokens": state.tokens_seen, "loss": sums["loss"],
+                           "ppl": perplexity(sums["loss"]), "lr": lr, "grad_norm": grad_norm,
+                           "tokens_per_s": tokens_per_step / dt,
+                           "balance_loss": sums["balance_loss"] if load is not None else None,
+                           "z_loss": sums["z_loss"] if load is not None else None,
+                           "kl": sums["kl"] if teacher is not None else None,
+                           "distill_loss": sums["distill_loss"] if teacher is not None else None,
+                           "teacher_s": teacher_s if teacher is not None else None, "elapsed_s": state.elapsed_s}
+                    if load is not None:
+                        rec["expert_load"] = (load.float() / load.sum(-1, keepdim=True)).tolist()  # (layers, E)
+                    logs.write("train", rec)
+                    bar.set_postfix(loss=f"{sums['loss']:.3f}", refresh=False)
+
+                if state.step % cfg.eval_every == 0 or state.step >= cfg.max_steps:
+                    run_eval()
+                if rank == 0 and state.step % save_every == 0:
+                    save(last_path)
+        finally:
+            bar.close()
+
+        if state.step == 0:
+            # Nothing trained: leave nothing behind, not even a folder that now "holds a run".
+            if rank == 0:
+                logs.close()
+                lock.release()  # first: the folder can only go once its lock file has
+                _remove_run_files(out, created)
+            raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
+        if state.last_eval_step != state.step and stop_reason != "early_stopping":
+            # A time or token budget ended between evals: evaluate the model the run ends with (with a
+            # time budget, on what fits half of the time left: best.pt's evaluation needs the rest).
+            now = time.perf_counter()
+            run_eval(None if budget_end is None else now + max(0.0, budget_end - now) / 2,
+                     "closing eval" if progress and rank == 0 else None)
+        if rank == 0 and saved_step != state.step:
+            save(last_path)
+        ranks = None
+        if world > 1:
+            digests = [None] * world
+            torch.distributed.all_gather_object(digests, params_sha256(model))
+            ranks = {"world_size": world, "params_sha256": digests, "in_sync": len(set(digests)) == 1}
+        summary = None
         if rank == 0:
             logs.close()
-            _remove_run_files(out, created)
-        raise TrainError(f"the budget ran out before the first training step ({stop_reason}); nothing written")
-    if state.last_eval_step != state.step and stop_reason != "early_stopping":
-        # A time or token budget ended between evals: evaluate the model the run ends with.
-        run_eval()
-    if rank == 0 and saved_step != state.step:
-        save(last_path)
-    ranks = None
-    if world > 1:
-        digests = [None] * world
-        torch.distributed.all_gather_object(digests, params_sha256(model))
-        ranks = {"world_size": world, "params_sha256": digests, "in_sync": len(set(digests)) == 1}
-    summary = None
-    if rank == 0:
-        logs.close()
-        summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
-                             resumed_spent=resume and state.step == start_step)
-    if world > 1:
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-    return summary
+            summary = _summarise(state, out, data, byte_len, stop_reason, ranks,
+                                 resumed_spent=resume and state.step == start_step, deadline=budget_end,
+                                 progress=progress)
+        if world > 1:
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+        return summary
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # ------------------------------------------------------------------------------ summary
@@ -694,8 +762,14 @@ def _distillation_summary(state: RunState, records: list[dict]) -> dict | None:
             "teacher_share_of_step": teacher_s / step_s if rows else None}
 
 
-def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent) -> dict:
-    """Final evaluation of best.pt on the whole validation and test splits; summary.json."""
+def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed_spent,
+               deadline: float | None = None, progress: bool = False) -> dict:
+    """Final evaluation of best.pt on the validation and test splits; summary.json.
+
+    Whole splits (or --final-eval-batches), unless the run has a time budget: then as many
+    windows from each split's start as fit what is left of it (`deadline`, a perf_counter
+    time; at least one batch each), said in the summary's "final_eval".
+    """
     from itera_runtime.provenance import provenance
 
     cfg, model_cfg = state.cfg, state.model_cfg
@@ -711,11 +785,28 @@ def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed
                 load += output.aux["load"]
 
         hook = best.register_forward_hook(count)
+    started = time.perf_counter()
+    left = None if deadline is None else max(0.0, deadline - started)
+    if progress:
+        what = ("whole splits" if cfg.final_eval_batches is None else f"first {cfg.final_eval_batches} batches of each")
+        if left is not None:
+            what = f"as much of each as fits the {left:.0f} s left of --max-minutes"
+        print(f"evaluating best.pt on the validation and test splits ({what})", file=sys.stderr)
     full = {}
-    for s in ("val", "test"):
-        full[s] = evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches)
+    for i, s in enumerate(("val", "test")):
+        split_deadline = None
+        if deadline is not None:  # val gets half of what is left, test the rest
+            now = time.perf_counter()
+            split_deadline = now + max(0.0, deadline - now) / (2 - i)
+        full[s] = evaluate(best, data.split(s), byte_len, cfg.batch_size, cfg.seq_len, cfg.final_eval_batches,
+                           deadline=split_deadline, progress=f"final eval {s}" if progress else None)
         if s == "val" and load is not None:
             hook.remove()
+    final_eval = {"bounded_by": None if deadline is None else "max_minutes",
+                  "seconds_left": None if left is None else round(left, 2),
+                  "seconds": round(time.perf_counter() - started, 2),
+                  **{s: {"windows": full[s]["windows"], "windows_in_split": full[s]["windows_in_split"],
+                         "complete": full[s]["complete"], "from": "start of the split"} for s in full}}
     records = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines() if ln]
     speeds = [r["tokens_per_s"] for r in records if r["kind"] == "train"]
     speeds = speeds[5:] or speeds  # skip warm-up steps when there are enough
@@ -728,6 +819,7 @@ def _summarise(state: RunState, out, data, byte_len, stop_reason, ranks, resumed
         "best": {"val_loss": full["val"]["loss"], "val_ppl": full["val"]["ppl"], "val_bpb": full["val"]["bpb"],
                  "test_loss": full["test"]["loss"], "test_ppl": full["test"]["ppl"], "test_bpb": full["test"]["bpb"]},
         "eval_tokens": {"val": full["val"]["tokens"], "test": full["test"]["tokens"]},
+        "final_eval": final_eval,
         # Routing of best.pt over the validation split it was evaluated on above.
         "experts": (None if load is None else
                     {"split": "val", **expert_utilisation(load, model_cfg.top_k)}),

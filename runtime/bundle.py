@@ -82,19 +82,19 @@ def file_entry(path: str | os.PathLike) -> FileEntry:
     return FileEntry(sha256=sha256_file(path), bytes=os.path.getsize(path))
 
 
-def _safe_member(root: Path, name: Any, where: str) -> Path:
+def _safe_member(root: Path, name: Any, where: str, what: str = "the bundle folder") -> Path:
     """Resolve a manifest path inside `root`, refusing anything that could leave it."""
     if not isinstance(name, str) or not name:
         raise BundleError(f"{where}: file name must be a non-empty string, got {name!r}")
     rel = PurePosixPath(name)
     if rel.is_absolute() or ".." in rel.parts or "\\" in name or Path(name).is_absolute():
-        raise BundleError(f"{where}: file path {name!r} escapes the bundle folder; refused")
+        raise BundleError(f"{where}: file path {name!r} escapes {what}; refused")
     path = root / rel
     # Also catch a symlink inside the bundle pointing out of it.
     try:
         path.resolve().relative_to(root.resolve())
     except ValueError:
-        raise BundleError(f"{where}: file path {name!r} escapes the bundle folder; refused") from None
+        raise BundleError(f"{where}: file path {name!r} escapes {what}; refused") from None
     return path
 
 

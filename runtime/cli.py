@@ -20,13 +20,14 @@ import sys
 import click
 
 from .bundle import BundleError
-from .generate import Generation, Generator
+from .generate import Generation, GenerationStats, Generator
 from .graphcheck import GRAPH_SET_ENV
 from .session import State
 from .statefile import StateFileError
 from .sampling import SamplingConfig
 from .requires import installed_version as ort_version
 from .options import DeviceError, check_threads
+from .usertext import decode_user_text
 
 EXIT_PROMPTS = ("exit", "quit")
 RESET_PROMPT = "/reset"
@@ -35,15 +36,6 @@ RESET_PROMPT = "/reset"
 def _out(text: str) -> None:
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def _utf8(raw: bytes, where: str) -> str:
-    """Prompt bytes as text; bytes that are not UTF-8 become U+FFFD, with one warning line."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        click.echo(f"warning: {where} is not valid UTF-8; undecodable bytes replaced by U+FFFD", err=True)
-        return raw.decode("utf-8", errors="replace")
 
 
 def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: SamplingConfig,
@@ -55,10 +47,22 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
     """
     gen = generator.generate(prompt, max_new_tokens=max_new_tokens, sampling=sampling, stop=stop,
                              stream=stream and not as_json, state=state, keep_state=keep_state)
-    for piece in gen:
-        if not as_json:
-            _out(piece)
-    stats = gen.finish()
+    try:
+        for piece in gen:
+            if not as_json:
+                _out(piece)
+    except KeyboardInterrupt:  # Ctrl-C: the partial result, as it would have ended (--json: one object), then 130
+        partial = gen.interrupted()
+        if partial is not None:
+            _print_result(generator, gen, partial, prompt, stop, as_json)
+        raise
+    _print_result(generator, gen, gen.finish(), prompt, stop, as_json)
+    return gen
+
+
+def _print_result(generator: Generator, gen: Generation, stats: GenerationStats, prompt: str,
+                  stop: tuple[str, ...], as_json: bool) -> None:
+    """The end of a generation on stdout: --json's one object, else a newline (and the stats on stderr)."""
     record = {
         "text": stats.text,
         "prompt": prompt,
@@ -82,7 +86,6 @@ def run_once(generator: Generator, prompt: str, max_new_tokens: int, sampling: S
     else:
         _out("\n")
         click.echo(stats.summary(), err=True)
-    return gen
 
 
 def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingConfig,
@@ -183,16 +186,18 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
         if interactive_ and prompt is not None:
             raise ValueError("--interactive reads its prompts from stdin; leave out --prompt")
         if prompt is None and not interactive_ and not sys.stdin.isatty():
-            prompt = _utf8(sys.stdin.buffer.read(), "stdin")
+            prompt = decode_user_text(sys.stdin.buffer.read(), "stdin")
             prompt = prompt[:-1] if prompt.endswith("\n") else prompt
         elif prompt is not None:
             # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
-            prompt = _utf8(prompt.encode("utf-8", "surrogateescape"), "--prompt")
+            prompt = decode_user_text(prompt.encode("utf-8", "surrogateescape"), "--prompt")
         mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature)
         if retrieval is None:  # default: use a datastore where there is one; asking for settings asks for one
             retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
         generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
                               retrieval=mix if retrieval else None)
+        for note in generator.retriever.notes if generator.retriever is not None else ():
+            click.echo(f"note: {note}", err=True)
         state = _read_state(generator, state_file)
         if prompt is None:
             interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json, state, state_file)

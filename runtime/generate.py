@@ -16,7 +16,9 @@ Conventions:
 - Stop strings are matched in the generated text only (never the prompt). Generation stops
   as soon as the text contains one; the text returned ends right before it. Text that could
   still become a stop string is held back until it cannot.
-- The models have no end-of-text token, so generation ends only by length or stop string.
+- Models we train have no end-of-text token, so generation ends by length or stop string; a
+  bundle imported from a checkpoint that has one (manifest `special_tokens.eos_token_id`) also
+  ends at it, as transformers' `generate` does (the token itself is not in the text).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import secrets
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Generator as PieceLoop
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +42,7 @@ from .textstream import TextStreamer
 
 __all__ = ["Generator", "Generation", "GenerationStats", "LoopTiming", "generate_tokens", "peak_rss_mb"]
 
-STOP_REASONS = ("max_new_tokens", "stop_string")
+STOP_REASONS = ("max_new_tokens", "stop_string", "eos_token")
 
 
 def peak_rss_mb() -> float | None:
@@ -193,7 +196,7 @@ class Generation:
         self.start_position = start_position  # tokens the state given to generate had seen
         self.token_ids: list[int] = []
         self.stats: GenerationStats | None = None
-        self._pieces: Iterator[str] = iter(())
+        self._pieces: PieceLoop[str, None, None] = _whole(iter(()))
         self._after_prompt: State | None = None
         self._state: State | None = None
 
@@ -208,6 +211,16 @@ class Generation:
         for _ in self:
             pass
         assert self.stats is not None
+        return self.stats
+
+    def interrupted(self) -> GenerationStats | None:
+        """After a Ctrl-C (KeyboardInterrupt) while iterating: the stats and text of what was
+        generated so far (stop_reason "interrupted"); None when it stopped before generating."""
+        if self.stats is None:  # the Ctrl-C came between two pieces: stop the loop where it waits
+            try:
+                self._pieces.throw(KeyboardInterrupt)
+            except (KeyboardInterrupt, StopIteration):
+                pass
         return self.stats
 
     @property
@@ -256,6 +269,9 @@ class Generator:
                                     retriever=self.retriever)
         self.device, self.threads = device, threads
         self.last_stats: GenerationStats | None = None
+        special = self.bundle.manifest.extra.get("special_tokens")
+        eos = special.get("eos_token_id") if isinstance(special, dict) else None
+        self.eos_token_id: int | None = eos if isinstance(eos, int) and not isinstance(eos, bool) else None
 
     @property
     def family(self) -> str:
@@ -345,7 +361,7 @@ class Generator:
 
     def _pieces(self, gen: Generation, start: float, max_new_tokens: int, sampler: Sampler,
                 stop: tuple[str, ...], state: State | None = None, keep_state: bool = False,
-                decoder: Callable[[State], Any] | None = None) -> Iterator[str]:
+                decoder: Callable[[State], Any] | None = None) -> PieceLoop[str, None, None]:
         streamer = TextStreamer(self.tokenizer)
         push = streamer.push
         out = gen.token_ids
@@ -359,27 +375,51 @@ class Generator:
         def keep(after_prompt: State) -> None:
             gen._after_prompt = self.session.state_kind.snapshot(after_prompt)
 
+        def stats(end: float, reason: str, text: str) -> GenerationStats:
+            n_prompt = len(gen.prompt_ids)
+            gen.stats = self.last_stats = GenerationStats(
+                prompt_tokens=n_prompt,
+                new_tokens=len(out),
+                time_to_first_token_s=(first - start) if first is not None else 0.0,
+                prefill_s=timing.prefill_s,
+                prefill_tokens_per_s=n_prompt / timing.prefill_s if timing.prefill_s > 0 else 0.0,
+                decode_s=timing.decode_s,
+                decode_tokens_per_s=timing.decode_tokens_per_s,
+                total_s=end - start - paused,
+                peak_rss_mb=peak_rss_mb(),
+                stop_reason=reason,
+                text=text,
+            )
+            return gen.stats
+
         every_token = decoder is not None
-        for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing, state,
-                                     keep if keep_state else None, decoder):
-            if first is None:
-                first = time.perf_counter()
-            out.append(token)
-            piece = push(token)
-            if stop:
-                piece, held, hit = _hold_back(held + piece, stop)
-                if hit:
-                    reason = "stop_string"
-            if piece or every_token:
-                emitted.append(piece)
-                t = time.perf_counter()
-                yield piece
-                paused += time.perf_counter() - t
-            if reason == "stop_string":
-                break
+        try:
+            for token in generate_tokens(self.session, gen.prompt_ids, max_new_tokens, sampler, timing, state,
+                                         keep if keep_state else None, decoder):
+                if first is None:
+                    first = time.perf_counter()
+                if token == self.eos_token_id:
+                    reason = "eos_token"
+                    break
+                out.append(token)
+                piece = push(token)
+                if stop:
+                    piece, held, hit = _hold_back(held + piece, stop)
+                    if hit:
+                        reason = "stop_string"
+                if piece or every_token:
+                    emitted.append(piece)
+                    t = time.perf_counter()
+                    yield piece
+                    paused += time.perf_counter() - t
+                if reason == "stop_string":
+                    break
+        except KeyboardInterrupt:  # Ctrl-C: the stats of what was made (Generation.interrupted), then on up
+            stats(time.perf_counter(), "interrupted", "".join(emitted) + held)
+            raise
         end = time.perf_counter()
 
-        if reason != "stop_string":
+        if reason != "stop_string":  # what was held back for a stop string that never came
             tail = held + streamer.flush()
             if stop:
                 cut = _first_stop(tail, stop)
@@ -389,23 +429,10 @@ class Generator:
                 emitted.append(tail)
                 yield tail
 
-        n_prompt = len(gen.prompt_ids)
-        gen.stats = self.last_stats = GenerationStats(
-            prompt_tokens=n_prompt,
-            new_tokens=len(out),
-            time_to_first_token_s=first - start,
-            prefill_s=timing.prefill_s,
-            prefill_tokens_per_s=n_prompt / timing.prefill_s if timing.prefill_s > 0 else 0.0,
-            decode_s=timing.decode_s,
-            decode_tokens_per_s=timing.decode_tokens_per_s,
-            total_s=end - start - paused,
-            peak_rss_mb=peak_rss_mb(),
-            stop_reason=reason,
-            text="".join(emitted),
-        )
+        stats(end, reason, "".join(emitted))
 
 
-def _whole(pieces: Iterator[str]) -> Iterator[str]:
+def _whole(pieces: Iterator[str]) -> PieceLoop[str, None, None]:
     """The non-streaming form: everything as one piece (nothing runs before iteration)."""
     text = "".join(pieces)
     if text:

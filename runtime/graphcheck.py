@@ -68,7 +68,9 @@ def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.Infere
     if state_kind is None or m.family not in state_kind.families:
         raise BundleError(f"{where}: family {m.family!r} carries a {' or '.join(expected_kind)} state, but "
                           f"state.kind is {m.state.kind!r} (manifest edited?)")
-    if (m.family == "baseline") != (m.io.attention_mask is not None):
+    # a baseline's graph reads attention_mask, an Itera-Lite's never, a hybrid's when it has KV buffers
+    takes_mask = any(t.is_kv_buffer for t in m.state.tensors) if m.family == "hybrid" else m.family == "baseline"
+    if takes_mask != (m.io.attention_mask is not None):
         raise BundleError(f"{where}: family {m.family!r} does not match the io names "
                           f"(attention_mask {m.io.attention_mask!r})")
     for gname, sess in sessions.items():

@@ -24,8 +24,12 @@ from .errors import UserError
 BUNDLE_FORMAT = "itera-bundle"
 BUNDLE_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-FAMILIES = ("itera", "baseline")
-STATE_KINDS = ("ssm", "kv_cache", "kv_buffer")
+FAMILIES = ("itera", "baseline", "hybrid")
+STATE_KINDS = ("ssm", "kv_cache", "kv_buffer", "hybrid")
+# A hybrid state names each tensor's kind: a Mamba layer's (conv, ssm) or an attention layer's
+# (key, value), the latter kv_buffer-shaped buffers written in place.
+HYBRID_TENSOR_KINDS = ("conv", "ssm", "key", "value")
+KV_TENSOR_KINDS = ("key", "value")
 KV_BUFFER_AXIS = 2  # the sequence axis of a kv_buffer tensor (batch, kv_heads, capacity, head_dim)
 
 # Graph sets: a bundle's graphs over one weights file, "fused" (onnxruntime's contrib kernels)
@@ -136,18 +140,33 @@ class GraphSpec:
 
 @dataclass(frozen=True)
 class StateTensor:
-    """One carried state tensor: fed as `input`, read back from `output` after each step."""
+    """One carried state tensor: fed as `input`, read back from `output` after each step.
+
+    kind: in a hybrid state, what the tensor is (HYBRID_TENSOR_KINDS); None in the other kinds.
+    """
 
     input: str
     output: str
     dtype: str
     shape: list[int | str]
+    kind: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> StateTensor:
         d = _need(d, ("input", "output", "dtype", "shape"), where)
+        kind = d.get("kind")
+        if kind is not None and kind not in HYBRID_TENSOR_KINDS:
+            raise BundleError(f"{where}: state tensor kind {kind!r}, expected one of {', '.join(HYBRID_TENSOR_KINDS)}")
         return cls(_str(d["input"], where), _str(d["output"], where), _dtype(d["dtype"], where),
-                   _shape(d["shape"], where))
+                   _shape(d["shape"], where), kind)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"input": self.input, "output": self.output, "dtype": self.dtype, "shape": list(self.shape)}
+        return d if self.kind is None else {**d, "kind": self.kind}  # manifests of other kinds stay as they were
+
+    @property
+    def is_kv_buffer(self) -> bool:
+        return self.kind in KV_TENSOR_KINDS
 
     def nbytes(self, batch: int = 1, past_sequence: int = 0) -> int:
         """Bytes of this tensor at a batch size and KV-cache length (other symbolic dims: error)."""
@@ -182,8 +201,13 @@ class StateSpec:
         if kind is not None and kind not in STATE_KINDS:
             raise BundleError(f"{where}.kind is {kind!r}, expected one of {', '.join(STATE_KINDS)}")
         tensors = [StateTensor.from_dict(t, where) for t in d.get("tensors", [])]
-        if kind == "kv_buffer":
+        if kind == "hybrid" and any(t.kind is None for t in tensors):
+            raise BundleError(f"{where}: every tensor of a hybrid state names its kind "
+                              f"({', '.join(HYBRID_TENSOR_KINDS)})")
+        if kind in ("kv_buffer", "hybrid"):
             for t in tensors:
+                if kind == "hybrid" and not t.is_kv_buffer:
+                    continue
                 cap = t.shape[KV_BUFFER_AXIS] if len(t.shape) == 4 else None
                 if not isinstance(cap, int) or cap < 1:
                     raise BundleError(f"{where}: kv_buffer tensor {t.input} must be (batch, kv_heads, capacity, "
@@ -196,18 +220,21 @@ class StateSpec:
         A kv_buffer counts its filled rows: the rest of the buffer is zero pages that were
         never written, which the OS does not back with memory.
         """
-        if self.kind == "kv_buffer":
-            return sum(dataclasses.replace(t, shape=[*t.shape[:KV_BUFFER_AXIS], past_sequence,
-                                                     *t.shape[KV_BUFFER_AXIS + 1:]]).nbytes(batch)
-                       for t in self.tensors)
-        return sum(t.nbytes(batch, past_sequence) for t in self.tensors)
+        return sum(dataclasses.replace(t, shape=[*t.shape[:KV_BUFFER_AXIS], past_sequence,
+                                                 *t.shape[KV_BUFFER_AXIS + 1:]]).nbytes(batch)
+                   if self._is_buffer(t) else t.nbytes(batch, past_sequence)
+                   for t in self.tensors)
+
+    def _is_buffer(self, t: StateTensor) -> bool:
+        return self.kind == "kv_buffer" or (self.kind == "hybrid" and t.is_kv_buffer)
 
     @property
     def capacity(self) -> int | None:
-        """Positions a kv_buffer holds (None for other kinds)."""
-        if self.kind != "kv_buffer" or not self.tensors:
+        """Positions a kv_buffer (or a hybrid's KV buffers) hold; None for other kinds."""
+        buffers = [t for t in self.tensors if self._is_buffer(t)]
+        if not buffers:
             return None
-        return min(int(t.shape[KV_BUFFER_AXIS]) for t in self.tensors)  # ints: checked at load
+        return min(int(t.shape[KV_BUFFER_AXIS]) for t in buffers)  # ints: checked at load
 
 
 @dataclass(frozen=True)
@@ -375,7 +402,7 @@ class GraphSet:
 
 def _plain(obj: Any) -> Any:
     """Dataclasses → dicts recursively (dataclasses.asdict would also copy unknown dicts)."""
-    if isinstance(obj, Retrieval):
+    if isinstance(obj, (Retrieval, StateTensor)):
         return obj.to_dict()
     if dataclasses.is_dataclass(obj):
         return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}

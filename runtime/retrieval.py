@@ -21,15 +21,19 @@ float16 against ~0.5-5 ms in float32 on the 2-core dev VM).
 
 from __future__ import annotations
 
+import dataclasses
+import os
 import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from .bundle import Bundle, BundleError, Retrieval, _safe_member
 
 __all__ = ["DATASTORE_DIR", "KEYS_FILE", "VALUES_FILE", "MixSettings", "Datastore", "Retriever",
-           "knn_log_mix", "open_retriever"]
+           "knn_log_mix", "check_spec", "datastore_spec", "load_arrays", "check_datastore", "open_retriever"]
 
 DATASTORE_DIR = "retrieval"
 KEYS_FILE = f"{DATASTORE_DIR}/keys.npy"
@@ -138,8 +142,9 @@ def knn_log_mix(logits: np.ndarray, scores: np.ndarray, neighbour_values: np.nda
 class Retriever:
     """A datastore and mix settings: model logits and hidden states in, mixed log-probabilities out."""
 
-    def __init__(self, store: Datastore, settings: MixSettings):
+    def __init__(self, store: Datastore, settings: MixSettings, notes: tuple[str, ...] = ()):
         self.store, self.settings = store, settings
+        self.notes = notes  # what was changed from what was asked (a k beyond the store's size), to be said
         # Time spent searching and mixing, and positions served: the cost retrieval adds.
         self.ns, self.positions = 0, 0
 
@@ -168,13 +173,86 @@ class Retriever:
         return out[0] if one else out
 
 
-def _load_array(bundle: Bundle, name: str, where: str) -> np.ndarray:
-    path = _safe_member(bundle.path, name, where)
+_NPY_MAGIC = b"\x93NUMPY"
+_KEY_DTYPES = ("float16", "float32")
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _load_array(root: Path, name: str, where: str) -> np.ndarray:
+    path = _safe_member(root, name, where, f"the folder {root}")  # no path or symbolic link out of it
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_NPY_MAGIC))
+    except OSError as e:
+        raise BundleError(f"{path}: {e.strerror or e}") from None
+    if head != _NPY_MAGIC:
+        what = "an empty file" if not head else "no NumPy header"
+        raise BundleError(f"{path}: not a readable .npy array ({what})")
     try:
         # No pickle: a datastore is plain arrays; memory-mapped so a large one is paged in.
         return np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path}: not a readable .npy array ({str(e).splitlines()[0][:120]})") from None
+    except ValueError as e:
+        pickled = "pickle" in str(e) or "Python objects" in str(e)  # numpy's words without and with mmap
+        why = ("it holds pickled objects, which are never loaded" if pickled
+               else "its header or size does not read as an array")
+        raise BundleError(f"{path}: not a readable .npy array ({why})") from None
+    except (OSError, EOFError):  # a header cut short
+        raise BundleError(f"{path}: not a readable .npy array (cut short)") from None
+
+
+def check_spec(spec: Retrieval, where: str) -> Retrieval:
+    """Refuse, in one line, a datastore description the runtime cannot use (beyond the manifest's types)."""
+    if spec.n_entries < 1:
+        raise BundleError(f"{where}: n_entries is {spec.n_entries}; an empty datastore retrieves nothing")
+    if spec.dim < 1:
+        raise BundleError(f"{where}: dim must be >= 1, got {spec.dim}")
+    if spec.key_dtype not in _KEY_DTYPES:
+        raise BundleError(f"{where}: key_dtype {spec.key_dtype!r} is not one of {', '.join(_KEY_DTYPES)}")
+    try:
+        MixSettings.of(spec)
+    except ValueError as e:
+        raise BundleError(f"{where}: {e}") from None
+    return spec
+
+
+def datastore_spec(d: Any, where: str) -> Retrieval:
+    """A datastore's description (a manifest's retrieval entry, or datastore.json with its file names) checked."""
+    spec = Retrieval.from_dict(d, where)
+    if spec is None:
+        raise BundleError(f"{where}: expected a datastore description, got null")
+    return check_spec(spec, where)
+
+
+def load_arrays(root: str | os.PathLike, spec: Retrieval, vocab_size: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values of a datastore folder, checked exactly as the runtime uses them; BundleError in one line.
+
+    Shapes and dtypes as described, token ids inside the vocabulary, keys finite and small
+    enough that their squared norms stay finite in float32 (the search's precision).
+    """
+    root = Path(root)
+    check_spec(spec, where)
+    keys, values = _load_array(root, spec.keys, where), _load_array(root, spec.values, where)
+    if keys.shape != (spec.n_entries, spec.dim) or str(keys.dtype) != spec.key_dtype:
+        raise BundleError(f"{root / spec.keys}: keys are {keys.dtype}{list(keys.shape)}, {where} says "
+                          f"{spec.key_dtype}{[spec.n_entries, spec.dim]}")
+    if values.shape != (spec.n_entries,) or values.dtype.kind not in "iu":
+        raise BundleError(f"{root / spec.values}: values are {values.dtype}{list(values.shape)}, expected "
+                          f"integers [{spec.n_entries}]")
+    low, high = int(values.min()), int(values.max())
+    if low < 0 or high >= vocab_size:
+        raise BundleError(f"{root / spec.values}: token ids {low}..{high} reach outside the vocabulary of {vocab_size}")
+    rows = max(1, (1 << 20) // spec.dim)  # float64 blocks of 8 MB: a large store is checked in pieces
+    for start in range(0, spec.n_entries, rows):
+        block = np.asarray(keys[start:start + rows], dtype=np.float64)
+        finite = np.isfinite(block).all(axis=1)
+        if not finite.all():
+            raise BundleError(f"{root / spec.keys}: key row {start + int(np.argmin(finite))} holds NaN or Inf "
+                              f"({int((~finite).sum())} such row(s) in this block); refused")
+        norms = np.einsum("nd,nd->n", block, block)
+        if norms.max(initial=0.0) > _FLOAT32_MAX / 4:
+            raise BundleError(f"{root / spec.keys}: key row {start + int(np.argmax(norms))} is too large for "
+                              "float32 distances; refused")
+    return keys, values
 
 
 def check_datastore(bundle: Bundle) -> Retrieval:
@@ -183,6 +261,7 @@ def check_datastore(bundle: Bundle) -> Retrieval:
     spec, where = m.retrieval, f"{bundle.manifest_path}: retrieval"
     if spec is None:
         raise BundleError(f"{bundle.path}: this bundle has no retrieval datastore (export it with --retrieval)")
+    check_spec(spec, where)
     if m.io.hidden is None:
         raise BundleError(f"{where}: the graphs do not output the hidden state (io.hidden) the search needs")
     tokenizer = m.files.get(m.tokenizer)
@@ -200,15 +279,10 @@ def open_retriever(bundle: Bundle, k: int | None = None, lam: float | None = Non
     """Load and check the bundle's datastore; mix settings default to the ones tuned on validation text."""
     spec = check_datastore(bundle)
     settings = MixSettings.of(spec, k, lam, temperature)
-    where = f"{bundle.manifest_path}: retrieval"
-    keys = _load_array(bundle, spec.keys, where)
-    values = _load_array(bundle, spec.values, where)
-    if keys.shape != (spec.n_entries, spec.dim) or str(keys.dtype) != spec.key_dtype:
-        raise BundleError(f"{where}: keys are {keys.dtype}{list(keys.shape)}, manifest says "
-                          f"{spec.key_dtype}{[spec.n_entries, spec.dim]}")
-    if values.shape != (spec.n_entries,) or values.dtype.kind not in "iu":
-        raise BundleError(f"{where}: values are {values.dtype}{list(values.shape)}, expected "
-                          f"integers [{spec.n_entries}]")
-    if spec.n_entries and (int(values.min()) < 0 or int(values.max()) >= bundle.vocab_size):
-        raise BundleError(f"{where}: values hold token ids outside the vocabulary of {bundle.vocab_size}")
-    return Retriever(Datastore(keys, values, spec.metric), settings)
+    notes: tuple[str, ...] = ()
+    if settings.k > spec.n_entries:  # the search would return them all anyway: say so, record the k used
+        notes = (f"retrieval k {settings.k:,} is more than the datastore's {spec.n_entries:,} entries; "
+                 f"using k {spec.n_entries:,}",)
+        settings = dataclasses.replace(settings, k=spec.n_entries)
+    keys, values = load_arrays(bundle.path, spec, bundle.vocab_size, f"{bundle.manifest_path}: retrieval")
+    return Retriever(Datastore(keys, values, spec.metric), settings, notes)

@@ -365,7 +365,7 @@ class Server:
 
 
 def _finish_reason(stats) -> str:
-    return "stop" if stats.stop_reason == "stop_string" else "length"
+    return "stop" if stats.stop_reason in ("stop_string", "eos_token") else "length"
 
 
 def _loopback(host: str) -> bool:

@@ -1,4 +1,4 @@
-"""Carried state: one small class per kind (ssm, kv_buffer, kv_cache), and the decode loops they bind.
+"""Carried state: one small class per kind (ssm, kv_buffer, kv_cache, hybrid), and the decode loops they bind.
 
 A kind says how its tensors start, how one graph call carries them (`run`), which graph
 shapes it accepts, and which `Decoder` binds them for the token-by-token loop. The session
@@ -32,17 +32,19 @@ class State:
     """Carried tensors as OrtValues, in manifest order, plus the number of tokens seen.
 
     buffers: for a kv_buffer state, the numpy arrays the OrtValues wrap (the graph writes
-    into them in place); None otherwise.
+    into them in place); None otherwise. A hybrid state has None for its SSM tensors' entries.
     """
 
-    def __init__(self, values: list[ort.OrtValue], position: int = 0, buffers: list[np.ndarray] | None = None):
+    def __init__(self, values: list[ort.OrtValue], position: int = 0,
+                 buffers: list[np.ndarray | None] | None = None):
         self.values = values
         self.position = position
         self.buffers = buffers
 
     def numpy(self) -> list[np.ndarray]:
-        if self.buffers is not None:  # the filled rows only: the rest is unwritten buffer
-            return [b[:, :, :self.position].copy() for b in self.buffers]
+        if self.buffers is not None:  # a buffer's filled rows only: the rest is unwritten buffer
+            return [v.numpy() if b is None else b[:, :, :self.position].copy()
+                    for v, b in zip(self.values, self.buffers)]
         return [v.numpy() for v in self.values]
 
     @property
@@ -52,9 +54,9 @@ class State:
         For a kv_buffer, the filled rows: the buffer is an anonymous mapping of its full
         capacity whose pages the OS backs only once the graph writes them.
         """
-        if self.buffers is not None:
-            return sum(b[:, :, :self.position].nbytes for b in self.buffers)
-        return sum(int(np.prod(v.shape())) * np.dtype(ORT_DTYPES[v.data_type()]).itemsize for v in self.values)
+        buffers = self.buffers or [None] * len(self.values)
+        return sum(int(np.prod(v.shape())) * np.dtype(ORT_DTYPES[v.data_type()]).itemsize if b is None
+                   else b[:, :, :self.position].nbytes for v, b in zip(self.values, buffers))
 
 
 def _unbacked_zeros(shape, dtype) -> np.ndarray:
@@ -235,7 +237,87 @@ class KvBufferState(StateKind):
         return InPlaceDecoder(self.s, state)
 
 
-STATE_KINDS: dict[str, type[StateKind]] = {k.name: k for k in (SsmState, KvBufferState, KvCacheState)}
+class HybridState(StateKind):
+    """A hybrid's per-layer mix: (conv, ssm) tensors of fixed shape, and KV buffers written in place.
+
+    The SSM tensors are carried as SsmState carries them (new outputs per call; double-buffered
+    when decoding), the KV buffers as KvBufferState carries them (bound as both input and output).
+    """
+
+    name = "hybrid"
+    families = ("hybrid",)
+
+    def __init__(self, session: ModelSession):
+        super().__init__(session)
+        self.kv = [spec.is_kv_buffer for spec in session.state_specs]
+        self.capacity = session.bundle.manifest.state.capacity  # None: no attention layer
+        if any(self.kv) and session.device != "cpu":
+            raise DeviceError(f"{session.bundle.path}: this bundle's KV buffers run on the cpu device only "
+                              f"in this runtime")
+
+    def _shape(self, spec) -> list[int]:
+        return [1 if d == "batch" else int(d) for d in spec.shape]
+
+    def _state(self, arrays: list[np.ndarray], position: int) -> State:
+        return State([ort.OrtValue.ortvalue_from_numpy(a) for a in arrays], position,
+                     [a if kv else None for a, kv in zip(arrays, self.kv)])
+
+    def _buffer(self, spec, rows: np.ndarray | None = None) -> np.ndarray:
+        b = _unbacked_zeros(self._shape(spec), spec.dtype)
+        if rows is not None:
+            b[:, :, :rows.shape[KV_BUFFER_AXIS]] = rows
+        return b
+
+    def initial(self) -> State:
+        return self._state([self._buffer(spec) if kv else np.zeros(self._shape(spec), dtype=spec.dtype)
+                            for spec, kv in zip(self.s.state_specs, self.kv)], 0)
+
+    def check_room(self, position: int, tokens: int) -> None:
+        if self.capacity is not None and position + tokens > self.capacity:
+            raise ValueError(f"{position} + {tokens} tokens exceed this model's KV buffers of {self.capacity} "
+                             f"positions (its max_seq_len)")
+
+    @staticmethod
+    def check_graph(where: str, name: str, past: list, present: list) -> None:
+        if past != present:
+            raise BundleError(f"{where}: hybrid state {name} differs in shape between input and output "
+                              f"({past} vs {present}); each layer's state keeps its shape")
+
+    def from_arrays(self, arrays: list[np.ndarray], position: int) -> State:
+        self.check_room(0, position)
+        return self._state([self._buffer(spec, a) if kv else np.ascontiguousarray(a)
+                            for a, spec, kv in zip(arrays, self.s.state_specs, self.kv)], position)
+
+    def snapshot(self, state: State) -> State:
+        # SSM tensors: the double-buffered decoder writes them, so copy; KV rows before the
+        # position are never rewritten (as KvBufferState.snapshot), so the buffers are shared.
+        values = [v if kv else ort.OrtValue.ortvalue_from_numpy(v.numpy().copy())
+                  for v, kv in zip(state.values, self.kv)]
+        return State(values, state.position, state.buffers)
+
+    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+        s = self.s
+        T = ids.shape[1]
+        self.check_room(state.position, T)
+        arrays = [self._buffer(spec, b[:, :, :state.position]) if kv else np.zeros(self._shape(spec), spec.dtype)
+                  for spec, kv, b in zip(s.state_specs, self.kv, state.buffers or [None] * len(self.kv))]
+        new = self._state(arrays, state.position + T)  # KV: copies (the caller's state stays usable)
+        binding = sess.io_binding()
+        binding.bind_cpu_input(s.input_ids, ids)
+        if s.attention_mask:
+            binding.bind_cpu_input(s.attention_mask, np.ones((1, state.position + T), dtype=np.int64))
+        binding.bind_output(s.logits, "cpu")
+        for spec, kv, old, fresh in zip(s.state_specs, self.kv, state.values, new.values):
+            binding.bind_ortvalue_input(spec.input, fresh if kv else old)
+            binding.bind_ortvalue_output(spec.output, fresh)
+        sess.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy(), new
+
+    def decoder(self, state: State) -> Decoder:
+        return HybridDecoder(self.s, state)
+
+
+STATE_KINDS: dict[str, type[StateKind]] = {k.name: k for k in (SsmState, KvBufferState, KvCacheState, HybridState)}
 assert set(STATE_KINDS) == set(MANIFEST_STATE_KINDS), "every kind a manifest may name has its class"
 
 
@@ -329,6 +411,33 @@ class InPlaceDecoder(Decoder):
         mask = ort.OrtValue.ortvalue_from_numpy(self._mask[:, :self.position + 1])
         self._binding.bind_ortvalue_input(self.session.attention_mask, mask)
         self.graph.run_with_iobinding(self._binding)
+
+
+class HybridDecoder(Decoder):
+    """Double-buffered SSM tensors (as DoubleBufferedDecoder) and KV buffers bound once as both
+    input and output of both bindings (as InPlaceDecoder); the mask is rebound each step."""
+
+    def __init__(self, session: ModelSession, state: State):
+        super().__init__(session, state)
+        kind = session.state_kind
+        assert isinstance(kind, HybridState)  # only HybridState.decoder makes this decoder
+        self.kind = kind
+        other = [v if kv else ort.OrtValue.ortvalue_from_numpy(np.zeros(v.shape(), dtype=v.numpy().dtype))
+                 for v, kv in zip(self.values, kind.kv)]
+        self._sets = [self.values, other]
+        self._bindings = [self._bind(self._sets[i], self._sets[1 - i]) for i in (0, 1)]
+        self._parity = 0
+        self._mask = np.ones((1, kind.capacity or 1), dtype=np.int64)
+
+    def _run(self) -> None:
+        binding = self._bindings[self._parity]
+        if self.session.attention_mask:
+            self.kind.check_room(self.position, 1)
+            mask = ort.OrtValue.ortvalue_from_numpy(self._mask[:, :self.position + 1])
+            binding.bind_ortvalue_input(self.session.attention_mask, mask)
+        self.graph.run_with_iobinding(binding)
+        self._parity ^= 1
+        self.values = self._sets[self._parity]
 
 
 class GrowingDecoder(Decoder):

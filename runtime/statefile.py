@@ -65,7 +65,7 @@ def expected_shapes(bundle: Bundle, position: int) -> list[tuple[str, np.dtype, 
         for axis, d in enumerate(spec.shape):
             if d == "batch":
                 shape.append(1)
-            elif kind == "kv_buffer" and axis == KV_BUFFER_AXIS:
+            elif axis == KV_BUFFER_AXIS and (kind == "kv_buffer" or spec.is_kv_buffer):
                 shape.append(position)  # the filled rows
             elif isinstance(d, str):  # a kv_cache's past_sequence
                 shape.append(position)
@@ -157,7 +157,7 @@ def read_state(path: str | os.PathLike, bundle: Bundle) -> StateFile:
                 raise StateFileError(f"{path}: state of another model (bundle sha256 {h['bundle_sha256'][:12]}..., "
                                      f"this bundle is {bundle.sha256[:12]}...)")
             position = h["position"]
-            if bundle.max_seq_len and bundle.state_kind in ("kv_buffer", "kv_cache") and position > bundle.max_seq_len:
+            if bundle.max_seq_len and bundle.state_kind in ("kv_buffer", "kv_cache", "hybrid") and position > bundle.max_seq_len:
                 raise StateFileError(f"{path}: position {position} exceeds the model's max_seq_len {bundle.max_seq_len}")
             arrays = [_read_npy(z, f"{i}.npy", name, dtype, shape, path)
                       for i, (name, dtype, shape) in enumerate(expected_shapes(bundle, position))]

@@ -95,6 +95,25 @@ def tiny_itera_int8(tiny_itera, tmp_path_factory) -> TinyBundle:
     return TinyBundle("itera", tiny_itera.checkpoint, out, log)
 
 
+@pytest.fixture(scope="session")
+def retrieval_bundle(tiny_itera, tmp_path_factory):
+    """The tiny checkpoint's datastore over retrieval_data.TEXT (every position), exported into a bundle:
+    (datastore folder, bundle folder, the text's ids). Read-only: copy to change."""
+    pytest.importorskip("torch")
+    from retrieval_data import SEQ, TEXT, text_ids
+
+    from itera_export.exporter import export_checkpoint
+    from itera_lite.checkpoint import load_checkpoint
+    from itera_lite.retrieval import build_datastore
+
+    root = tmp_path_factory.mktemp("retrieval")
+    ids = text_ids(load_checkpoint(tiny_itera.checkpoint)["tokenizer_json"], TEXT)
+    store, meta = build_datastore(tiny_itera.checkpoint, root / "datastore", max_entries=None, seq_len=SEQ,
+                                  progress=False, texts=(ids, ids[:200]))
+    bundle, _ = export_checkpoint(tiny_itera.checkpoint, root / "bundle", retrieval=store)
+    return store, bundle, ids
+
+
 @pytest.fixture(params=["baseline", "itera"])
 def tiny_bundle(request) -> TinyBundle:
     """Each family in turn."""

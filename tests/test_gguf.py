@@ -1,4 +1,4 @@
-"""GGUF export of the baseline and llama.cpp as a comparison engine in itera-bench latency.
+"""GGUF export of both families and llama.cpp as a comparison engine in itera-bench.
 
 The llama.cpp tests need llama-cpp-python (extra `llamacpp`, built from source: minutes). CI
 installs it and sets ITERA_REQUIRE_LLAMACPP=1, so there a missing engine fails instead of skipping.
@@ -65,13 +65,11 @@ def test_weights_round_trip(tiny_baseline, ggufs):
 
 
 @pytest.mark.slow
-def test_refusals(tiny_itera, tiny_baseline, ggufs, tmp_path):
+def test_refusals(tiny_baseline, ggufs, tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "itera_export.cli", *map(str, args)],
                               capture_output=True, text=True, timeout=300)
 
-    r = run(tiny_itera.checkpoint, "--format", "gguf", "-o", tmp_path / "x.gguf")
-    assert r.returncode == 1 and "only baseline checkpoints" in r.stderr and "Traceback" not in r.stderr
     precious = tmp_path / "notes.gguf"
     precious.write_text("mine")
     r = run(tiny_baseline.checkpoint, "--format", "gguf", "-o", precious, "--force")
@@ -121,6 +119,108 @@ def test_bench_latency_row(tiny_baseline, ggufs):
     assert all(row["quantization"] == "int8" and row["avg_ts"] > 0 and row["extra"]["flash_attn"] is False
                for row in cpp)
     assert all(row["vs_baseline"] for row in cpp)  # ratios against the ONNX baseline bundle, same run
-    r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "step", ggufs["int8"]],
+    r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "memory", ggufs["int8"]],
                        capture_output=True, text=True, timeout=300)
-    assert r.returncode == 1 and r.stderr.startswith("error:") and "`itera-bench latency` only" in r.stderr
+    assert r.returncode == 1 and r.stderr.startswith("error:") and "`itera-bench latency`, `step`" in r.stderr
+
+
+# ------------------------------------------------------------------ Itera-Lite as granitehybrid
+
+
+@pytest.fixture(scope="module")
+def itera_ggufs(tiny_itera, tmp_path_factory):
+    from itera_export.gguf import export_gguf
+
+    root = tmp_path_factory.mktemp("itera-gguf")
+    return {q: export_gguf(tiny_itera.checkpoint, root / f"itera-{q}.gguf", quantize=q)["path"]
+            for q in ("none", "int8", "int4")}
+
+
+def _router_ties(model, ids: list[int], tol: float = 1e-5) -> set[int]:
+    """Positions where some layer's k-th and (k+1)-th expert probabilities are within tol: float
+    rounding may route them either way, so two exact engines can differ there."""
+    tied: set[int] = set()
+    k = model.config.top_k
+
+    def hook(module, inputs, out):
+        probs = torch.softmax(out.float(), -1).sort(-1, descending=True).values
+        tied.update(torch.nonzero(probs[:, k - 1] - probs[:, k] < tol).flatten().tolist())
+
+    hooks = [blk.moe.router.register_forward_hook(hook) for blk in model.blocks]
+    with torch.no_grad():
+        model(torch.tensor([ids]))
+    for h in hooks:
+        h.remove()
+    return tied
+
+
+def test_itera_gguf_is_granitehybrid_with_f32_ssm_tensors(itera_ggufs, tiny_itera):
+    import gguf
+
+    from itera_export.gguf import read_tensors
+
+    model = _torch_model(tiny_itera.checkpoint)
+    reader = gguf.GGUFReader(itera_ggufs["int4"])
+    assert reader.fields["general.architecture"].contents() == "granitehybrid"
+    assert "inert" in reader.fields["itera.inert_attention_layer"].contents()
+    assert reader.fields["granitehybrid.attention.head_count_kv"].contents() == [0, 0, 1]
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert all(types[f"blk.0.{n}"] == "F32" for n in ("ssm_conv1d.weight", "ssm_a", "ssm_d", "ssm_dt.bias",
+                                                       "ssm_norm.weight", "ffn_gate_inp.weight"))
+    assert types["blk.0.ssm_in.weight"] == "Q4_0" and types["blk.0.ffn_down_exps.weight"] == "Q4_0"
+    f32 = read_tensors(itera_ggufs["none"])
+    m = model.blocks[1].mixer
+    assert np.array_equal(f32["blk.1.ssm_a"][:, 0], -torch.exp(m.A_log).detach().numpy())
+    assert np.array_equal(f32["blk.1.ssm_in.weight"], m.in_proj.weight.detach().numpy())
+    assert not f32["blk.2.attn_output.weight"].any() and not f32["blk.2.ffn_down_exps.weight"].any()
+
+
+def test_itera_gguf_logits_match_torch(itera_ggufs, tiny_itera):
+    """f32 GGUF in llama.cpp = torch, on a prompt and token by token (expert-score ties counted)."""
+    llama_cpp = _llama_cpp()
+    model = _torch_model(tiny_itera.checkpoint)
+    llm = llama_cpp.Llama(model_path=itera_ggufs["none"], n_ctx=256, n_threads=1, logits_all=True, verbose=False)
+    ids = llm.tokenize(("To be, or not to be, that is the question: " * 3).encode(), add_bos=False)
+    with torch.no_grad():
+        want = model(torch.tensor([ids])).logits[0].numpy()
+    tied = _router_ties(model, ids)
+    keep = [i for i in range(len(ids)) if i not in tied]
+    assert len(tied) <= len(ids) // 20, f"{len(tied)} of {len(ids)} positions with tied expert scores"
+    llm.eval(ids)
+    prompt = np.asarray(llm.scores[: len(ids)])
+    llm.reset()
+    for t in ids:
+        llm.eval([t])
+    stepped = np.asarray(llm.scores[: len(ids)])
+    scale = np.abs(want).max()
+    for got in (prompt, stepped):
+        assert np.abs(got[keep] - want[keep]).max() < 1e-5 * max(1.0, scale)
+        assert (got[keep].argmax(-1) == want[keep].argmax(-1)).all()
+
+
+def test_itera_gguf_bits_per_byte_and_bench_rows(itera_ggufs, tiny_itera, tmp_path):
+    """q8_0/q4_0 bits/byte through llama.cpp within 1% of the fp32 bundle's (onnxruntime) on the same
+    text; and decode rows at depth 128 and 2048 (the recurrent state restored per repetition)."""
+    _llama_cpp()
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    text = tmp_path / "hamlet.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 12)
+    r = invoke(main, "quality", tiny_itera.bundle, itera_ggufs["none"], itera_ggufs["int8"], itera_ggufs["int4"],
+               "--data", text, "--window", "64", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    bpb = {os.path.basename(row["bundle"]): row["median"] for row in json.loads(r.stdout)
+           if row["metric"] == "bits_per_byte"}
+    ref = bpb[os.path.basename(str(tiny_itera.bundle))]
+    assert abs(bpb["itera-none.gguf"] / ref - 1) < 1e-4  # same text, same tokens, same model
+    for q in ("int8", "int4"):
+        assert abs(bpb[f"itera-{q}.gguf"] / ref - 1) < 0.01
+    r = invoke(main, "latency", itera_ggufs["int8"], "-p", "0", "-n", "4", "-d", "128,2048", "-r", "1",
+               "--no-warmup", "--flash-attn", "off", "-o", "json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {row["test"] for row in rows} == {"tg4@d128", "tg4@d2048"}
+    assert all(row["family"] == "itera" and row["avg_ts"] > 0 and row["extra"]["depth"] == "state restored"
+               and row["extra"]["loop"].startswith("llama_decode") for row in rows)

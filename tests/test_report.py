@@ -278,7 +278,8 @@ def test_all_runs_every_registered_measurement_with_its_small_options():
     assert list(MEASUREMENTS) == ["latency", "step", "profile", "memory", "quality", "flops", "energy", "serve"]
     runs = {inv.name: inv for inv in suite(["a", "b.gguf"], [1, 2], 3, [128, 2048], baseline="a", skip=("profile",))}
     assert list(runs) == ["latency", "step", "memory", "quality", "flops", "energy", "serve"]
-    assert runs["latency"].bundles == ("a", "b.gguf") and runs["step"].bundles == ("a",)  # .gguf: latency only
+    assert runs["latency"].bundles == runs["step"].bundles == runs["quality"].bundles == ("a", "b.gguf")
+    assert runs["memory"].bundles == runs["flops"].bundles == ("a",)  # .gguf: latency, step and quality only
     assert runs["latency"].argv() == ["latency", "a", "b.gguf", "--threads", "1,2", "--repetitions", "3",
                                       "--output", "jsonl", "--baseline", "a", "--n-gen", "32",
                                       "--n-depth", "0,128,2048", "--n-prompt-gen", "512,32"]  # -p 512: its default
@@ -374,3 +375,39 @@ def test_all_gives_quality_the_fp32_bundle_its_int8_export_came_from(tiny_itera,
     itera, int8, baseline = (load_bundle(b.bundle) for b in (tiny_itera, tiny_itera_int8, tiny_baseline))
     assert quantization_reference([baseline, int8, itera]) is itera
     assert quantization_reference([baseline, itera]) is None
+
+
+def test_claims_same_engine_and_same_precision_rows():
+    """Beside the speed row against the given (fp32 ONNX) baseline: Itera GGUF vs Transformer GGUF in
+    llama.cpp at its precision, and Itera vs the fastest Transformer engine at that precision."""
+    from itera_bench.claims import claims_from_records
+    from itera_bench.record import Record
+
+    def row(name, family, engine, quant, test, tps, depth):
+        return Record(kind="latency", test=test, metric="tokens_per_s", unit="tok/s", samples=[tps], bundle=name,
+                      model_filename=name, family=family, engine=engine, quantization=quant, n_threads=1,
+                      n_depth=depth)
+
+    records = []
+    for test, depth, speeds in (("tg32@d128", 128, (900, 1000, 400, 500, 300)),
+                                ("tg32@d2048", 2048, (800, 900, 100, 150, 120)),
+                                ("pp512", 0, (5000, 4000, 3000, 2000, 2500))):
+        records += [row("itera-int8.gguf", "itera", "llama.cpp", "int8", test, speeds[0], depth),
+                    row("itera-int8", "itera", "onnxruntime", "int8", test, speeds[1], depth),
+                    row("base", "baseline", "onnxruntime", "none", test, speeds[2], depth),
+                    row("base-int8.gguf", "baseline", "llama.cpp", "int8", test, speeds[3], depth),
+                    row("base-int8", "baseline", "onnxruntime", "int8", test, speeds[4], depth)]
+    tables = {t.bundle: {c.claim: c for c in t.claims}
+              for t in claims_from_records(records, itera=["itera-int8.gguf", "itera-int8"], baseline="base")}
+    gguf = tables["itera-int8.gguf"]
+    assert list(gguf) == ["size", "speed", "speed, same engine (llama.cpp, int8)", "speed, same precision (int8)",
+                          "energy", "quality"]
+    assert "baseline (fp32 onnxruntime)" in gguf["speed"].how
+    assert gguf["speed"].numbers["decode@d128"]["ratio"] == pytest.approx(900 / 400)
+    same = gguf["speed, same engine (llama.cpp, int8)"].numbers
+    assert same["decode@d2048"]["ratio"] == pytest.approx(800 / 150) and same["pp512"]["baseline"] == "base-int8.gguf"
+    fastest = gguf["speed, same precision (int8)"].numbers
+    assert fastest["decode@d128"]["baseline"] == "base-int8.gguf" and fastest["pp512"]["baseline"] == "base-int8"
+    assert fastest["pp512"]["ratio"] == pytest.approx(5000 / 2500)
+    onnx = tables["itera-int8"]
+    assert onnx["speed, same engine (onnxruntime, int8)"].numbers["decode@d128"]["ratio"] == pytest.approx(1000 / 300)

@@ -11,6 +11,7 @@ import pytest
 
 from itera_runtime.bundle import BundleError, load_bundle
 from itera_runtime.retrieval import Datastore, MixSettings, Retriever, knn_log_mix, open_retriever
+from retrieval_data import SEQ, TEXT
 
 # ------------------------------------------------------------------ torch-free maths
 
@@ -78,31 +79,7 @@ def test_bad_mix_settings_refused(bad):
 
 # ------------------------------------------------------------- datastore in a bundle
 
-TEXT = ("To be, or not to be, that is the question: Whether 'tis nobler in the mind to suffer "
-        "The slings and arrows of outrageous fortune, Or to take arms against a sea of troubles. ") * 3
-SEQ = 32
-
-
-def _ids(tokenizer_json: str, text: str) -> np.ndarray:
-    from tokenizers import Tokenizer
-
-    return np.asarray(Tokenizer.from_str(tokenizer_json).encode(text).ids, dtype=np.int64)
-
-
-@pytest.fixture(scope="module")
-def retrieval_bundle(tiny_itera, tmp_path_factory):
-    """The tiny checkpoint's datastore over TEXT (every position), exported into a bundle."""
-    pytest.importorskip("torch")
-    from itera_export.exporter import export_checkpoint
-    from itera_lite.checkpoint import load_checkpoint
-    from itera_lite.retrieval import build_datastore
-
-    root = tmp_path_factory.mktemp("retrieval")
-    ids = _ids(load_checkpoint(tiny_itera.checkpoint)["tokenizer_json"], TEXT)
-    store, meta = build_datastore(tiny_itera.checkpoint, root / "datastore", max_entries=None, seq_len=SEQ,
-                                  progress=False, texts=(ids, ids[:200]))
-    bundle, _ = export_checkpoint(tiny_itera.checkpoint, root / "bundle", retrieval=store)
-    return store, bundle, ids
+# The datastore fixture is `retrieval_bundle` in conftest.py, over retrieval_data.TEXT.
 
 
 def test_datastore_holds_every_window_position(retrieval_bundle):

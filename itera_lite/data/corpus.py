@@ -22,6 +22,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from itera_runtime.errors import UserError
+from itera_runtime.usertext import decode_user_text
 
 SPLITS = ("train", "val", "test")
 DOC_SEPARATOR = "\n\n"
@@ -102,9 +103,10 @@ def publish_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _text(raw: bytes) -> str:
-    """Decode and normalise text: utf-8 (bad bytes replaced), \\n newlines, no trailing space."""
-    text = raw.decode("utf-8", errors="replace")
+def _text(raw: bytes, where: str) -> str:
+    """Decode and normalise text: utf-8 (bad bytes replaced and said, binary refused), \\n newlines,
+    no trailing space."""
+    text = decode_user_text(raw, where)
     return text.replace("\r\n", "\n").replace("\r", "\n").rstrip()
 
 
@@ -165,7 +167,7 @@ def load_shakespeare() -> Corpus:
     held_out = {**{w: "val" for w in VAL_WORKS}, **{w: "test" for w in TEST_WORKS}}
     splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for work, path in works.items():
-        splits[held_out.get(work, "train")].append(Document(work, _text(path.read_bytes())))
+        splits[held_out.get(work, "train")].append(Document(work, _text(path.read_bytes(), str(path))))
     return Corpus("shakespeare", splits)
 
 
@@ -216,7 +218,7 @@ def load_local(spec: str) -> Corpus:
     file is instead cut into contiguous 90/5/5 byte ranges at line boundaries.
     """
     root, files = _local_files(spec)
-    docs = [Document(f.relative_to(root).as_posix(), _text(f.read_bytes())) for f in files]
+    docs = [Document(f.relative_to(root).as_posix(), _text(f.read_bytes(), str(f))) for f in files]
     if len(docs) < 3:
         splits: dict[str, list[Document]] = {s: [] for s in SPLITS}
         for doc in docs:
@@ -251,7 +253,7 @@ def load_hf(spec: str) -> Corpus:
 
     def docs(split: str) -> list[Document]:
         return [Document(f"{split}/{i}", t) for i, raw in enumerate(ds[split]["text"])
-                if (t := _text(raw.encode("utf-8")))]
+                if (t := _text(raw.encode("utf-8"), f"{name} {split}/{i}"))]
 
     splits = {"train": docs("train"), "val": docs("validation")}
     if "test" in ds:
@@ -281,6 +283,9 @@ def load_corpus(spec: str = "shakespeare") -> Corpus:
 def read_document(path: str | Path) -> Document:
     """One text file as a Document, normalised as every corpus text is."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise DataError(f"{path} is a folder, not a text file (a folder of .txt files is a corpus: "
+                        "give --split to read it as one)")
     if not path.is_file():
         raise DataError(f"no such file: {path}")
-    return Document(path.name, _text(path.read_bytes()))
+    return Document(path.name, _text(path.read_bytes(), str(path)))

@@ -37,18 +37,23 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Mamba2Mixer(cfg)
-        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = SparseMoE(cfg)
+        # n_experts 0: the mixer alone (Hugging Face's Mamba2ForCausalLM has no MLP sublayer)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps) if cfg.n_experts else None
+        self.moe = SparseMoE(cfg) if cfg.n_experts else None
 
     def forward(self, x: Tensor, state: LayerState | None, scan: str = "chunked"):
         h, state = self.mixer(self.norm1(x), state, scan=scan)
         x = x + h
+        if self.moe is None:
+            return x, state, {}
         h, aux = self.moe(self.norm2(x))
         return x + h, state, aux
 
     def step(self, x: Tensor, state: LayerState):
         h, state = self.mixer.step(self.norm1(x), state)
         x = x + h
+        if self.moe is None:
+            return x, state
         h, _ = self.moe(self.norm2(x))
         return x + h, state
 
@@ -61,6 +66,7 @@ class IteraLite(nn.Module):
         nn.init.normal_(self.embed.weight, std=0.02)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
 
     def allocate_state(self, batch: int, device=None, dtype=torch.float32) -> list[LayerState]:
         """Zero state for `batch` sequences: one (conv_state, ssm_state) per layer."""
@@ -72,8 +78,10 @@ class IteraLite(nn.Module):
         return state
 
     def _head(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Residual stream -> (logits, hidden): hidden is the final-norm output the tied head reads."""
+        """Residual stream -> (logits, hidden): hidden is the final-norm output the head reads."""
         h = self.norm_f(x)
+        if self.lm_head is not None:
+            return self.lm_head(h), h
         return h @ self.embed.weight.T, h  # tied head
 
     def forward(self, tokens: Tensor, state: list[LayerState] | None = None, scan: str = "chunked") -> ModelOutput:

@@ -202,14 +202,14 @@ class Mamba2Mixer(nn.Module):
         self.conv_dim = self.d_inner + 2 * cfg.n_groups * cfg.d_state
 
         # One projection for z (gate), xBC (conv input) and dt, in HF Mamba2's order.
-        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=False)
+        self.in_proj = nn.Linear(cfg.d_model, self.d_inner + self.conv_dim + self.n_heads, bias=cfg.proj_bias)
         self.conv_weight = nn.Parameter(torch.empty(self.conv_dim, cfg.d_conv))
         self.conv_bias = nn.Parameter(torch.zeros(self.conv_dim))
         self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
         self.A_log = nn.Parameter(torch.empty(self.n_heads))
         self.D = nn.Parameter(torch.ones(self.n_heads))
         self.norm = GatedRMSNorm(self.d_inner, eps=cfg.norm_eps)
-        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
+        self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=cfg.proj_bias)
         self._init(cfg)
 
     @torch.no_grad()
