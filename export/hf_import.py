@@ -154,9 +154,10 @@ def mamba2_weights(sd: dict, cfg, hf: dict) -> dict:
 
 
 def _mamba2_cache_state(cache) -> list:
-    """Mamba2Cache → our per-layer (conv_state (B, Cc, K-1), ssm_state (B, H, N, P))."""
-    # transformers keeps the last K conv inputs (we keep K-1) and the SSM state as (B, H, P, N).
-    return [(cache.conv_states[i][..., 1:], cache.ssm_states[i].transpose(-1, -2))
+    """Mamba2Cache → our per-layer (conv_state (B, K-1, Cc), ssm_state (B, H, N, P))."""
+    # transformers keeps the last K conv inputs channels-first (B, Cc, K) (we keep K-1, channels
+    # last) and the SSM state as (B, H, P, N).
+    return [(cache.conv_states[i][..., 1:].transpose(-1, -2), cache.ssm_states[i].transpose(-1, -2))
             for i in range(len(cache.conv_states))]
 
 
