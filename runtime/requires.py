@@ -72,6 +72,9 @@ FIRST_VERSION: dict[str, str] = {
     "com.microsoft::LinearAttention": "1.25.1",  # update_rule="gated"
     "com.microsoft::CausalConvWithState": "1.30.0",  # activation="silu", channels_last=1
     "com.microsoft::MoE": "1.23.2",  # swiglu_fusion=1 (1.22 has MoE but refuses these attributes)
+    # The residual Add + RMSNorm of the fused graphs (export/graph_passes.py fuse_skip_rms_norms):
+    # the oldest release opcheck ran it on (older ones not probed for it).
+    "com.microsoft::SkipSimplifiedLayerNormalization": "1.18.1",
     "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0
     "com.microsoft::MatMulNBits": "1.17.3",  # 4 bits, block 32, accuracy_level 4
     "com.microsoft::GatherBlockQuantized": "1.22.1",  # uint8-packed 4-bit table, block 32
@@ -103,7 +106,8 @@ PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "
 PORTABLE_FLOOR = "1.19.0"
 # The Itera-Lite fused graph set's contrib kernels; its floor is the newest of their entries
 # (CausalConvWithState; a test checks the two agree).
-FUSED_OPS = ("com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE")
+FUSED_OPS = ("com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE",
+             "com.microsoft::SkipSimplifiedLayerNormalization")
 FUSED_FLOOR = "1.30.0"
 # Releases that must never be installed: pyproject's dependency excludes each (a test checks).
 KNOWN_BAD = {"1.21.0": "crashes with 'Illegal instruction' on import on a Raspberry Pi 4 "

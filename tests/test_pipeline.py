@@ -42,8 +42,13 @@ def test_pipeline_trains_exports_generates_and_benches(tmp_path):
     assert [Path(t["bundle"]).name for t in report["claims"]] == ["itera", "itera-int8"]
     for table in report["claims"]:
         assert Path(table["baseline"]).name == "baseline"
-        assert [c["claim"] for c in table["claims"]] == ["size", "speed", "energy", "quality"]
+        # The int8 bundle is also compared like for like: against the Transformer at int8.
+        like = ["speed, same engine (onnxruntime, int8)"] if Path(table["bundle"]).name == "itera-int8" else []
+        assert [c["claim"] for c in table["claims"]] == ["size", "speed", *like, "energy", "quality"]
         claims = {c["claim"]: c for c in table["claims"]}
+        for name in like:
+            same = claims[name]["numbers"].values()
+            assert same and all(n["ratio"] == pytest.approx(n["tokens_per_s"] / n["baseline_tokens_per_s"]) for n in same)
         # Each verdict follows from numbers this test can check: the size ratio from the
         # bundles' own bytes (tiny presets are param-matched: about 1x, far from 100x), the
         # speed verdict from its ratios, and no energy without a counter on this machine.

@@ -23,7 +23,8 @@ from itera_runtime.session import ModelSession
 
 GREEDY = SamplingConfig(temperature=0)
 ROOT = Path(__file__).resolve().parents[1]
-FUSED_OPS = {"com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE"}
+FUSED_OPS = {"com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE",
+             "com.microsoft::SkipSimplifiedLayerNormalization"}
 
 
 def _fused_here() -> bool:
