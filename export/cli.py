@@ -39,7 +39,7 @@ def main(checkpoint, out, quantize, quant_options, graph_set, lower, validate_te
     """Export CHECKPOINT to a bundle that runs without torch.
 
     CHECKPOINT: best.pt / last.pt of either family, a Hugging Face transformers folder
-    (Mamba2ForCausalLM) or hf:ORG/NAME (downloads it; needs the `hf` extra and a network).
+    (Mamba2ForCausalLM or GraniteMoeHybridForCausalLM) or hf:ORG/NAME (downloads it; needs the `hf` extra and a network).
     """
     if lower is not None and click.get_current_context().get_parameter_source("graph_set") == \
             click.core.ParameterSource.COMMANDLINE:
