@@ -99,19 +99,10 @@ def mamba2_config(hf: dict, folder: Path):
     """Mamba2Config (as config.json holds it) → IteraConfig with no experts, or a one-line refusal."""
     from itera_lite.models import IteraConfig
 
-    bad = []
-    d_model, expand = hf.get("hidden_size", 768), hf.get("expand", 2)
-    inner = int(expand * d_model)
-    heads, head_dim = hf.get("num_heads", 128), hf.get("head_dim", 64)
-    if heads * head_dim != inner:
-        bad.append(f"num_heads {heads} x head_dim {head_dim} != expand x hidden_size {inner}")
-    if expand * d_model != inner or inner % d_model:
-        bad.append(f"expand {expand} (a whole number is mapped)")
-    groups = hf.get("n_groups", 8)
-    if heads % groups:
-        bad.append(f"n_groups {groups} does not divide num_heads {heads}")
-    if hf.get("hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act {hf['hidden_act']!r} (silu is mapped)")
+    bad: list[str] = []
+    d_model = hf.get("hidden_size", 768)
+    inner, head_dim, groups = _mixer_shape(hf, d_model, ("expand", "num_heads", "head_dim", "n_groups"),
+                                           (2, 128, 64, 8), bad)
     limit = hf.get("time_step_limit", [0.0, math.inf])
     if limit is not None and (float(limit[0]) != 0.0 or not math.isinf(float(limit[1]))):
         bad.append(f"time_step_limit {list(limit)} (only (0, inf), no clamp, is mapped)")
@@ -123,6 +114,24 @@ def mamba2_config(hf: dict, folder: Path):
         d_expert=0, norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
     )
+
+
+def _mixer_shape(hf: dict, d_model: int, keys: tuple[str, str, str, str], defaults: tuple, bad: list[str]):
+    """(inner width, head_dim, n_groups) of a config's Mamba-2 mixer under its own key names (expand,
+    heads, head_dim, groups); what we do not map is appended to `bad`. head_dim "auto": inner / heads."""
+    k_expand, k_heads, k_head_dim, k_groups = keys
+    expand, heads, head_dim, groups = (hf.get(k, d) for k, d in zip(keys, defaults))
+    inner = int(expand * d_model)
+    if inner != expand * d_model or inner % d_model:
+        bad.append(f"{k_expand} {expand} (a whole number is mapped)")
+    head_dim = inner // heads if head_dim == "auto" else head_dim
+    if heads * head_dim != inner:
+        bad.append(f"{k_heads} {heads} x {k_head_dim} {head_dim} != {k_expand} x hidden_size {inner}")
+    if heads % groups:
+        bad.append(f"{k_groups} {groups} does not divide {k_heads} {heads}")
+    if hf.get("hidden_act", "silu") != "silu":
+        bad.append(f"hidden_act {hf['hidden_act']!r} (silu is mapped)")
+    return inner, head_dim, groups
 
 
 def _mixer_weights(sd: dict, src: str, dst: str, conv_bias: bool) -> dict:
@@ -173,19 +182,8 @@ def granite_config(hf: dict, folder: Path):
     types = hf.get("layer_types") or ["mamba"] * n_layers
     if len(types) != n_layers or set(types) - {"mamba", "attention"}:
         bad.append(f"layer_types {types}")
-    expand = hf.get("mamba_expand", 2)
-    inner = int(expand * d_model)
-    if inner != expand * d_model or inner % d_model:
-        bad.append(f"mamba_expand {expand} (a whole number is mapped)")
-    heads, head_dim = hf.get("mamba_n_heads", 128), hf.get("mamba_d_head", "auto")
-    head_dim = inner // heads if head_dim == "auto" else head_dim
-    if heads * head_dim != inner:
-        bad.append(f"mamba_n_heads {heads} x mamba_d_head {head_dim} != mamba_expand x hidden_size {inner}")
-    groups = hf.get("mamba_n_groups", 1)
-    if heads % groups:
-        bad.append(f"mamba_n_groups {groups} does not divide mamba_n_heads {heads}")
-    if hf.get("hidden_act", "silu") != "silu":
-        bad.append(f"hidden_act {hf['hidden_act']!r} (silu is mapped)")
+    inner, head_dim, groups = _mixer_shape(hf, d_model, ("mamba_expand", "mamba_n_heads", "mamba_d_head",
+                                                         "mamba_n_groups"), (2, 128, "auto", 1), bad)
     pos = hf.get("position_embedding_type")
     if pos not in (None, "nope", "rope"):
         bad.append(f"position_embedding_type {pos!r} (rope and nope are mapped)")

@@ -51,8 +51,12 @@ def save_mamba2(folder: Path, *, n_groups: int = 1, tied: bool = False, conv_bia
         n_groups=n_groups, expand=2, chunk_size=16, use_conv_bias=conv_bias, use_bias=proj_bias,
         layer_norm_epsilon=eps, tie_word_embeddings=tied, bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id, pad_token_id=None, **overrides)
-    model = transformers.Mamba2ForCausalLM(cfg)
-    with torch.no_grad():  # bigger-than-init gains and biases, so a dropped one shows in the logits
+    return _perturb_and_save(transformers.Mamba2ForCausalLM(cfg), fast, folder, tied)
+
+
+def _perturb_and_save(model, fast, folder: Path, tied: bool) -> Path:
+    """Save model and tokenizer after bigger-than-init gains and biases, so a dropped one shows in the logits."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias") or "norm" in name:
                 p.add_(torch.randn_like(p) * 0.3)
@@ -77,13 +81,7 @@ def save_granite(folder: Path, *, moe: bool = True, rope: bool = True, tied: boo
               attention_multiplier=0.2, logits_scaling=0.5, tie_word_embeddings=tied, rms_norm_eps=1e-6,
               bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, pad_token_id=None)
     model = transformers.GraniteMoeHybridForCausalLM(transformers.GraniteMoeHybridConfig(**{**kw, **overrides}))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(torch.randn_like(p) * 0.3)
-    model.save_pretrained(folder, safe_serialization=not tied)
-    fast.save_pretrained(folder)
-    return folder
+    return _perturb_and_save(model, fast, folder, tied)
 
 
 MAMBA2 = {
