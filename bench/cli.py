@@ -201,7 +201,7 @@ def _targets(bundles, threads):
     return [Target(b, t) for b in bundles for t in threads]
 
 
-def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=(), loop="decode"):
+def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto", n_pg=(), loop="auto"):
     """ONNX bundles and llama.cpp models in the order given, each at every thread count."""
     from . import latency, llamacpp
 
@@ -211,7 +211,10 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
             if isinstance(b, llamacpp.GgufModel):
                 if n_pg:
                     raise UsageError(f"{b.path}: -pg is measured for ONNX bundles only")
-                cases += latency.latency_cases([llamacpp.GgufTarget(b, t, flash_attn, loop=loop)], n_prompt, n_gen, n_depth,
+                loop = llamacpp.resolve_loop(loop)
+                target = (llamacpp.LlamaBenchTarget(b, t, flash_attn) if loop == "llama-bench"
+                          else llamacpp.GgufTarget(b, t, flash_attn, loop=loop))
+                cases += latency.latency_cases([target], n_prompt, n_gen, n_depth,
                                                prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
                 cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth, n_pg=n_pg)
@@ -234,9 +237,11 @@ def _span(depths: list[int]) -> list[int]:
                    "token (ms); repeatable")
 @click.option("--flash-attn", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
               help="llama.cpp (.gguf) only: auto times both and keeps the faster")
-@click.option("--llamacpp-loop", "loop", type=click.Choice(["decode", "eval"]), default="decode", show_default=True,
-              help="llama.cpp (.gguf) decode loop timed: decode = llama_decode on a reused batch (llama-bench's), "
-                   "eval = llama-cpp-python's Llama.eval per token")
+@click.option("--llamacpp-loop", "loop", type=click.Choice(["auto", "llama-bench", "decode", "eval"]), default="auto",
+              show_default=True,
+              help="llama.cpp (.gguf) loop timed: llama-bench = llama.cpp's own binary ($ITERA_LLAMA_BENCH or "
+                   "on PATH), decode = llama_decode on a reused batch through llama-cpp-python, eval = its "
+                   "Llama.eval per token; auto = llama-bench where installed, else decode")
 @paced
 @accepts_gguf
 def latency(bundles, threads, repetitions, warmup, n_prompt, n_gen, n_depth, n_pg, flash_attn, loop, thermal):

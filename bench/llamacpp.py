@@ -12,7 +12,11 @@ GGUF in the same engine:
   own `llama_decode` on one reused one-token batch, as llama-bench's tg test does, plus the
   greedy pick (argmax of the last logits read in place) that our generate loop also pays. Loop
   `eval`: llama-cpp-python's high-level `Llama.eval([token])` per token (its Python bookkeeping
-  inside; 13-26% slower on the tiny models). Each row says which loop was timed (`extra.loop`).
+  inside; 13-26% slower on the tiny models). Loop `llama-bench`: llama.cpp's own `llama-bench`
+  binary (its C++ loop, its warm-up, its depth handling), one run of it per repetition; `auto`
+  (the default) takes it where it is installed ($ITERA_LLAMA_BENCH, else `llama-bench` on PATH)
+  and `decode` elsewhere. Each row says which loop was timed (`extra.loop`), and a llama-bench
+  row its build (`extra.llama_bench`).
 - `step@d{d}` (`itera-bench step`): the decode loop without the greedy pick, µs per token.
 - quality: bits/byte with llama.cpp's logits and llama.cpp's tokenizer (token bytes from
   `llama_token_to_piece`), the same window rule as the bundles (bench/quality.py).
@@ -31,7 +35,10 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
+import shutil
+import subprocess
 import time
 from pathlib import Path
 
@@ -42,7 +49,9 @@ from .sweep import Case, Sample
 from itera_runtime.errors import UserError
 
 LOOPS = {"decode": "llama_decode on a reused 1-token batch (llama-bench's loop) + greedy argmax in place",
-         "eval": "llama-cpp-python Llama.eval([token]) per token + greedy argmax in place"}
+         "eval": "llama-cpp-python Llama.eval([token]) per token + greedy argmax in place",
+         "llama-bench": "the llama-bench binary (llama.cpp's own C++ loop and warm-up), one run per repetition"}
+LLAMA_BENCH_ENV = "ITERA_LLAMA_BENCH"
 GGUF_QUANT = {"ALL_F32": "none", "MOSTLY_F16": "fp16", "MOSTLY_Q8_0": "int8", "MOSTLY_Q4_0": "int4"}
 
 
@@ -52,6 +61,28 @@ class LlamaCppError(UserError, ValueError):
 
 def is_gguf(path: str) -> bool:
     return str(path).endswith(".gguf")
+
+
+def find_llama_bench() -> str | None:
+    """The llama-bench binary: $ITERA_LLAMA_BENCH if set, else `llama-bench` on PATH, else None."""
+    path = os.environ.get(LLAMA_BENCH_ENV)
+    if path:
+        if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+            raise LlamaCppError(f"${LLAMA_BENCH_ENV}={path}: not an executable file")
+        return path
+    return shutil.which("llama-bench")
+
+
+def resolve_loop(loop: str) -> str:
+    """`auto` → `llama-bench` where the binary is installed, else `decode`; an asked-for binary must exist."""
+    if loop == "auto":
+        return "llama-bench" if find_llama_bench() else "decode"
+    if loop == "llama-bench" and not find_llama_bench():
+        raise LlamaCppError(f"--llamacpp-loop llama-bench: no llama-bench binary (set ${LLAMA_BENCH_ENV} or put it "
+                            "on PATH; llama.cpp's build makes it: cmake --build build --target llama-bench)")
+    if loop not in LOOPS:
+        raise LlamaCppError(f"unknown llama.cpp decode loop {loop!r}; choose from auto, {', '.join(LOOPS)}")
+    return loop
 
 
 def _llama_cpp():
@@ -118,6 +149,8 @@ class GgufTarget:
         self._saved: dict[int, tuple[ctypes.Array, int]] = {}  # depth → llama.cpp state after its prefill
         self._token = (lc.llama_token * 1)()  # the reused one-token batch of the decode loop
         self._batch = lc.llama_batch_get_one(self._token, 1)
+        self._logits_at: int | None = None  # the logits buffer's address, and a numpy view of it
+        self._logits = np.empty(0, dtype=np.float32)
         self._text_ids = np.asarray(self.llm.tokenize(CONTEXT_TEXT.encode(), add_bos=False, special=False),
                                     dtype=np.int64)
         if flash_attn == "auto":
@@ -190,20 +223,82 @@ class GgufTarget:
             raise LlamaCppError(f"{self.model.path}: llama_decode failed (context full?)")
 
     def template(self, test: str, **how) -> Record:
-        m = self.model
-        return Record(kind="latency", test=test, metric="tokens_per_s", unit="tok/s", n_threads=self.threads,
-                      bundle=str(m.path), model_filename=os.path.basename(m.path), family=m.family,
-                      quantization=m.quantization, engine="llama.cpp", model_size=m.size_bytes,
-                      model_n_params=m.n_params, model_n_params_active=m.n_params,
-                      extra={"flash_attn": self.flash_attn, "llama_cpp_python": self._llama_cpp.__version__,
-                             "loop": LOOPS[self.loop], "depth": "state restored" if self.recurrent else "KV rewound",
-                             "arch": m.arch}, **how)
+        return _record(self.model, self.threads, test,
+                       {"flash_attn": self.flash_attn, "llama_cpp_python": self._llama_cpp.__version__,
+                        "loop": LOOPS[self.loop], "depth": "state restored" if self.recurrent else "KV rewound"},
+                       **how)
 
     def _greedy(self) -> int:
         """Argmax of the last evaluated token's logits, read in place from llama.cpp (no copy):
-        llama-cpp-python fills `Llama.scores` only with logits_all, which would copy every row."""
+        llama-cpp-python fills `Llama.scores` only with logits_all, which would copy every row.
+        The numpy view is made once per logits buffer (making it costs ~10 µs, a few % of a
+        tiny model's step); llama.cpp moves the buffer only when it grows."""
         ptr = self._llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
-        return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))))
+        address = ctypes.cast(ptr, ctypes.c_void_p).value
+        if address != self._logits_at:
+            self._logits_at, self._logits = address, np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return int(self._logits.argmax())
+
+
+def _record(model: GgufModel, threads: int, test: str, extra: dict, **how) -> Record:
+    """A latency row of a GGUF in llama.cpp, whichever loop timed it."""
+    return Record(kind="latency", test=test, metric="tokens_per_s", unit="tok/s", n_threads=threads,
+                  bundle=str(model.path), model_filename=os.path.basename(model.path), family=model.family,
+                  quantization=model.quantization, engine="llama.cpp", model_size=model.size_bytes,
+                  model_n_params=model.n_params, model_n_params_active=model.n_params,
+                  extra={**extra, "arch": model.arch}, **how)
+
+
+class LlamaBenchTarget:
+    """A GGUF timed by llama.cpp's own llama-bench binary at one thread count.
+
+    Each repetition is one `llama-bench -r 1` run of one test: llama.cpp's C++ loop, its
+    warm-up run and its own depth handling (a KV prefill, or a recurrent state saved and
+    restored), so the row is llama.cpp at the speed its users see in llama-bench.
+    """
+
+    def __init__(self, model: GgufModel, threads: int | None, flash_attn: str = "auto", timeout_s: float = 900):
+        self.model, self.threads, self.timeout_s = model, threads or 1, timeout_s
+        self.binary = find_llama_bench()
+        if self.binary is None:
+            raise LlamaCppError(f"no llama-bench binary (set ${LLAMA_BENCH_ENV} or put it on PATH)")
+        self.flash_attn_mode = flash_attn
+        self.flash_attn: bool = flash_attn == "on"
+        self.build = ""
+        if flash_attn == "auto":  # as GgufTarget: both timed at depth 128 once, the faster kept
+            rows = self.run(0, 32, 128, fa="0,1")
+            self.flash_attn = bool(max(rows, key=lambda r: r["avg_ts"])["flash_attn"])
+
+    def run(self, n_prompt: int, n_gen: int, n_depth: int, fa: str | None = None) -> list[dict]:
+        """One llama-bench run of one test (-r 1), its JSON rows."""
+        fa = fa if fa is not None else str(int(self.flash_attn))
+        cmd = [self.binary, "-m", str(self.model.path), "-p", str(n_prompt), "-n", str(n_gen), "-d", str(n_depth),
+               "-t", str(self.threads), "-r", "1", "-fa", fa, "-o", "json"]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=self.timeout_s)
+        except subprocess.TimeoutExpired:
+            raise LlamaCppError(f"{self.model.path}: llama-bench ran past {self.timeout_s:.0f} s") from None
+        except OSError as e:
+            raise LlamaCppError(f"{self.binary}: could not run llama-bench ({e.strerror})") from None
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        if r.returncode != 0:
+            raise LlamaCppError(f"{self.model.path}: llama-bench failed ({lines[-1] if lines else f'exit {r.returncode}'})")
+        try:
+            rows = json.loads(r.stdout)
+            self.build = f"{rows[0]['build_commit']} ({rows[0]['build_number']})"
+            return rows
+        except (ValueError, LookupError, TypeError):
+            raise LlamaCppError(f"{self.binary}: llama-bench printed no JSON rows (is it llama.cpp's llama-bench?)") from None
+
+    def case(self, test: str, n_prompt: int, n_gen: int, n_depth: int) -> Case:
+        def run() -> Sample:
+            (row,) = self.run(n_prompt, n_gen, n_depth)
+            return Sample(float(row["samples_ts"][0]), int(row["samples_ns"][0]), {"llama_bench": self.build})
+
+        how = {"n_prompt": n_prompt} if n_prompt else {"n_gen": n_gen}
+        rec = _record(self.model, self.threads, test, {"flash_attn": self.flash_attn, "loop": LOOPS["llama-bench"],
+                                                       "depth": "llama-bench's own"}, n_depth=n_depth, **how)
+        return Case(rec, run)
 
 
 def _check(target: GgufTarget, n_depth: int, n_tokens: int) -> None:
@@ -212,9 +307,11 @@ def _check(target: GgufTarget, n_depth: int, n_tokens: int) -> None:
                          f"length {target.n_ctx}")
 
 
-def prompt_case(target: GgufTarget, n_prompt: int, n_depth: int) -> Case:
+def prompt_case(target: GgufTarget | LlamaBenchTarget, n_prompt: int, n_depth: int) -> Case:
     from .latency import _name
 
+    if isinstance(target, LlamaBenchTarget):
+        return target.case(_name("pp", n_prompt, n_depth), n_prompt, 0, n_depth)
     _check(target, n_depth, n_prompt)
 
     def run() -> Sample:
@@ -230,9 +327,11 @@ def prompt_case(target: GgufTarget, n_prompt: int, n_depth: int) -> Case:
     return Case(target.template(_name("pp", n_prompt, n_depth), n_prompt=n_prompt, n_depth=n_depth), run)
 
 
-def gen_case(target: GgufTarget, n_gen: int, n_depth: int) -> Case:
+def gen_case(target: GgufTarget | LlamaBenchTarget, n_gen: int, n_depth: int) -> Case:
     from .latency import _name
 
+    if isinstance(target, LlamaBenchTarget):
+        return target.case(_name("tg", n_gen, n_depth), 0, n_gen, n_depth)
     _check(target, n_depth, n_gen + 1)
     start = max(n_depth, 1)
 

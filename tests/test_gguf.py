@@ -110,7 +110,8 @@ def test_llama_cpp_logits_match_torch(tiny_baseline, ggufs):
 def test_bench_latency_row(tiny_baseline, ggufs):
     _llama_cpp()
     r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_baseline.bundle), ggufs["int8"],
-                        "-p", "16", "-n", "8", "-d", "0,32", "-r", "2", "-o", "json", "--flash-attn", "off"],
+                        "-p", "16", "-n", "8", "-d", "0,32", "-r", "2", "-o", "json", "--flash-attn", "off",
+                        "--llamacpp-loop", "decode"],
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
@@ -218,9 +219,67 @@ def test_itera_gguf_bits_per_byte_and_bench_rows(itera_ggufs, tiny_itera, tmp_pa
     for q in ("int8", "int4"):
         assert abs(bpb[f"itera-{q}.gguf"] / ref - 1) < 0.01
     r = invoke(main, "latency", itera_ggufs["int8"], "-p", "0", "-n", "4", "-d", "128,2048", "-r", "1",
-               "--no-warmup", "--flash-attn", "off", "-o", "json")
+               "--no-warmup", "--flash-attn", "off", "--llamacpp-loop", "decode", "-o", "json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
     assert {row["test"] for row in rows} == {"tg4@d128", "tg4@d2048"}
     assert all(row["family"] == "itera" and row["avg_ts"] > 0 and row["extra"]["depth"] == "state restored"
                and row["extra"]["loop"].startswith("llama_decode") for row in rows)
+
+
+# ------------------------------------------------------------------ llama.cpp's own llama-bench
+
+
+def _llama_bench() -> str:
+    from itera_bench.llamacpp import find_llama_bench
+
+    path = find_llama_bench()
+    if path is None:
+        if os.environ.get("ITERA_REQUIRE_LLAMACPP"):
+            raise AssertionError("CI needs llama.cpp's llama-bench: set ITERA_LLAMA_BENCH (.ci/run builds it)")
+        pytest.skip("no llama-bench binary (set ITERA_LLAMA_BENCH or put it on PATH)")
+    return path
+
+
+def test_llama_bench_binary_rows(itera_ggufs, ggufs):
+    """`--llamacpp-loop llama-bench` (and `auto` where it is installed) times both families with llama.cpp's
+    own binary: one llama-bench run per repetition, its build in the row, Itera's depth by its own rules."""
+    binary = _llama_bench()
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    r = invoke(main, "latency", itera_ggufs["int8"], ggufs["int8"], "-p", "16", "-n", "4", "-d", "0,64", "-r", "2",
+               "--no-warmup", "-o", "json", env={"ITERA_LLAMA_BENCH": binary})
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert sorted((row["family"], row["test"]) for row in rows) == sorted(
+        (fam, t) for fam in ("itera", "baseline") for t in ("pp16", "pp16@d64", "tg4", "tg4@d64"))
+    for row in rows:
+        assert row["extra"]["loop"].startswith("the llama-bench binary") and row["extra"]["llama_bench"]
+        assert len(row["samples"]) == 2 and all(v > 0 for v in row["samples"]) and row["engine"] == "llama.cpp"
+        assert isinstance(row["extra"]["flash_attn"], bool)  # auto: the faster of the two, picked at set-up
+
+
+def test_llama_bench_binary_refusals(ggufs, tmp_path):
+    """An asked-for binary that is missing or not llama-bench is one line, exit 1; auto without one
+    falls back to llama-cpp-python's decode loop and says so in the rows."""
+    _llama_cpp()
+    from clirun import invoke
+
+    from itera_bench.cli import main
+
+    args = ("latency", ggufs["int8"], "-p", "0", "-n", "2", "-d", "0", "-r", "1", "--no-warmup", "--flash-attn",
+            "off", "-o", "json")
+    r = invoke(main, *args, env={"ITERA_LLAMA_BENCH": str(tmp_path / "nope")})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "ITERA_LLAMA_BENCH" in r.stderr, r.stderr
+    fake = tmp_path / "llama-bench"
+    fake.write_text("#!/bin/sh\necho 'not a bench'\n")
+    fake.chmod(0o755)
+    r = invoke(main, *args, env={"ITERA_LLAMA_BENCH": str(fake)})
+    assert r.returncode == 1 and r.stderr.count("\n") == 1 and "no JSON rows" in r.stderr, r.stderr
+    r = invoke(main, *args, "--llamacpp-loop", "llama-bench", env={"ITERA_LLAMA_BENCH": "", "PATH": str(tmp_path / "bin")})
+    assert r.returncode == 1 and "no llama-bench binary" in r.stderr, r.stderr
+    r = invoke(main, *args, env={"ITERA_LLAMA_BENCH": "", "PATH": str(tmp_path / "bin")})
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0]["extra"]["loop"].startswith("llama_decode")
