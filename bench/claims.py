@@ -317,7 +317,7 @@ def measure_claims(itera: list[str], baseline: str, results=(), threads=(1,), re
         wanted = [(SPEED_PROMPT, 0, prompt_case), *((n_gen, d, gen_case) for d in SPEED_DEPTHS)]
         for path, bundle in models.items():
             if isinstance(bundle, llamacpp.GgufModel):
-                cases += [make(target, n, depth) for target in (llamacpp.GgufTarget(bundle, t) for t in threads)
+                cases += [make(target, n, depth) for target in (llamacpp.make_target(bundle, t) for t in threads)
                           for n, depth, make in ((SPEED_PROMPT, 0, llamacpp.prompt_case),
                                                  *((n_gen, d, llamacpp.gen_case) for d in SPEED_DEPTHS))]
                 continue

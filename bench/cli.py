@@ -211,10 +211,7 @@ def _latency_cases(bundles, threads, n_prompt, n_gen, n_depth, flash_attn="auto"
             if isinstance(b, llamacpp.GgufModel):
                 if n_pg:
                     raise UsageError(f"{b.path}: -pg is measured for ONNX bundles only")
-                loop = llamacpp.resolve_loop(loop)
-                target = (llamacpp.LlamaBenchTarget(b, t, flash_attn) if loop == "llama-bench"
-                          else llamacpp.GgufTarget(b, t, flash_attn, loop=loop))
-                cases += latency.latency_cases([target], n_prompt, n_gen, n_depth,
+                cases += latency.latency_cases([llamacpp.make_target(b, t, flash_attn, loop)], n_prompt, n_gen, n_depth,
                                                prompt=llamacpp.prompt_case, gen=llamacpp.gen_case)
             else:
                 cases += latency.latency_cases([latency.Target(b, t)], n_prompt, n_gen, n_depth, n_pg=n_pg)

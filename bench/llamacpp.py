@@ -301,6 +301,15 @@ class LlamaBenchTarget:
         return Case(rec, run)
 
 
+def make_target(model: GgufModel, threads: int | None, flash_attn: str = "auto",
+                loop: str = "auto") -> GgufTarget | LlamaBenchTarget:
+    """The GGUF at one thread count, timed by the loop asked for (`auto`: llama-bench where installed)."""
+    loop = resolve_loop(loop)
+    if loop == "llama-bench":
+        return LlamaBenchTarget(model, threads, flash_attn)
+    return GgufTarget(model, threads, flash_attn, loop=loop)
+
+
 def _check(target: GgufTarget, n_depth: int, n_tokens: int) -> None:
     if n_depth + n_tokens > target.n_ctx:
         raise LlamaCppError(f"{target.model.path}: depth {n_depth} + {n_tokens} tokens exceeds its context "
