@@ -20,8 +20,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_passes import (collapse_reshapes, drop_identity_reshapes, fuse_skip_rms_norms, prune, sink_reshapes,
-                           symbolic_dims, unit_gathers_to_reshapes)
+from .graph_passes import (bias_before_split, collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
+                           gather_unit_rows, prune, sink_reshapes, symbolic_dims, unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
@@ -126,19 +126,13 @@ class _Rewriter:
         n4, (decay,) = self.node("Mul", [dt, A])
         out += [n1, n2, n3, n4]
 
-        # key = B repeated per head (B, T, H·N); each group serves H/G consecutive heads.
-        # query = C packed per group (B, T, G·N): LinearAttention's GQA maps query group
-        # g to heads g·H/G .. (g+1)·H/G-1, the same sharing Mamba-2 uses, so no repeat.
-        if G == 1:
-            n6, (b3,) = self.node("Reshape", [Bm, self.ints(0, seq, N)])
-            n7, (key,) = self.node("Tile", [b3, self.ints(1, 1, H)])
-            out += [n6, n7]
-        else:
-            n6, (b5,) = self.node("Reshape", [Bm, self.ints(0, seq, G, 1, N)])
-            n7, (b5e,) = self.node("Expand", [b5, self.ints(1, 1, 1, H // G, 1)])
-            n8, (key,) = self.node("Reshape", [b5e, self.ints(0, seq, H * N)])
-            out += [n6, n7, n8]
+        # key = B and query = C, each packed per group (B, T, G·N): LinearAttention shares
+        # key and query groups over heads as GQA does (group g serves heads g·H/G ..
+        # (g+1)·H/G-1, Mamba-2's sharing), so B needs no repeat per head (checked against the
+        # repeated key for G = 1 and 2 with onnxruntime 1.32; one Tile a layer fewer).
+        n6, (key,) = self.node("Reshape", [Bm, self.ints(0, seq, G * N)])
         n9, (query,) = self.node("Reshape", [Cm, self.ints(0, seq, G * N)])
+        out += [n6]
         o = self.fresh("linear_attention")
         la, _ = self.node(
             "LinearAttention", [query, key, value, state, decay], domain=MS, outputs=[o, new_state],
@@ -307,5 +301,8 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
         collapse_reshapes(model, rw.sym)
         drop_identity_reshapes(model, rw.sym)
     fuse_skip_rms_norms(model, rw.sym)
+    gather_unit_rows(model, rw.sym)
+    bias_before_split(model, rw.sym)
+    drop_identity_output_reshapes(model, rw.sym)
     prune(model)
     return model
