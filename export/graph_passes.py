@@ -282,62 +282,6 @@ def drop_identity_output_reshapes(model: onnx.ModelProto, dims: dict[str, list])
     return done
 
 
-def bias_before_split(model: onnx.ModelProto, dims: dict[str, list]) -> int:
-    """Add(Split(MatMul(x, W))[k], b) → Split(Add(MatMul(x, W), [0.., b, ..0]))[k].
-
-    Mamba-2's dt_bias is added to one slice of in_proj's output; added to the whole output
-    (zeros elsewhere) it sits right after the MatMul, where onnxruntime folds it into the
-    quantized kernels' bias input (DynamicQuantizeMatMul, MatMulNBits): one node a layer
-    fewer in int8/int4 graphs, the same count in fp32 (the float MatMul + Add stay two nodes
-    while the batch is symbolic). The sum is the same float addition. Returns how many.
-    """
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producers = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for v in n.input:
-            users.setdefault(v, []).append(n)
-    outputs = {o.name for o in g.output}
-    done, moved = 0, set()
-    for n in list(g.node):
-        if n.op_type != "Add" or n.domain not in ("", "ai.onnx"):
-            continue
-        a, b = n.input
-        split = producers.get(a)
-        if b not in inits or split is None or split.op_type != "Split" or id(split) in moved:
-            continue
-        mm = producers.get(split.input[0])
-        shape = dims.get(split.input[0])
-        sizes = _const_ints(model, split.input[1], producers) if len(split.input) > 1 else None
-        axis = next((x.i for x in split.attribute if x.name == "axis"), 0)
-        bias = numpy_helper.to_array(inits[b])
-        if (mm is None or mm.op_type != "MatMul" or mm.input[1] not in inits or not shape or sizes is None
-                or axis % len(shape) != len(shape) - 1 or len(users.get(mm.output[0], [])) != 1
-                or mm.output[0] in outputs or bias.shape != (sizes[list(split.output).index(a)],)):
-            continue
-        k = list(split.output).index(a)
-        full = np.zeros(sum(sizes), dtype=bias.dtype)
-        full[sum(sizes[:k]):sum(sizes[:k + 1])] = bias
-        name = f"{b}.in_full_width"
-        g.initializer.append(numpy_helper.from_array(full, name))
-        biased = f"{mm.output[0]}_biased"
-        g.node.insert(list(g.node).index(split), helper.make_node("Add", [mm.output[0], name], [biased],
-                                                                    name=f"{n.name or biased}_before_split"))
-        split.input[0] = biased
-        g.node.remove(n)
-        for m in users.get(n.output[0], []):
-            for i, v in enumerate(m.input):
-                if v == n.output[0]:
-                    m.input[i] = a
-        for o in g.output:
-            if o.name == n.output[0]:
-                raise ValueError("bias_before_split: the biased slice is a graph output")  # not in our graphs
-        moved.add(id(split))
-        done += 1
-    return done
-
-
 def plain_softplus(model: onnx.ModelProto, min_threshold: float = 15.0) -> int:
     """Where(x > T, x, Softplus(x)) → Softplus(x): torch's `softplus(x, threshold=T)` as exported.
 

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_passes import (bias_before_split, collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
+from .graph_passes import (collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
                            gather_unit_rows, prune, sink_reshapes, symbolic_dims, unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
@@ -335,7 +335,6 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
         drop_identity_reshapes(model, rw.sym)
     fuse_skip_rms_norms(model, rw.sym)
     gather_unit_rows(model, rw.sym)
-    bias_before_split(model, rw.sym)
     drop_identity_output_reshapes(model, rw.sym)
     prune(model)
     return model

@@ -110,8 +110,8 @@ def test_fused_decode_graph_has_no_per_token_layout_work(bundles):
 # skip, the 3-D MoE input and a channels-last conv state (94), then the key read per group
 # (no Tile), the embedding gathered from (B, 1) ids, no Reshape on the logits and the dt path
 # in one LinearAttentionGate (79, int8/int4 too). What is left per layer (bench/PROFILE.md):
-# the router's flattening Reshape (MoE takes 2-D router logits only), in_proj's Add of
-# dt_bias' zeros in fp32, dt·x (MatMul, Mul), the D skip (Mul, Add) and the gate (QuickGelu, Mul).
+# the router's flattening Reshape (MoE takes 2-D router logits only), dt·x (MatMul, Mul),
+# the D skip (Mul, Add) and the gate (QuickGelu, Mul), around the 13 that do the work.
 TINY_DECODE_NODES = 79
 
 
