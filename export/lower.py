@@ -25,11 +25,11 @@ from .graph_passes import (collapse_reshapes, drop_identity_output_reshapes, dro
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
-FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")  # GroupQueryAttention: hybrids only
+FUSED_OPS = ("LinearAttention", "LinearAttentionGate", "CausalConvWithState", "MoE")  # GroupQueryAttention: hybrids only
 
 
 def fused_ops_available() -> bool:
-    """True when the installed onnxruntime has all three contrib kernels the fused path needs."""
+    """True when the installed onnxruntime has all the contrib kernels the fused path needs."""
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
     except ImportError:
