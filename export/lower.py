@@ -2,7 +2,8 @@
 
 A graph pass over an exported model (function path in, fused path out):
 
-    SelectiveScan / SsmStep → LinearAttention (update_rule="gated") + packing Reshapes/Muls
+    SelectiveScan / SsmStep → LinearAttention (update_rule="gated"), dt and its decay by
+                              LinearAttentionGate, + packing Reshapes/Muls
     CausalConv1d            → CausalConvWithState (activation="silu", channels-last) for one
                               token; a depthwise Conv over [state, x] + SiLU for a sequence
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
