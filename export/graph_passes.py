@@ -211,6 +211,77 @@ def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int
     return dropped
 
 
+def gather_unit_rows(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """Unsqueeze(Gather(table, Reshape(ids, [-1])), [1]) → Gather(table, ids) for ids (B, 1).
+
+    The one-token step embeds `input_ids.reshape(-1)` and puts the axis back (`[:, None]`);
+    Gather of the (B, 1) ids gives that (B, 1, D) directly: two nodes fewer per token.
+    dims: shapes from shape inference. Returns how many.
+    """
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    users: dict[str, list] = {}
+    for n in g.node:
+        for v in n.input:
+            users.setdefault(v, []).append(n)
+    outputs = {o.name for o in g.output}
+    drop, done = set(), 0
+    for n in g.node:
+        if n.op_type != "Unsqueeze" or n.domain not in ("", "ai.onnx") or len(n.input) < 2:
+            continue
+        gather = producers.get(n.input[0])
+        if (gather is None or gather.op_type != "Gather" or gather.domain not in ("", "ai.onnx")
+                or any(a.name == "axis" and a.i != 0 for a in gather.attribute)
+                or len(users.get(gather.output[0], [])) != 1 or gather.output[0] in outputs):
+            continue
+        flat = producers.get(gather.input[1])
+        if flat is None or flat.op_type != "Reshape" or _const_ints(model, flat.input[1], producers) != [-1]:
+            continue
+        ids = dims.get(flat.input[0])
+        if not ids or len(ids) != 2 or ids[1] != 1 or _const_ints(model, n.input[1], producers) != [1]:
+            continue
+        gather.input[1] = flat.input[0]
+        gather.output[0] = n.output[0]
+        drop.add(id(n))
+        done += 1
+    if done:
+        keep = [n for n in g.node if id(n) not in drop]
+        del g.node[:]
+        g.node.extend(keep)
+        _drop_dead_nodes(model)
+    return done
+
+
+def drop_identity_output_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
+    """An identity Reshape (see `drop_identity_reshapes`) that writes a graph output: its
+    source node writes the output itself (the step's `logits.reshape(-1, 1, V)`). Returns how many."""
+    g = model.graph
+    outputs = {o.name for o in g.output}
+    inputs = {i.name for i in g.input} | {i.name for i in g.initializer}
+    producers = {o: n for n in g.node for o in n.output}
+    done = 0
+    for n in list(g.node):
+        if n.op_type != "Reshape" or n.domain not in ("", "ai.onnx") or n.output[0] not in outputs:
+            continue
+        src = n.input[0]
+        if src in inputs or src in outputs or src not in producers:
+            continue
+        a, target = dims.get(src), _const_ints(model, n.input[1], producers)
+        if not (a and target and len(target) == len(a) and target[0] in (-1, 0) and 0 not in target[1:]
+                and all(isinstance(d, int) and d == t for d, t in zip(a[1:], target[1:]))):
+            continue
+        out = n.output[0]
+        g.node.remove(n)
+        p = producers[src]
+        p.output[list(p.output).index(src)] = out
+        for m in g.node:
+            for k, v in enumerate(m.input):
+                if v == src:
+                    m.input[k] = out
+        done += 1
+    return done
+
+
 def plain_softplus(model: onnx.ModelProto, min_threshold: float = 15.0) -> int:
     """Where(x > T, x, Softplus(x)) → Softplus(x): torch's `softplus(x, threshold=T)` as exported.
 

@@ -2,7 +2,8 @@
 
 A graph pass over an exported model (function path in, fused path out):
 
-    SelectiveScan / SsmStep → LinearAttention (update_rule="gated") + packing Reshapes/Muls
+    SelectiveScan / SsmStep → LinearAttention (update_rule="gated"), dt and its decay by
+                              LinearAttentionGate, + packing Reshapes/Muls
     CausalConv1d            → CausalConvWithState (activation="silu", channels-last) for one
                               token; a depthwise Conv over [state, x] + SiLU for a sequence
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
@@ -20,16 +21,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from .graph_passes import (collapse_reshapes, drop_identity_reshapes, fuse_skip_rms_norms, prune, sink_reshapes,
-                           symbolic_dims, unit_gathers_to_reshapes)
+from .graph_passes import (collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
+                           gather_unit_rows, prune, sink_reshapes, symbolic_dims, unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
-FUSED_OPS = ("LinearAttention", "CausalConvWithState", "MoE")  # GroupQueryAttention: hybrids only
+FUSED_OPS = ("LinearAttention", "LinearAttentionGate", "CausalConvWithState", "MoE")  # GroupQueryAttention: hybrids only
 
 
 def fused_ops_available() -> bool:
-    """True when the installed onnxruntime has all three contrib kernels the fused path needs."""
+    """True when the installed onnxruntime has all the contrib kernels the fused path needs."""
     try:
         from onnxruntime.capi.onnxruntime_pybind11_state import get_all_operator_schema
     except ImportError:
@@ -100,6 +101,24 @@ class _Rewriter:
         n = helper.make_node(op, inputs, outs, name=self.fresh(op), domain=domain or None, **attrs)
         return n, outs
 
+    def _dt_chain(self, dt: str, heads: int) -> tuple[str, str] | None:
+        """(raw, dt_bias) when dt = softplus(raw + dt_bias) as the model traced it: Softplus, or
+        torch's thresholded form Where(x > T, x, Softplus(x)); None for anything else."""
+        n = self.producers.get(dt)
+        if n is not None and n.op_type == "Where":
+            sp, cond = self.producers.get(n.input[2]), self.producers.get(n.input[0])
+            if (sp is None or sp.op_type != "Softplus" or n.input[1] != sp.input[0]
+                    or cond is None or cond.op_type != "Greater" or cond.input[0] != sp.input[0]):
+                return None
+            n = sp
+        add = self.producers.get(n.input[0]) if n is not None and n.op_type == "Softplus" else None
+        if add is None or add.op_type != "Add" or add.domain not in ("", "ai.onnx"):
+            return None
+        raw, bias = add.input
+        if bias not in self.inits or list(self.inits[bias].dims) != [heads]:
+            return None
+        return raw, bias
+
     # -- one rewrite per op; each returns the replacement nodes ------------------------
 
     def scan(self, n: onnx.NodeProto) -> list[onnx.NodeProto]:
@@ -117,28 +136,36 @@ class _Rewriter:
         # value = dt·x packed (B, T, H·P): dt spread over each head's P channels by a one-hot
         # MatMul (exact: one product by 1.0 per channel), one node where Unsqueeze + Mul +
         # Reshape were three; x arrives packed (its Reshape folds into the model's own).
+        # decay = dt·A (B, T, H): log-space per-head decay, already in the packed layout.
         spread = self.derived(f"spread_heads_{H}x{P}",
                               lambda: np.kron(np.eye(H, dtype=np.float32), np.ones((1, P), np.float32)))
-        n1, (dtp,) = self.node("MatMul", [dt, spread])
+        chain = self._dt_chain(dt, H)
+        if chain is not None:
+            # dt = softplus(raw + dt_bias) and dt·A in one LinearAttentionGate (one node where
+            # Add, Softplus, Mul were three); dt·x then reads dt back as decay·(1/A), the spread
+            # scaled by 1/A_h (a constant subgraph onnxruntime folds at load).
+            raw, dt_bias = chain
+            n4, (decay,) = self.node("LinearAttentionGate", [raw, dt_bias, A], domain=MS)
+            n5, (inv,) = self.node("Reciprocal", [A])
+            n6, (col,) = self.node("Unsqueeze", [inv, self.ints(1)])
+            n7, (scaled,) = self.node("Mul", [spread, col])
+            n1, (dtp,) = self.node("MatMul", [decay, scaled])
+            out += [n4, n5, n6, n7, n1]
+        else:
+            n1, (dtp,) = self.node("MatMul", [dt, spread])
+            n4, (decay,) = self.node("Mul", [dt, A])
+            out += [n1, n4]
         n2, (xp,) = self.node("Reshape", [x, self.ints(0, seq, H * P)])
         n3, (value,) = self.node("Mul", [xp, dtp])
-        # decay = dt·A (B, T, H): log-space per-head decay, already in the packed layout.
-        n4, (decay,) = self.node("Mul", [dt, A])
-        out += [n1, n2, n3, n4]
+        out += [n2, n3]
 
-        # key = B repeated per head (B, T, H·N); each group serves H/G consecutive heads.
-        # query = C packed per group (B, T, G·N): LinearAttention's GQA maps query group
-        # g to heads g·H/G .. (g+1)·H/G-1, the same sharing Mamba-2 uses, so no repeat.
-        if G == 1:
-            n6, (b3,) = self.node("Reshape", [Bm, self.ints(0, seq, N)])
-            n7, (key,) = self.node("Tile", [b3, self.ints(1, 1, H)])
-            out += [n6, n7]
-        else:
-            n6, (b5,) = self.node("Reshape", [Bm, self.ints(0, seq, G, 1, N)])
-            n7, (b5e,) = self.node("Expand", [b5, self.ints(1, 1, 1, H // G, 1)])
-            n8, (key,) = self.node("Reshape", [b5e, self.ints(0, seq, H * N)])
-            out += [n6, n7, n8]
+        # key = B and query = C, each packed per group (B, T, G·N): LinearAttention shares
+        # key and query groups over heads as GQA does (group g serves heads g·H/G ..
+        # (g+1)·H/G-1, Mamba-2's sharing), so B needs no repeat per head (checked against the
+        # repeated key for G = 1 and 2 with onnxruntime 1.32; one Tile a layer fewer).
+        n6, (key,) = self.node("Reshape", [Bm, self.ints(0, seq, G * N)])
         n9, (query,) = self.node("Reshape", [Cm, self.ints(0, seq, G * N)])
+        out += [n6]
         o = self.fresh("linear_attention")
         la, _ = self.node(
             "LinearAttention", [query, key, value, state, decay], domain=MS, outputs=[o, new_state],
@@ -299,6 +326,7 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
     model.graph.node.extend(nodes)
     if not any(o.domain == MS for o in model.opset_import):
         model.opset_import.append(helper.make_opsetid(MS, 1))
+    prune(model)  # the dt chains LinearAttentionGate replaced, before the passes below look at adds
     # Fewer nodes for onnxruntime to dispatch (~0.3 µs each; counted in bench/PROFILE.md).
     unit_gathers_to_reshapes(model, rw.sym)
     collapse_reshapes(model, rw.sym)
@@ -307,5 +335,7 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
         collapse_reshapes(model, rw.sym)
         drop_identity_reshapes(model, rw.sym)
     fuse_skip_rms_norms(model, rw.sym)
+    gather_unit_rows(model, rw.sym)
+    drop_identity_output_reshapes(model, rw.sym)
     prune(model)
     return model

@@ -101,7 +101,10 @@ def _single_node_model(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto],
             initializers.append(inits[name])
         else:
             vi = onnx.ValueInfoProto(name=name)
-            vi.type.CopyFrom(types[name])
+            if name in types:
+                vi.type.CopyFrom(types[name])
+            else:  # written by a contrib op onnx cannot infer (LinearAttentionGate): float, any shape
+                vi.type.tensor_type.elem_type = onnx.TensorProto.FLOAT
             inputs.append(vi)
     outputs = []
     for name in node.output:

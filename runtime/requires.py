@@ -71,6 +71,9 @@ FIRST_VERSION: dict[str, str] = {
     # SSM/MoE path, then the quantized kernels.
     "com.microsoft::LinearAttention": "1.25.1",  # update_rule="gated"
     "com.microsoft::CausalConvWithState": "1.30.0",  # activation="silu", channels_last=1
+    # dt's softplus and decay in one kernel: checked in 1.30.0 (the fused floor) and 1.32.0,
+    # older releases not probed.
+    "com.microsoft::LinearAttentionGate": "1.30.0",
     "com.microsoft::MoE": "1.23.2",  # swiglu_fusion=1 (1.22 has MoE but refuses these attributes)
     # The residual Add + RMSNorm of the fused graphs (export/graph_passes.py fuse_skip_rms_norms):
     # the oldest release opcheck ran it on (older ones not probed for it).
@@ -107,7 +110,7 @@ PORTABLE_FLOOR = "1.19.0"
 # The Itera-Lite fused graph set's contrib kernels; its floor is the newest of their entries
 # (CausalConvWithState; a test checks the two agree).
 FUSED_OPS = ("com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE",
-             "com.microsoft::SkipSimplifiedLayerNormalization")
+             "com.microsoft::SkipSimplifiedLayerNormalization", "com.microsoft::LinearAttentionGate")
 FUSED_FLOOR = "1.30.0"
 # Releases that must never be installed: pyproject's dependency excludes each (a test checks).
 KNOWN_BAD = {"1.21.0": "crashes with 'Illegal instruction' on import on a Raspberry Pi 4 "

@@ -14,8 +14,10 @@ from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from itera_export.graph_passes import (  # noqa: E402
     collapse_reshapes,
+    drop_identity_output_reshapes,
     drop_identity_reshapes,
     fuse_skip_rms_norms,
+    gather_unit_rows,
     plain_softplus,
     prune,
     sink_reshapes,
@@ -224,3 +226,60 @@ def test_per_head_scale_and_add_sink_below_reshapes_and_cancel(batch):
     prune(model)
     assert _ops(model) == ["Add", "Mul", "Neg"]
     np.testing.assert_array_equal(_run_io(model, feeds), before)
+
+
+def _embedding_step(ids_shape):
+    """ids → Reshape(-1) → Gather(table) → Unsqueeze(1) → MatMul: a one-token step's embedding."""
+    V = 10
+    nodes = [helper.make_node("Reshape", ["ids", "flat"], ["v"]),
+             helper.make_node("Gather", ["table", "v"], ["e"]),
+             helper.make_node("Unsqueeze", ["e", "ax1"], ["u"]),
+             helper.make_node("MatMul", ["u", "w"], ["y"])]
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((V, C)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((C, 3)).astype(np.float32), "w"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat"),
+             numpy_helper.from_array(np.array([1], np.int64), "ax1")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, ids_shape)],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def test_embedding_of_one_token_ids_is_one_gather_with_equal_outputs():
+    m = _embedding_step(["batch", 1])
+    ids = np.array([[3], [7]], np.int64)
+    before = make_session(m.SerializeToString(), threads=1).run(["y"], {"ids": ids})[0]
+    assert gather_unit_rows(m, symbolic_dims(m)) == 1
+    assert _ops(m) == ["Gather", "MatMul"]
+    after = make_session(m.SerializeToString(), threads=1).run(["y"], {"ids": ids})[0]
+    assert after.shape == (2, 1, 3) and np.array_equal(before, after)
+
+
+def test_embedding_of_several_tokens_keeps_its_reshape():
+    m = _embedding_step(["batch", 2])  # (B, 2) ids flattened: Unsqueeze(1) is not their shape
+    assert gather_unit_rows(m, symbolic_dims(m)) == 0
+    assert _ops(m) == ["Gather", "MatMul", "Reshape", "Unsqueeze"]
+
+
+def _head_with_output_reshape(target):
+    nodes = [helper.make_node("Unsqueeze", ["x", "ax1"], ["u"]),
+             helper.make_node("MatMul", ["u", "w"], ["m"]),
+             helper.make_node("Reshape", ["m", "shape"], ["y"])]
+    inits = {"ax1": np.array([1], np.int64), "shape": np.array(target, np.int64),
+             "w": np.random.default_rng(0).standard_normal((C, 4)).astype(np.float32)}
+    return _model(nodes, inits, None)
+
+
+def test_identity_reshape_into_a_graph_output_is_dropped_with_equal_outputs():
+    m = _head_with_output_reshape([-1, 1, 4])  # logits.reshape(-1, 1, V) of a (B, 1, V) tensor
+    x = np.random.default_rng(1).standard_normal((3, C)).astype(np.float32)
+    before = _run(m, x)
+    assert drop_identity_output_reshapes(m, symbolic_dims(m)) == 1
+    assert _ops(m) == ["MatMul", "Unsqueeze"] and m.graph.node[-1].output[0] == "y"
+    assert np.array_equal(_run(m, x), before)
+
+
+def test_shape_changing_reshape_into_a_graph_output_is_kept():
+    m = _head_with_output_reshape([-1, 4])
+    assert drop_identity_output_reshapes(m, symbolic_dims(m)) == 0
+    assert _ops(m) == ["MatMul", "Reshape", "Unsqueeze"]

@@ -24,7 +24,7 @@ from itera_runtime.session import ModelSession
 GREEDY = SamplingConfig(temperature=0)
 ROOT = Path(__file__).resolve().parents[1]
 FUSED_OPS = {"com.microsoft::LinearAttention", "com.microsoft::CausalConvWithState", "com.microsoft::MoE",
-             "com.microsoft::SkipSimplifiedLayerNormalization"}
+             "com.microsoft::SkipSimplifiedLayerNormalization", "com.microsoft::LinearAttentionGate"}
 
 
 def _fused_here() -> bool:
