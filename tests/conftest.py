@@ -14,6 +14,9 @@ import pytest
 
 TINY_VOCAB = 256
 TINY_LAYERS = 2  # two, so the state of more than one layer has to be carried in order
+# Itera-Lite keeps its preset's four: the same seed-0 model as test_export_itera's, so the exporter's
+# cached trace of one serves the other (a trace is most of an export's time).
+LAYERS = {"baseline": TINY_LAYERS, "itera": None}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -64,7 +67,8 @@ def _make_tiny_bundle(tmp_path_factory, family: str, quantize: tuple[str, ...] =
 
     root = tmp_path_factory.mktemp(f"tiny-{family}")
     torch.manual_seed(0)
-    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, n_layers=TINY_LAYERS)
+    layers = {} if LAYERS[family] is None else {"n_layers": LAYERS[family]}
+    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, **layers)
     model = build_model(cfg).eval()
     tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
     ckpt = root / "tiny.pt"
