@@ -19,14 +19,14 @@ import sys
 
 import click
 
-from .bundle import BundleError
+from .errors import OneLineErrors, UsageError
 from .generate import Generation, GenerationStats, Generator
 from .graphcheck import GRAPH_SET_ENV
 from .session import State
-from .statefile import StateFileError
 from .sampling import SamplingConfig
+from .statefile import StateFileError
 from .requires import installed_version as ort_version
-from .options import DeviceError, check_threads
+from .options import check_threads
 from .usertext import decode_user_text
 
 EXIT_PROMPTS = ("exit", "quit")
@@ -118,7 +118,7 @@ def interactive(generator: Generator, max_new_tokens: int, sampling: SamplingCon
                        as_json, state=state, keep_state=True)
         state = gen.state
         if state_file is not None:
-            generator.save_state(state, state_file)
+            _write_state(generator, state, state_file)
 
 
 def _read_state(generator: Generator, path: str | None) -> State | None:
@@ -128,6 +128,14 @@ def _read_state(generator: Generator, path: str | None) -> State | None:
     if path is None or not os.path.exists(path):
         return None
     return generator.load_state(path)
+
+
+def _write_state(generator: Generator, state: State, path: str) -> None:
+    """Save `state` to the user's --state file; a place that cannot be written is the user's to fix."""
+    try:
+        generator.save_state(state, path)
+    except OSError as e:
+        raise StateFileError(f"{path}: cannot write ({e.strerror or e})") from None
 
 
 def _has_datastore(path: str) -> bool:
@@ -144,7 +152,7 @@ def _env_graph_set(path: str) -> str | None:
     return name if name and name in load_bundle(path, verify=False).manifest.graph_sets() else None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.command(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("bundle", type=click.Path(path_type=str))
 @click.option("--prompt", "-p", default=None,
               help="Prompt text. Default: stdin when it is not a terminal (one trailing newline "
@@ -179,39 +187,32 @@ def main(bundle, prompt, device, max_new_tokens, temperature, top_k, top_p, repe
          stop, threads, graph_set, retrieval, retrieval_k, retrieval_lambda, retrieval_temperature, no_stream, as_json,
          state_file, interactive_):
     """Generate text from the itera bundle folder BUNDLE."""
-    try:
-        check_threads(threads)
-        sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
-                                  repetition_penalty=repetition_penalty, seed=seed)
-        if interactive_ and prompt is not None:
-            raise ValueError("--interactive reads its prompts from stdin; leave out --prompt")
-        if prompt is None and not interactive_ and not sys.stdin.isatty():
-            prompt = decode_user_text(sys.stdin.buffer.read(), "stdin")
-            prompt = prompt[:-1] if prompt.endswith("\n") else prompt
-        elif prompt is not None:
-            # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
-            prompt = decode_user_text(prompt.encode("utf-8", "surrogateescape"), "--prompt")
-        mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature)
-        if retrieval is None:  # default: use a datastore where there is one; asking for settings asks for one
-            retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
-        generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
-                              retrieval=mix if retrieval else None)
-        for note in generator.retriever.notes if generator.retriever is not None else ():
-            click.echo(f"note: {note}", err=True)
-        state = _read_state(generator, state_file)
-        if prompt is None:
-            interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json, state, state_file)
-        else:
-            gen = run_once(generator, prompt, max_new_tokens, sampling, tuple(stop), not no_stream, as_json,
-                           state=state, keep_state=state_file is not None)
-            if state_file is not None:
-                generator.save_state(gen.state, state_file)
-    except (BundleError, DeviceError, StateFileError, ValueError) as e:
-        click.echo("error: " + " ".join(str(e).split()), err=True)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        click.echo("", err=True)
-        sys.exit(130)
+    check_threads(threads)
+    sampling = SamplingConfig(temperature=temperature, top_k=top_k, top_p=top_p,
+                              repetition_penalty=repetition_penalty, seed=seed)
+    if interactive_ and prompt is not None:
+        raise UsageError("--interactive reads its prompts from stdin; leave out --prompt")
+    if prompt is None and not interactive_ and not sys.stdin.isatty():
+        prompt = decode_user_text(sys.stdin.buffer.read(), "stdin")
+        prompt = prompt[:-1] if prompt.endswith("\n") else prompt
+    elif prompt is not None:
+        # An argv that is not UTF-8 arrives with surrogate escapes: same rule as stdin.
+        prompt = decode_user_text(prompt.encode("utf-8", "surrogateescape"), "--prompt")
+    mix = dict(k=retrieval_k, lam=retrieval_lambda, temperature=retrieval_temperature)
+    if retrieval is None:  # default: use a datastore where there is one; asking for settings asks for one
+        retrieval = any(v is not None for v in mix.values()) or _has_datastore(bundle)
+    generator = Generator(bundle, device=device, threads=threads, graph_set=graph_set or _env_graph_set(bundle),
+                          retrieval=mix if retrieval else None)
+    for note in generator.retriever.notes if generator.retriever is not None else ():
+        click.echo(f"note: {note}", err=True)
+    state = _read_state(generator, state_file)
+    if prompt is None:
+        interactive(generator, max_new_tokens, sampling, tuple(stop), not no_stream, as_json, state, state_file)
+    else:
+        gen = run_once(generator, prompt, max_new_tokens, sampling, tuple(stop), not no_stream, as_json,
+                       state=state, keep_state=state_file is not None)
+        if state_file is not None:
+            _write_state(generator, gen.state, state_file)
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, load_bundle
+from .errors import UsageError
 from .sampling import Sampler, SamplingConfig
 from .session import ModelSession, State
 from .textstream import TextStreamer
@@ -284,7 +285,7 @@ class Generator:
         try:
             prompt.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError("prompt is not valid Unicode text (it holds undecodable bytes)") from None
+            raise UsageError("prompt is not valid Unicode text (it holds undecodable bytes)") from None
         ids = self.tokenizer.encode(prompt).ids
         return ids if ids else self.tokenizer.encode("\n").ids[:1]
 
@@ -297,7 +298,7 @@ class Generator:
 
     def _check(self, n_prompt: int, max_new_tokens: int, position: int = 0) -> None:
         if isinstance(max_new_tokens, bool) or int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+            raise UsageError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         before = f"{position} tokens of state + " if position else ""
         self.bundle.check_context(position + n_prompt + max_new_tokens,
                                   f"{before}prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens})")
@@ -346,7 +347,7 @@ class Generator:
             stop = (stop,)
         stop = tuple(stop)
         if any(not isinstance(s, str) or not s for s in stop):
-            raise ValueError(f"stop strings must be non-empty strings, got {stop!r}")
+            raise UsageError(f"stop strings must be non-empty strings, got {stop!r}")
         start = time.perf_counter()
         ids = self.encode(prompt) if prompt_ids is None else [int(i) for i in prompt_ids]
         if not ids:

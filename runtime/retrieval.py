@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from .bundle import Bundle, BundleError, Retrieval, _safe_member
+from .errors import UsageError
 
 __all__ = ["DATASTORE_DIR", "KEYS_FILE", "VALUES_FILE", "MixSettings", "Datastore", "Retriever",
            "knn_log_mix", "check_spec", "datastore_spec", "load_arrays", "check_datastore", "open_retriever"]
@@ -53,12 +54,12 @@ class MixSettings:
 
     def __post_init__(self):
         if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
-            raise ValueError(f"retrieval k must be an integer >= 1, got {self.k!r}")
+            raise UsageError(f"retrieval k must be an integer >= 1, got {self.k!r}")
         # λ = 1 would give every token outside the k neighbours probability 0 (infinite loss).
         if not 0.0 <= self.lam < 1.0:
-            raise ValueError(f"retrieval lambda must be in [0, 1), got {self.lam!r}")
+            raise UsageError(f"retrieval lambda must be in [0, 1), got {self.lam!r}")
         if not self.temperature > 0:
-            raise ValueError(f"retrieval temperature must be > 0, got {self.temperature!r}")
+            raise UsageError(f"retrieval temperature must be > 0, got {self.temperature!r}")
 
     @classmethod
     def of(cls, spec: Retrieval, k: int | None = None, lam: float | None = None,

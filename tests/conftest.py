@@ -14,6 +14,9 @@ import pytest
 
 TINY_VOCAB = 256
 TINY_LAYERS = 2  # two, so the state of more than one layer has to be carried in order
+# Itera-Lite keeps its preset's four: the same seed-0 model as test_export_itera's, so the exporter's
+# cached trace of one serves the other (a trace is most of an export's time).
+LAYERS = {"baseline": TINY_LAYERS, "itera": None}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -52,7 +55,8 @@ class TinyBundle:
     log: list[str] = field(default_factory=list)  # the export's progress and warning lines
 
 
-def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
+def _make_tiny_bundle(tmp_path_factory, family: str, quantize: tuple[str, ...] = ()) -> list[TinyBundle]:
+    """The tiny checkpoint of `family` exported at fp32, then at each of `quantize` (same checkpoint)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from itera_export.exporter import export_checkpoint
@@ -63,36 +67,48 @@ def _make_tiny_bundle(tmp_path_factory, family: str) -> TinyBundle:
 
     root = tmp_path_factory.mktemp(f"tiny-{family}")
     torch.manual_seed(0)
-    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, n_layers=TINY_LAYERS)
+    layers = {} if LAYERS[family] is None else {"n_layers": LAYERS[family]}
+    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, **layers)
     model = build_model(cfg).eval()
     tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
     ckpt = root / "tiny.pt"
     save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
                            "tokenizer_json": tokenizer.to_str()})
-    log: list[str] = []
-    out, _ = export_checkpoint(ckpt, root / "bundle", log=log.append)
-    return TinyBundle(family, ckpt, out, log)
+    bundles = []
+    for mode in ("none", *quantize):
+        log: list[str] = []
+        folder = root if mode == "none" else tmp_path_factory.mktemp(f"tiny-{family}-{mode}")
+        out, _ = export_checkpoint(ckpt, folder / "bundle", quantize=mode, log=log.append)
+        bundles.append(TinyBundle(family, ckpt, out, log))
+    return bundles
 
 
 @pytest.fixture(scope="session")
 def tiny_baseline(tmp_path_factory) -> TinyBundle:
-    return _make_tiny_bundle(tmp_path_factory, "baseline")
+    return _make_tiny_bundle(tmp_path_factory, "baseline")[0]
 
 
 @pytest.fixture(scope="session")
-def tiny_itera(tmp_path_factory) -> TinyBundle:
-    return _make_tiny_bundle(tmp_path_factory, "itera")
+def tiny_itera_exports(tmp_path_factory) -> dict[str, TinyBundle]:
+    """The tiny Itera-Lite checkpoint at fp32, int8 and int4, exported back to back: the exporter keeps
+    the trace (most of an export's time) of the last model only, so three exports cost about one."""
+    return dict(zip(("none", "int8", "int4"), _make_tiny_bundle(tmp_path_factory, "itera", ("int8", "int4"))))
 
 
 @pytest.fixture(scope="session")
-def tiny_itera_int8(tiny_itera, tmp_path_factory) -> TinyBundle:
+def tiny_itera(tiny_itera_exports) -> TinyBundle:
+    return tiny_itera_exports["none"]
+
+
+@pytest.fixture(scope="session")
+def tiny_itera_int8(tiny_itera_exports) -> TinyBundle:
     """tiny_itera's checkpoint exported again with int8 weights: a real fp32 / int8 pair."""
-    from itera_export.exporter import export_checkpoint
+    return tiny_itera_exports["int8"]
 
-    log: list[str] = []
-    out, _ = export_checkpoint(tiny_itera.checkpoint, tmp_path_factory.mktemp("tiny-itera-int8") / "bundle",
-                               quantize="int8", log=log.append)
-    return TinyBundle("itera", tiny_itera.checkpoint, out, log)
+
+@pytest.fixture(scope="session")
+def tiny_itera_int4(tiny_itera_exports) -> TinyBundle:
+    return tiny_itera_exports["int4"]
 
 
 @pytest.fixture(scope="session")

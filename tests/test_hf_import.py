@@ -180,12 +180,20 @@ def test_a_hybrid_states_bytes_are_the_ssm_tensors_plus_the_filled_kv_rows_in_ma
         session.prefill(np.zeros(257, dtype=np.int64))
 
 
-def test_an_exported_folder_keeps_its_tokenizer_and_chat_fields_and_itera_run_matches_transformers(tmp_path):
-    folder = save_mamba2(tmp_path / "hf", **MAMBA2["groups2-untied-projbias"])
-    r = invoke(export_cli, folder, "-o", tmp_path / "bundle", "--graph-set", "fused")
+@pytest.fixture(scope="module")
+def cli_export(tmp_path_factory):
+    """(folder, bundle, result) of `itera-export FOLDER --graph-set fused` on a Mamba-2 folder, made once:
+    an export of a new config traces its model and kernels (10-15 s)."""
+    root = tmp_path_factory.mktemp("cli-export")
+    folder = save_mamba2(root / "hf", **MAMBA2["groups2-untied-projbias"])
+    return folder, root / "bundle", invoke(export_cli, folder, "-o", root / "bundle", "--graph-set", "fused")
+
+
+def test_an_exported_folder_keeps_its_tokenizer_and_chat_fields_and_itera_run_matches_transformers(cli_export):
+    folder, bundle, r = cli_export
     assert r.returncode == 0, r.stderr
     assert "validation vs transformers" in r.stdout
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    manifest = json.loads((bundle / "manifest.json").read_text())
     tok = transformers.AutoTokenizer.from_pretrained(folder)
     assert manifest["chat_template"] == CHAT  # top-level, where itera-serve's chat.py reads it
     assert manifest["special_tokens"] == {"bos_token": "<|bos|>", "bos_token_id": tok.bos_token_id,
@@ -197,15 +205,16 @@ def test_an_exported_folder_keeps_its_tokenizer_and_chat_fields_and_itera_run_ma
     ids = tok("whether 'tis", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         new = hf.generate(ids, max_new_tokens=16, do_sample=False)[0, ids.shape[1]:]
-    r = invoke(run_cli, tmp_path / "bundle", "-p", "whether 'tis", "-n", 16, "--temperature", 0, "--threads", 1)
+    r = invoke(run_cli, bundle, "-p", "whether 'tis", "-n", 16, "--temperature", 0, "--threads", 1)
     assert r.returncode == 0, r.stderr
     assert r.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
 
 
-def test_generation_ends_at_the_checkpoints_eos_token(tmp_path):
-    folder = save_mamba2(tmp_path / "hf", n_groups=1)
-    out, _ = export_checkpoint(folder, tmp_path / "bundle", graph_set="fused")
+def test_generation_ends_at_the_checkpoints_eos_token(cli_export):
+    folder, out, r = cli_export
+    assert r.returncode == 0, r.stderr
     gen = Generator(out, threads=1)
+    assert gen.eos_token_id == transformers.AutoTokenizer.from_pretrained(folder).eos_token_id  # read from the bundle
     prompt = gen.encode("To be")
     free = gen.generate_ids(prompt, 8, SamplingConfig(temperature=0))  # ids with no stop at all
     gen.eos_token_id = free[3]  # as if the checkpoint's EOS were the 4th greedy token

@@ -79,15 +79,11 @@ def _bundle_bytes(folder):
 
 
 @pytest.fixture(scope="module")
-def itera_bundles(tiny_itera, tiny_itera_int8, tmp_path_factory):
-    """The tiny Itera-Lite checkpoint exported at fp32, int8 and int4 (traced once)."""
-    root = tmp_path_factory.mktemp("itera-quant")
-    # fp32 and int8 are the session's exports of this checkpoint (conftest); int4 is made here.
-    out = {mode: (b.bundle, load_bundle(b.bundle).manifest) for mode, b in (("none", tiny_itera),
-                                                                           ("int8", tiny_itera_int8))}
-    logs = {"none": tiny_itera.log, "int8": tiny_itera_int8.log, "int4": []}
-    out["int4"] = export_checkpoint(tiny_itera.checkpoint, root / "int4", quantize="int4", log=logs["int4"].append)
-    return out, logs
+def itera_bundles(tiny_itera, tiny_itera_int8, tiny_itera_int4):
+    """The tiny Itera-Lite checkpoint exported at fp32, int8 and int4 (the session's, traced once)."""
+    modes = {"none": tiny_itera, "int8": tiny_itera_int8, "int4": tiny_itera_int4}
+    return ({mode: (b.bundle, load_bundle(b.bundle).manifest) for mode, b in modes.items()},
+            {mode: b.log for mode, b in modes.items()})
 
 
 def test_int4_bundle_is_smaller_than_int8_and_both_generate(itera_bundles):
@@ -167,8 +163,9 @@ def test_export_says_when_a_quantized_bundle_decodes_slower(itera_bundles):
     assert bundles["none"][1].quantization.decode_vs_fp32 is None
 
 
-def test_quant_options_change_the_settings(tiny_itera, tmp_path):
-    _, manifest = export_checkpoint(tiny_itera.checkpoint, tmp_path / "b", quantize="int4",
+def test_quant_options_change_the_settings(tiny_baseline, tmp_path):
+    # The baseline: an Itera-Lite export here would trace again (the exporter keeps one trace).
+    _, manifest = export_checkpoint(tiny_baseline.checkpoint, tmp_path / "b", quantize="int4",
                                     quant_options=["block_size=64", "table_bits=8"])
     s = manifest.quantization.settings
     assert s["block_size"] == 64 and s["table_bits"] == 8 and s["bits"] == 4
