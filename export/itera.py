@@ -117,7 +117,8 @@ def _attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
 
 
-_TRACED: dict[tuple, dict[str, bytes]] = {}
+_TRACED: dict[tuple, dict[str, bytes]] = {}  # most recently used last
+_TRACED_MAX_BYTES = 512 << 20  # a few tiny/small models' graphs; one base model's is ~200 MB
 
 
 def _fingerprint(model, opset: int, hidden: bool) -> tuple:
@@ -127,11 +128,14 @@ def _fingerprint(model, opset: int, hidden: bool) -> tuple:
 def _function_graphs(model, opset: int, hidden: bool = False) -> dict[str, bytes]:
     """Serialized function-path prefill and decode graphs.
 
-    Tracing takes tens of seconds, so the last result is kept per (weights, config, opset):
-    exporting one model both ways (as the bench and tests do) traces it once.
+    Tracing takes tens of seconds, so recent results are kept per (weights, config, opset,
+    hidden), least recently used dropped past _TRACED_MAX_BYTES: exporting one model both ways,
+    or again after another model (as the bench and the tests do), traces it once.
     """
     key = _fingerprint(model, opset, hidden)
-    if key not in _TRACED:
+    if key in _TRACED:
+        _TRACED[key] = _TRACED.pop(key)  # now the most recently used
+    else:
         was_training = model.training
         model.eval()
         try:
@@ -146,8 +150,9 @@ def _function_graphs(model, opset: int, hidden: bool = False) -> dict[str, bytes
         functions = itera_functions(model.config, opset)
         for m in (prefill, decode):
             _attach_functions(m, functions)
-        _TRACED.clear()
         _TRACED[key] = {"prefill": prefill.SerializeToString(), "decode": decode.SerializeToString()}
+        while len(_TRACED) > 1 and sum(len(b) for g in _TRACED.values() for b in g.values()) > _TRACED_MAX_BYTES:
+            del _TRACED[next(iter(_TRACED))]
     return _TRACED[key]
 
 
