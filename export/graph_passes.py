@@ -211,6 +211,16 @@ def drop_identity_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int
     return dropped
 
 
+def _wiring(g: onnx.GraphProto) -> tuple[dict[str, onnx.NodeProto], dict[str, list[onnx.NodeProto]]]:
+    """The node that makes each value, and the nodes that read it."""
+    producers = {o: n for n in g.node for o in n.output}
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producers, consumers
+
+
 def gather_unit_rows(model: onnx.ModelProto, dims: dict[str, list]) -> int:
     """Unsqueeze(Gather(table, Reshape(ids, [-1])), [1]) → Gather(table, ids) for ids (B, 1).
 
@@ -219,11 +229,7 @@ def gather_unit_rows(model: onnx.ModelProto, dims: dict[str, list]) -> int:
     dims: shapes from shape inference. Returns how many.
     """
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    users: dict[str, list] = {}
-    for n in g.node:
-        for v in n.input:
-            users.setdefault(v, []).append(n)
+    producers, users = _wiring(g)
     outputs = {o.name for o in g.output}
     drop, done = set(), 0
     for n in g.node:
@@ -396,11 +402,7 @@ def fuse_skip_rms_norms(model: onnx.ModelProto, dims: dict[str, list]) -> int:
     1-D weight initializer and the last axis. dims: shapes from shape inference. Returns how many.
     """
     g = model.graph
-    producers = {o: n for n in g.node for o in n.output}
-    consumers: dict[str, list] = {}
-    for n in g.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
+    producers, consumers = _wiring(g)
     inits = {i.name: i for i in g.initializer}
 
     def const(name):
