@@ -117,7 +117,7 @@ def base_wheel() -> Wheel | None:
                 raise DeviceRunError("could not build the itera-lite wheel to push: "
                                      + " | ".join(tail_lines(r.stderr + r.stdout, 3)))
             out.mkdir(parents=True, exist_ok=True)
-            tmp_dest = out / (wheels[0].name + ".tmp")
+            tmp_dest = out / f"{wheels[0].name}.{os.getpid()}.tmp"  # two runs building at once each write their own
             shutil.copy2(wheels[0], tmp_dest)
             os.replace(tmp_dest, out / wheels[0].name)
         found = sorted(out.glob("itera_lite-*.whl"))

@@ -11,6 +11,9 @@ them to onnxruntime's fused contrib kernels.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 
 STATE_KINDS = ("conv", "ssm")
+OPSET = 18
 
 
 def _takes_mask(model) -> bool:
@@ -35,11 +39,12 @@ def _takes_mask(model) -> bool:
 
 
 class _Prefill(nn.Module):
-    """model.forward with the state list flattened into positional tensors (after attention_mask, if any)."""
+    """model.forward with the state list flattened into positional tensors (after attention_mask, if any),
+    returning logits, the new state and `hidden`."""
 
-    def __init__(self, model, hidden: bool = False):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.hidden, self.mask = model, hidden, _takes_mask(model)
+        self.model, self.mask = model, _takes_mask(model)
 
     def forward(self, input_ids, *past):
         mask = {}
@@ -47,15 +52,15 @@ class _Prefill(nn.Module):
             mask["attention_mask"], past = past[0], past[1:]
         state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
         out = self.model(input_ids, state, **mask)
-        return (out.logits, *[t for layer in out.state for t in layer], *([out.hidden] if self.hidden else []))
+        return (out.logits, *[t for layer in out.state for t in layer], out.hidden)
 
 
 class _Decode(nn.Module):
-    """model.step on a (batch, 1) token, returning (batch, 1, vocab) logits."""
+    """model.step on a (batch, 1) token, returning (batch, 1, vocab) logits, the new state and `hidden`."""
 
-    def __init__(self, model, hidden: bool = False):
+    def __init__(self, model):
         super().__init__()
-        self.model, self.hidden, self.mask = model, hidden, _takes_mask(model)
+        self.model, self.mask = model, _takes_mask(model)
 
     def forward(self, input_ids, *past):
         mask = {}
@@ -65,7 +70,7 @@ class _Decode(nn.Module):
         logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True, **mask)
         # reshape, not [:, None]: it folds into the step's own (B, 1, V) -> (B, V) and drops out
         return (logits.reshape(-1, 1, logits.shape[-1]), *[t for layer in new_state for t in layer],
-                *([hidden.reshape(-1, 1, hidden.shape[-1])] if self.hidden else []))
+                hidden.reshape(-1, 1, hidden.shape[-1]))
 
 
 HIDDEN = "hidden"
@@ -79,20 +84,19 @@ def _state_names(model) -> list[tuple[str, str]]:
     return [STATE_KINDS] * model.config.n_layers
 
 
-def _io_names(model, hidden: bool = False) -> tuple[list[str], list[str]]:
+def _io_names(model) -> tuple[list[str], list[str]]:
     names = _state_names(model)
     past = [f"past.{i}.{k}" for i, layer in enumerate(names) for k in layer]
     present = [f"present.{i}.{k}" for i, layer in enumerate(names) for k in layer]
     mask = [MASK] if _takes_mask(model) else []
-    return ["input_ids", *mask, *past], ["logits", *present, *([HIDDEN] if hidden else [])]
+    return ["input_ids", *mask, *past], ["logits", *present, HIDDEN]
 
 
-def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int,
-           hidden: bool = False) -> onnx.ModelProto:
+def _trace(wrapper: nn.Module, tokens: torch.Tensor, state, dynamic_tokens: dict, opset: int) -> onnx.ModelProto:
     batch = torch.export.Dim("batch")
     dyn_tokens = {k: (batch if v == "batch" else torch.export.Dim(v)) for k, v in dynamic_tokens.items()}
     flat = [t for layer in state for t in layer]
-    names_in, names_out = _io_names(wrapper.model, hidden)
+    names_in, names_out = _io_names(wrapper.model)
     mask, dyn_mask = (), ()
     if wrapper.mask:  # two tokens already in the buffer: the traced S differs from T
         mask = (torch.ones(tokens.shape[0], tokens.shape[1] + 2, dtype=torch.long),)
@@ -119,48 +123,125 @@ def _attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto
 
 _TRACED: dict[tuple, dict[str, bytes]] = {}  # most recently used last
 _TRACED_MAX_BYTES = 512 << 20  # a few tiny/small models' graphs; one base model's is ~200 MB
+_TRACE_DIR: Path | None = None  # use_trace_dir(): traces kept on disk too, shared between processes
 
 
-def _fingerprint(model, opset: int, hidden: bool) -> tuple:
-    return (type(model).__qualname__, repr(model.config), opset, hidden, weights_sha256(model))
+def _fingerprint(model, opset: int) -> tuple:
+    return (type(model).__qualname__, repr(model.config), opset, weights_sha256(model))
 
 
-def _function_graphs(model, opset: int, hidden: bool = False) -> dict[str, bytes]:
-    """Serialized function-path prefill and decode graphs.
+def use_trace_dir(path: Path | None) -> None:
+    """Keep traced graphs in `path` as well, for other processes (the test workers) to reuse; None: memory only.
 
-    Tracing takes tens of seconds, so recent results are kept per (weights, config, opset,
-    hidden), least recently used dropped past _TRACED_MAX_BYTES: exporting one model both ways,
-    or again after another model (as the bench and the tests do), traces it once.
+    An entry is named by the model's fingerprint and _code_version(), so an edit to the code a
+    trace comes from, or another torch / onnx / onnxscript, traces again instead of reading a
+    stale graph.
     """
-    key = _fingerprint(model, opset, hidden)
+    global _TRACE_DIR
+    _TRACE_DIR = None if path is None else Path(path)
+
+
+@functools.lru_cache(maxsize=1)
+def _code_version() -> str:
+    """A hash of what shapes a trace: the versions of torch, onnx and onnxscript and the source of
+    the models (itera_lite/models: nothing else of ours computes in them), this module and the
+    functions' kernels. The passes run after the trace is read (lowering, pruning) are not in it."""
+    import onnxscript
+
+    from itera_lite import models
+
+    h = hashlib.sha256(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
+    here = Path(__file__).parent
+    for f in [*sorted(Path(models.__file__).parent.rglob("*.py")), here / "itera.py", here / "onnx_functions.py"]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
+def _disk_entry(key: tuple) -> Path:
+    assert _TRACE_DIR is not None
+    return _TRACE_DIR / hashlib.sha256(f"{key!r} {_code_version()}".encode()).hexdigest()[:32]
+
+
+def _read_entry(entry: Path) -> dict[str, bytes] | None:
+    files = {k: entry.with_suffix(f".{k}.onnx") for k in ("prefill", "decode")}
+    if not all(f.is_file() for f in files.values()):
+        return None
+    return {k: f.read_bytes() for k, f in files.items()}
+
+
+def _write_entry(entry: Path, graphs: dict[str, bytes]) -> None:
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    for k, data in graphs.items():  # decode last: a reader needs both, each replaced whole
+        tmp = entry.with_suffix(f".{k}.onnx.{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, entry.with_suffix(f".{k}.onnx"))
+
+
+def _trace_both(model, opset: int) -> dict[str, bytes]:
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.allocate_state(2)
+        with torch.no_grad():
+            prefill = _trace(_Prefill(model), torch.zeros(2, 7, dtype=torch.long), state,
+                             {0: "batch", 1: "seq"}, opset)
+            decode = _trace(_Decode(model), torch.zeros(2, 1, dtype=torch.long), state, {0: "batch"}, opset)
+    finally:
+        model.train(was_training)
+    functions = itera_functions(model.config, opset)
+    for m in (prefill, decode):
+        _attach_functions(m, functions)
+    return {"prefill": prefill.SerializeToString(), "decode": decode.SerializeToString()}
+
+
+def _function_graphs(model, opset: int) -> dict[str, bytes]:
+    """Serialized function-path prefill and decode graphs, with the `hidden` output (drop_hidden
+    removes it for bundles without a datastore: one trace serves both kinds of bundle).
+
+    Tracing takes tens of seconds, so recent results are kept per (weights, config, opset),
+    least recently used dropped past _TRACED_MAX_BYTES: exporting one model both ways, or
+    again after another model (as the bench and the tests do), traces it once. With
+    use_trace_dir() they are also kept on disk, one process tracing while others wait for it.
+    """
+    key = _fingerprint(model, opset)
     if key in _TRACED:
         _TRACED[key] = _TRACED.pop(key)  # now the most recently used
+        return _TRACED[key]
+    if _TRACE_DIR is None:
+        graphs = _trace_both(model, opset)
     else:
-        was_training = model.training
-        model.eval()
-        try:
-            state = model.allocate_state(2)
-            with torch.no_grad():
-                prefill = _trace(_Prefill(model, hidden), torch.zeros(2, 7, dtype=torch.long), state,
-                                 {0: "batch", 1: "seq"}, opset, hidden)
-                decode = _trace(_Decode(model, hidden), torch.zeros(2, 1, dtype=torch.long), state,
-                                {0: "batch"}, opset, hidden)
-        finally:
-            model.train(was_training)
-        functions = itera_functions(model.config, opset)
-        for m in (prefill, decode):
-            _attach_functions(m, functions)
-        _TRACED[key] = {"prefill": prefill.SerializeToString(), "decode": decode.SerializeToString()}
-        while len(_TRACED) > 1 and sum(len(b) for g in _TRACED.values() for b in g.values()) > _TRACED_MAX_BYTES:
-            del _TRACED[next(iter(_TRACED))]
-    return _TRACED[key]
+        from filelock import FileLock  # torch's own dependency
+
+        entry = _disk_entry(key)
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(entry.with_suffix(".lock"))):
+            graphs = _read_entry(entry)
+            if graphs is None:
+                graphs = _trace_both(model, opset)
+                _write_entry(entry, graphs)
+    _TRACED[key] = graphs
+    while len(_TRACED) > 1 and sum(len(b) for g in _TRACED.values() for b in g.values()) > _TRACED_MAX_BYTES:
+        del _TRACED[next(iter(_TRACED))]
+    return graphs
+
+
+def drop_hidden(model: onnx.ModelProto) -> None:
+    """Remove the `hidden` graph output (the nodes only it used go with the next prune)."""
+    outputs = [o for o in model.graph.output if o.name != HIDDEN]
+    del model.graph.output[:]
+    model.graph.output.extend(outputs)
 
 
 def _custom_domains(models) -> dict[str, int]:
     return {o.domain: o.version for m in models for o in m.opset_import if o.domain not in ("", "ai.onnx")}
 
 
-def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: int = 18,
+def trace_ahead(model, opset: int = OPSET) -> None:
+    """Trace `model` now (into the trace folder, if one is set) so a later export only reads it."""
+    _function_graphs(model, opset)
+
+
+def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: int = OPSET,
                         suffix: str = "", fused_weights: bool = False, hidden: bool = False) -> ExportedGraphs:
     """Write prefill{suffix}.onnx and decode{suffix}.onnx for an IteraLite into out_dir; return what was written.
 
@@ -178,8 +259,10 @@ def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: in
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset, hidden).items()}
+    graphs = {k: onnx.ModelProto.FromString(v) for k, v in _function_graphs(model, opset).items()}
     for m in graphs.values():
+        if not hidden:
+            drop_hidden(m)
         if graph_set == FUSED:
             lowering.lower_to_fused(m)
         elif fused_weights:

@@ -7,16 +7,96 @@ one byte and multi-byte characters are always split across tokens.
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from tinymodel import TINY_VOCAB, tiny_model
 
-TINY_VOCAB = 256
-TINY_LAYERS = 2  # two, so the state of more than one layer has to be carried in order
-# Itera-Lite keeps its preset's four: the same seed-0 model as test_export_itera's, so the exporter's
-# cached trace of one serves the other (a trace is most of an export's time).
-LAYERS = {"baseline": TINY_LAYERS, "itera": None}
+HERE = Path(__file__).parent
+# Tests that need the tiny Itera-Lite trace (tests/prewarm.py): a parallel run sends them last.
+TRACED_FIXTURES = ("tiny_itera", "tiny_itera_int8", "tiny_itera_int4", "tiny_itera_exports", "tiny_bundle",
+                   "retrieval_bundle")
+
+
+def _xdist_controller(config) -> bool:
+    return config.pluginmanager.hasplugin("dsession") and not hasattr(config, "workerinput")
+
+
+def _can_export() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("torch", "onnx", "onnxscript"))
+
+
+def trace_folder_of(config) -> Path:
+    """Where this run keeps traces (export/itera.py use_trace_dir): pytest's cache folder, so the next
+    run of the edit-test loop reads them (an entry names the model and the exporter's and models'
+    source, so an edit there traces again); without the cache plugin, this run's temp folder."""
+    if getattr(config, "cache", None) is not None:
+        return config.cache.mkdir("itera-traces")
+    base = config._tmp_path_factory.getbasetemp()
+    return (base.parent if hasattr(config, "workerinput") else base) / "itera-traces"  # a worker's is /popen-gwN
+
+
+KEEP_TRACES = 24  # entries (a prefill and a decode graph each); older ones are deleted at the start of a run
+
+
+def _drop_old_traces(folder: Path) -> None:
+    entries = sorted(folder.glob("*.decode.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in entries[KEEP_TRACES:]:
+        stem = old.name.removesuffix(".decode.onnx")
+        for f in folder.glob(f"{stem}.*"):
+            f.unlink(missing_ok=True)
+
+
+def pytest_sessionstart(session):
+    """In a parallel run (`-n`, the default), trace the tiny Itera-Lite model in the background
+    while the workers start, collect and run the tests that need no trace (sent first, below)."""
+    config = session.config
+    if hasattr(config, "workerinput") or not _can_export():
+        return
+    folder = trace_folder_of(config)
+    folder.mkdir(parents=True, exist_ok=True)
+    _drop_old_traces(folder)
+    if not _xdist_controller(config):
+        return
+    log = open(config._tmp_path_factory.getbasetemp() / "prewarm.log", "w")
+    config._itera_prewarm = subprocess.Popen([sys.executable, str(HERE / "prewarm.py"), str(folder)],
+                                             stdout=log, stderr=subprocess.STDOUT, cwd=HERE)
+    log.close()
+
+
+def pytest_sessionfinish(session):
+    proc = getattr(session.config, "_itera_prewarm", None)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def pytest_collection_modifyitems(config, items):
+    """In a parallel worker, tests that need the trace run after those that do not (a stable sort:
+    modules stay together), so the prewarm's trace is ready by the time they start."""
+    if hasattr(config, "workerinput"):
+        items.sort(key=lambda item: any(f in item.fixturenames for f in TRACED_FIXTURES)
+                   or item.path.name == "test_export_itera.py")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def trace_folder(pytestconfig):
+    """Every process of the run keeps its exports' traces in one folder (export/itera.py
+    use_trace_dir): a worker reads the trace the prewarm, another worker or the last run made."""
+    if not _can_export():
+        yield None
+        return
+    from itera_export.itera import use_trace_dir
+
+    folder = trace_folder_of(pytestconfig)
+    use_trace_dir(folder)
+    yield folder
+    use_trace_dir(None)
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -57,19 +137,16 @@ class TinyBundle:
 
 def _make_tiny_bundle(tmp_path_factory, family: str, quantize: tuple[str, ...] = ()) -> list[TinyBundle]:
     """The tiny checkpoint of `family` exported at fp32, then at each of `quantize` (same checkpoint)."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
     pytest.importorskip("onnx")
     from itera_export.exporter import export_checkpoint
     from itera_lite.checkpoint import save_checkpoint
     from itera_lite.data import train_tokenizer
-    from itera_lite.models import build_model, make_config
     from itera_lite.models.config import config_to_dict
 
     root = tmp_path_factory.mktemp(f"tiny-{family}")
-    torch.manual_seed(0)
-    layers = {} if LAYERS[family] is None else {"n_layers": LAYERS[family]}
-    cfg = make_config(family, "tiny", vocab_size=TINY_VOCAB, **layers)
-    model = build_model(cfg).eval()
+    model = tiny_model(family)
+    cfg = model.config
     tokenizer = train_tokenizer(["To be, or not to be"], TINY_VOCAB)  # 256: bytes, no merges
     ckpt = root / "tiny.pt"
     save_checkpoint(ckpt, {"model_config": config_to_dict(cfg), "model": model.state_dict(),
@@ -91,7 +168,7 @@ def tiny_baseline(tmp_path_factory) -> TinyBundle:
 @pytest.fixture(scope="session")
 def tiny_itera_exports(tmp_path_factory) -> dict[str, TinyBundle]:
     """The tiny Itera-Lite checkpoint at fp32, int8 and int4, exported back to back: the exporter keeps
-    the trace (most of an export's time) of the last model only, so three exports cost about one."""
+    its trace (most of an export's time), so three exports cost about one."""
     return dict(zip(("none", "int8", "int4"), _make_tiny_bundle(tmp_path_factory, "itera", ("int8", "int4"))))
 
 
@@ -159,9 +236,9 @@ def ssh_device(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def device_env(tmp_path_factory):
-    """The local side's environment for device runs: its own config and cache dirs (the wheel
-    is built once per session)."""
-    import os
-
+    """The local side's environment for device runs: its own config dir, and a cache dir every
+    worker of the run shares (the wheel is built once per run; devices/remote.py writes it whole)."""
     root = tmp_path_factory.mktemp("local")
-    return {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(root / "cache")}
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base  # a worker's is /popen-gwN
+    return {**os.environ, "XDG_CONFIG_HOME": str(root / "config"), "XDG_CACHE_HOME": str(shared / "device-cache")}

@@ -244,7 +244,8 @@ def _changed_copy(bundle: Path, dest: Path) -> Path:
 @pytest.mark.slow
 def test_push_install_bench_pull_then_nothing_then_only_the_change(ssh_device, device_env, tiny_itera, tmp_path):
     server, root = ssh_device
-    prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache")
+    # a device cache of its own: what the first run pushes must not depend on which tests ran before
+    prof = server.profile(tmp_path / "dev.toml", "dev", tmp_path / "device-cache")
     logins = server.logins()
 
     first = _bench([tiny_itera.bundle], "--device-profile", prof, "-o", "jsonl", env=device_env)

@@ -18,11 +18,11 @@ from itera_export.lower import fused_ops_available  # noqa: E402
 from itera_export.validate import compare, greedy_tokens  # noqa: E402
 from itera_lite.checkpoint import save_checkpoint  # noqa: E402
 from itera_lite.data import train_tokenizer  # noqa: E402
-from itera_lite.models import build_model, make_config  # noqa: E402
 from itera_lite.models.config import config_to_dict  # noqa: E402
 from itera_lite.models.moe import route  # noqa: E402
 from itera_runtime import Generator, SamplingConfig, load_bundle  # noqa: E402
 from itera_runtime.options import make_session  # noqa: E402
+from tinymodel import tiny_model  # noqa: E402
 from itera_runtime.session import ModelSession  # noqa: E402
 
 TOL = 1e-4
@@ -32,8 +32,7 @@ PATHS = ("none", "fused")
 
 @pytest.fixture(scope="module")
 def model():
-    torch.manual_seed(0)
-    return build_model(make_config("itera", "tiny", vocab_size=VOCAB)).eval()
+    return tiny_model("itera")  # the conftest bundles' model: their trace serves these exports
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +251,26 @@ def test_every_expert_reachable(model, bundles, lower):
         change = np.abs(out - base).max(-1)
         assert (change[routed] > 1e-4).all(), f"expert {e} unreachable in the {lower} path"
         assert (change[~routed] <= 1e-5).all(), f"expert {e} changed tokens not routed to it"
+
+
+def test_a_trace_folder_serves_other_processes_and_an_edit_traces_again(model, bundles, tmp_path, monkeypatch):
+    """use_trace_dir: a process with nothing in memory reads the folder's trace instead of tracing;
+    an entry of another code version (an edited model or exporter) is not read."""
+    from itera_export import itera
+
+    traced = itera._function_graphs(model, itera.OPSET)  # the fixtures' trace, in memory
+    calls = []
+    monkeypatch.setattr(itera, "_trace_both", lambda m, opset: calls.append(opset) or traced)  # a trace, fast
+    monkeypatch.setattr(itera, "_TRACE_DIR", tmp_path / "traces")
+    monkeypatch.setattr(itera, "_TRACED", {})
+    itera.export_itera_graphs(model, tmp_path / "a")  # nothing on disk: traces and writes it
+    assert len(calls) == 1 and len(list((tmp_path / "traces").glob("*.decode.onnx"))) == 1
+    monkeypatch.setattr(itera, "_TRACED", {})  # another process: memory empty, the folder kept
+    itera.export_itera_graphs(model, tmp_path / "b")
+    assert len(calls) == 1
+    assert (tmp_path / "a" / "decode.onnx").read_bytes() == (tmp_path / "b" / "decode.onnx").read_bytes()
+
+    monkeypatch.setattr(itera, "_TRACED", {})
+    monkeypatch.setattr(itera, "_code_version", lambda: "an edited exporter")
+    itera.export_itera_graphs(model, tmp_path / "c")
+    assert len(calls) == 2
