@@ -150,11 +150,20 @@ def probe(root, shas):
         "free_bytes": usage.free,
         "venv_module": has_venv,
         "pip": has_pip,
-        "missing": [s for s in shas if _is_sha(s) and not os.path.isfile(os.path.join(root, "objects", s))],
+        "missing": _missing(root, shas),
         "venv": _venv_state(root),
         "energy": _energy(),
         "packages": package_versions(),  # the device Python's own, outside our venv
     }
+
+
+def _missing(root, shas):
+    return [s for s in shas if _is_sha(s) and not os.path.isfile(os.path.join(root, "objects", s))]
+
+
+def missing(root, shas):
+    """Which of these objects the cache lacks (probe's answer without the rest)."""
+    return {"missing": _missing(_cache(root), shas)}
 
 
 def wheels(root):
@@ -333,12 +342,14 @@ def guard(argv):
 
 def main(argv):
     if len(argv) < 2:
-        _fail("usage: agent probe|wheels|receive|prepare CACHE ... | guard COMMAND...")
+        _fail("usage: agent probe|missing|wheels|receive|prepare CACHE ... | guard COMMAND...")
     if argv[0] == "guard":
         guard(argv[1:])
     command, root = argv[0], argv[1]
     if command == "probe":
         out = probe(root, argv[2:])
+    elif command == "missing":
+        out = missing(root, argv[2:])
     elif command == "receive":
         out = receive(root)
     elif command == "wheels":

@@ -86,8 +86,9 @@ def _cache_home() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "itera-lite"
 
 
-def base_wheel() -> Wheel | None:
-    """The base wheel (no torch) of the source tree, built once per source state; None without one."""
+def base_wheel(build: bool = True) -> Wheel | None:
+    """The base wheel (no torch) of the source tree, built once per source state; None without one
+    (or, with build=False, when it is not built yet)."""
     root = source_root()
     if root is None:
         return None
@@ -97,6 +98,8 @@ def base_wheel() -> Wheel | None:
         h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
     out = _cache_home() / "wheels" / h.hexdigest()[:16]
     found = sorted(out.glob("itera_lite-*.whl")) if out.is_dir() else []
+    if not found and not build:
+        return None
     if not found:
         with tempfile.TemporaryDirectory(prefix="itera-wheel-") as tmp:
             src = Path(tmp) / "src"
@@ -125,14 +128,21 @@ def base_wheel() -> Wheel | None:
 
 
 class LazyWheel:
-    """The base wheel, built by the first host that gets past connecting (so an unreachable
-    host fails fast, and a fleet builds it once)."""
+    """The base wheel, built by the first host that gets past its probe (so an unreachable host,
+    or one whose Python or architecture is wrong, fails fast, and a fleet builds it once)."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._done = False
         self._wheel: Wheel | None = None
         self._error: DeviceRunError | None = None
+
+    def built(self) -> Wheel | None:
+        """The wheel if it costs nothing now (built before, here or by an earlier run), else None."""
+        with self._lock:
+            if self._done:
+                return self._wheel
+        return base_wheel(build=False)
 
     def get(self) -> Wheel | None:
         with self._lock:
@@ -254,7 +264,7 @@ class HostRun:
                 self.conn.kill()
             with self.conn:
                 self.conn.connect()
-                self.wheel = self.lazy_wheel.get()
+                self.wheel = self.lazy_wheel.built()  # else built once the probe found the host usable
                 shas = {k: sha256_file(f) for k, f in self.option_files.items()}
                 prep = self._push_and_prepare(shas)
                 there = {k: prep["files"][shas[k]] for k in self.option_files}
@@ -292,6 +302,11 @@ class HostRun:
             raise SshError(f"{p.python} on {p.host} is Python {facts['python']}; itera-lite needs "
                            f"{'.'.join(map(str, agent.MIN_PYTHON))} or newer (set `python` in the profile)")
         missing = facts["missing"]
+        if self.wheel is None:
+            self.wheel = self.lazy_wheel.get()
+            if self.wheel is not None:
+                objects[self.wheel.sha256] = self.wheel.path
+                missing += self._agent("missing", self.wheel.sha256)["missing"]
         res.cached_files = len(objects) - len(missing)
         if missing:
             got = self._agent("receive", feed=_tar_feed(objects, missing))

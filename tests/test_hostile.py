@@ -540,9 +540,11 @@ def _nothing_ran(*folders: Path) -> None:
 def test_device_python_with_shell_syntax_is_one_word_there(ssh_device, device_env, tiny_baseline, tmp_path):
     server, root = ssh_device
     prof = server.profile(tmp_path / "dev.toml", "dev", root / "cache", python=_hostile_name("python3"))
+    env = {**device_env, "XDG_CACHE_HOME": str(tmp_path / "local-cache")}
     r = subprocess.run([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_baseline.bundle),
-                        "--device-profile", str(prof)], capture_output=True, text=True, env=device_env, timeout=300)
+                        "--device-profile", str(prof)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and "error: dev (" in r.stderr  # no such program on the device
+    assert not (tmp_path / "local-cache" / "itera-lite" / "wheels").exists()  # refused before building the wheel
     _nothing_ran(root, tmp_path)
 
 
