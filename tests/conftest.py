@@ -1,8 +1,9 @@
 """Shared fixtures: tiny untrained bundles of both families for the runtime tests.
 
-Built once per test session from a random-init model (no training: the runtime only has to
-reproduce torch, not write Shakespeare) with a byte-level vocab of 256, so every token is
-one byte and multi-byte characters are always split across tokens.
+Built once per test process (each xdist worker) from a random-init model (no training: the
+runtime only has to reproduce torch, not write Shakespeare) with a byte-level vocab of 256, so
+every token is one byte and multi-byte characters are always split across tokens. The exports
+read one trace the whole run shares (tests/prewarm.py, export/itera.py use_trace_dir).
 """
 
 from __future__ import annotations
