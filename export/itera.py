@@ -11,9 +11,6 @@ them to onnxruntime's fused contrib kernels.
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 import warnings
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from itera_lite.checkpoint import weights_sha256
 from itera_runtime.manifest import FUSED, PORTABLE, IoNames, StateSpec, StateTensor
 
 from . import lower as lowering
+from . import tracecache
 from .graph_passes import name_nodes_by_layer, plain_softplus, prune
 from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
@@ -121,60 +119,8 @@ def _attach_functions(model: onnx.ModelProto, functions: list[onnx.FunctionProto
         model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, VERSION))
 
 
-_TRACED: dict[tuple, dict[str, bytes]] = {}  # most recently used last
-_TRACED_MAX_BYTES = 512 << 20  # a few tiny/small models' graphs; one base model's is ~200 MB
-_TRACE_DIR: Path | None = None  # use_trace_dir(): traces kept on disk too, shared between processes
-
-
 def _fingerprint(model, opset: int) -> tuple:
     return (type(model).__qualname__, repr(model.config), opset, weights_sha256(model))
-
-
-def use_trace_dir(path: Path | None) -> None:
-    """Keep traced graphs in `path` as well, for other processes (the test workers) to reuse; None: memory only.
-
-    An entry is named by the model's fingerprint and _code_version(), so an edit to the code a
-    trace comes from, or another torch / onnx / onnxscript, traces again instead of reading a
-    stale graph.
-    """
-    global _TRACE_DIR
-    _TRACE_DIR = None if path is None else Path(path)
-
-
-@functools.lru_cache(maxsize=1)
-def _code_version() -> str:
-    """A hash of what shapes a trace: the versions of torch, onnx and onnxscript and the source of
-    the models (itera_lite/models: nothing else of ours computes in them), this module and the
-    functions' kernels. The passes run after the trace is read (lowering, pruning) are not in it."""
-    import onnxscript
-
-    from itera_lite import models
-
-    h = hashlib.sha256(f"{torch.__version__} {onnx.__version__} {onnxscript.__version__}".encode())
-    here = Path(__file__).parent
-    for f in [*sorted(Path(models.__file__).parent.rglob("*.py")), here / "itera.py", here / "onnx_functions.py"]:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()
-
-
-def _disk_entry(key: tuple) -> Path:
-    assert _TRACE_DIR is not None
-    return _TRACE_DIR / hashlib.sha256(f"{key!r} {_code_version()}".encode()).hexdigest()[:32]
-
-
-def _read_entry(entry: Path) -> dict[str, bytes] | None:
-    files = {k: entry.with_suffix(f".{k}.onnx") for k in ("prefill", "decode")}
-    if not all(f.is_file() for f in files.values()):
-        return None
-    return {k: f.read_bytes() for k, f in files.items()}
-
-
-def _write_entry(entry: Path, graphs: dict[str, bytes]) -> None:
-    entry.parent.mkdir(parents=True, exist_ok=True)
-    for k, data in graphs.items():  # decode last: a reader needs both, each replaced whole
-        tmp = entry.with_suffix(f".{k}.onnx.{os.getpid()}.tmp")
-        tmp.write_bytes(data)
-        os.replace(tmp, entry.with_suffix(f".{k}.onnx"))
 
 
 def _trace_both(model, opset: int) -> dict[str, bytes]:
@@ -198,31 +144,11 @@ def _function_graphs(model, opset: int) -> dict[str, bytes]:
     """Serialized function-path prefill and decode graphs, with the `hidden` output (drop_hidden
     removes it for bundles without a datastore: one trace serves both kinds of bundle).
 
-    Tracing takes tens of seconds, so recent results are kept per (weights, config, opset),
-    least recently used dropped past _TRACED_MAX_BYTES: exporting one model both ways, or
-    again after another model (as the bench and the tests do), traces it once. With
-    use_trace_dir() they are also kept on disk, one process tracing while others wait for it.
+    Tracing takes tens of seconds, so a model's graphs are kept per (weights, config, opset)
+    (tracecache.py): exporting one model both ways, or again after another model (as the bench
+    and the tests do), traces it once.
     """
-    key = _fingerprint(model, opset)
-    if key in _TRACED:
-        _TRACED[key] = _TRACED.pop(key)  # now the most recently used
-        return _TRACED[key]
-    if _TRACE_DIR is None:
-        graphs = _trace_both(model, opset)
-    else:
-        from filelock import FileLock  # torch's own dependency
-
-        entry = _disk_entry(key)
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(entry.with_suffix(".lock"))):
-            graphs = _read_entry(entry)
-            if graphs is None:
-                graphs = _trace_both(model, opset)
-                _write_entry(entry, graphs)
-    _TRACED[key] = graphs
-    while len(_TRACED) > 1 and sum(len(b) for g in _TRACED.values() for b in g.values()) > _TRACED_MAX_BYTES:
-        del _TRACED[next(iter(_TRACED))]
-    return graphs
+    return tracecache.kept(_fingerprint(model, opset), ("prefill", "decode"), lambda: _trace_both(model, opset))
 
 
 def drop_hidden(model: onnx.ModelProto) -> None:

@@ -13,7 +13,6 @@ function (initializers become Constant nodes). That keeps one home for the math.
 
 from __future__ import annotations
 
-import functools
 import warnings
 
 import onnx
@@ -25,6 +24,8 @@ from onnxscript.values import Op, Opset
 from itera_lite.models.hybrid import kv_attention
 from itera_lite.models.moe import moe_dense
 from itera_lite.models.ssm import causal_conv1d, ssd_chunked, ssd_token
+
+from . import tracecache
 
 DOMAIN = "ai.itera"
 VERSION = 1
@@ -174,9 +175,8 @@ def _top_k_from_attribute(fn: onnx.FunctionProto) -> None:
     fn.node.extend(nodes)
 
 
-@functools.lru_cache(maxsize=8)
-def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: int, Fw: int, opset: int):
-    b, L, T = torch.export.Dim("batch"), torch.export.Dim("seq", min=2), torch.export.Dim("tokens", min=2)
+def _ssm_decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, opset: int) -> dict[str, bytes]:
+    b, L = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
     bt = {0: b}
     btl = {0: b, 1: L}
     r = torch.randn
@@ -192,22 +192,26 @@ def _decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, D: int, E: 
         ssd_token, (r(2, 1, H, P), r(2, 1, H).abs(), -r(H).abs(), r(2, 1, G, N), r(2, 1, G, N), r(2, H, N, P)),
         (bt, bt, None, bt, bt, bt), opset,
     )
-    fns = [_graph_to_function(conv, CausalConv1d.op_schema), _graph_to_function(scan, SelectiveScan.op_schema),
-           _graph_to_function(step, SsmStep.op_schema)]
-    if E:  # no MoE function for a model without experts (an imported plain Mamba-2)
-        # top_k = 2 at trace time only; the function reads its `top_k` attribute.
-        moe = _export_kernel(
-            _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
-            ({0: T}, {0: T}, None, None, None), opset,
-        )
-        moe_fn = _graph_to_function(moe, TopKMoE.op_schema)
-        _top_k_from_attribute(moe_fn)
-        fns.append(moe_fn)
-    return tuple(fns)
+    return {"conv": _graph_to_function(conv, CausalConv1d.op_schema).SerializeToString(),
+            "scan": _graph_to_function(scan, SelectiveScan.op_schema).SerializeToString(),
+            "step": _graph_to_function(step, SsmStep.op_schema).SerializeToString()}
 
 
-@functools.lru_cache(maxsize=8)
-def _attention_decomposition(Hq: int, Hkv: int, Dh: int, C: int, scale: float, theta: float, opset: int):
+def _moe_decomposition(D: int, E: int, Fw: int, opset: int) -> dict[str, bytes]:
+    # top_k = 2 at trace time only; the function reads its `top_k` attribute.
+    r = torch.randn
+    T = torch.export.Dim("tokens", min=2)
+    moe = _export_kernel(
+        _moe_kernel(min(2, E)), (r(5, D), r(5, E), r(E, Fw, D), r(E, Fw, D), r(E, D, Fw)),
+        ({0: T}, {0: T}, None, None, None), opset,
+    )
+    fn = _graph_to_function(moe, TopKMoE.op_schema)
+    _top_k_from_attribute(fn)
+    return {"moe": fn.SerializeToString()}
+
+
+def _attention_decomposition(Hq: int, Hkv: int, Dh: int, C: int, scale: float, theta: float,
+                             opset: int) -> dict[str, bytes]:
     """KvAttention's function, its sizes and constants baked in (every attention layer shares them)."""
     b, T, S = torch.export.Dim("batch"), torch.export.Dim("seq", min=2), torch.export.Dim("total", min=2)
     r = torch.randn
@@ -220,7 +224,19 @@ def _attention_decomposition(Hq: int, Hkv: int, Dh: int, C: int, scale: float, t
                  torch.ones(2, 9, dtype=torch.long)),
         ({0: b, 1: T}, {0: b, 1: T}, {0: b, 1: T}, {0: b}, {0: b}, {0: b, 1: S}), opset,
     )
-    return _graph_to_function(model, KvAttention.op_schema)
+    return {"attention": _graph_to_function(model, KvAttention.op_schema).SerializeToString()}
+
+
+def _kernels(make, *dims) -> list[onnx.FunctionProto]:
+    """make(*dims)'s functions, traced once per dims (tracecache.py: shared by models of the same
+    sizes, in this process and, with a trace folder, in others)."""
+    parts = _PARTS[make.__name__]
+    made = tracecache.kept((make.__name__, *dims), parts, lambda: make(*dims))
+    return [onnx.FunctionProto.FromString(made[p]) for p in parts]
+
+
+_PARTS = {"_ssm_decompositions": ("conv", "scan", "step"), "_moe_decomposition": ("moe",),
+          "_attention_decomposition": ("attention",)}
 
 
 def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:
@@ -230,11 +246,11 @@ def itera_functions(cfg, opset: int) -> list[onnx.FunctionProto]:
     sequence and token counts stay dynamic); the functions ship inside that model only.
     """
     d_inner = cfg.expand * cfg.d_model
-    H = d_inner // cfg.head_dim
-    Cc = d_inner + 2 * cfg.n_groups * cfg.d_state
-    fns = _decompositions(H, cfg.head_dim, cfg.d_state, cfg.n_groups, Cc, cfg.d_conv,
-                          cfg.d_model, cfg.n_experts, cfg.d_expert, opset)
+    fns = _kernels(_ssm_decompositions, d_inner // cfg.head_dim, cfg.head_dim, cfg.d_state, cfg.n_groups,
+                   d_inner + 2 * cfg.n_groups * cfg.d_state, cfg.d_conv, opset)
+    if cfg.n_experts:  # no MoE function for a model without experts (an imported plain Mamba-2)
+        fns += _kernels(_moe_decomposition, cfg.d_model, cfg.n_experts, cfg.d_expert, opset)
     if "attention" in getattr(cfg, "layer_types", ()):
-        fns = (*fns, _attention_decomposition(cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
-                                              cfg.max_seq_len, cfg.attention_multiplier, cfg.rope_theta, opset))
-    return [onnx.FunctionProto.FromString(f.SerializeToString()) for f in fns]
+        fns += _kernels(_attention_decomposition, cfg.n_heads, cfg.n_kv_heads, cfg.d_model // cfg.n_heads,
+                        cfg.max_seq_len, cfg.attention_multiplier, cfg.rope_theta, opset)
+    return fns

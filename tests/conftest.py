@@ -3,7 +3,7 @@
 Built once per test process (each xdist worker) from a random-init model (no training: the
 runtime only has to reproduce torch, not write Shakespeare) with a byte-level vocab of 256, so
 every token is one byte and multi-byte characters are always split across tokens. The exports
-read one trace the whole run shares (tests/prewarm.py, export/itera.py use_trace_dir).
+read one trace the whole run shares (tests/prewarm.py, export/tracecache.py).
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import pytest
 from tinymodel import TINY_VOCAB, tiny_model
 
 HERE = Path(__file__).parent
-# Tests that need the tiny Itera-Lite trace (tests/prewarm.py): a parallel run sends them last.
+# Tests that need the tiny Itera-Lite trace or its kernels (tests/prewarm.py): a parallel run sends them last.
 TRACED_FIXTURES = ("tiny_itera", "tiny_itera_int8", "tiny_itera_int4", "tiny_itera_exports", "tiny_bundle",
-                   "retrieval_bundle")
+                   "retrieval_bundle", "cli_export")
 
 
 def _xdist_controller(config) -> bool:
@@ -33,7 +33,7 @@ def _can_export() -> bool:
 
 
 def trace_folder_of(config) -> Path:
-    """Where this run keeps traces (export/itera.py use_trace_dir): pytest's cache folder, so the next
+    """Where this run keeps traces (export/tracecache.py): pytest's cache folder, so the next
     run of the edit-test loop reads them (an entry names the model and the exporter's and models'
     source, so an edit there traces again); without the cache plugin, this run's temp folder."""
     if getattr(config, "cache", None) is not None:
@@ -42,15 +42,7 @@ def trace_folder_of(config) -> Path:
     return (base.parent if hasattr(config, "workerinput") else base) / "itera-traces"  # a worker's is /popen-gwN
 
 
-KEEP_TRACES = 24  # entries (a prefill and a decode graph each); older ones are deleted at the start of a run
-
-
-def _drop_old_traces(folder: Path) -> None:
-    entries = sorted(folder.glob("*.decode.onnx"), key=lambda p: p.stat().st_mtime, reverse=True)
-    for old in entries[KEEP_TRACES:]:
-        stem = old.name.removesuffix(".decode.onnx")
-        for f in folder.glob(f"{stem}.*"):
-            f.unlink(missing_ok=True)
+KEEP_TRACES = 32  # entries (a model's graphs, a set of kernels); older ones are deleted at the start of a run
 
 
 def pytest_sessionstart(session):
@@ -61,7 +53,9 @@ def pytest_sessionstart(session):
         return
     folder = trace_folder_of(config)
     folder.mkdir(parents=True, exist_ok=True)
-    _drop_old_traces(folder)
+    from itera_export.tracecache import drop_old_entries
+
+    drop_old_entries(folder, KEEP_TRACES)
     if not _xdist_controller(config):
         return
     log = open(config._tmp_path_factory.getbasetemp() / "prewarm.log", "w")
@@ -88,11 +82,11 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session", autouse=True)
 def trace_folder(pytestconfig):
     """Every process of the run keeps its exports' traces in one folder (export/itera.py
-    use_trace_dir): a worker reads the trace the prewarm, another worker or the last run made."""
+    tracecache.py): a worker reads the trace the prewarm, another worker or the last run made."""
     if not _can_export():
         yield None
         return
-    from itera_export.itera import use_trace_dir
+    from itera_export.tracecache import use_trace_dir
 
     folder = trace_folder_of(pytestconfig)
     use_trace_dir(folder)

@@ -4,6 +4,7 @@ parity of both paths with torch through the runtime (validate.compare, as the ex
 from __future__ import annotations
 
 import copy
+import os
 
 import numpy as np
 import onnx
@@ -256,21 +257,74 @@ def test_every_expert_reachable(model, bundles, lower):
 def test_a_trace_folder_serves_other_processes_and_an_edit_traces_again(model, bundles, tmp_path, monkeypatch):
     """use_trace_dir: a process with nothing in memory reads the folder's trace instead of tracing;
     an entry of another code version (an edited model or exporter) is not read."""
-    from itera_export import itera
+    from itera_export import itera, tracecache
 
     traced = itera._function_graphs(model, itera.OPSET)  # the fixtures' trace, in memory
     calls = []
     monkeypatch.setattr(itera, "_trace_both", lambda m, opset: calls.append(opset) or traced)  # a trace, fast
-    monkeypatch.setattr(itera, "_TRACE_DIR", tmp_path / "traces")
-    monkeypatch.setattr(itera, "_TRACED", {})
+    monkeypatch.setattr(tracecache, "_DIR", tmp_path / "traces")
+    monkeypatch.setattr(tracecache, "_KEPT", {})
     itera.export_itera_graphs(model, tmp_path / "a")  # nothing on disk: traces and writes it
-    assert len(calls) == 1 and len(list((tmp_path / "traces").glob("*.decode.onnx"))) == 1
-    monkeypatch.setattr(itera, "_TRACED", {})  # another process: memory empty, the folder kept
+    assert len(calls) == 1 and len(list((tmp_path / "traces").glob("*.entry"))) == 1
+    monkeypatch.setattr(tracecache, "_KEPT", {})  # another process: memory empty, the folder kept
     itera.export_itera_graphs(model, tmp_path / "b")
     assert len(calls) == 1
     assert (tmp_path / "a" / "decode.onnx").read_bytes() == (tmp_path / "b" / "decode.onnx").read_bytes()
 
-    monkeypatch.setattr(itera, "_TRACED", {})
-    monkeypatch.setattr(itera, "_code_version", lambda: "an edited exporter")
+    monkeypatch.setattr(tracecache, "_KEPT", {})
+    monkeypatch.setattr(tracecache, "code_version", lambda: "an edited exporter")
     itera.export_itera_graphs(model, tmp_path / "c")
     assert len(calls) == 2
+
+
+def test_kernels_are_traced_once_per_sizes_and_shared_by_models_of_those_sizes(tmp_path, monkeypatch):
+    """An imported Mamba-2 with the tiny preset's SSM sizes reads the tiny model's SSM kernels, from
+    another process's trace folder; other sizes trace their own; a model without experts has no MoE."""
+    import functools
+
+    from itera_export import onnx_functions as of
+    from itera_export import tracecache
+    from itera_lite.models import make_config
+
+    made = []
+
+    def fake(make):
+        @functools.wraps(make)
+        def traced(*dims):
+            made.append((make.__name__, dims))
+            return {p: onnx.helper.make_function(of.DOMAIN, p, [], [], [], []).SerializeToString()
+                    for p in of._PARTS[make.__name__]}
+        return traced
+
+    for name in of._PARTS:
+        monkeypatch.setattr(of, name, fake(getattr(of, name)))
+    monkeypatch.setattr(tracecache, "_DIR", tmp_path / "traces")
+    monkeypatch.setattr(tracecache, "_KEPT", {})
+    tiny = make_config("itera", "tiny", vocab_size=256)
+    assert [f.name for f in of.itera_functions(tiny, 18)] == ["conv", "scan", "step", "moe"]
+    assert [m for m, _ in made] == ["_ssm_decompositions", "_moe_decomposition"]
+
+    monkeypatch.setattr(tracecache, "_KEPT", {})  # another process
+    plain = make_config("itera", "tiny", vocab_size=300, n_layers=2, n_experts=0, proj_bias=True)
+    assert [f.name for f in of.itera_functions(plain, 18)] == ["conv", "scan", "step"]
+    assert len(made) == 2
+    of.itera_functions(make_config("itera", "tiny", vocab_size=256, d_state=16), 18)
+    assert made[2:] == [("_ssm_decompositions", (8, 32, 16, 1, 288, 4, 18))]
+
+
+def test_a_trace_folder_keeps_its_newest_entries_whole(tmp_path, monkeypatch):
+    """drop_old_entries deletes every file of the oldest entries (parts, marker, lock), none of the rest."""
+    from itera_export import tracecache
+
+    monkeypatch.setattr(tracecache, "_DIR", tmp_path)
+    monkeypatch.setattr(tracecache, "_KEPT", {})
+    monkeypatch.setattr(tracecache, "code_version", lambda: "v")
+    for i in range(3):
+        tracecache.kept(("entry", i), ("a", "b"), lambda: {"a": b"1", "b": b"2"})
+        stem = tracecache._stem(("entry", i))
+        for f in tmp_path.glob(f"{stem.name}.*"):
+            os.utime(f, (1000 + i, 1000 + i))
+    tracecache.drop_old_entries(tmp_path, keep=2)
+    left = {p.name.split(".")[0] for p in tmp_path.iterdir()}
+    assert left == {tracecache._stem(("entry", i)).name for i in (1, 2)}
+    assert len(list(tmp_path.iterdir())) == 2 * 4  # two parts, the marker and the lock each

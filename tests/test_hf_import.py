@@ -22,6 +22,7 @@ from itera_runtime.cli import main as run_cli  # noqa: E402
 from itera_runtime.session import ModelSession  # noqa: E402
 
 from clirun import invoke  # noqa: E402
+from tinymodel import tiny_mamba2_sizes  # noqa: E402
 
 REL = 1e-4  # |bundle - transformers| / max(1, max |transformers logit|)
 TEXT = "To be, or not to be, that is the question: whether 'tis nobler in the mind to suffer"
@@ -46,11 +47,11 @@ def save_mamba2(folder: Path, *, n_groups: int = 1, tied: bool = False, conv_bia
     """A tiny random Mamba2ForCausalLM and its tokenizer, saved with save_pretrained."""
     fast = _tokenizer()
     torch.manual_seed(seed)
-    cfg = transformers.Mamba2Config(
-        vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
-        n_groups=n_groups, expand=2, chunk_size=16, use_conv_bias=conv_bias, use_bias=proj_bias,
-        layer_norm_epsilon=eps, tie_word_embeddings=tied, bos_token_id=fast.bos_token_id,
-        eos_token_id=fast.eos_token_id, pad_token_id=None, **overrides)
+    kw = dict(vocab_size=len(fast), hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16, state_size=16,
+              n_groups=n_groups, expand=2, chunk_size=16, use_conv_bias=conv_bias, use_bias=proj_bias,
+              layer_norm_epsilon=eps, tie_word_embeddings=tied, bos_token_id=fast.bos_token_id,
+              eos_token_id=fast.eos_token_id, pad_token_id=None)
+    cfg = transformers.Mamba2Config(**{**kw, **overrides})
     return _perturb_and_save(transformers.Mamba2ForCausalLM(cfg), fast, folder, tied)
 
 
@@ -182,10 +183,11 @@ def test_a_hybrid_states_bytes_are_the_ssm_tensors_plus_the_filled_kv_rows_in_ma
 
 @pytest.fixture(scope="module")
 def cli_export(tmp_path_factory):
-    """(folder, bundle, result) of `itera-export FOLDER --graph-set fused` on a Mamba-2 folder, made once:
-    an export of a new config traces its model and kernels (10-15 s)."""
+    """(folder, bundle, result) of `itera-export FOLDER --graph-set fused` on a Mamba-2 folder, made once.
+    Its SSM has the tiny preset's sizes, so the export reads the kernels the tiny model's trace made
+    (the run's trace folder) and traces only its own two graphs."""
     root = tmp_path_factory.mktemp("cli-export")
-    folder = save_mamba2(root / "hf", **MAMBA2["groups2-untied-projbias"])
+    folder = save_mamba2(root / "hf", **{**MAMBA2["groups2-untied-projbias"], **tiny_mamba2_sizes()})
     return folder, root / "bundle", invoke(export_cli, folder, "-o", root / "bundle", "--graph-set", "fused")
 
 

@@ -18,3 +18,13 @@ def tiny_model(family: str):
     torch.manual_seed(0)
     layers = {} if LAYERS[family] is None else {"n_layers": LAYERS[family]}
     return build_model(make_config(family, "tiny", vocab_size=TINY_VOCAB, **layers)).eval()
+
+
+def tiny_mamba2_sizes() -> dict:
+    """transformers.Mamba2Config sizes equal to the tiny Itera-Lite preset's SSM, so an import of such
+    a checkpoint shares the tiny model's traced SSM kernels (export/onnx_functions.py)."""
+    from itera_lite.models import make_config
+
+    c = make_config("itera", "tiny", vocab_size=TINY_VOCAB)
+    return dict(hidden_size=c.d_model, expand=c.expand, num_heads=c.expand * c.d_model // c.head_dim,
+                head_dim=c.head_dim, state_size=c.d_state, n_groups=c.n_groups, conv_kernel=c.d_conv)
