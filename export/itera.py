@@ -36,6 +36,15 @@ def _takes_mask(model) -> bool:
     return "attention" in getattr(model.config, "layer_types", ())
 
 
+def _unflatten(takes_mask: bool, past: tuple) -> tuple[dict, list]:
+    """The wrappers' positional inputs after input_ids: the attention mask (if the model takes one),
+    then each layer's two state tensors; as the model's keyword and state list."""
+    mask = {}
+    if takes_mask:
+        mask["attention_mask"], past = past[0], past[1:]
+    return mask, [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+
+
 class _Prefill(nn.Module):
     """model.forward with the state list flattened into positional tensors (after attention_mask, if any),
     returning logits, the new state and `hidden`."""
@@ -45,10 +54,7 @@ class _Prefill(nn.Module):
         self.model, self.mask = model, _takes_mask(model)
 
     def forward(self, input_ids, *past):
-        mask = {}
-        if self.mask:
-            mask["attention_mask"], past = past[0], past[1:]
-        state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        mask, state = _unflatten(self.mask, past)
         out = self.model(input_ids, state, **mask)
         return (out.logits, *[t for layer in out.state for t in layer], out.hidden)
 
@@ -61,10 +67,7 @@ class _Decode(nn.Module):
         self.model, self.mask = model, _takes_mask(model)
 
     def forward(self, input_ids, *past):
-        mask = {}
-        if self.mask:
-            mask["attention_mask"], past = past[0], past[1:]
-        state = [(past[2 * i], past[2 * i + 1]) for i in range(len(past) // 2)]
+        mask, state = _unflatten(self.mask, past)
         logits, new_state, hidden = self.model.step(input_ids.reshape(-1), state, return_hidden=True, **mask)
         # reshape, not [:, None]: it folds into the step's own (B, 1, V) -> (B, V) and drops out
         return (logits.reshape(-1, 1, logits.shape[-1]), *[t for layer in new_state for t in layer],

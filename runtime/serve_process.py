@@ -53,7 +53,7 @@ class ServerProcess:
         if not self.url:
             self.proc.wait(timeout=10)
             last = next((ln for ln in reversed(self.lines) if ln.strip()), f"exit status {self.proc.returncode}")
-            raise UserError(f"itera-serve did not start: {last}")
+            raise UserError(f"itera-serve did not start: {last.removeprefix('error: ')}")
 
     @property
     def pid(self) -> int:

@@ -17,3 +17,19 @@ def invoke(command, *args, env: dict | None = None) -> subprocess.CompletedProce
     argv = [str(a) for a in args]
     result = CliRunner().invoke(command, argv, env=env, catch_exceptions=False)
     return subprocess.CompletedProcess(argv, result.exit_code, result.stdout, result.stderr)
+
+
+def bench(*args, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`itera-bench ARGS` in this process."""
+    from itera_bench.cli import main
+
+    return invoke(main, *args, env=env)
+
+
+def one_error_line(proc: subprocess.CompletedProcess, code: int = 1) -> str:
+    """The one `error: ` line of a failed command (progress lines "· ..." may come before it), no traceback."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("· ")]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    return lines[0]

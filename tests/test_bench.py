@@ -13,22 +13,7 @@ import time
 import pytest
 
 from itera_bench.record import FORMATS, Record, format_records, markdown, parse
-
-
-def bench(*args, env=None):
-    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args, env=env)
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+from clirun import bench, one_error_line
 
 
 @pytest.fixture(scope="module")

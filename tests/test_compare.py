@@ -11,15 +11,7 @@ import pytest
 
 from itera_bench.compare import compare, mann_whitney_u
 from itera_bench.record import parse
-
-
-def bench(*args, env=None):
-    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args, env=env)
+from clirun import bench
 
 
 def brute_force_p(x, y) -> float:

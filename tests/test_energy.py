@@ -32,22 +32,7 @@ from itera_bench.perf_energy import PerfError, PerfMeter, parse_perf_stat
 from itera_bench.pi5pmic import PmicError, PmicMeter, parse_pmic_adc, parse_throttled, rail_watts
 from itera_bench.powercap import PowercapError, PowercapMeter, discover, select, total_domains
 from itera_bench.record import format_records, parse
-
-
-def bench(*args, env=None):
-    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args, env=env)
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
+from clirun import bench, one_error_line
 
 
 # --------------------------------------------------------------------------- sysfs trees

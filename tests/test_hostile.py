@@ -19,15 +19,7 @@ import numpy as np
 import pytest
 
 from itera_runtime import BundleError, load_bundle
-
-
-def one_error_line(proc) -> str:
-    """The one `error:` line of a failed command (progress lines "· ..." may come before it)."""
-    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
-    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("· ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
+from clirun import bench, one_error_line
 
 
 def tree(folder: Path) -> dict[str, bytes]:
@@ -72,15 +64,6 @@ def export(*args, cwd=None, env=None) -> subprocess.CompletedProcess:
 def run(*args, **kw) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "itera_runtime.cli", *map(str, args)],
                           capture_output=True, timeout=300, **kw)
-
-
-def bench(*args) -> subprocess.CompletedProcess:
-    """itera-bench in this process (tests/clirun.py)."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args)
 
 
 @pytest.fixture

@@ -15,24 +15,7 @@ import numpy as np
 import pytest
 
 from itera_bench.record import Record, format_records
-
-
-def one_error_line(proc, code: int = 1) -> str:
-    """The one `error:` line of a failed command."""
-    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
-    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith("· ")]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
-def bench(*args):
-    """itera-bench in this process (tests/clirun.py)."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args)
+from clirun import bench, one_error_line
 
 
 def devices(*args, env: dict | None = None):

@@ -10,26 +10,11 @@ import numpy as np
 import pytest
 
 from itera_bench.record import Record, format_records
+from clirun import bench, one_error_line
 
 pytest.importorskip("matplotlib")
 REPO = Path(__file__).resolve().parents[1]
 BLUE = (0x1F / 255, 0x77 / 255, 0xB4 / 255)  # plot.PALETTE[0]: the first series of every plot
-
-
-def bench(*args, env=None):
-    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args, env=env)
-
-
-def one_error_line(proc) -> str:
-    assert proc.returncode == 1, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error:") and "Traceback" not in proc.stderr, proc.stderr
-    return lines[0]
 
 
 def assert_drawn(png: Path):

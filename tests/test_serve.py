@@ -25,6 +25,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("aiohttp")
 
 from itera_runtime.chat import PLAIN  # noqa: E402
+from itera_runtime.errors import UserError  # noqa: E402
 from itera_runtime.serve_process import ServerProcess  # noqa: E402
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -446,6 +447,14 @@ def test_itera_serve_refuses_a_busy_port_and_a_missing_bundle_in_one_line(server
     run = subprocess.run([sys.executable, "-m", "itera_runtime.serve", "/nonexistent/bundle"],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode != 0 and "does not exist" in run.stderr
+
+
+def test_a_server_that_cannot_start_is_one_error_naming_its_reason():
+    """ServerProcess (itera-bench serve, the pipeline) passes on the server's own reason, one `error:` deep."""
+    with pytest.raises(UserError) as e:
+        ServerProcess(["/nonexistent/bundle"])
+    msg = str(e.value)
+    assert msg.startswith("itera-serve did not start: ") and "does not exist" in msg and "error:" not in msg, msg
 
 
 # --------------------------------------------------------------------------- itera-bench serve

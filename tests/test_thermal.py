@@ -16,6 +16,7 @@ import pytest
 from itera_bench.record import Record, format_records, markdown, parse
 from itera_bench.sweep import Case, Sample, run_cases
 from itera_bench.thermal import ThermalOptions, ThermalProbe, find_cpu_zone
+from clirun import bench
 
 
 def write(path: Path, text: str) -> None:
@@ -156,15 +157,6 @@ def test_cool_to_waits_for_the_temperature_and_gives_up_after_the_timeout(tmp_pa
 def test_cool_to_without_a_temperature_sensor_is_refused():
     with pytest.raises(ValueError, match="--cool-to 50: no CPU/SoC thermal zone"):
         ThermalProbe(ThermalOptions(cool_to_c=50, sysfs_root="/nonexistent"))
-
-
-def bench(*args, env=None):
-    """itera-bench in this process (tests/clirun.py): a fresh interpreter proves nothing here."""
-    from clirun import invoke
-
-    from itera_bench.cli import main
-
-    return invoke(main, *args, env=env)
 
 
 def test_step_end_to_end_on_a_fixture_tree_and_replayed_vcgencmd(tiny_itera, tmp_path):
