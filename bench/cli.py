@@ -2,7 +2,7 @@
 
     itera-bench latency BUNDLE... -p 512 -n 64 -d 128,2048 -t 1,2 -r 5 -o md
     itera-bench step BUNDLE... -d 128,2048            # the raw decode step, µs per token
-    itera-bench profile BUNDLE... -d 128 -t 1         # per op type / layer / Python overhead
+    itera-bench profile BUNDLE... -d 128 -t 1         # per op type / layer / Python overhead (-p 512: a prompt)
     itera-bench memory BUNDLE... -d 0,512,2048        # peak RSS of a fresh process; state bytes
     itera-bench quality BUNDLE... --data shakespeare  # loss, perplexity, bits/byte (onnxruntime)
     itera-bench flops BUNDLE... -d 0,128,2048         # FLOPs per token: analytic and from the graph
@@ -279,11 +279,15 @@ def step(bundles, threads, repetitions, warmup, n_steps, n_depth, thermal):
 @main.command()
 @bench_command
 @click.option("-n", "--n-steps", default=256, show_default=True, type=click.IntRange(1))
+@click.option("-p", "--n-prompt", default=0, show_default=True, type=click.IntRange(0),
+              help="profile one prefill call of this many tokens instead of decode steps (µs per prompt token)")
 @n_depth_option((128,))
-def profile(bundles, threads, repetitions, warmup, n_steps, n_depth):
-    """Where a decode step's time goes: op types, layers, Python around onnxruntime."""
-    from .profile import profile_bundle
+def profile(bundles, threads, repetitions, warmup, n_steps, n_prompt, n_depth):
+    """Where a decode step's (or, with -p, a prompt's) time goes: op types, layers, Python around onnxruntime."""
+    from .profile import profile_bundle, profile_prompt
 
+    if n_prompt:
+        return [r for b in bundles for t in threads for d in n_depth for r in profile_prompt(b, n_prompt, d, t)]
     return [r for b in bundles for t in threads for d in n_depth for r in profile_bundle(b, d, n_steps, t)]
 
 

@@ -1,4 +1,5 @@
-"""Where a decode step's time goes: per op type, per layer, and Python around onnxruntime.
+"""Where a decode step's time goes: per op type, per layer, and Python around onnxruntime
+(`profile_prompt`: the same for one prefill call, per prompt token).
 
 Three clocks over the same decode steps at one depth and thread count:
 - the generate loop (`LoopTiming.decode_s`: step plus greedy sampling), per token;
@@ -27,21 +28,22 @@ import time
 from collections import defaultdict
 
 from itera_runtime.bundle import Bundle
-from itera_runtime.session import ModelSession
+from itera_runtime.errors import UserError
+from itera_runtime.session import PREFILL_CHUNK, ModelSession
 
-from .latency import Target, check_depth, gen_case, step_case
+from .latency import Target, check_depth, gen_case, prompt_case, step_case
 from .record import Record
 from .sweep import bundle_fields, stamp
 
 _LAYER = re.compile(r"(?:layers|blocks)[./_](\d+)")
 
 
-def _decode_events(trace: list[dict], n_runs: int) -> tuple[list[dict], list[dict]]:
+def _quiet_runs(trace: list[dict], n_runs: int) -> tuple[list[dict], list[dict]]:
     """The quieter half of the last n_runs `model_run` events and the kernel events inside them.
 
-    On a shared machine a step the OS preempted shows the wait in whichever kernels were
-    running; keeping the steps whose kernels took at most the median total drops those
-    (all rows are averaged over the same steps, so they still add up).
+    On a shared machine a call the OS preempted shows the wait in whichever kernels were
+    running; keeping the calls whose kernels took at most the median total drops those
+    (all rows are averaged over the same calls, so they still add up).
     """
     runs = [e for e in trace if e.get("cat") == "Session" and e.get("name") == "model_run"][-n_runs:]
     if not runs:
@@ -103,8 +105,29 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
         trace_path = session.graphs["decode"].end_profiling()
         with open(trace_path, encoding="utf-8") as f:
             trace = json.load(f)
-    runs, kernels = _decode_events(trace, n_steps)
-    n = max(1, len(runs))
+    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
+                ort_settings=dict(session.settings),
+                n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle, session.graph_set))
+    run_us, _, breakdown = _breakdown(trace, n_steps, 1, threads, base)
+    rows = [
+        Record(test="loop (step + sampling)", samples=[loop_us], extra={"main_thread_cpu_us": loop_cpu_us}, **base),
+        Record(test="sampling + loop python", samples=[max(loop_us - step_us, 0.0)],
+               extra={"main_thread_cpu_us": python_cpu_us}, **base),
+        Record(test="session wrapper", samples=[max(step_us - run_us, 0.0)], **base,
+               method="raw Decoder.step minus onnxruntime's model_run (two runs: may be slightly negative, clipped)"),
+        *breakdown,
+    ]
+    stamp(rows)
+    return rows
+
+
+def _breakdown(trace: list[dict], n_runs: int, tokens_per_run: int, threads: int | None,
+               base: dict) -> tuple[float, float, list[Record]]:
+    """(model_run µs, kernel µs, rows) per token over the quieter half of the trace's last n_runs graph
+    calls: onnxruntime's framework time, the kernels, those that used the thread pool, each op type
+    and each layer."""
+    runs, kernels = _quiet_runs(trace, n_runs)
+    n = max(1, len(runs)) * tokens_per_run
     run_us = sum(e["dur"] for e in runs) / n
     kernel_us = sum(e["dur"] for e in kernels) / n
     by_op: dict[str, float] = defaultdict(float)
@@ -120,16 +143,7 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
             pooled_by_op[op] += e["dur"] / n
         m = _LAYER.search(name)
         by_layer[f"layer {int(m.group(1))}" if m else "other"] += e["dur"] / n
-
-    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
-                ort_settings=dict(session.settings),
-                n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle, session.graph_set))
     rows = [
-        Record(test="loop (step + sampling)", samples=[loop_us], extra={"main_thread_cpu_us": loop_cpu_us}, **base),
-        Record(test="sampling + loop python", samples=[max(loop_us - step_us, 0.0)],
-               extra={"main_thread_cpu_us": python_cpu_us}, **base),
-        Record(test="session wrapper", samples=[max(step_us - run_us, 0.0)], **base,
-               method="raw Decoder.step minus onnxruntime's model_run (two runs: may be slightly negative, clipped)"),
         Record(test="ort framework (model_run - kernels)", samples=[max(run_us - kernel_us, 0.0)], **base),
         Record(test="kernels", samples=[kernel_us], extra={"nodes": sum(len(v) for v in nodes_by_op.values())},
                **base),
@@ -149,5 +163,34 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
     for layer, us in sorted(by_layer.items(), key=lambda kv: (kv[0] == "other", int(kv[0].split()[-1])
                                                                if kv[0] != "other" else 0)):
         rows.append(Record(test=layer, samples=[us], **base))
+    return run_us, kernel_us, rows
+
+
+PROMPT_CALLS = 6  # profiled prefill calls (the quieter half is kept)
+
+
+def profile_prompt(bundle: Bundle, n_prompt: int, n_depth: int = 0, threads: int | None = 1) -> list[Record]:
+    """Records of kind "profile" (µs per prompt token) for one prefill call of n_prompt tokens after
+    n_depth: the prompt as `itera-bench latency -p` times it, then op types and layers."""
+    if n_prompt > PREFILL_CHUNK:
+        raise UserError(f"-p {n_prompt}: a prompt profile is of one prefill graph call, at most "
+                        f"{PREFILL_CHUNK} tokens (longer prompts are that many calls)")
+    target = Target(bundle, threads)
+    case = prompt_case(target, n_prompt, n_depth)
+    case.run()  # warm-up, as latency's
+    wall_us = sorted(1e6 / case.run().value for _ in range(3))[1]
+    ids = target.context(n_depth + n_prompt)[n_depth:]
+    with tempfile.TemporaryDirectory(prefix="itera-profile-") as tmp:
+        session = ModelSession(bundle, threads=threads, profile_prefix=os.path.join(tmp, "ort"))
+        state = session.prefill(target.context(n_depth))[1] if n_depth else None
+        for _ in range(1 + PROMPT_CALLS):  # a warm-up, then the calls the rows average
+            session.prefill(ids, state)
+        with open(session.graphs["prefill"].end_profiling(), encoding="utf-8") as f:
+            trace = json.load(f)
+    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
+                ort_settings=dict(session.settings), n_prompt=n_prompt, n_gen=0, n_depth=n_depth,
+                repetitions=1, **bundle_fields(bundle, session.graph_set))
+    _, _, breakdown = _breakdown(trace, PROMPT_CALLS, n_prompt, threads, base)
+    rows = [Record(test="prompt (prefill + first token)", samples=[wall_us], **base), *breakdown]
     stamp(rows)
     return rows

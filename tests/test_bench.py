@@ -84,6 +84,23 @@ def test_step_and_profile(tiny_itera):
     assert any(t.startswith("layer 1") for t in rows)  # the tiny test model has two layers
 
 
+def test_a_prompt_profile_splits_one_prefill_call_per_token(tiny_bundle):
+    proc = bench("profile", tiny_bundle.bundle, "-p", "32", "-d", "4", "-o", "json")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = {r["test"]: r for r in json.loads(proc.stdout)}
+    assert all((r["n_prompt"], r["n_gen"], r["n_depth"], r["unit"]) == (32, 0, 4, "µs") for r in rows.values())
+    assert "loop (step + sampling)" not in rows and rows["prompt (prefill + first token)"]["median"] > 0
+    ops = [r for t, r in rows.items() if t.startswith("op ")]
+    assert sum(r["median"] for r in ops) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
+    layers = [r for t, r in rows.items() if t.startswith("layer ") or t == "other"]
+    assert sum(r["median"] for r in layers) == pytest.approx(rows["kernels"]["median"], rel=1e-6)
+    # Per prompt token: one 32-token call's kernels, not one decode step's (which run every node too).
+    step = {r["test"]: r for r in json.loads(bench("profile", tiny_bundle.bundle, "-n", "16", "-d", "4",
+                                                   "-o", "json").stdout)}
+    assert rows["kernels"]["median"] < step["kernels"]["median"]
+    assert "at most 512 tokens" in one_error_line(bench("profile", tiny_bundle.bundle, "-p", "513"))
+
+
 def test_ctrl_c_keeps_finished_rows(tiny_itera):
     proc = subprocess.Popen([sys.executable, "-m", "itera_bench.cli", "latency", str(tiny_itera.bundle), "-p", "0",
                              "-n", "2", "-d", "4", "-r", "100000", "-o", "json"],
