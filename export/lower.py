@@ -2,8 +2,10 @@
 
 A graph pass over an exported model (function path in, fused path out):
 
-    SelectiveScan / SsmStep → LinearAttention (update_rule="gated"), dt and its decay by
+    SsmStep                 → LinearAttention (update_rule="gated"), dt and its decay by
                               LinearAttentionGate, + packing Reshapes/Muls
+    SelectiveScan           → its function inlined (the chunked scan, standard ops: faster
+                              than LinearAttention's token loop for a prompt)
     CausalConv1d            → CausalConvWithState (activation="silu", channels-last) for one
                               token; a depthwise Conv over [state, x] + SiLU for a sequence
     TopKMoE                 → MoE (swiglu, gate/up rows interleaved in FC1)
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.inliner
 from onnx import helper, numpy_helper
 
 from .graph_passes import (collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
@@ -306,7 +309,14 @@ def read_fused_moe_weights(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Rewrite every ai.itera node in place to com.microsoft kernels; returns the model."""
+    """Rewrite every ai.itera node in place to com.microsoft kernels; returns the model.
+
+    A prompt's SelectiveScan is the exception: its function (the chunked scan as batched
+    MatMuls) is inlined, since onnxruntime's LinearAttention runs a sequence token by token,
+    ~2.3x slower at 512 tokens (bench/PROFILE.md); the one-token SsmStep becomes LinearAttention.
+    """
+    if any(n.domain == DOMAIN and n.op_type == "SelectiveScan" for n in model.graph.node):
+        model.CopyFrom(onnx.inliner.inline_selected_functions(model, [(DOMAIN, "SelectiveScan")]))
     rw = _Rewriter(model)
     nodes = []
     for n in model.graph.node:

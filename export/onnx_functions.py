@@ -113,11 +113,14 @@ class _Kernel(torch.nn.Module):
         return self.fn(*args)
 
 
+# The exported scan's chunk: a prompt pads to whole chunks of it. onnxruntime ran a 512-token,
+# 8-head scan in 2.4 / 1.7 / 2.9 ms at 32 / 64 / 128 (1 thread; bench/PROFILE.md), whatever
+# chunk the model trains with (every chunk size computes the same scan).
+EXPORT_CHUNK = 64
+
+
 def _selective_scan_kernel(x, dt, A, Bm, Cm, state):
-    # One chunk as long as the sequence: the quadratic SSD form (masked decay matrix plus the
-    # entering state), which needs no data-dependent padding for a dynamic L. Prefill cost is
-    # O(L^2) per head, fine for prompt lengths of a tiny model; the fused path is linear.
-    return ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size=x.shape[1])
+    return ssd_chunked(x, dt, A, Bm, Cm, state, chunk_size=EXPORT_CHUNK)
 
 
 def _moe_kernel(top_k):
@@ -175,6 +178,40 @@ def _top_k_from_attribute(fn: onnx.FunctionProto) -> None:
     fn.node.extend(nodes)
 
 
+def _pad_to_chunks(fn: onnx.FunctionProto) -> onnx.FunctionProto:
+    """The scan function of whole chunks made to take any length: x, dt, B and C padded at the end
+    with zero steps to a multiple of EXPORT_CHUNK (dt = 0: no decay, no input, the state unchanged),
+    y cut back to the length given."""
+    padded = {name: f"{name}_padded" for name in ("x", "dt", "B", "C", "y")}
+    for n in fn.node:  # the body reads the padded inputs and writes the padded output
+        n.input[:] = [padded.get(v, v) for v in n.input]
+        n.output[:] = [padded["y"] if v == "y" else v for v in n.output]
+    ints = lambda name, vals: helper.make_node(  # noqa: E731
+        "Constant", [], [name], value=helper.make_tensor(name, onnx.TensorProto.INT64, [len(vals)], vals))
+    head = [
+        helper.make_node("Shape", ["x"], ["pad_len"], start=1, end=2),
+        ints("pad_chunk", [EXPORT_CHUNK]), ints("pad_zero1", [0]), ints("pad_zero2", [0, 0]),
+        ints("pad_zero3", [0, 0, 0]),
+        helper.make_node("Mod", ["pad_len", "pad_chunk"], ["pad_rem"]),
+        helper.make_node("Sub", ["pad_chunk", "pad_rem"], ["pad_left"]),
+        helper.make_node("Mod", ["pad_left", "pad_chunk"], ["pad_amount"]),
+        # Pad's pads: all begins, then all ends; only the ends of axis 1 are non-zero.
+        helper.make_node("Concat", ["pad_zero3", "pad_zero2", "pad_amount", "pad_zero2"], ["pads4"], axis=0),
+        helper.make_node("Concat", ["pad_zero3", "pad_zero1", "pad_amount", "pad_zero1"], ["pads3"], axis=0),
+        helper.make_node("Pad", ["x", "pads4"], [padded["x"]]),
+        helper.make_node("Pad", ["dt", "pads3"], [padded["dt"]]),
+        helper.make_node("Pad", ["B", "pads4"], [padded["B"]]),
+        helper.make_node("Pad", ["C", "pads4"], [padded["C"]]),
+    ]
+    tail = [ints("pad_one", [1]), helper.make_node("Slice", [padded["y"], "pad_zero1", "pad_len", "pad_one"], ["y"])]
+    for n in head + tail:
+        n.name = f"pad_{n.output[0]}"
+    nodes = head + list(fn.node) + tail
+    del fn.node[:]
+    fn.node.extend(nodes)
+    return fn
+
+
 def _ssm_decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, opset: int) -> dict[str, bytes]:
     b, L = torch.export.Dim("batch"), torch.export.Dim("seq", min=2)
     bt = {0: b}
@@ -183,17 +220,21 @@ def _ssm_decompositions(H: int, P: int, N: int, G: int, Cc: int, K: int, opset: 
     conv = _export_kernel(
         causal_conv1d, (r(2, 5, Cc), r(2, K - 1, Cc), r(Cc, K), r(Cc)), (btl, bt, None, None), opset
     )
+    # The scan is traced for whole chunks (L = EXPORT_CHUNK·k: a computed pad amount would make
+    # torch.export bake in the traced length); _pad_to_chunks takes any L to that and back.
+    bk = {0: b, 1: EXPORT_CHUNK * torch.export.Dim("chunks", min=1)}
+    Lk = 2 * EXPORT_CHUNK
     scan = _export_kernel(
         _selective_scan_kernel,
-        (r(2, 5, H, P), r(2, 5, H).abs(), -r(H).abs(), r(2, 5, G, N), r(2, 5, G, N), r(2, H, N, P)),
-        (btl, btl, None, btl, btl, bt), opset,
+        (r(2, Lk, H, P), r(2, Lk, H).abs(), -r(H).abs(), r(2, Lk, G, N), r(2, Lk, G, N), r(2, H, N, P)),
+        (bk, bk, None, bk, bk, bt), opset,
     )
     step = _export_kernel(
         ssd_token, (r(2, 1, H, P), r(2, 1, H).abs(), -r(H).abs(), r(2, 1, G, N), r(2, 1, G, N), r(2, H, N, P)),
         (bt, bt, None, bt, bt, bt), opset,
     )
     return {"conv": _graph_to_function(conv, CausalConv1d.op_schema).SerializeToString(),
-            "scan": _graph_to_function(scan, SelectiveScan.op_schema).SerializeToString(),
+            "scan": _pad_to_chunks(_graph_to_function(scan, SelectiveScan.op_schema)).SerializeToString(),
             "step": _graph_to_function(step, SsmStep.op_schema).SerializeToString()}
 
 
