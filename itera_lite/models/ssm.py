@@ -76,11 +76,11 @@ def _segsum(a: Tensor) -> Tensor:
     chunks (cumsum differences lose precision when the decay is strong).
     """
     T = a.shape[-1]
-    a = a[..., None].expand(*a.shape, T)  # [..., i, j] = a_i
-    strict = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device), diagonal=-1)
-    seg = torch.cumsum(a.masked_fill(~strict, 0), dim=-2)
-    causal = torch.tril(torch.ones(T, T, dtype=torch.bool, device=a.device))
-    return seg.masked_fill(~causal, float("-inf"))
+    strict = torch.tril(torch.ones(T, T, dtype=a.dtype, device=a.device), diagonal=-1)
+    seg = torch.cumsum(a[..., :, None] * strict, dim=-2)  # [..., i, j] = sum of a_k, j < k <= i
+    # Constant masks by broadcasting (Mul, Add), not Expand + Where: exported, those two ran on
+    # one thread and were ~15% of a prompt's kernels at 2 threads (bench/PROFILE.md).
+    return seg + torch.triu(torch.full((T, T), float("-inf"), dtype=a.dtype, device=a.device), diagonal=1)
 
 
 def ssd_chunked(
