@@ -90,7 +90,8 @@ FIRST_VERSION: dict[str, str] = {
     "com.microsoft::GroupQueryAttention": "1.20.1",
     # The portable path's model-local functions (their bodies are standard ops): one call of
     # each with its function, at the model's opset 18.
-    "ai.itera::SelectiveScan": "1.19.0",  # its body's Trilu has no kernel in 1.18
+    # 1.19.0 while its body's masks were boolean (1.18 has no boolean Trilu); float since stop 36
+    "ai.itera::SelectiveScan": "1.18.1",
     "ai.itera::SsmStep": "1.15.1",
     "ai.itera::CausalConv1d": "1.15.1",
     "ai.itera::TopKMoE": "1.16.3",
@@ -103,9 +104,9 @@ SESSIONS_FROM = {"com.microsoft::GroupQueryAttention": "1.18.1"}
 OLDEST_PROBED = "1.15.1"  # older releases have no CPython 3.11 wheels; not probed
 PROBED_VERSIONS = ("1.15.1", "1.16.3", "1.17.3", "1.18.1", "1.19.0", "1.19.2", "1.20.1", "1.21.1", "1.22.1", "1.23.2",
                    "1.24.4", "1.25.1", "1.26.0", "1.27.0", "1.28.0", "1.29.0", "1.30.0", "1.31.1", "1.32.0")
-# The oldest release that runs the portable graph set (ai.itera functions over standard ops)
-# of every quantization mode: 1.18 loads IR 10 but lacks the Trilu kernel SelectiveScan's body
-# uses. pyproject's onnxruntime floor is this, and a slow+network test runs a bundle on it.
+# The oldest release the portable graph set (ai.itera functions over standard ops) is installed
+# and tested on: 1.19.0, the first built against numpy 2 (the graphs alone also run on 1.18.1,
+# with numpy < 2). pyproject's onnxruntime floor is this, and a slow+network test runs a bundle on it.
 PORTABLE_FLOOR = "1.19.0"
 # The Itera-Lite fused graph set's contrib kernels; its floor is the newest of their entries
 # (CausalConvWithState; a test checks the two agree).
