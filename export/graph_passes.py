@@ -528,3 +528,35 @@ def sink_reshapes(model: onnx.ModelProto, dims: dict[str, list]) -> int:
                 break
     _drop_dead_nodes(model)
     return done
+
+
+def share_constants(model: onnx.ModelProto) -> int:
+    """One Constant node per distinct value: an inlined function repeats its constants at every
+    call (the prompt scan's 64 × 64 masks, 16 KB each, once per layer). The kept ones move to the
+    front (a Constant has no inputs); returns how many copies went."""
+    g = model.graph
+    if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for n in g.node for a in n.attribute):
+        return 0  # names inside subgraphs are not rewired here
+    outputs = {o.name for o in g.output}
+    first: dict[bytes, str] = {}
+    rename: dict[str, str] = {}
+    kept, rest = [], []
+    for n in g.node:
+        if n.op_type == "Constant" and n.domain in ("", "ai.onnx") and [a.name for a in n.attribute] == ["value"] \
+                and n.output[0] not in outputs:
+            t = onnx.TensorProto()
+            t.CopyFrom(n.attribute[0].t)
+            t.name = ""
+            key = t.SerializeToString()
+            if key in first:
+                rename[n.output[0]] = first[key]
+                continue
+            first[key] = n.output[0]
+            kept.append(n)
+        else:
+            rest.append(n)
+    for n in rest:
+        n.input[:] = [rename.get(v, v) for v in n.input]
+    del g.node[:]
+    g.node.extend(kept + rest)
+    return len(rename)

@@ -25,7 +25,8 @@ import onnx.inliner
 from onnx import helper, numpy_helper
 
 from .graph_passes import (collapse_reshapes, drop_identity_output_reshapes, drop_identity_reshapes, fuse_skip_rms_norms,
-                           gather_unit_rows, prune, sink_reshapes, symbolic_dims, unit_gathers_to_reshapes)
+                           gather_unit_rows, prune, share_constants, sink_reshapes, symbolic_dims,
+                           unit_gathers_to_reshapes)
 from .onnx_functions import DOMAIN
 
 MS = "com.microsoft"
@@ -317,6 +318,7 @@ def lower_to_fused(model: onnx.ModelProto) -> onnx.ModelProto:
     """
     if any(n.domain == DOMAIN and n.op_type == "SelectiveScan" for n in model.graph.node):
         model.CopyFrom(onnx.inliner.inline_selected_functions(model, [(DOMAIN, "SelectiveScan")]))
+        share_constants(model)  # its masks once, not once a layer
     rw = _Rewriter(model)
     nodes = []
     for n in model.graph.node:

@@ -20,6 +20,7 @@ from itera_export.graph_passes import (  # noqa: E402
     gather_unit_rows,
     plain_softplus,
     prune,
+    share_constants,
     sink_reshapes,
     symbolic_dims,
     unit_gathers_to_reshapes,
@@ -283,3 +284,19 @@ def test_shape_changing_reshape_into_a_graph_output_is_kept():
     m = _head_with_output_reshape([-1, 4])
     assert drop_identity_output_reshapes(m, symbolic_dims(m)) == 0
     assert _ops(m) == ["MatMul", "Reshape", "Unsqueeze"]
+
+
+def test_repeated_constants_are_kept_once_with_equal_outputs():
+    """An inlined function's constants, one copy per call, become one node each value."""
+    mask = np.tril(np.ones((C, C), np.float32))
+    const = lambda name, v: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(v, name))  # noqa: E731
+    nodes = [const("m1", mask), helper.make_node("MatMul", ["x", "m1"], ["a"]),
+             const("m2", mask.copy()), helper.make_node("MatMul", ["a", "m2"], ["b"]),
+             const("other", mask * 2), helper.make_node("MatMul", ["b", "other"], ["y"])]
+    model = _model(nodes, {}, ["batch", C])
+    x = np.random.default_rng(0).standard_normal((3, C)).astype(np.float32)
+    before = _run(model, x)
+    assert share_constants(model) == 1
+    assert sum(n.op_type == "Constant" for n in model.graph.node) == 2
+    onnx.checker.check_model(model, full_check=True)  # the kept ones come before every use
+    np.testing.assert_array_equal(_run(model, x), before)
