@@ -105,9 +105,7 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
         trace_path = session.graphs["decode"].end_profiling()
         with open(trace_path, encoding="utf-8") as f:
             trace = json.load(f)
-    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
-                ort_settings=dict(session.settings),
-                n_gen=n_steps, n_depth=n_depth, repetitions=1, **bundle_fields(bundle, session.graph_set))
+    base = _fields(bundle, session, threads, n_gen=n_steps, n_depth=n_depth)
     run_us, _, breakdown = _breakdown(trace, n_steps, 1, threads, base)
     rows = [
         Record(test="loop (step + sampling)", samples=[loop_us], extra={"main_thread_cpu_us": loop_cpu_us}, **base),
@@ -119,6 +117,13 @@ def profile_bundle(bundle: Bundle, n_depth: int = 128, n_steps: int = 256, threa
     ]
     stamp(rows)
     return rows
+
+
+def _fields(bundle: Bundle, session: ModelSession, threads: int | None, **case) -> dict:
+    """What every profile row of one bundle and case shares."""
+    return dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
+                ort_settings=dict(session.settings), repetitions=1, **case,
+                **bundle_fields(bundle, session.graph_set))
 
 
 def _breakdown(trace: list[dict], n_runs: int, tokens_per_run: int, threads: int | None,
@@ -187,9 +192,7 @@ def profile_prompt(bundle: Bundle, n_prompt: int, n_depth: int = 0, threads: int
             session.prefill(ids, state)
         with open(session.graphs["prefill"].end_profiling(), encoding="utf-8") as f:
             trace = json.load(f)
-    base = dict(kind="profile", metric="us_per_token", unit="µs", higher_is_better=False, n_threads=threads,
-                ort_settings=dict(session.settings), n_prompt=n_prompt, n_gen=0, n_depth=n_depth,
-                repetitions=1, **bundle_fields(bundle, session.graph_set))
+    base = _fields(bundle, session, threads, n_prompt=n_prompt, n_gen=0, n_depth=n_depth)
     _, _, breakdown = _breakdown(trace, PROMPT_CALLS, n_prompt, threads, base)
     rows = [Record(test="prompt (prefill + first token)", samples=[wall_us], **base), *breakdown]
     stamp(rows)
