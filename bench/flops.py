@@ -104,10 +104,10 @@ def _node_flops(node, shape, value=None) -> int:
     raise AssertionError(op)
 
 
-def _feeds(bundle: Bundle, depth: int) -> dict[str, np.ndarray]:
+def _feeds(bundle: Bundle, depth: int, graph_set: str) -> dict[str, np.ndarray]:
     """Inputs of the decode graph for one token after `depth` tokens of context (zeros state)."""
     io = bundle.io
-    feeds = {io.input_ids: np.zeros((1, 1), dtype=np.int64)}
+    feeds = {io.input_ids: np.zeros((1, 1), dtype=np.int64), **bundle.position_feeds("decode", graph_set, True)}
     if io.attention_mask:
         feeds[io.attention_mask] = np.ones((1, depth + 1), dtype=np.int64)
     if io.position_ids:
@@ -130,7 +130,8 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
 
     # The decode graph the runtime would run here (fused or portable set of a dual bundle);
     # external weights too: the graph runs.
-    model = onnx.load(str(bundle.graph_path("decode", pick_graph_set(bundle))))
+    graph_set = pick_graph_set(bundle)
+    model = onnx.load(str(bundle.graph_path("decode", graph_set)))
     counted = [n for n in model.graph.node if n.op_type in MATMUL_OPS + FUSED_OPS]
     inits = {i.name: tuple(i.dims) for i in model.graph.initializer}
     inferred = onnx.shape_inference.infer_shapes(model)
@@ -148,8 +149,9 @@ def graph_flops(bundle: Bundle, depths: list[int]) -> dict[int, dict[str, int]]:
     names = [o.name for o in session.get_outputs()]
     out: dict[int, dict[str, int]] = {}
     for d in depths:
-        values = dict(zip(names, session.run(None, _feeds(bundle, d))))
-        inputs = {k: tuple(v.shape) for k, v in _feeds(bundle, d).items()}
+        feeds = _feeds(bundle, d, graph_set)
+        values = dict(zip(names, session.run(None, feeds)))
+        inputs = {k: tuple(v.shape) for k, v in feeds.items()}
 
         def shape(name: str) -> tuple:
             if name in inits:

@@ -253,7 +253,8 @@ def graph_batch_case(bundle: Bundle, threads: int | None, batch: int, n_steps: i
     session = ModelSession(bundle, threads=threads)
     graph, io = session.graphs["decode"], bundle.io
     outputs = [io.logits, *(s.output for s in bundle.state)]
-    feeds = {io.input_ids: np.ones((batch, 1), dtype=np.int64), **initial_state(bundle, batch)}
+    feeds = {io.input_ids: np.ones((batch, 1), dtype=np.int64), **initial_state(bundle, batch),
+             **session.position_feeds("decode", last_only=True)}
 
     def run() -> Sample:
         state = dict(feeds)

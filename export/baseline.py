@@ -31,7 +31,7 @@ import numpy as np
 from itera_runtime.manifest import FUSED, PORTABLE, IoNames, StateSpec, StateTensor
 
 from . import graphfile
-from .graph_passes import prune
+from .graph_passes import LOGITS_START, prune, slice_head_input
 from .graphfile import ExportedGraphs, graph_spec, save_model
 
 __all__ = ["export_baseline_graphs", "baseline_parts", "use_group_query_attention", "GRAPH_FILE", "KV_LAYOUTS",
@@ -103,6 +103,7 @@ def export_baseline_graphs(model, out_dir: Path, opset: int = 18, kv: str = "buf
         _rename_dims(onnx_model)
         if kv == "buffer":
             use_group_query_attention(onnx_model, llama)
+        slice_head_input(onnx_model)  # a prompt's head on the positions the caller reads
     finally:
         llama.train(was_training)
     external = GRAPH_FILE + ".data" if onnx_model.ByteSize() >= graphfile.SINGLE_FILE_LIMIT else None
@@ -254,7 +255,8 @@ def baseline_parts(path: Path, opset: int, n_nodes: int) -> ExportedGraphs:
     return ExportedGraphs(
         graphs={"prefill": spec, "decode": spec},
         io=IoNames(input_ids="input_ids", logits="logits", attention_mask="attention_mask",
-                   position_ids="position_ids" if "position_ids" in in_names else None),
+                   position_ids="position_ids" if "position_ids" in in_names else None,
+                   logits_start=LOGITS_START if LOGITS_START in in_names else None),
         state=StateSpec("kv_buffer" if buffer else "kv_cache", state),
         opset=opset,
         graph_set=FUSED if buffer else PORTABLE,

@@ -560,3 +560,46 @@ def share_constants(model: onnx.ModelProto) -> int:
     del g.node[:]
     g.node.extend(kept + rest)
     return len(rename)
+
+
+LOGITS_START = "logits_start"
+
+
+def slice_head_input(model: onnx.ModelProto, logits: str = "logits", name: str = LOGITS_START) -> str:
+    """Add an int64 input `name` (shape [1]) that picks the positions the head runs on.
+
+    The head's input (batch, seq, D) is sliced along seq from `name`, as a Python slice start:
+    -1 keeps the last position (what generation reads: the head of a 512-token prompt is ~10%
+    of tiny's prompt and most of a large-vocabulary model's), 0 keeps every position (what
+    scoring reads). One Slice, before the head's MatMul, so every consumer of that tensor —
+    the head and a `hidden` output alike — sees the same positions. Returns the input's name.
+    """
+    g = model.graph
+    producers, _ = _wiring(g)
+    head = producers.get(logits)
+    if head is None or not head.input:
+        raise ValueError(f"no node writes {logits!r}")
+    h = head.input[0]
+    src = producers.get(h)
+    if src is None:
+        raise ValueError(f"the head's input {h!r} is not computed by the graph")
+    if name in {v.name for v in g.input} | {i.name for i in g.initializer} | {o for n in g.node for o in n.output}:
+        raise ValueError(f"the graph already has a value named {name!r}")
+    every = f"{h}.every_position"
+    src.output[list(src.output).index(h)] = every
+    for vi in g.value_info:
+        if vi.name == h:
+            vi.name = every
+    at = list(g.node).index(src) + 1
+    for i, (part, value) in enumerate((("end", 2**62), ("axis", 1))):  # Constant nodes: never external data
+        g.node.insert(at + i, helper.make_node("Constant", [], [f"{name}.{part}"], name=f"{name}.{part}",
+                                               value=numpy_helper.from_array(np.array([value], np.int64))))
+    g.node.insert(at + 2, helper.make_node("Slice", [every, name, f"{name}.end", f"{name}.axis"], [h],
+                                           name=f"{name}.slice"))
+    g.input.append(helper.make_tensor_value_info(name, onnx.TensorProto.INT64, [1]))
+    for o in g.output:  # their positions are the kept ones now, not the prompt's
+        dims = o.type.tensor_type.shape.dim
+        if o.name in (logits, h) and len(dims) == 3:
+            dims[1].Clear()
+            dims[1].dim_param = "kept"
+    return name

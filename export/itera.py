@@ -23,7 +23,7 @@ from itera_runtime.manifest import FUSED, PORTABLE, IoNames, StateSpec, StateTen
 
 from . import lower as lowering
 from . import tracecache
-from .graph_passes import name_nodes_by_layer, plain_softplus, prune
+from .graph_passes import LOGITS_START, name_nodes_by_layer, plain_softplus, prune, slice_head_input
 from .graphfile import ExportedGraphs, graph_spec, save_model
 from .onnx_functions import DOMAIN, VERSION, itera_functions, translation_table
 
@@ -198,6 +198,8 @@ def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: in
             lowering.read_fused_moe_weights(m)
         plain_softplus(m)  # the dt softplus: 2 nodes a layer fewer (bench/PROFILE.md)
         prune(m)
+    slice_head_input(graphs["prefill"])  # a prompt's head on the positions the caller reads
+    for m in graphs.values():
         name_nodes_by_layer(m)
 
     specs, nodes = {}, {}
@@ -214,7 +216,7 @@ def export_itera_graphs(model, out_dir: Path, graph_set: str = "auto", opset: in
     return ExportedGraphs(
         graphs=specs,
         io=IoNames(input_ids="input_ids", logits="logits", hidden=HIDDEN if hidden else None,
-                   attention_mask=MASK if _takes_mask(model) else None),
+                   attention_mask=MASK if _takes_mask(model) else None, logits_start=LOGITS_START),
         state=StateSpec("hybrid" if hybrid else "ssm", tensors),
         opset=opset,
         graph_set=graph_set,

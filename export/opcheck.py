@@ -65,6 +65,8 @@ for chunk in (ids[:5], ids[5:12], *(ids[i:i + 1] for i in range(12, 16))):
     b = sess.io_binding()
     b.bind_cpu_input(io["input_ids"], chunk[None].astype(np.int64))
     b.bind_cpu_input(io["attention_mask"], np.ones((1, pos + len(chunk)), np.int64))
+    for name, value in io.get("fixed", {}).items():  # every position's logits (io.logits_start = 0)
+        b.bind_cpu_input(name, np.array(value, np.int64))
     b.bind_output(io["logits"], "cpu")
     for (i, o), v in zip(io["state"], values):
         b.bind_ortvalue_input(i, v)
@@ -270,7 +272,8 @@ def main(bundles, versions, venvs, as_json):
                     m = bundle.manifest
                     numeric[f"{b.name}:{set_name}:numeric"] = (bundle.path / graphs["prefill"].file, {
                         "input_ids": m.io.input_ids, "attention_mask": m.io.attention_mask, "logits": m.io.logits,
-                        "state": [[t.input, t.output] for t in m.state.tensors]})
+                        "state": [[t.input, t.output] for t in m.state.tensors],
+                        "fixed": {k: v.tolist() for k, v in bundle.position_feeds("prefill", set_name).items()}})
                 for gname, spec in graphs.items():
                     path = bundle.path / spec.file
                     whole[f"{b.name}:{set_name}:{gname}"] = path

@@ -89,7 +89,10 @@ def compare(model, bundle: str | Path | Bundle, tokens: np.ndarray, prompt_len: 
     for logits, state in session.forward_chunks(tokens[:prompt_len]):
         chunks.append(logits)
     prefill = np.concatenate(chunks)
-    prefill_logits = float(np.abs(prefill - ref_logits[:prompt_len]).max())
+    # Generation's prefill computes only the last position's logits (io.logits_start): checked too.
+    last, _ = session.prefill(tokens[:prompt_len])
+    prefill_logits = max(float(np.abs(prefill - ref_logits[:prompt_len]).max()),
+                         float(np.abs(last - ref_logits[prompt_len - 1]).max()))
     prefill_state = None
     scale = max(1.0, float(np.abs(ref_logits).max()))
     if bundle.state_kind == "ssm":

@@ -217,6 +217,15 @@ class Bundle:
             raise BundleError(f"{self.manifest_path}: no graph {name!r} (has: {', '.join(graphs) or 'none'})")
         return graphs[name]
 
+    def position_feeds(self, name: str, graph_set: str | None = None, last_only: bool = False) -> dict[str, np.ndarray]:
+        """What graph `name` must be fed to say which positions' logits it computes: {} for a graph
+        without io.logits_start (every position, as before format 2), else that input at -1
+        (`last_only`: the last position, what generation reads) or 0 (every position)."""
+        start = self.io.logits_start
+        if start is None or all(t.name != start for t in self.graph(name, graph_set).inputs):
+            return {}
+        return {start: np.array([-1 if last_only else 0], dtype=np.int64)}
+
     def graph_path(self, name: str, graph_set: str | None = None) -> Path:
         """Absolute path of the graph called `name` (of a graph set, default the preferred one)."""
         return _safe_member(self.path, self.graph(name, graph_set).file, f"{self.manifest_path}: graphs.{name}")

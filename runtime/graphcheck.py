@@ -94,6 +94,12 @@ def check_manifest_against_graphs(bundle: Bundle, sessions: dict[str, ort.Infere
             if name is not None and name not in actual_in:
                 raise BundleError(f"{gwhere}: io.{key} names {name!r}, which is not an input of the graph")
             feedable.add(name)
+        start = m.io.logits_start  # the prompt graph's; a decode graph may take it too (a baseline's one graph)
+        if start is not None and (start in actual_in or gname == "prefill"):
+            if actual_in.get(start) != TensorSpec(start, "int64", [1]):
+                raise BundleError(f"{gwhere}: io.logits_start names {start!r}, which is not an int64 [1] input "
+                                  f"of the graph")
+            feedable.add(start)
         if m.io.logits not in actual_out:
             raise BundleError(f"{gwhere}: io.logits names {m.io.logits!r}, which is not an output of the graph")
         for s in m.state.tensors:

@@ -22,7 +22,8 @@ import numpy as np
 from .errors import UserError
 
 BUNDLE_FORMAT = "itera-bundle"
-BUNDLE_FORMAT_VERSION = 1
+# 2: prompt graphs take io.logits_start (a runtime that did not know it would not feed it).
+BUNDLE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FAMILIES = ("itera", "baseline", "hybrid")
 STATE_KINDS = ("ssm", "kv_cache", "kv_buffer", "hybrid")
@@ -246,12 +247,15 @@ class IoNames:
     attention_mask: str | None = None
     position_ids: str | None = None
     hidden: str | None = None  # final-norm output (the head's input): the query of kNN retrieval
+    # int64 [1] input of the prompt graph (format 2): the first position whose logits (and hidden)
+    # are computed, as a Python slice start: -1 the last only (generation), 0 every one (scoring)
+    logits_start: str | None = None
 
     @classmethod
     def from_dict(cls, d: Any, where: str) -> IoNames:
         d = _need(d, ("input_ids", "logits"), where)
         opt = {k: (None if d.get(k) is None else _str(d[k], where))
-               for k in ("attention_mask", "position_ids", "hidden")}
+               for k in ("attention_mask", "position_ids", "hidden", "logits_start")}
         return cls(_str(d["input_ids"], where), _str(d["logits"], where), **opt)
 
 

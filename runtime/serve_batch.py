@@ -69,6 +69,8 @@ class DecodeBatch:
             src, dst = self._sets[parity], self._sets[1 - parity]
             binding = self.graph.io_binding()
             binding.bind_ortvalue_input(s.input_ids, ort.OrtValue.ortvalue_from_numpy(self.tokens[lo:hi]))
+            for name, value in s.position_feeds("decode", last_only=True).items():
+                binding.bind_cpu_input(name, value)
             binding.bind_ortvalue_output(s.logits, ort.OrtValue.ortvalue_from_numpy(self.logits[lo:hi]))
             for spec, a, b in zip(s.state_specs, src, dst):
                 binding.bind_ortvalue_input(spec.input, ort.OrtValue.ortvalue_from_numpy(a[lo:hi]))

@@ -77,7 +77,15 @@ class ModelSession:
             raise BundleError(f"{bundle.path}: retrieval needs graphs that output the hidden state (io.hidden)")
         self.device, self.threads = device, threads
         self.ort_device = "cuda" if device == "cuda" else "cpu"
+        # Per graph, the feeds that pick which positions' logits it computes ({} before format 2).
+        self._positions = {g: {last: bundle.position_feeds(g, self.graph_set, last) for last in (False, True)}
+                           for g in self.graphs}
         self.state_kind = STATE_KINDS[bundle.manifest.state.kind](self)
+
+    def position_feeds(self, graph: str, last_only: bool = False) -> dict[str, np.ndarray]:
+        """The feeds that make `graph` compute the last position's logits only (`last_only`) or every
+        position's: {} for a graph that always computes every position's (Bundle.position_feeds)."""
+        return self._positions[graph][last_only]
 
     def initial_state(self) -> State:
         return self.state_kind.initial()
@@ -86,16 +94,18 @@ class ModelSession:
         """Refuse, in one line, tokens that would not fit the state (a kv_buffer's capacity)."""
         self.state_kind.check_room(position, tokens)
 
-    def _run(self, graph: str, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """Run one graph on ids (1, T); logits (1, T, V) as numpy, new state as OrtValues."""
-        return self.state_kind.run(self.graphs[graph], ids, state)
+    def _run(self, graph: str, ids: np.ndarray, state: State, last_only: bool = False) -> tuple[np.ndarray, State]:
+        """Run one graph on ids (1, T); logits (1, T, V) as numpy (1, 1, V) with `last_only` where the
+        graph can skip the other positions' head), new state as OrtValues."""
+        return self.state_kind.run(self.graphs[graph], ids, state, self.position_feeds(graph, last_only))
 
-    def forward_chunks(self, ids, state: State | None = None,
-                       chunk: int = PREFILL_CHUNK) -> Iterator[tuple[np.ndarray, State]]:
+    def forward_chunks(self, ids, state: State | None = None, chunk: int = PREFILL_CHUNK,
+                       last_only: bool = False) -> Iterator[tuple[np.ndarray, State]]:
         """Run tokens (T,) through the prefill graph `chunk` at a time, carrying the state.
 
         Yields (logits (t, V) of the chunk's positions, state after the chunk). Quality
-        evaluation reads every chunk's logits; generation keeps only the last row.
+        evaluation reads every chunk's logits; generation only the last row, so with `last_only`
+        a graph that can (format 2) computes only that row (t = 1).
         """
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
@@ -105,13 +115,13 @@ class ModelSession:
         state = state or self.initial_state()
         self.check_room(state.position, ids.size)
         for start in range(0, ids.size, chunk):
-            logits, state = self._run("prefill", ids[None, start:start + chunk], state)
+            logits, state = self._run("prefill", ids[None, start:start + chunk], state, last_only)
             yield logits[0], state
 
     def prefill(self, ids, state: State | None = None, chunk: int = PREFILL_CHUNK) -> tuple[np.ndarray, State]:
         """Prompt tokens (T,) -> logits (V,) of the last position, state after them."""
         logits = None
-        for logits, state in self.forward_chunks(ids, state, chunk):
+        for logits, state in self.forward_chunks(ids, state, chunk, last_only=True):
             pass
         return np.array(logits[-1]), state
 

@@ -100,16 +100,27 @@ class StateKind:
     def check_graph(where: str, name: str, past: list, present: list) -> None:
         """Refuse graph state shapes this kind cannot carry (past/present: the graph's dims)."""
 
-    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
-        """One graph call on ids (1, T); logits (1, T, V) as numpy, the new state as OrtValues."""
+    def _bind_tokens(self, binding: ort.IOBinding, ids: np.ndarray, position: int, positions: dict) -> None:
+        """The inputs every graph call binds besides the state: ids (1, T), the attention mask and
+        position ids where the graph takes them, and `positions` (which positions' logits)."""
         s = self.s
-        binding = sess.io_binding()
         T = ids.shape[1]
         binding.bind_cpu_input(s.input_ids, ids)
         if s.attention_mask:
-            binding.bind_cpu_input(s.attention_mask, np.ones((1, state.position + T), dtype=np.int64))
+            binding.bind_cpu_input(s.attention_mask, np.ones((1, position + T), dtype=np.int64))
         if s.position_ids:
-            binding.bind_cpu_input(s.position_ids, np.arange(state.position, state.position + T, dtype=np.int64)[None])
+            binding.bind_cpu_input(s.position_ids, np.arange(position, position + T, dtype=np.int64)[None])
+        for name, value in positions.items():
+            binding.bind_cpu_input(name, value)
+
+    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
+            positions: dict | None = None) -> tuple[np.ndarray, State]:
+        """One graph call on ids (1, T); logits (1, T, V) as numpy (fewer rows where `positions`,
+        ModelSession's feeds of io.logits_start, says so), the new state as OrtValues."""
+        s = self.s
+        binding = sess.io_binding()
+        T = ids.shape[1]
+        self._bind_tokens(binding, ids, state.position, positions or {})
         for spec, value in zip(s.state_specs, state.values):
             binding.bind_ortvalue_input(spec.input, value)
         binding.bind_output(s.logits, "cpu")
@@ -217,14 +228,14 @@ class KvBufferState(StateKind):
             fresh.append(c)
         return _buffer_state(fresh, state.position)
 
-    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
+            positions: dict | None = None) -> tuple[np.ndarray, State]:
         s = self.s
         T = ids.shape[1]
         self.check_room(state.position, T)
         state = self._copy(state)
         binding = sess.io_binding()
-        binding.bind_cpu_input(s.input_ids, ids)
-        binding.bind_cpu_input(s.attention_mask, np.ones((1, state.position + T), dtype=np.int64))
+        self._bind_tokens(binding, ids, state.position, positions or {})
         binding.bind_output(s.logits, "cpu")
         for spec, value in zip(s.state_specs, state.values):  # bound as both past and present
             binding.bind_ortvalue_input(spec.input, value)
@@ -295,7 +306,8 @@ class HybridState(StateKind):
                   for v, kv in zip(state.values, self.kv)]
         return State(values, state.position, state.buffers)
 
-    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State) -> tuple[np.ndarray, State]:
+    def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
+            positions: dict | None = None) -> tuple[np.ndarray, State]:
         s = self.s
         T = ids.shape[1]
         self.check_room(state.position, T)
@@ -303,9 +315,7 @@ class HybridState(StateKind):
                   for spec, kv, b in zip(s.state_specs, self.kv, state.buffers or [None] * len(self.kv))]
         new = self._state(arrays, state.position + T)  # KV: copies (the caller's state stays usable)
         binding = sess.io_binding()
-        binding.bind_cpu_input(s.input_ids, ids)
-        if s.attention_mask:
-            binding.bind_cpu_input(s.attention_mask, np.ones((1, state.position + T), dtype=np.int64))
+        self._bind_tokens(binding, ids, state.position, positions or {})
         binding.bind_output(s.logits, "cpu")
         for spec, kv, old, fresh in zip(s.state_specs, self.kv, state.values, new.values):
             binding.bind_ortvalue_input(spec.input, fresh if kv else old)
@@ -352,6 +362,8 @@ class Decoder:
         s = self.session
         b = self.graph.io_binding()
         b.bind_ortvalue_input(s.input_ids, self._token_ov)
+        for name, value in s.position_feeds("decode", last_only=True).items():  # a baseline's one graph takes it
+            b.bind_cpu_input(name, value)
         b.bind_ortvalue_output(s.logits, self._logits_ov)
         if s.hidden:
             b.bind_ortvalue_output(s.hidden, self._hidden_ov)
@@ -449,13 +461,15 @@ class GrowingDecoder(Decoder):
         super().__init__(session, state)
         self._mask = np.ones((1, 1024), dtype=np.int64)
         self._state_inputs = [spec.input for spec in session.state_specs]
+        self._positions = {k: ort.OrtValue.ortvalue_from_numpy(v)
+                           for k, v in session.position_feeds("decode", last_only=True).items()}
         self._output_names = [session.logits, *(spec.output for spec in session.state_specs)]
         if session.hidden:
             self._output_names.append(session.hidden)
 
     def _run(self) -> None:
         s = self.session
-        feeds = {s.input_ids: self._token_ov}
+        feeds = {s.input_ids: self._token_ov, **self._positions}
         if s.attention_mask:
             total = self.position + 1
             if total > self._mask.shape[1]:

@@ -127,7 +127,7 @@ def rewrite(bundle_dir, **changes):
 def test_valid_bundle_loads_and_runs(bundle_dir):
     b = load_bundle(bundle_dir)
     assert b.family == "itera"
-    assert b.format_version == 1
+    assert b.format_version == BUNDLE_FORMAT_VERSION
     assert b.tokenizer_path == bundle_dir / "tokenizer.json"
     assert Tokenizer.from_file(str(b.tokenizer_path)).get_vocab_size() == b.vocab_size
     assert sorted(b.graph_names) == ["decode", "prefill"]

@@ -52,7 +52,9 @@ def test_parts_match_graph(exported):
     by_name = {t.name: t for t in spec.inputs + spec.outputs}
     assert by_name["input_ids"].shape == ["batch", "seq"]
     assert by_name["attention_mask"].shape == ["batch", "total_sequence"]
-    assert (by_name["logits"].dtype, by_name["logits"].shape) == ("float32", ["batch", "seq", cfg.vocab_size])
+    # the head runs on the positions logits_start keeps (-1: the last, 0: all), not on every "seq" position
+    assert (by_name["logits"].dtype, by_name["logits"].shape) == ("float32", ["batch", "kept", cfg.vocab_size])
+    assert parts.io.logits_start == "logits_start" and (by_name["logits_start"].dtype, by_name["logits_start"].shape) == ("int64", [1])
     assert parts.state.kind == "kv_buffer" and len(parts.state.tensors) == 2 * cfg.n_layers
     assert parts.state.capacity == cfg.max_seq_len
     hd = cfg.d_model // cfg.n_heads
@@ -116,6 +118,9 @@ def test_parity_past_one_prefill_chunk(tiny_baseline):
     whole = np.concatenate([lg for lg, _ in session.forward_chunks(tokens[:100])])
     pieces = np.concatenate([lg for lg, _ in session.forward_chunks(tokens[:100], chunk=7)])
     assert np.abs(whole - pieces).max() <= 1e-5
+    # Generation's prefill runs the head on the last position only (io.logits_start = -1): one row, the same.
+    last = [lg for lg, _ in session.forward_chunks(tokens[:100], chunk=40, last_only=True)]
+    assert [lg.shape for lg in last] == [(1, whole.shape[1])] * 3 and np.abs(last[-1][0] - whole[-1]).max() <= 1e-5
 
 
 def test_buffer_state_is_written_in_place_and_counts_filled_rows(tiny_baseline):

@@ -148,7 +148,7 @@ def test_manifest(bundles, model):
     assert (m.io.input_ids, m.io.logits, m.io.attention_mask, m.io.position_ids) == ("input_ids", "logits", None, None)
     pre, dec = m.graphs["prefill"], m.graphs["decode"]
     assert (pre.inputs[0].name, pre.inputs[0].dtype, pre.inputs[0].shape) == ("input_ids", "int64", ["batch", "seq"])
-    assert (pre.outputs[0].name, pre.outputs[0].shape) == ("logits", ["batch", "seq", VOCAB])
+    assert (pre.outputs[0].name, pre.outputs[0].shape) == ("logits", ["batch", "kept", VOCAB])  # io.logits_start's
     assert dec.inputs[0].shape == ["batch", 1] and dec.outputs[0].shape == ["batch", 1, VOCAB]
     # Both graphs read the one shared weights file, and the manifest pins it.
     assert pre.external_data == dec.external_data == ["weights.bin"] and "weights.bin" in m.files
@@ -159,6 +159,9 @@ def test_manifest(bundles, model):
                                                                        ["batch", *conv_shape[1:]])
     assert tensors[1].input == "past.0.ssm" and tensors[1].shape == ["batch", *ssm_shape[1:]]
     assert [t.name for t in dec.inputs] == ["input_ids"] + [t.input for t in tensors]
+    # The prompt graph alone picks which positions its head runs on (decode has one position).
+    assert m.io.logits_start == "logits_start" and [t.name for t in pre.inputs] == [t.name for t in dec.inputs] + [
+        "logits_start"]
     # The state the manifest declares is the state the runtime holds.
     session = ModelSession(load_bundle(bundles["none"]), threads=1)
     _, state = session.prefill(_tokens(5, 0))
@@ -203,6 +206,19 @@ def test_chunked_prefill_carries_the_state(bundles, lower):
     assert len(parts) == 9
     assert np.abs(np.concatenate([p for p, _ in parts]) - whole).max() <= TOL
     assert max(np.abs(a - b).max() for a, b in zip(parts[-1][1].numpy(), whole_state.numpy())) <= TOL
+
+
+@pytest.mark.parametrize("lower", PATHS)
+def test_prompt_head_runs_on_the_last_position_when_only_that_is_read(bundles, lower):
+    """Generation's prefill (io.logits_start = -1) computes one row of logits, the last of what scoring reads."""
+    session = ModelSession(load_bundle(bundles[lower]), threads=1)
+    ids = _tokens(70, 3)
+    every, every_state = next(session.forward_chunks(ids, chunk=len(ids)))
+    last, last_state = next(session.forward_chunks(ids, chunk=len(ids), last_only=True))
+    assert every.shape == (70, VOCAB) and last.shape == (1, VOCAB)
+    assert np.abs(last[0] - every[-1]).max() <= TOL
+    assert max(np.abs(a - b).max() for a, b in zip(last_state.numpy(), every_state.numpy())) == 0
+    assert np.abs(session.prefill(ids, chunk=8)[0] - every[-1]).max() <= TOL
 
 
 def test_fused_matches_function(bundles):

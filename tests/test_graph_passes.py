@@ -22,6 +22,7 @@ from itera_export.graph_passes import (  # noqa: E402
     prune,
     share_constants,
     sink_reshapes,
+    slice_head_input,
     symbolic_dims,
     unit_gathers_to_reshapes,
 )
@@ -300,3 +301,28 @@ def test_repeated_constants_are_kept_once_with_equal_outputs():
     assert sum(n.op_type == "Constant" for n in model.graph.node) == 2
     onnx.checker.check_model(model, full_check=True)  # the kept ones come before every use
     np.testing.assert_array_equal(_run(model, x), before)
+
+
+def test_head_runs_on_the_positions_logits_start_keeps():
+    """norm -> head: with the Slice, -1 gives the last position's logits (and hidden), 0 all of them."""
+    T, D, V = 5, C, 7
+    rng = np.random.default_rng(0)
+    w, head = rng.standard_normal(D).astype(np.float32), rng.standard_normal((D, V)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "head"], ["logits"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", D])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", V]),
+         helper.make_tensor_value_info("h", TensorProto.FLOAT, ["batch", "seq", D])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(head, "head")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    x = rng.standard_normal((2, T, D)).astype(np.float32)
+    every, hidden = make_session(model.SerializeToString(), threads=1).run(None, {"x": x})
+    assert slice_head_input(model) == "logits_start"
+    assert [d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim[:2]] == ["batch", "kept"]
+    sess = make_session(model.SerializeToString(), threads=1)
+    for start, rows in ((-1, slice(T - 1, T)), (0, slice(0, T)), (-3, slice(T - 3, T))):
+        logits, h = sess.run(None, {"x": x, "logits_start": np.array([start], np.int64)})
+        np.testing.assert_allclose(logits, every[:, rows], rtol=1e-6)
+        np.testing.assert_array_equal(h, hidden[:, rows])
+    with pytest.raises(ValueError, match="already has"):
+        slice_head_input(model)

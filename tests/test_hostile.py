@@ -197,6 +197,8 @@ EDITS = {
     "state dtype": lambda m: m["state"]["tensors"][0].__setitem__("dtype", "float16"),
     "io logits": lambda m: m["io"].__setitem__("logits", "scores"),
     "io input_ids": lambda m: m["io"].__setitem__("input_ids", "tokens"),
+    "io logits_start renamed": lambda m: m["io"].__setitem__("logits_start", "first"),
+    "io logits_start dropped": lambda m: m["io"].__setitem__("logits_start", None),
     "vocab smaller": lambda m: m.__setitem__("vocab_size", m["vocab_size"] - 1),
     "vocab larger": lambda m: m.__setitem__("vocab_size", m["vocab_size"] + 1),
     "family": lambda m: m.__setitem__("family", "baseline" if m["family"] == "itera" else "itera"),
