@@ -114,13 +114,13 @@ class StateKind:
             binding.bind_cpu_input(name, value)
 
     def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
-            positions: dict | None = None) -> tuple[np.ndarray, State]:
+            positions: dict) -> tuple[np.ndarray, State]:
         """One graph call on ids (1, T); logits (1, T, V) as numpy (fewer rows where `positions`,
         ModelSession's feeds of io.logits_start, says so), the new state as OrtValues."""
         s = self.s
         binding = sess.io_binding()
         T = ids.shape[1]
-        self._bind_tokens(binding, ids, state.position, positions or {})
+        self._bind_tokens(binding, ids, state.position, positions)
         for spec, value in zip(s.state_specs, state.values):
             binding.bind_ortvalue_input(spec.input, value)
         binding.bind_output(s.logits, "cpu")
@@ -229,13 +229,13 @@ class KvBufferState(StateKind):
         return _buffer_state(fresh, state.position)
 
     def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
-            positions: dict | None = None) -> tuple[np.ndarray, State]:
+            positions: dict) -> tuple[np.ndarray, State]:
         s = self.s
         T = ids.shape[1]
         self.check_room(state.position, T)
         state = self._copy(state)
         binding = sess.io_binding()
-        self._bind_tokens(binding, ids, state.position, positions or {})
+        self._bind_tokens(binding, ids, state.position, positions)
         binding.bind_output(s.logits, "cpu")
         for spec, value in zip(s.state_specs, state.values):  # bound as both past and present
             binding.bind_ortvalue_input(spec.input, value)
@@ -307,7 +307,7 @@ class HybridState(StateKind):
         return State(values, state.position, state.buffers)
 
     def run(self, sess: ort.InferenceSession, ids: np.ndarray, state: State,
-            positions: dict | None = None) -> tuple[np.ndarray, State]:
+            positions: dict) -> tuple[np.ndarray, State]:
         s = self.s
         T = ids.shape[1]
         self.check_room(state.position, T)
@@ -315,7 +315,7 @@ class HybridState(StateKind):
                   for spec, kv, b in zip(s.state_specs, self.kv, state.buffers or [None] * len(self.kv))]
         new = self._state(arrays, state.position + T)  # KV: copies (the caller's state stays usable)
         binding = sess.io_binding()
-        self._bind_tokens(binding, ids, state.position, positions or {})
+        self._bind_tokens(binding, ids, state.position, positions)
         binding.bind_output(s.logits, "cpu")
         for spec, kv, old, fresh in zip(s.state_specs, self.kv, state.values, new.values):
             binding.bind_ortvalue_input(spec.input, fresh if kv else old)
