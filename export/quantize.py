@@ -84,17 +84,31 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0], r"^spread_heads_")
 # With weights "dynamic" (int8), block_size and accuracy_level apply to the tied table only.
 SETTINGS = {
     "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "table_bits": 8, "float_matmuls": FLOAT_MATMULS},
+             "table_bits": 8, "float_matmuls": FLOAT_MATMULS,
+             "moe_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
     "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-             "table_bits": 4, "float_matmuls": FLOAT_MATMULS},
+             "table_bits": 4, "float_matmuls": FLOAT_MATMULS,
+             "moe_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
 }
 
-# QMoE expert weights: raw uint8 [E, N, K*bits/8] (weights_prepacked=0: the layout of the MoE
-# fp32 [E, N, K] weights, 4-bit codes packed low nibble first), no zero points (the default
-# 2^(bits-1) makes them symmetric). int8: one scale per output channel (QMoE's fp32 kernel; its
-# block-wise 8-bit kernel quantizes activations too, 1.2% vs 0.9% error on random weights).
-# int4: blocks of 32 along K, fp32 activations (accuracy_level 0).
-MOE_SETTINGS = {"int8": {"bits": 8, "block_size": 0}, "int4": {"bits": 4, "block_size": 32}}
+# QMoE expert weights (SETTINGS moe_*): raw uint8 [E, N, K*bits/8] (weights_prepacked=0: the
+# layout of the MoE fp32 [E, N, K] weights, 4-bit codes packed low nibble first), no zero points
+# (the default 2^(bits-1) makes them symmetric), 8 or 4 bits as the scheme. moe_block_size: one
+# scale per block of that many along K (onnxruntime's QNBit kernel, as MatMulNBits), or 0 for one
+# per output channel (its dequantize-then-GEMM path: every call dequantizes each routed expert).
+# moe_step_accuracy_level: QMoE's accuracy_level in the one-token (decode) graph, 4 = int8
+# activations; moe_accuracy_level: in prompt graphs, 0 = fp32 activations (4-bit only: 8-bit
+# blocks run int8 activations at every level). Measured on a 2-vCPU AVX2 EPYC, CPU time per call
+# of the fused graphs, 1 thread, interleaved rounds (bench/PROFILE.md "Issue 29, stop 38"):
+#   decode step, tiny / small / base      int4 level 0 → 4       int8 per channel → blocks of 32
+#                                          -11% / -29% / -25%     -11% / -33% / -23%
+#   prompt of 512, tiny / small / base    int4 level 0 → 4       int8 per channel → blocks of 32
+#                                          +9% / +4% / +10%       +26% / +20% / +22%
+# So: int4 decode level 4, prompts level 0 (the same weights). int8 blocks of 32: a generation of
+# 128 tokens after a 512-token prompt costs the same at tiny and 10-15% less at small and base,
+# and every shorter prompt gains; a bundle that mostly scores long text (quality) is faster with
+# `--quant-option moe_block_size=0`. bits/byte (tiny, 30 steps, 256 test tokens; torch 5.4220):
+# int4 5.4148 → 5.4150, int8 5.4270 → 5.4287; int8 bundles +3.5% (the block scales).
 
 _QUANT_OPS = {"MatMulInteger", "QMoE", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul", "GatherBlockQuantized"}
 
@@ -130,9 +144,10 @@ def _quantize_experts(w, bits: int, block: int):
     return q, (scale if block else scale[..., 0])
 
 
-def _quantize_moe(model, bits: int, block_size: int) -> int:
+def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0) -> int:
     """Rewrite each com.microsoft MoE whose fc1/fc2 weights are initializers into QMoE.
 
+    accuracy_level: QMoE's, for block-wise experts (4: int8 activations; 0: fp32).
     Only nodes without fc3 weights are handled (Itera-Lite lowers to fused SwiGLU); other
     MoE nodes are left in fp32. A block size that does not divide D and F falls back to
     per-output-channel scales. Returns the number of nodes rewritten.
@@ -165,6 +180,7 @@ def _quantize_moe(model, bits: int, block_size: int) -> int:
         attrs.update(expert_weight_bits=bits, weights_prepacked=0)
         if block:
             attrs["block_size"] = block
+            attrs["accuracy_level"] = accuracy_level
         while not new_inputs[-1]:
             new_inputs.pop()
         qnode = helper.make_node("QMoE", new_inputs, list(node.output), name=node.name, domain="com.microsoft", **attrs)
@@ -172,6 +188,17 @@ def _quantize_moe(model, bits: int, block_size: int) -> int:
         g.node.insert(idx, qnode)
         done += 1
     return done
+
+
+def one_token_graph(model) -> bool:
+    """Whether the graph reads one token a call: an int64 (batch, 1) token input (a decode step)."""
+    import onnx
+
+    for i in model.graph.input:
+        t = i.type.tensor_type
+        if t.elem_type == onnx.TensorProto.INT64 and len(t.shape.dim) == 2 and t.shape.dim[1].dim_value == 1:
+            return True
+    return False
 
 
 def _block_for(k: int, block_size: int) -> int:
@@ -393,10 +420,8 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
         exclude = _float_matmuls(model, settings["float_matmuls"])
         method = _quantize_matmuls(model, settings, exclude, work, tmp)
         q = onnx.load(str(tmp))
-        moe = MOE_SETTINGS[mode]
-        settings["moe_quantized"] = _quantize_moe(q, moe["bits"], moe["block_size"])
-        if settings["moe_quantized"]:
-            settings["moe_block_size"] = moe["block_size"]
+        level = settings["moe_step_accuracy_level" if one_token_graph(q) else "moe_accuracy_level"]
+        settings["moe_quantized"] = _quantize_moe(q, 8 if mode == "int8" else 4, settings["moe_block_size"], level)
         prune(q)  # the fp32 expert weights the QMoE nodes replaced
         onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)

@@ -219,8 +219,10 @@ def test_quantize_refuses_bad_input(tmp_path):
         quantize_graph(tmp_path / "missing.onnx", tmp_path / "y.onnx", "int8")
 
 
-def _moe_graph(path, rng, e=4, d=64, f=96):
-    """One com.microsoft MoE node as Itera-Lite lowers it: top-2 of 4 experts, fused SwiGLU."""
+def _moe_graph(path, rng, e=4, d=64, f=96, step=False):
+    """One com.microsoft MoE node as Itera-Lite lowers it: top-2 of 4 experts, fused SwiGLU.
+
+    step: the graph also takes (batch, 1) int64 token ids, as a decode graph does."""
     w1 = rng.standard_normal((e, 2 * f, d)).astype(np.float32) * 0.1  # gate/up rows interleaved
     w2 = rng.standard_normal((e, d, f)).astype(np.float32) * 0.1
     node = helper.make_node(
@@ -238,6 +240,8 @@ def _moe_graph(path, rng, e=4, d=64, f=96):
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["tokens", d])],
         [numpy_helper.from_array(w1, "fc1"), numpy_helper.from_array(w2, "fc2")],
     )
+    if step:
+        graph.input.append(helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", 1]))
     model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)]
     )
@@ -246,11 +250,12 @@ def _moe_graph(path, rng, e=4, d=64, f=96):
     return e, d
 
 
+@pytest.mark.parametrize("step", [False, True], ids=["prompt", "step"])
 @pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_quantize_moe_experts(mode, tmp_path):
+def test_quantize_moe_experts(mode, step, tmp_path):
     rng = np.random.default_rng(0)
     src = tmp_path / "moe.onnx"
-    e, d = _moe_graph(src, rng)
+    e, d = _moe_graph(src, rng, step=step)
     dst = tmp_path / f"moe.{mode}.onnx"
     info = quantize_graph(src, dst, mode)
     assert info.settings["moe_quantized"] == 1 == info.nodes_quantized
@@ -261,13 +266,21 @@ def test_quantize_moe_experts(mode, tmp_path):
     attrs = {a.name: helper.get_attribute_value(a) for a in q.graph.node[0].attribute}
     assert attrs["expert_weight_bits"] == (8 if mode == "int8" else 4)
     assert attrs["k"] == 2 and attrs["swiglu_fusion"] == 1 and attrs["activation_type"] == b"swiglu"
+    # Blocks of 32 along K; int8 activations in a one-token graph only (export/quantize.py SETTINGS).
+    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == (4 if step else 0)
+    scales = {t.name: list(t.dims) for t in q.graph.initializer if t.name.endswith("_scales")}
+    assert scales == {f"fc1_q{attrs['expert_weight_bits']}_scales": [e, 2 * 96, d // 32],
+                      f"fc2_q{attrs['expert_weight_bits']}_scales": [e, d, 96 // 32]}
     feeds = {
         "x": rng.standard_normal((16, d)).astype(np.float32),
         "router": rng.standard_normal((16, e)).astype(np.float32),
     }
+    if step:
+        feeds["input_ids"] = np.zeros((1, 1), np.int64)
     ref = make_session(src, threads=1).run(None, feeds)[0]
     got = make_session(dst, threads=1).run(None, feeds)[0]
     rel = np.abs(got - ref).max() / np.abs(ref).max()
-    # Measured: int8 (per-channel) 0.0087, int4 (blocks of 32) 0.19 — pure weight-rounding
-    # noise: QMoE matches the fp32 MoE run on the dequantized weights to ~1e-7.
+    # Measured (blocks of 32): int8 0.0087 per channel before, int4 0.19 — weight rounding (QMoE
+    # matches the fp32 MoE on the dequantized weights to ~1e-7), plus the activations' rounding
+    # in a step graph.
     assert rel < (0.03 if mode == "int8" else 0.35), rel
