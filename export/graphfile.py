@@ -125,11 +125,13 @@ def check_graph(path: Path) -> dict:
 def graph_ops(model: onnx.ModelProto | Path) -> list[str]:
     """"domain::op" of every node onnxruntime must provide a kernel for, sorted.
 
+    A node that sets an attribute only later releases accept is named with it
+    ("com.microsoft::QMoE[accuracy_level]", `itera_runtime.requires.node_key`).
     Ops of the standard domain are left out (the opset says what they need), and so are ops
     of a domain the model defines itself as functions (ai.itera: the model carries their
     bodies); bodies of functions and of If/Loop/Scan subgraphs are walked too.
     """
-    from itera_runtime.requires import op_key
+    from itera_runtime.requires import node_key
 
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
@@ -139,7 +141,7 @@ def graph_ops(model: onnx.ModelProto | Path) -> list[str]:
     def walk(nodes) -> None:
         for n in nodes:
             if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in local:
-                found.add(op_key(n.domain, n.op_type))
+                found.add(node_key(n.domain, n.op_type, [a.name for a in n.attribute]))
             for a in n.attribute:
                 if a.type == onnx.AttributeProto.GRAPH:
                     walk(a.g.node)

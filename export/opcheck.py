@@ -31,7 +31,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from itera_runtime.bundle import load_bundle
-from itera_runtime.requires import FIRST_VERSION, SESSIONS_FROM, op_key, parse_version
+from itera_runtime.requires import FIRST_VERSION, SESSIONS_FROM, node_key, op_key, parse_version
 
 from .graphfile import graph_functions, graph_ops
 
@@ -135,7 +135,7 @@ def probes_from_graph(path: Path) -> dict[str, onnx.ModelProto]:
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
     for node in model.graph.node:
-        key = op_key(node.domain, node.op_type)
+        key = node_key(node.domain, node.op_type, [a.name for a in node.attribute])
         if key in wanted and key not in out:
             out[key] = _single_node_model(node, inits, types, model)
     return out

@@ -98,17 +98,18 @@ SETTINGS = {
 # per output channel (its dequantize-then-GEMM path: every call dequantizes each routed expert).
 # moe_step_accuracy_level: QMoE's accuracy_level in the one-token (decode) graph, 4 = int8
 # activations; moe_accuracy_level: in prompt graphs, 0 = fp32 activations (4-bit only: 8-bit
-# blocks run int8 activations at every level). Measured on a 2-vCPU AVX2 EPYC, CPU time per call
-# of the fused graphs, 1 thread, interleaved rounds (bench/PROFILE.md "Issue 29, stop 38"):
-#   decode step, tiny / small / base      int4 level 0 → 4       int8 per channel → blocks of 32
-#                                          -11% / -29% / -25%     -11% / -33% / -23%
-#   prompt of 512, tiny / small / base    int4 level 0 → 4       int8 per channel → blocks of 32
-#                                          +9% / +4% / +10%       +26% / +20% / +22%
-# So: int4 decode level 4, prompts level 0 (the same weights). int8 blocks of 32: a generation of
-# 128 tokens after a 512-token prompt costs the same at tiny and 10-15% less at small and base,
-# and every shorter prompt gains; a bundle that mostly scores long text (quality) is faster with
-# `--quant-option moe_block_size=0`. bits/byte (tiny, 30 steps, 256 test tokens; torch 5.4220):
-# int4 5.4148 → 5.4150, int8 5.4270 → 5.4287; int8 bundles +3.5% (the block scales).
+# blocks run int8 activations at every level). Measured on a 2-vCPU AVX2 EPYC (noisy neighbours),
+# CPU time per call of the fused graphs, 1 thread, interleaved rounds, medians (bench/PROFILE.md
+# "Issue 29, stop 38"), tiny / small / base, the bundles before (int8 per channel, int4 level 0)
+# and after these settings:
+#   decode step                int8 -2% / -31% / -29%     int4 -9% / -22% / -29%
+#   prompt of 512 tokens       int8 +5% / +16% / +19%     int4 unchanged (the same graph)
+#   the prompt graph at level 4 instead of 0 (int4): +9% / +4% / +10%, so level 0 there.
+# A 512-token prompt then 128 generated tokens costs the same at tiny and 16-19% less at small
+# and base; shorter prompts gain more. A bundle that mostly scores long text (quality) is faster
+# with `--quant-option moe_block_size=0` (int8 per channel; no accuracy_level is written then).
+# bits/byte (tiny, 30 steps, 256 test tokens; torch 5.4220): int4 5.4148 → 5.4150, int8 5.4270
+# → 5.4287; int8 bundles +3.5% (the block scales).
 
 _QUANT_OPS = {"MatMulInteger", "QMoE", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul", "GatherBlockQuantized"}
 
@@ -180,7 +181,8 @@ def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0) ->
         attrs.update(expert_weight_bits=bits, weights_prepacked=0)
         if block:
             attrs["block_size"] = block
-            attrs["accuracy_level"] = accuracy_level
+            if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
+                attrs["accuracy_level"] = accuracy_level
         while not new_inputs[-1]:
             new_inputs.pop()
         qnode = helper.make_node("QMoE", new_inputs, list(node.output), name=node.name, domain="com.microsoft", **attrs)

@@ -35,6 +35,8 @@ __all__ = [
     "LAST_WHEEL",
     "device_onnxruntime",
     "op_key",
+    "node_key",
+    "registered_op",
     "parse_version",
     "installed_version",
     "available_ops",
@@ -78,7 +80,11 @@ FIRST_VERSION: dict[str, str] = {
     # The residual Add + RMSNorm of the fused graphs (export/graph_passes.py fuse_skip_rms_norms):
     # the oldest release opcheck ran it on (older ones not probed for it).
     "com.microsoft::SkipSimplifiedLayerNormalization": "1.18.1",
-    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0
+    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0, blocks of 32
+    # int8 activations in a decode graph's experts (export/quantize.py SETTINGS
+    # moe_step_accuracy_level): 1.28.0-1.30.0 refuse the attribute ("Unrecognized attribute:
+    # accuracy_level for operator QMoE"); 1.31.0 not probed.
+    "com.microsoft::QMoE[accuracy_level]": "1.31.1",
     "com.microsoft::MatMulNBits": "1.17.3",  # 4 bits, block 32, accuracy_level 4
     "com.microsoft::GatherBlockQuantized": "1.22.1",  # uint8-packed 4-bit table, block 32
     "com.microsoft::DynamicQuantizeMatMul": "1.15.1",
@@ -126,6 +132,23 @@ LAST_WHEEL: dict[tuple[int, ...], str] = {(3, 10): "1.23.2"}
 def op_key(domain: str, op_type: str) -> str:
     """The name an op goes by in the table and in manifests: "com.microsoft::MoE"."""
     return f"{domain or 'ai.onnx'}::{op_type}"
+
+
+# Attributes a later onnxruntime added to an op that older releases refuse: a node that sets
+# one goes by "domain::op[attr]" in the table and in manifests (`node_key`).
+LATER_ATTRIBUTES = {"com.microsoft::QMoE": ("accuracy_level",)}
+
+
+def node_key(domain: str, op_type: str, attributes: Iterable[str] = ()) -> str:
+    """op_key, qualified by the LATER_ATTRIBUTES the node sets: "com.microsoft::QMoE[accuracy_level]"."""
+    key = op_key(domain, op_type)
+    later = [a for a in LATER_ATTRIBUTES.get(key, ()) if a in set(attributes)]
+    return f"{key}[{','.join(later)}]" if later else key
+
+
+def registered_op(key: str) -> str:
+    """The op a (possibly attribute-qualified) key names, as onnxruntime registers it."""
+    return key.split("[", 1)[0]
 
 
 def parse_version(v: str) -> tuple[int, ...]:
@@ -203,7 +226,7 @@ def check_requires(requires: Requires | None, ort_version: str | None = None,
         if op in seen:
             continue
         first = FIRST_VERSION.get(op, requires.onnxruntime)
-        missing = have_ops is not None and op not in have_ops
+        missing = have_ops is not None and registered_op(op) not in have_ops
         if missing or parse_version(first) > installed:
             seen.add(op)
             graphs = sorted(g for g, o in requires.ops.items() if op in o)

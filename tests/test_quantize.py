@@ -15,7 +15,7 @@ pytest.importorskip("optimum.exporters.onnx")
 from onnx import TensorProto, helper, numpy_helper  # noqa: E402
 
 from itera_export.exporter import export_checkpoint  # noqa: E402
-from itera_export.quantize import SCHEMES, quantize_graph  # noqa: E402
+from itera_export.quantize import SCHEMES, parse_options, quantize_graph  # noqa: E402
 from itera_export.validate import compare  # noqa: E402
 from itera_lite.checkpoint import load_model  # noqa: E402
 from itera_runtime.bundle import load_bundle  # noqa: E402
@@ -267,7 +267,7 @@ def test_quantize_moe_experts(mode, step, tmp_path):
     assert attrs["expert_weight_bits"] == (8 if mode == "int8" else 4)
     assert attrs["k"] == 2 and attrs["swiglu_fusion"] == 1 and attrs["activation_type"] == b"swiglu"
     # Blocks of 32 along K; int8 activations in a one-token graph only (export/quantize.py SETTINGS).
-    assert attrs["block_size"] == 32 and attrs["accuracy_level"] == (4 if step else 0)
+    assert attrs["block_size"] == 32 and attrs.get("accuracy_level", 0) == (4 if step else 0)
     scales = {t.name: list(t.dims) for t in q.graph.initializer if t.name.endswith("_scales")}
     assert scales == {f"fc1_q{attrs['expert_weight_bits']}_scales": [e, 2 * 96, d // 32],
                       f"fc2_q{attrs['expert_weight_bits']}_scales": [e, d, 96 // 32]}
@@ -284,3 +284,18 @@ def test_quantize_moe_experts(mode, step, tmp_path):
     # matches the fp32 MoE on the dequantized weights to ~1e-7), plus the activations' rounding
     # in a step graph.
     assert rel < (0.03 if mode == "int8" else 0.35), rel
+
+
+def test_int8_experts_per_channel_on_request_write_no_accuracy_level(tmp_path):
+    # `--quant-option moe_block_size=0`: one scale per output channel (onnxruntime's dequantizing
+    # path, faster for long prompts); such a graph must stay loadable by onnxruntime < 1.31,
+    # which refuses QMoE's accuracy_level, so the step graph does not write it.
+    rng = np.random.default_rng(0)
+    src, dst = tmp_path / "moe.onnx", tmp_path / "moe.int8.onnx"
+    e, d = _moe_graph(src, rng, step=True)
+    info = quantize_graph(src, dst, "int8", parse_options("int8", ["moe_block_size=0"]))
+    assert info.settings["moe_block_size"] == 0
+    attrs = {a.name for a in onnx.load(str(dst)).graph.node[0].attribute}
+    assert "block_size" not in attrs and "accuracy_level" not in attrs
+    scales = {t.name: list(t.dims) for t in onnx.load(str(dst)).graph.initializer if t.name.endswith("_scales")}
+    assert scales == {"fc1_q8_scales": [e, 2 * 96], "fc2_q8_scales": [e, d]}

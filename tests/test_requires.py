@@ -72,6 +72,24 @@ def test_check_requires_names_the_op_and_the_version():
     assert req.check_requires(None, older, have_ops=set()) == []  # bundles from before `requires`
 
 
+def test_an_attribute_older_releases_refuse_raises_the_floor_of_its_graph_only():
+    # QMoE with accuracy_level (int8 activations, the quantized decode graphs) needs a later
+    # release than QMoE itself; the key names the attribute, the check asks the registry for
+    # the op.
+    assert req.node_key("com.microsoft", "QMoE", ["k", "block_size"]) == "com.microsoft::QMoE"
+    key = req.node_key("com.microsoft", "QMoE", ["k", "accuracy_level"])
+    assert key == "com.microsoft::QMoE[accuracy_level]" and req.registered_op(key) == "com.microsoft::QMoE"
+    assert req.node_key("com.microsoft", "MatMulNBits", ["accuracy_level"]) == "com.microsoft::MatMulNBits"
+    plain, later = req.FIRST_VERSION["com.microsoft::QMoE"], req.FIRST_VERSION[key]
+    assert req.parse_version(later) > req.parse_version(plain)
+    r = req.requires_for({"decode": [key], "prefill": ["com.microsoft::QMoE"]})
+    assert r.onnxruntime == later
+    problems = req.check_requires(r, plain, have_ops={"com.microsoft::QMoE"})
+    assert problems == [f"{key} (graphs decode) needs onnxruntime >= {later}"]
+    assert req.check_requires(r, later, have_ops={"com.microsoft::QMoE"}) == []
+    assert req.check_requires(r, later, have_ops=set())  # not registered at all
+
+
 def test_requires_for_takes_the_newest_need():
     r = req.requires_for({"decode": ["com.microsoft::MoE"], "prefill": ["com.microsoft::MatMulNBits"]},
                          ir_version=10, opset=18)
@@ -104,6 +122,25 @@ def test_requires_recomputed_from_the_graphs_equals_the_manifest(tiny_itera, tin
         assert m.alt_graph_sets["portable"].validation.max_abs_diff < 1e-4
     gqa = ["com.microsoft::GroupQueryAttention"]
     assert load_bundle(tiny_baseline.bundle).manifest.requires.ops == {"decode": gqa, "prefill": gqa}
+
+
+@needs_fused
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_decode_graph_needs_the_release_that_takes_int8_expert_activations(mode, tiny_itera_exports):
+    pytest.importorskip("onnx")
+    from itera_export.exporter import graphs_requires
+
+    tb = tiny_itera_exports[mode]
+    m = load_bundle(tb.bundle).manifest
+    later = "com.microsoft::QMoE[accuracy_level]"
+    assert later in m.requires.ops["decode"] and "com.microsoft::QMoE" not in m.requires.ops["decode"]
+    assert "com.microsoft::QMoE" in m.requires.ops["prefill"] and later not in m.requires.ops["prefill"]
+    assert m.requires.onnxruntime == req.FIRST_VERSION[later]
+    for set_name, graphs in m.graph_sets().items():
+        assert m.set_requires()[set_name] == graphs_requires(tb.bundle, graphs), (mode, set_name)
+    # An onnxruntime before that release is told which op and release in one line.
+    problems = req.check_requires(m.requires, "1.30.0", have_ops=req.available_ops())
+    assert problems == [f"{later} (graphs decode) needs onnxruntime >= {req.FIRST_VERSION[later]}"]
 
 
 @needs_fused
