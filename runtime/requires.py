@@ -141,8 +141,8 @@ LATER_ATTRIBUTES = {"com.microsoft::QMoE": ("accuracy_level",)}
 
 def node_key(domain: str, op_type: str, attributes: Iterable[str] = ()) -> str:
     """op_key, qualified by the LATER_ATTRIBUTES the node sets: "com.microsoft::QMoE[accuracy_level]"."""
-    key = op_key(domain, op_type)
-    later = [a for a in LATER_ATTRIBUTES.get(key, ()) if a in set(attributes)]
+    key, present = op_key(domain, op_type), set(attributes)
+    later = [a for a in LATER_ATTRIBUTES.get(key, ()) if a in present]
     return f"{key}[{','.join(later)}]" if later else key
 
 
