@@ -85,10 +85,10 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0], r"^spread_heads_")
 SETTINGS = {
     "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 8, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
+             "moe_block_size": 32, "moe_step_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
     "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 4, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
+             "moe_block_size": 32, "moe_step_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
 }
 
 # QMoE expert weights (SETTINGS moe_*): raw uint8 [E, N, K*bits/8] (weights_prepacked=0: the
@@ -106,8 +106,17 @@ SETTINGS = {
 #   prompt of 512 tokens       int8 +5% / +16% / +19%     int4 unchanged (the same graph)
 #   the prompt graph at level 4 instead of 0 (int4): +9% / +4% / +10%, so level 0 there.
 # A 512-token prompt then 128 generated tokens costs the same at tiny and 16-19% less at small
-# and base; shorter prompts gain more. A bundle that mostly scores long text (quality) is faster
-# with `--quant-option moe_block_size=0` (int8 per channel; no accuracy_level is written then).
+# and base; shorter prompts gain more.
+# moe_step_block_size: the blocks the decode graph's QMoE is given (0: as quantized). Experts
+# quantized per channel (moe_block_size=0) are laid out there in blocks, each block with its
+# channel's scale: the same codes (stored once, export/weights.py) under the int8-activation
+# kernel. So `--quant-option moe_block_size=0` gives prompt graphs the per-channel path and
+# keeps the decode step's speed (+ moe_step_block_size=0: per channel in decode too, no
+# accuracy_level, loadable by onnxruntime < 1.31). Per channel vs blocks of 32 in the int8
+# prompt graph, 2-vCPU AVX-512 Xeon (stop 39, same method), small / base, by prompt length:
+#   16 tokens +28% / +44%, 64 +18% / +18%, 128 +1% / +6%, 256 -3% / -3%, 512 -4..-7% / -7..-9%
+# (stop 38's AVX2 EPYC: -14% / -16% at 512). Blocks stay the default: chat prompts are short;
+# a bundle that mostly scores long text sets moe_block_size=0. Decode unchanged (±1.4%).
 # bits/byte (tiny, 30 steps, 256 test tokens; torch 5.4220): int4 5.4148 → 5.4150, int8 5.4270
 # → 5.4287; int8 bundles +3.5% (the block scales).
 
@@ -130,8 +139,13 @@ def _count_quantized(path: Path) -> int:
     return n
 
 
-def _quantize_experts(w, bits: int, block: int):
-    """Symmetric quantization of (E, N, K) fp32 weights to QMoE's uint8 (E, N, K*bits/8) + scales."""
+def _quantize_experts(w, bits: int, block: int, layout: int | None = None):
+    """Symmetric quantization of (E, N, K) fp32 weights to QMoE's uint8 (E, N, K*bits/8) + scales.
+
+    block: the quantization's blocks along K (0: one scale per output channel). layout: the
+    blocks QMoE is told of (None: as quantized); a finer layout repeats each scale over the
+    layout blocks it covers — the same codes, the same dequantized weights, another kernel.
+    """
     import numpy as np
 
     e, n, k = w.shape
@@ -142,13 +156,27 @@ def _quantize_experts(w, bits: int, block: int):
     q = q.reshape(e, n, k).astype(np.uint8)
     if bits == 4:
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    return q, (scale if block else scale[..., 0])
+    layout = block if layout is None else layout
+    if not layout:
+        return q, scale[..., 0]
+    return q, np.repeat(scale, (block or k) // layout, axis=-1)
 
 
-def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0) -> int:
+def _layout_for(k1: int, k2: int, block: int, layout: int) -> int:
+    """The block layout QMoE gets for experts of inner sizes k1, k2 quantized in `block`s (0:
+    per channel): `layout` where it divides both and the quantization's blocks, else `block`."""
+    if layout and all(k % layout == 0 for k in (k1, k2)) and (block == 0 or block % layout == 0):
+        return layout
+    return block
+
+
+def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, layout_block: int = 0) -> int:
     """Rewrite each com.microsoft MoE whose fc1/fc2 weights are initializers into QMoE.
 
-    accuracy_level: QMoE's, for block-wise experts (4: int8 activations; 0: fp32).
+    block_size: the quantization's blocks along K (0: one scale per output channel).
+    layout_block: the blocks this graph's QMoE runs (0: as quantized); per-channel experts laid
+    out in blocks run onnxruntime's QNBit kernel on the same codes (see SETTINGS).
+    accuracy_level: QMoE's, for block-wise layouts (4: int8 activations; 0: fp32).
     Only nodes without fc3 weights are handled (Itera-Lite lowers to fused SwiGLU); other
     MoE nodes are left in fp32. A block size that does not divide D and F falls back to
     per-output-channel scales. Returns the number of nodes rewritten.
@@ -171,16 +199,17 @@ def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0) ->
         if w1.ndim != 3 or w2.ndim != 3 or (bits == 4 and (w1.shape[2] % 2 or w2.shape[2] % 2)):
             continue
         block = block_size if block_size and w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
+        layout = _layout_for(w1.shape[2], w2.shape[2], block, layout_block)
         new_inputs = [ins[0], ins[1]]
         for w, name, bias in ((w1, fc1, ins[3]), (w2, fc2, ins[5])):
-            q, scale = _quantize_experts(w, bits, block)
+            q, scale = _quantize_experts(w, bits, block, layout)
             qn, sn = f"{name}_q{bits}", f"{name}_q{bits}_scales"
             g.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
             new_inputs += [qn, sn, bias]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs.update(expert_weight_bits=bits, weights_prepacked=0)
-        if block:
-            attrs["block_size"] = block
+        if layout:
+            attrs["block_size"] = layout
             if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
                 attrs["accuracy_level"] = accuracy_level
         while not new_inputs[-1]:
@@ -374,6 +403,14 @@ def parse_options(mode: str, items) -> dict:
         out[key] = value
     if out.get("weights", "nbits") not in ("nbits", "dynamic"):
         raise ValueError("--quant-option weights: 'nbits' or 'dynamic'")
+    merged = dict(SETTINGS[mode], **out)
+    for key in ("moe_block_size", "moe_step_block_size"):
+        b = merged[key]
+        if b and (b < 16 or b & (b - 1)):
+            raise ValueError(f"--quant-option {key}={b}: 0 or a power of two of at least 16 (QMoE's blocks)")
+    if merged["moe_block_size"] and merged["moe_block_size"] % max(merged["moe_step_block_size"], 1):
+        raise ValueError(f"--quant-option moe_step_block_size={merged['moe_step_block_size']}: must divide "
+                         f"moe_block_size={merged['moe_block_size']} (or be 0)")
     return out
 
 
@@ -422,8 +459,11 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
         exclude = _float_matmuls(model, settings["float_matmuls"])
         method = _quantize_matmuls(model, settings, exclude, work, tmp)
         q = onnx.load(str(tmp))
-        level = settings["moe_step_accuracy_level" if one_token_graph(q) else "moe_accuracy_level"]
-        settings["moe_quantized"] = _quantize_moe(q, 8 if mode == "int8" else 4, settings["moe_block_size"], level)
+        step = one_token_graph(q)
+        settings["moe_quantized"] = _quantize_moe(
+            q, 8 if mode == "int8" else 4, settings["moe_block_size"],
+            settings["moe_step_accuracy_level" if step else "moe_accuracy_level"],
+            settings["moe_step_block_size"] if step else 0)
         prune(q)  # the fp32 expert weights the QMoE nodes replaced
         onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)
