@@ -319,10 +319,41 @@ def plain_softplus(model: onnx.ModelProto, min_threshold: float = 15.0) -> int:
     return len(rename)
 
 
+def subgraphs(node: onnx.NodeProto) -> list[onnx.GraphProto]:
+    """The If/Loop/Scan bodies a node carries."""
+    out = []
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            out.append(a.g)
+        elif a.type == onnx.AttributeProto.GRAPHS:
+            out.extend(a.graphs)
+    return out
+
+
+def all_nodes(nodes) -> list[onnx.NodeProto]:
+    """The nodes and, recursively, those of their subgraphs."""
+    out = []
+    for n in nodes:
+        out.append(n)
+        for sub in subgraphs(n):
+            out += all_nodes(sub.node)
+    return out
+
+
+def names_read(nodes) -> set[str]:
+    """Every name the nodes read, their subgraphs' reads of outer-scope values included."""
+    used: set[str] = set()
+    for n in nodes:
+        used.update(n.input)
+        for sub in subgraphs(n):
+            used |= names_read(sub.node) | {o.name for o in sub.output}
+    return used
+
+
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:
     g = model.graph
     while True:
-        used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+        used = names_read(g.node) | {o.name for o in g.output}
         live = [n for n in g.node if any(o in used for o in n.output)]
         if len(live) == len(g.node):
             return
@@ -334,15 +365,15 @@ def prune(model: onnx.ModelProto) -> None:
     """Drop nodes, initializers, functions and opset imports that nothing uses any more."""
     g = model.graph
     _drop_dead_nodes(model)
-    used = {v for n in g.node for v in n.input} | {o.name for o in g.output}
+    used = names_read(g.node) | {o.name for o in g.output}
     keep = [i for i in g.initializer if i.name in used]
     del g.initializer[:]
     g.initializer.extend(keep)
-    called = {(n.domain, n.op_type) for n in g.node}
+    called = {(n.domain, n.op_type) for n in all_nodes(g.node)}
     fns = [f for f in model.functions if (f.domain, f.name) in called]
     del model.functions[:]
     model.functions.extend(fns)
-    domains = {n.domain for n in g.node} | {o.domain for f in fns for o in f.opset_import}
+    domains = {n.domain for n in all_nodes(g.node)} | {o.domain for f in fns for o in f.opset_import}
     ops = [o for o in model.opset_import if o.domain in ("", "ai.onnx") or o.domain in domains]
     del model.opset_import[:]
     model.opset_import.extend(ops)

@@ -133,26 +133,14 @@ def graph_ops(model: onnx.ModelProto | Path) -> list[str]:
     """
     from itera_runtime.requires import node_key
 
+    from .graph_passes import all_nodes
+
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     local = {(f.domain, f.name) for f in model.functions}
-    found: set[str] = set()
-
-    def walk(nodes) -> None:
-        for n in nodes:
-            if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in local:
-                found.add(node_key(n.domain, n.op_type, [a.name for a in n.attribute]))
-            for a in n.attribute:
-                if a.type == onnx.AttributeProto.GRAPH:
-                    walk(a.g.node)
-                elif a.type == onnx.AttributeProto.GRAPHS:
-                    for g in a.graphs:
-                        walk(g.node)
-
-    walk(model.graph.node)
-    for f in model.functions:
-        walk(f.node)
-    return sorted(found)
+    nodes = all_nodes(list(model.graph.node) + [n for f in model.functions for n in f.node])
+    return sorted({node_key(n.domain, n.op_type, [a.name for a in n.attribute]) for n in nodes
+                   if n.domain not in ("", "ai.onnx") and (n.domain, n.op_type) not in local})
 
 
 def graph_functions(model: onnx.ModelProto | Path) -> list[str]:

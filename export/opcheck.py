@@ -33,6 +33,7 @@ from onnx import TensorProto, helper, numpy_helper
 from itera_runtime.bundle import load_bundle
 from itera_runtime.requires import FIRST_VERSION, SESSIONS_FROM, node_key, op_key, parse_version
 
+from .graph_passes import all_nodes
 from .graphfile import graph_functions, graph_ops
 
 # The probe each venv runs: onnxruntime and numpy only, so it works on any version.
@@ -134,7 +135,7 @@ def probes_from_graph(path: Path) -> dict[str, onnx.ModelProto]:
     types = _value_types(model)
     inits = {t.name: t for t in model.graph.initializer}
     out = {}
-    for node in model.graph.node:
+    for node in all_nodes(model.graph.node):  # If branches too: a probe reads their outer-scope values
         key = node_key(node.domain, node.op_type, [a.name for a in node.attribute])
         if key in wanted and key not in out:
             out[key] = _single_node_model(node, inits, types, model)

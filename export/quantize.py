@@ -22,7 +22,7 @@ from typing import Callable
 
 from itera_runtime.bundle import Quantization
 
-from .graph_passes import gemm_to_matmul, materialize_transposed_weights, prune
+from .graph_passes import all_nodes, gemm_to_matmul, materialize_transposed_weights, prune
 from .graphfile import graph_bytes
 
 __all__ = ["quantize_graph", "quantize_tied_table", "kept_float", "parse_options", "SCHEMES", "Scheme", "MODES",
@@ -85,40 +85,46 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0], r"^spread_heads_")
 SETTINGS = {
     "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 8, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 32, "moe_step_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
+             "moe_block_size": 0, "moe_step_block_size": 32, "moe_channel_rows": 256,
+             "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
     "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 4, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 32, "moe_step_block_size": 32, "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
+             "moe_block_size": 32, "moe_step_block_size": 32, "moe_channel_rows": 256,
+             "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
 }
 
 # QMoE expert weights (SETTINGS moe_*): raw uint8 [E, N, K*bits/8] (weights_prepacked=0: the
 # layout of the MoE fp32 [E, N, K] weights, 4-bit codes packed low nibble first), no zero points
-# (the default 2^(bits-1) makes them symmetric), 8 or 4 bits as the scheme. moe_block_size: one
-# scale per block of that many along K (onnxruntime's QNBit kernel, as MatMulNBits), or 0 for one
-# per output channel (its dequantize-then-GEMM path: every call dequantizes each routed expert).
-# moe_step_accuracy_level: QMoE's accuracy_level in the one-token (decode) graph, 4 = int8
-# activations; moe_accuracy_level: in prompt graphs, 0 = fp32 activations (4-bit only: 8-bit
-# blocks run int8 activations at every level). Measured on a 2-vCPU AVX2 EPYC (noisy neighbours),
-# CPU time per call of the fused graphs, 1 thread, interleaved rounds, medians (bench/PROFILE.md
-# "Issue 29, stop 38"), tiny / small / base, the bundles before (int8 per channel, int4 level 0)
-# and after these settings:
+# (the default 2^(bits-1) makes them symmetric), 8 or 4 bits as the scheme.
+# - moe_block_size: the quantization's blocks along K, one scale each, or 0 for one scale per
+#   output channel. onnxruntime runs block layouts with its QNBit kernel (MatMulNBits'), and a
+#   per-channel layout by dequantizing every routed expert to fp32 on each call, then a GEMM.
+# - moe_step_block_size: the blocks the decode graph's QMoE is given (0: as quantized).
+#   Per-channel experts are laid out there in blocks, each block with its channel's scale: the
+#   same codes (stored once, export/weights.py), the int8-activation kernel.
+# - moe_channel_rows: a prompt graph of per-channel experts runs them per channel from this many
+#   rows (batch x tokens) and in moe_step_block_size blocks below: one If per layer on the
+#   router's row count, both branches over the same codes (0: per channel at every length).
+# - moe_step_accuracy_level: QMoE's accuracy_level in the one-token (decode) graph, 4 = int8
+#   activations; moe_accuracy_level: in prompt graphs, 0 = fp32 activations (4-bit only: 8-bit
+#   blocks run int8 activations at every level).
+# Measured on a 2-vCPU AVX2 EPYC (noisy neighbours), CPU time per call of the fused graphs, 1
+# thread, interleaved rounds, medians (bench/PROFILE.md "Issue 29, stop 38"), tiny / small / base,
+# int8 per channel and int4 at level 0 before, blocks of 32 and level 4 in decode after:
 #   decode step                int8 -2% / -31% / -29%     int4 -9% / -22% / -29%
 #   prompt of 512 tokens       int8 +5% / +16% / +19%     int4 unchanged (the same graph)
 #   the prompt graph at level 4 instead of 0 (int4): +9% / +4% / +10%, so level 0 there.
-# A 512-token prompt then 128 generated tokens costs the same at tiny and 16-19% less at small
-# and base; shorter prompts gain more.
-# moe_step_block_size: the blocks the decode graph's QMoE is given (0: as quantized). Experts
-# quantized per channel (moe_block_size=0) are laid out there in blocks, each block with its
-# channel's scale: the same codes (stored once, export/weights.py) under the int8-activation
-# kernel. So `--quant-option moe_block_size=0` gives prompt graphs the per-channel path and
-# keeps the decode step's speed (+ moe_step_block_size=0: per channel in decode too, no
-# accuracy_level, loadable by onnxruntime < 1.31). Per channel vs blocks of 32 in the int8
-# prompt graph, 2-vCPU AVX-512 Xeon (stop 39, same method), small / base, by prompt length:
-#   16 tokens +28% / +44%, 64 +18% / +18%, 128 +1% / +6%, 256 -3% / -3%, 512 -4..-7% / -7..-9%
-# (stop 38's AVX2 EPYC: -14% / -16% at 512). Blocks stay the default: chat prompts are short;
-# a bundle that mostly scores long text sets moe_block_size=0. Decode unchanged (±1.4%).
-# bits/byte (tiny, 30 steps, 256 test tokens; torch 5.4220): int4 5.4148 → 5.4150, int8 5.4270
-# → 5.4287; int8 bundles +3.5% (the block scales).
+# At int8 the prompt's layout is a question of length (stop 39, 2-vCPU AVX-512 Xeon, same method,
+# the same feeds for every bundle): per channel against blocks of 32, small / base,
+#   16 tokens +27% / +43%, 64 +6% / ?, 512 -4.6% / -8.3% (the AVX2 EPYC: -14% / -16% at 512),
+# hence int8 experts per channel (moe_block_size 0), blocks in decode and below 256 prompt rows,
+# per channel from 256. Against stop 38's int8 bundles (blocks of 32 everywhere): prompt of 16
+# tokens +0.1% / +0.2% / +1.7% (tiny / small / base), 64 -0.2% (small), 512 -6.2% / -4.3% / -7.7%;
+# decode -0.4% / +1.7% / -2.4% (the noise). bits/byte (256 test tokens; torch 5.4232 / 5.9846 /
+# 6.0208): blocks 5.4229 / 5.9923 / 6.0277, per channel 5.4241 / 5.9830 / 6.0178. int8 bundles
+# +1% (the block scales beside the channel ones: 2.06 → 2.09 MB tiny, 9.14 → 9.25 small).
+# `moe_block_size=32` restores blocks everywhere; `moe_step_block_size=0` per channel everywhere
+# (no accuracy_level: the layout onnxruntime 1.28-1.30 load, requires.py).
 
 _QUANT_OPS = {"MatMulInteger", "QMoE", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul", "GatherBlockQuantized"}
 
@@ -131,8 +137,8 @@ def _count_quantized(path: Path) -> int:
     int_types = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
     int_inits = {t.name for t in model.graph.initializer if t.data_type in int_types}
     n = 0
-    for node in model.graph.node:
-        if node.op_type in _QUANT_OPS:
+    for node in model.graph.node:  # an If whose branches run QMoE counts once
+        if any(m.op_type in _QUANT_OPS for m in all_nodes([node])):
             n += 1
         elif node.op_type == "Gather" and node.input[0] in int_inits:
             n += 1
@@ -170,24 +176,28 @@ def _layout_for(k1: int, k2: int, block: int, layout: int) -> int:
     return block
 
 
-def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, layout_block: int = 0) -> int:
+def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, layout_block: int = 0,
+                  channel_rows: int = 0) -> int:
     """Rewrite each com.microsoft MoE whose fc1/fc2 weights are initializers into QMoE.
 
     block_size: the quantization's blocks along K (0: one scale per output channel).
     layout_block: the blocks this graph's QMoE runs (0: as quantized); per-channel experts laid
     out in blocks run onnxruntime's QNBit kernel on the same codes (see SETTINGS).
+    channel_rows: for per-channel experts with a block layout, an If on the router's row count
+    runs them per channel (dequantize, fp32 GEMM) from this many rows and in blocks below.
     accuracy_level: QMoE's, for block-wise layouts (4: int8 activations; 0: fp32).
     Only nodes without fc3 weights are handled (Itera-Lite lowers to fused SwiGLU); other
     MoE nodes are left in fp32. A block size that does not divide D and F falls back to
     per-output-channel scales. Returns the number of nodes rewritten.
     """
     import numpy as np
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     done = 0
-    for idx, node in enumerate(list(g.node)):
+    long_rows = ""  # the If condition, made once before the first MoE that needs it
+    for node in list(g.node):
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             continue
         ins = list(node.input) + [""] * (8 - len(node.input))
@@ -200,23 +210,56 @@ def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, la
             continue
         block = block_size if block_size and w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
         layout = _layout_for(w1.shape[2], w2.shape[2], block, layout_block)
-        new_inputs = [ins[0], ins[1]]
-        for w, name, bias in ((w1, fc1, ins[3]), (w2, fc2, ins[5])):
-            q, scale = _quantize_experts(w, bits, block, layout)
-            qn, sn = f"{name}_q{bits}", f"{name}_q{bits}_scales"
-            g.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
-            new_inputs += [qn, sn, bias]
+        branch = bool(channel_rows and not block and layout)
+        if channel_rows and not branch:  # a prompt graph without the If runs the experts as quantized
+            layout = block
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs.update(expert_weight_bits=bits, weights_prepacked=0)
-        if layout:
-            attrs["block_size"] = layout
-            if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
-                attrs["accuracy_level"] = accuracy_level
-        while not new_inputs[-1]:
-            new_inputs.pop()
-        qnode = helper.make_node("QMoE", new_inputs, list(node.output), name=node.name, domain="com.microsoft", **attrs)
+
+        def qmoe(lay: int, out: str, name: str, weights: list[str]):
+            a = dict(attrs)
+            if lay:
+                a["block_size"] = lay
+                if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
+                    a["accuracy_level"] = accuracy_level
+            inputs = [ins[0], ins[1], weights[0], weights[1], ins[3], weights[2], weights[3], ins[5]]
+            while not inputs[-1]:
+                inputs.pop()
+            return helper.make_node("QMoE", inputs, [out], name=name, domain="com.microsoft", **a)
+
+        weights = {0: [], layout: []}  # layout → [fc1 codes, scales, fc2 codes, scales]
+        for w, name in ((w1, fc1), (w2, fc2)):
+            q, scale = _quantize_experts(w, bits, block, 0 if branch else layout)
+            qn, sn = f"{name}_q{bits}", f"{name}_q{bits}_scales"
+            g.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
+            weights[0 if branch else layout] += [qn, sn]
+            if branch:  # the same codes, each channel's scale repeated over its blocks
+                bn = f"{sn}_b{layout}"
+                g.initializer.append(numpy_helper.from_array(np.repeat(scale[..., None], w.shape[2] // layout, -1), bn))
+                weights[layout] += [qn, bn]
+        idx = list(g.node).index(node)
+        if not branch:
+            new = [qmoe(layout, node.output[0], node.name, weights[layout])]
+        else:
+            new = []
+            if not long_rows:
+                long_rows = f"{node.name}/moe_rows_at_least_{channel_rows}"
+                g.initializer.append(numpy_helper.from_array(np.array([channel_rows], np.int64), f"{long_rows}.n"))
+                new += [helper.make_node("Shape", [ins[1]], [f"{long_rows}.rows"], name=f"{long_rows}.shape",
+                                         start=0, end=1),
+                        helper.make_node("GreaterOrEqual", [f"{long_rows}.rows", f"{long_rows}.n"], [long_rows],
+                                         name=long_rows)]
+            out = node.output[0]
+            branches = {}
+            for kind, lay in (("per_channel", 0), ("blocks", layout)):
+                body = qmoe(lay, f"{out}.{kind}", f"{node.name}/{kind}", weights[lay])
+                branches[kind] = helper.make_graph(
+                    [body], f"{node.name}/{kind}", [], [helper.make_tensor_value_info(f"{out}.{kind}", TensorProto.FLOAT, None)])
+            new.append(helper.make_node("If", [long_rows], [out], name=node.name,
+                                        then_branch=branches["per_channel"], else_branch=branches["blocks"]))
         g.node.remove(node)
-        g.node.insert(idx, qnode)
+        for i, n in enumerate(new):
+            g.node.insert(idx + i, n)
         done += 1
     return done
 
@@ -460,10 +503,11 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
         method = _quantize_matmuls(model, settings, exclude, work, tmp)
         q = onnx.load(str(tmp))
         step = one_token_graph(q)
+        rows = 0 if step else settings["moe_channel_rows"]
         settings["moe_quantized"] = _quantize_moe(
             q, 8 if mode == "int8" else 4, settings["moe_block_size"],
             settings["moe_step_accuracy_level" if step else "moe_accuracy_level"],
-            settings["moe_step_block_size"] if step else 0)
+            settings["moe_step_block_size"] if step or rows else 0, rows)
         prune(q)  # the fp32 expert weights the QMoE nodes replaced
         onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)
@@ -521,14 +565,14 @@ def read_quantized_experts(portable, fused) -> int:
 
     fused_inits = {t.name: t for t in fused.graph.initializer}
     sources = {}  # fp32 name → (packed name, scales name, bits)
-    for node in fused.graph.node:
+    for node in all_nodes(fused.graph.node):  # a prompt graph's QMoE sit in If branches
         if node.op_type != "QMoE" or node.domain != "com.microsoft":
             continue
         bits = next(a.i for a in node.attribute if a.name == "expert_weight_bits")
         for q_name, s_name in ((node.input[2], node.input[3]), (node.input[5], node.input[6])):
             suffix = f"_q{bits}"
             if q_name.endswith(suffix) and q_name in fused_inits and s_name in fused_inits:
-                sources[q_name[: -len(suffix)]] = (q_name, s_name, bits)
+                sources.setdefault(q_name[: -len(suffix)], (q_name, s_name, bits))
     g = portable.graph
     inits = {t.name: t for t in g.initializer}
     nodes, done = [], 0

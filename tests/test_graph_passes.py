@@ -326,3 +326,23 @@ def test_head_runs_on_the_positions_logits_start_keeps():
         np.testing.assert_array_equal(h, hidden[:, rows])
     with pytest.raises(ValueError, match="already has"):
         slice_head_input(model)
+
+
+def test_prune_keeps_what_only_an_if_branch_reads():
+    # x → Mul(w) → h; If(cond) then Add(h, b) else Sub(h, b): h's producer, w and b are read only
+    # inside (or through) the branches; the dead Neg and its initializer go.
+    def branch(op):
+        return helper.make_graph([helper.make_node(op, ["h", "b"], [f"y_{op}"])], op, [],
+                                 [helper.make_tensor_value_info(f"y_{op}", TensorProto.FLOAT, None)])
+
+    nodes = [helper.make_node("Mul", ["x", "w"], ["h"]),
+             helper.make_node("Neg", ["dead_w"], ["dead"]),
+             helper.make_node("If", ["cond"], ["y"], then_branch=branch("Add"), else_branch=branch("Sub"))]
+    model = _model(nodes, {"w": np.full(C, 2, np.float32), "b": np.ones(C, np.float32),
+                           "dead_w": np.ones(C, np.float32), "cond": np.array([True])}, ["batch", C])
+    x = np.arange(2 * C, dtype=np.float32).reshape(2, C)
+    before = make_session(model.SerializeToString(), threads=1).run(None, {"x": x})[0]
+    prune(model)
+    assert [n.op_type for n in model.graph.node] == ["Mul", "If"]
+    assert sorted(t.name for t in model.graph.initializer) == ["b", "cond", "w"]
+    np.testing.assert_array_equal(make_session(model.SerializeToString(), threads=1).run(None, {"x": x})[0], before)
