@@ -116,7 +116,8 @@ SETTINGS = {
 #   the prompt graph at level 4 instead of 0 (int4): +9% / +4% / +10%, so level 0 there.
 # At int8 the prompt's layout is a question of length (stop 39, 2-vCPU AVX-512 Xeon, same method,
 # the same feeds for every bundle): per channel against blocks of 32, small / base,
-#   16 tokens +27% / +43%, 64 +6% / ?, 512 -4.6% / -8.3% (the AVX2 EPYC: -14% / -16% at 512),
+#   16 tokens +27% / +43%, 64 +6..11% / +13%, 128 +1% / +4%, 256 -3.5% / +0.3%, 512 -4.6% / -8.3%
+#   (the AVX2 EPYC: -14% / -16% at 512),
 # hence int8 experts per channel (moe_block_size 0), blocks in decode and below 256 prompt rows,
 # per channel from 256. Against stop 38's int8 bundles (blocks of 32 everywhere): prompt of 16
 # tokens +0.1% / +0.2% / +1.7% (tiny / small / base), 64 -0.2% (small), 512 -6.2% / -4.3% / -7.7%;
