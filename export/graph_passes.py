@@ -342,12 +342,8 @@ def all_nodes(nodes) -> list[onnx.NodeProto]:
 
 def names_read(nodes) -> set[str]:
     """Every name the nodes read, their subgraphs' reads of outer-scope values included."""
-    used: set[str] = set()
-    for n in nodes:
-        used.update(n.input)
-        for sub in subgraphs(n):
-            used |= names_read(sub.node) | {o.name for o in sub.output}
-    return used
+    nodes = all_nodes(nodes)
+    return {v for n in nodes for v in n.input} | {o.name for n in nodes for sub in subgraphs(n) for o in sub.output}
 
 
 def _drop_dead_nodes(model: onnx.ModelProto) -> None:

@@ -146,13 +146,9 @@ def _count_quantized(path: Path) -> int:
     return n
 
 
-def _quantize_experts(w, bits: int, block: int, layout: int | None = None):
-    """Symmetric quantization of (E, N, K) fp32 weights to QMoE's uint8 (E, N, K*bits/8) + scales.
-
-    block: the quantization's blocks along K (0: one scale per output channel). layout: the
-    blocks QMoE is told of (None: as quantized); a finer layout repeats each scale over the
-    layout blocks it covers — the same codes, the same dequantized weights, another kernel.
-    """
+def _quantize_experts(w, bits: int, block: int):
+    """Symmetric quantization of (E, N, K) fp32 weights: QMoE's uint8 codes (E, N, K*bits/8) and
+    the scales (E, N, K/block), one column when `block` is 0 (one scale per output channel)."""
     import numpy as np
 
     e, n, k = w.shape
@@ -163,10 +159,19 @@ def _quantize_experts(w, bits: int, block: int, layout: int | None = None):
     q = q.reshape(e, n, k).astype(np.uint8)
     if bits == 4:
         q = (q[..., 0::2] | (q[..., 1::2] << 4)).astype(np.uint8)
-    layout = block if layout is None else layout
+    return q, scale
+
+
+def _scales_as(scale, k: int, layout: int):
+    """The quantization's scales (E, N, blocks) as QMoE takes them for `layout`: (E, N) for 0 (per
+    channel), else (E, N, K/layout), each scale repeated over the layout blocks its own covers —
+    the same dequantized weights, another kernel."""
+    import numpy as np
+
     if not layout:
-        return q, scale[..., 0]
-    return q, np.repeat(scale, (block or k) // layout, axis=-1)
+        assert scale.shape[-1] == 1, "a per-channel layout needs per-channel scales"
+        return scale[..., 0]
+    return np.repeat(scale, k // scale.shape[-1] // layout, axis=-1)
 
 
 def _layout_for(k1: int, k2: int, block: int, layout: int) -> int:
@@ -228,16 +233,16 @@ def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, la
                 inputs.pop()
             return helper.make_node("QMoE", inputs, [out], name=name, domain="com.microsoft", **a)
 
-        weights = {0: [], layout: []}  # layout → [fc1 codes, scales, fc2 codes, scales]
+        layouts = (0, layout) if branch else (layout,)  # the If's two branches share the codes
+        weights: dict[int, list[str]] = {lay: [] for lay in layouts}  # → [fc1 codes, scales, fc2 codes, scales]
         for w, name in ((w1, fc1), (w2, fc2)):
-            q, scale = _quantize_experts(w, bits, block, 0 if branch else layout)
-            qn, sn = f"{name}_q{bits}", f"{name}_q{bits}_scales"
-            g.initializer.extend([numpy_helper.from_array(q, qn), numpy_helper.from_array(scale, sn)])
-            weights[0 if branch else layout] += [qn, sn]
-            if branch:  # the same codes, each channel's scale repeated over its blocks
-                bn = f"{sn}_b{layout}"
-                g.initializer.append(numpy_helper.from_array(np.repeat(scale[..., None], w.shape[2] // layout, -1), bn))
-                weights[layout] += [qn, bn]
+            q, scale = _quantize_experts(w, bits, block)
+            qn = f"{name}_q{bits}"
+            g.initializer.append(numpy_helper.from_array(q, qn))
+            for lay in layouts:
+                sn = f"{qn}_scales" + (f"_b{lay}" if branch and lay else "")
+                g.initializer.append(numpy_helper.from_array(_scales_as(scale, w.shape[2], lay), sn))
+                weights[lay] += [qn, sn]
         idx = list(g.node).index(node)
         if not branch:
             new = [qmoe(layout, node.output[0], node.name, weights[layout])]

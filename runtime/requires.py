@@ -80,7 +80,7 @@ FIRST_VERSION: dict[str, str] = {
     # The residual Add + RMSNorm of the fused graphs (export/graph_passes.py fuse_skip_rms_norms):
     # the oldest release opcheck ran it on (older ones not probed for it).
     "com.microsoft::SkipSimplifiedLayerNormalization": "1.18.1",
-    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0, blocks of 32
+    "com.microsoft::QMoE": "1.28.0",  # 8- and 4-bit experts, weights_prepacked=0, per channel or blocks of 32
     # int8 activations in a decode graph's experts (export/quantize.py SETTINGS
     # moe_step_accuracy_level): 1.28.0-1.30.0 refuse the attribute ("Unrecognized attribute:
     # accuracy_level for operator QMoE"); 1.31.0 not probed.
