@@ -69,18 +69,32 @@ def ssd_token(x: Tensor, dt: Tensor, A: Tensor, Bm: Tensor, Cm: Tensor, state: T
     return y[:, None], state  # (B, 1, H, P), (B, H, N, P)
 
 
-def _segsum(a: Tensor) -> Tensor:
-    """(..., T) -> (..., T, T) with [i, j] = sum(a[j+1 .. i]) for j <= i, -inf above.
+# exp() of a sum of dt·A is a decay in (0, 1]; its exponent is floored at DECAY_FLOOR. A term
+# below e^-40 (~4e-18 of an input) is far under float32's resolution of any output it adds to,
+# and onnxruntime's CPU Exp takes a ~18x slower path wherever its result is denormal or zero
+# (inputs below about -87.3, and the -inf a causal mask would put above the diagonal): that path
+# was ~15% of a tiny prompt's kernels (bench/PROFILE.md). So masks apply after exp, as zeros.
+DECAY_FLOOR = -40.0
 
-    Summing masked copies instead of subtracting cumsums keeps exp() of it exact for long
+
+def _decay(exponent: Tensor) -> Tensor:
+    """exp(exponent) for exponents <= 0, floored at DECAY_FLOOR (above)."""
+    return torch.exp(exponent.clamp(min=DECAY_FLOOR))
+
+
+def _segsum_decay(a: Tensor) -> Tensor:
+    """(..., T) -> (..., T, T) with [i, j] = exp(sum(a[j+1 .. i])) for j <= i, 0 above.
+
+    Summing masked copies instead of subtracting cumsums keeps the exponent exact for long
     chunks (cumsum differences lose precision when the decay is strong).
     """
     T = a.shape[-1]
-    strict = torch.tril(torch.ones(T, T, dtype=a.dtype, device=a.device), diagonal=-1)
-    seg = torch.cumsum(a[..., :, None] * strict, dim=-2)  # [..., i, j] = sum of a_k, j < k <= i
-    # Constant masks by broadcasting (Mul, Add), not Expand + Where: exported, those two ran on
-    # one thread and were ~15% of a prompt's kernels at 2 threads (bench/PROFILE.md).
-    return seg + torch.triu(torch.full((T, T), float("-inf"), dtype=a.dtype, device=a.device), diagonal=1)
+    ones = torch.ones(T, T, dtype=a.dtype, device=a.device)
+    # [..., i, j] = sum of a_k for j < k <= i; 0 on and above the diagonal. Constant masks by
+    # broadcasting (Mul), not Expand + Where: exported, those ran on one thread and were ~15%
+    # of a prompt's kernels at 2 threads (bench/PROFILE.md).
+    seg = torch.cumsum(a[..., :, None] * torch.tril(ones, diagonal=-1), dim=-2)
+    return _decay(seg) * torch.tril(ones)
 
 
 def ssd_chunked(
@@ -107,20 +121,20 @@ def ssd_chunked(
     a_cum = torch.cumsum(a, dim=-1)  # (B, G, R, c, Q)
 
     # 1. Outputs from inputs of the same chunk (the "diagonal blocks").
-    y = ((Cg @ Bg.transpose(-1, -2)) * torch.exp(_segsum(a))) @ X  # (B, G, R, c, Q, P)
+    y = ((Cg @ Bg.transpose(-1, -2)) * _segsum_decay(a)) @ X  # (B, G, R, c, Q, P)
 
     # 2. Each chunk's contribution to the state at its end.
-    decay_to_end = torch.exp(a_cum[..., -1:] - a_cum)  # (B, G, R, c, Q)
+    decay_to_end = _decay(a_cum[..., -1:] - a_cum)  # (B, G, R, c, Q)
     chunk_states = (Bg * decay_to_end[..., None]).transpose(-1, -2) @ X  # (B, G, R, c, N, P)
 
     # 3. Carry states across chunks, starting from the given state.
     states = torch.cat([state.reshape(b, G, R, 1, N, P), chunk_states], dim=3)  # (B, G, R, c+1, N, P)
-    decay_chunk = torch.exp(_segsum(F.pad(a_cum[..., -1], (1, 0))))  # (B, G, R, c+1, c+1)
+    decay_chunk = _segsum_decay(F.pad(a_cum[..., -1], (1, 0)))  # (B, G, R, c+1, c+1)
     states = (decay_chunk @ states.flatten(-2)).unflatten(-1, (N, P))
     final_state = states[:, :, :, -1].reshape(b, H, N, P)
 
     # 4. Outputs from the state entering each chunk.
-    y = y + (Cg @ states[:, :, :, :-1]) * torch.exp(a_cum)[..., None]
+    y = y + (Cg @ states[:, :, :, :-1]) * _decay(a_cum)[..., None]
     return y.permute(0, 3, 4, 1, 2, 5).reshape(b, c * Q, H, P)[:, :L], final_state
 
 
