@@ -306,6 +306,10 @@ def _build(model, ckpt: dict, checkpoint: Path, tokenizer_json: str, tmp: Path, 
         if alt is not None:
             _share_quantized_experts(tmp, sets[next(iter(sets))], sets[PORTABLE])
             checks.update({g.file: {**checks[g.file], **check_graph(tmp / g.file)} for g in sets[PORTABLE].values()})
+    if FUSED in sets and "prefill" in sets[FUSED]:  # after quantization: it routes what QMoE quantized
+        prompt = sets[FUSED]["prefill"].file
+        if _route_prompt_experts(tmp / prompt):
+            checks[prompt] = {**checks[prompt], **check_graph(tmp / prompt)}
     return _finish(model, ckpt, checkpoint, tokenizer_json, tmp, parts, sets, graph_files, checks, records, datastore)
 
 
@@ -375,6 +379,20 @@ def graphs_requires(folder: Path, graphs: dict[str, GraphSpec]) -> Requires:
         ir = max(ir, model.ir_version)
         opset = max([opset, *(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))])
     return requires_for(ops, ir_version=ir, opset=opset, made_with=installed_version(), functions=functions)
+
+
+def _route_prompt_experts(path: Path) -> int:
+    """A fused prompt graph's experts as per-expert matmuls over their routed rows (export/route_experts.py)."""
+    import onnx
+
+    from .graphfile import save_model
+    from .route_experts import route_prompt_experts
+
+    model = onnx.load(str(path))
+    done = route_prompt_experts(model)
+    if done:
+        save_model(model, path)
+    return done
 
 
 def _share_quantized_experts(folder: Path, fused: dict[str, GraphSpec], portable: dict[str, GraphSpec]) -> None:

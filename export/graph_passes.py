@@ -420,6 +420,12 @@ def name_nodes_by_layer(model: onnx.ModelProto) -> None:
             n.name = f"blocks.{layer}/{n.name}"
 
 
+def layer_prefix(node_name: str) -> str | None:
+    """"blocks.3" for a node `name_nodes_by_layer` put in layer 3, else None."""
+    head = node_name.split("/", 1)[0]
+    return head if head.startswith("blocks.") and head[7:].isdigit() else None
+
+
 def fuse_skip_rms_norms(model: onnx.ModelProto, dims: dict[str, list]) -> int:
     """Add(a, b) → RMSNorm (as `rms_normalize` exports: Pow, ReduceMean, Add eps, Sqrt, Div, Mul w)
     → one com.microsoft SkipSimplifiedLayerNormalization(a, b, w), whose 4th output is the sum.

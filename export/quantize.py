@@ -85,11 +85,11 @@ FLOAT_MATMULS = (KEEP_FLOAT["router"][0], r"^spread_heads_")
 SETTINGS = {
     "int8": {"weights": "dynamic", "bits": 8, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 8, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 0, "moe_step_block_size": 32, "moe_channel_rows": 256,
+             "moe_block_size": 0, "moe_step_block_size": 32,
              "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
     "int4": {"weights": "nbits", "bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
              "table_bits": 4, "float_matmuls": FLOAT_MATMULS,
-             "moe_block_size": 32, "moe_step_block_size": 32, "moe_channel_rows": 256,
+             "moe_block_size": 32, "moe_step_block_size": 32,
              "moe_accuracy_level": 0, "moe_step_accuracy_level": 4},
 }
 
@@ -102,9 +102,6 @@ SETTINGS = {
 # - moe_step_block_size: the blocks the decode graph's QMoE is given (0: as quantized).
 #   Per-channel experts are laid out there in blocks, each block with its channel's scale: the
 #   same codes (stored once, export/weights.py), the int8-activation kernel.
-# - moe_channel_rows: a prompt graph of per-channel experts runs them per channel from this many
-#   rows (batch x tokens) and in moe_step_block_size blocks below: one If per layer on the
-#   router's row count, both branches over the same codes (0: per channel at every length).
 # - moe_step_accuracy_level: QMoE's accuracy_level in the one-token (decode) graph, 4 = int8
 #   activations; moe_accuracy_level: in prompt graphs, 0 = fp32 activations (4-bit only: 8-bit
 #   blocks run int8 activations at every level).
@@ -114,18 +111,17 @@ SETTINGS = {
 #   decode step                int8 -2% / -31% / -29%     int4 -9% / -22% / -29%
 #   prompt of 512 tokens       int8 +5% / +16% / +19%     int4 unchanged (the same graph)
 #   the prompt graph at level 4 instead of 0 (int4): +9% / +4% / +10%, so level 0 there.
-# At int8 the prompt's layout is a question of length (stop 39, 2-vCPU AVX-512 Xeon, same method,
-# the same feeds for every bundle): per channel against blocks of 32, small / base,
-#   16 tokens +27% / +43%, 64 +6..11% / +13%, 128 +1% / +4%, 256 -3.5% / +0.3%, 512 -4.6% / -8.3%
-#   (the AVX2 EPYC: -14% / -16% at 512),
-# hence int8 experts per channel (moe_block_size 0), blocks in decode and below 256 prompt rows,
-# per channel from 256. Against stop 38's int8 bundles (blocks of 32 everywhere): prompt of 16
-# tokens +0.1% / +0.2% / +1.7% (tiny / small / base), 64 -0.2% (small), 512 -6.2% / -4.3% / -7.7%;
-# decode -0.4% / +1.7% / -2.4% (the noise). bits/byte (256 test tokens; torch 5.4232 / 5.9846 /
-# 6.0208): blocks 5.4229 / 5.9923 / 6.0277, per channel 5.4241 / 5.9830 / 6.0178. int8 bundles
-# +1% (the block scales beside the channel ones: 2.06 → 2.09 MB tiny, 9.14 → 9.25 small).
-# `moe_block_size=32` restores blocks everywhere; `moe_step_block_size=0` per channel everywhere
-# (no accuracy_level: the layout onnxruntime 1.28-1.30 load, requires.py).
+# At int8 the prompt's layout was a question of length (stop 39, 2-vCPU AVX-512 Xeon, same method):
+# per channel against blocks of 32, small / base, 16 tokens +27% / +43%, 512 -4.6% / -8.3%. Since
+# stop 40 a prompt graph's int8 experts run neither: the exporter rewrites its per-channel QMoE
+# into per-expert DynamicQuantizeMatMuls over the routed rows (export/route_experts.py), faster
+# at every length from 16 tokens. So int8 experts are quantized per channel (moe_block_size 0):
+# the prompt graph reads those scales, the decode graph the same codes in blocks of 32 (+1% for
+# the block scales beside the channel ones). bits/byte (256 test tokens; torch 5.4232 / 5.9846 /
+# 6.0208): blocks 5.4229 / 5.9923 / 6.0277, per channel 5.4241 / 5.9830 / 6.0178 (stop 39).
+# `moe_block_size=32` gives blocks everywhere (the prompt graph then keeps QMoE);
+# `moe_step_block_size=0` per channel everywhere (no accuracy_level: the layout onnxruntime
+# 1.28-1.30 load, requires.py).
 
 _QUANT_OPS = {"MatMulInteger", "QMoE", "MatMulNBits", "DynamicQuantizeMatMul", "QLinearMatMul", "GatherBlockQuantized"}
 
@@ -182,27 +178,23 @@ def _layout_for(k1: int, k2: int, block: int, layout: int) -> int:
     return block
 
 
-def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, layout_block: int = 0,
-                  channel_rows: int = 0) -> int:
+def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, layout_block: int = 0) -> int:
     """Rewrite each com.microsoft MoE whose fc1/fc2 weights are initializers into QMoE.
 
     block_size: the quantization's blocks along K (0: one scale per output channel).
     layout_block: the blocks this graph's QMoE runs (0: as quantized); per-channel experts laid
     out in blocks run onnxruntime's QNBit kernel on the same codes (see SETTINGS).
-    channel_rows: for per-channel experts with a block layout, an If on the router's row count
-    runs them per channel (dequantize, fp32 GEMM) from this many rows and in blocks below.
     accuracy_level: QMoE's, for block-wise layouts (4: int8 activations; 0: fp32).
     Only nodes without fc3 weights are handled (Itera-Lite lowers to fused SwiGLU); other
     MoE nodes are left in fp32. A block size that does not divide D and F falls back to
     per-output-channel scales. Returns the number of nodes rewritten.
     """
     import numpy as np
-    from onnx import TensorProto, helper, numpy_helper
+    from onnx import helper, numpy_helper
 
     g = model.graph
     inits = {t.name: t for t in g.initializer}
     done = 0
-    long_rows = ""  # the If condition, made once before the first MoE that needs it
     for node in list(g.node):
         if node.op_type != "MoE" or node.domain != "com.microsoft":
             continue
@@ -216,56 +208,26 @@ def _quantize_moe(model, bits: int, block_size: int, accuracy_level: int = 0, la
             continue
         block = block_size if block_size and w1.shape[2] % block_size == 0 and w2.shape[2] % block_size == 0 else 0
         layout = _layout_for(w1.shape[2], w2.shape[2], block, layout_block)
-        branch = bool(channel_rows and not block and layout)
-        if channel_rows and not branch:  # a prompt graph without the If runs the experts as quantized
-            layout = block
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         attrs.update(expert_weight_bits=bits, weights_prepacked=0)
-
-        def qmoe(lay: int, out: str, name: str, weights: list[str]):
-            a = dict(attrs)
-            if lay:
-                a["block_size"] = lay
-                if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
-                    a["accuracy_level"] = accuracy_level
-            inputs = [ins[0], ins[1], weights[0], weights[1], ins[3], weights[2], weights[3], ins[5]]
-            while not inputs[-1]:
-                inputs.pop()
-            return helper.make_node("QMoE", inputs, [out], name=name, domain="com.microsoft", **a)
-
-        layouts = (0, layout) if branch else (layout,)  # the If's two branches share the codes
-        weights: dict[int, list[str]] = {lay: [] for lay in layouts}  # → [fc1 codes, scales, fc2 codes, scales]
+        if layout:
+            attrs["block_size"] = layout
+            if accuracy_level:  # 0 is the default; onnxruntime < 1.31 refuses the attribute
+                attrs["accuracy_level"] = accuracy_level
+        weights = []  # fc1 codes, scales, fc2 codes, scales
         for w, name in ((w1, fc1), (w2, fc2)):
             q, scale = _quantize_experts(w, bits, block)
             qn = f"{name}_q{bits}"
             g.initializer.append(numpy_helper.from_array(q, qn))
-            for lay in layouts:
-                sn = f"{qn}_scales" + (f"_b{lay}" if branch and lay else "")
-                g.initializer.append(numpy_helper.from_array(_scales_as(scale, w.shape[2], lay), sn))
-                weights[lay] += [qn, sn]
+            g.initializer.append(numpy_helper.from_array(_scales_as(scale, w.shape[2], layout), f"{qn}_scales"))
+            weights += [qn, f"{qn}_scales"]
+        inputs = [ins[0], ins[1], weights[0], weights[1], ins[3], weights[2], weights[3], ins[5]]
+        while not inputs[-1]:
+            inputs.pop()
         idx = list(g.node).index(node)
-        if not branch:
-            new = [qmoe(layout, node.output[0], node.name, weights[layout])]
-        else:
-            new = []
-            if not long_rows:
-                long_rows = f"{node.name}/moe_rows_at_least_{channel_rows}"
-                g.initializer.append(numpy_helper.from_array(np.array([channel_rows], np.int64), f"{long_rows}.n"))
-                new += [helper.make_node("Shape", [ins[1]], [f"{long_rows}.rows"], name=f"{long_rows}.shape",
-                                         start=0, end=1),
-                        helper.make_node("GreaterOrEqual", [f"{long_rows}.rows", f"{long_rows}.n"], [long_rows],
-                                         name=long_rows)]
-            out = node.output[0]
-            branches = {}
-            for kind, lay in (("per_channel", 0), ("blocks", layout)):
-                body = qmoe(lay, f"{out}.{kind}", f"{node.name}/{kind}", weights[lay])
-                branches[kind] = helper.make_graph(
-                    [body], f"{node.name}/{kind}", [], [helper.make_tensor_value_info(f"{out}.{kind}", TensorProto.FLOAT, None)])
-            new.append(helper.make_node("If", [long_rows], [out], name=node.name,
-                                        then_branch=branches["per_channel"], else_branch=branches["blocks"]))
         g.node.remove(node)
-        for i, n in enumerate(new):
-            g.node.insert(idx + i, n)
+        g.node.insert(idx, helper.make_node("QMoE", inputs, list(node.output), name=node.name,
+                                            domain="com.microsoft", **attrs))
         done += 1
     return done
 
@@ -509,11 +471,10 @@ def quantize_graph(src: Path, dst: Path, mode: str, overrides: dict | None = Non
         method = _quantize_matmuls(model, settings, exclude, work, tmp)
         q = onnx.load(str(tmp))
         step = one_token_graph(q)
-        rows = 0 if step else settings["moe_channel_rows"]
         settings["moe_quantized"] = _quantize_moe(
             q, 8 if mode == "int8" else 4, settings["moe_block_size"],
             settings["moe_step_accuracy_level" if step else "moe_accuracy_level"],
-            settings["moe_step_block_size"] if step or rows else 0, rows)
+            settings["moe_step_block_size"] if step else 0)
         prune(q)  # the fp32 expert weights the QMoE nodes replaced
         onnx.save_model(q, str(tmp))
         nodes = _count_quantized(tmp)

@@ -68,10 +68,13 @@ def test_quantize_baseline(tiny_baseline, mode, tmp_path):
 
 
 def _float_gathers(path):
-    """Gathers that read a float initializer (an embedding table left unquantized)."""
+    """Gathers that look up a float initializer by run-time indices (an embedding table left
+    unquantized); a Gather at constant indices is folded at load (a routed prompt's experts)."""
     model = onnx.load(str(path), load_external_data=False)
     floats = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT}
-    return collections.Counter(n.op_type for n in model.graph.node if n.op_type == "Gather" and n.input[0] in floats)
+    consts = {t.name for t in model.graph.initializer}
+    return collections.Counter(n.op_type for n in model.graph.node
+                               if n.op_type == "Gather" and n.input[0] in floats and n.input[1] not in consts)
 
 
 def _bundle_bytes(folder):
@@ -267,7 +270,8 @@ def _rel(got, ref):
 def test_quantize_moe_experts(mode, step, tmp_path):
     # export/quantize.py SETTINGS: int4 experts in blocks of 32 everywhere; int8 experts one scale
     # per output channel, which the step graph lays out in blocks of 32 (each its channel's scale)
-    # for int8 activations, and a prompt graph runs per channel from 256 rows, in blocks below.
+    # for int8 activations; a prompt graph keeps them per channel (the exporter then routes them,
+    # export/route_experts.py).
     rng = np.random.default_rng(0)
     src = tmp_path / "moe.onnx"
     e, d = _moe_graph(src, rng, step=step)
@@ -278,50 +282,27 @@ def test_quantize_moe_experts(mode, step, tmp_path):
     assert info.bytes_after < (0.3 if mode == "int8" else 0.2) * info.bytes_before
     q = onnx.load(str(dst))
     inits = {t.name: numpy_helper.to_array(t) for t in q.graph.initializer}
-    bits = 8 if mode == "int8" else 4
-    if mode == "int8" and not step:
-        assert [n.op_type for n in q.graph.node] == ["Shape", "GreaterOrEqual", "If"]
-        assert int(inits[q.graph.node[1].input[1]][0]) == 256
-        branches = {a.name: a.g.node for a in q.graph.node[2].attribute}
-        assert [n.op_type for n in branches["then_branch"]] == ["QMoE"] == [n.op_type for n in branches["else_branch"]]
-        per_channel, blocks = branches["then_branch"][0], branches["else_branch"][0]
-    else:
-        assert [n.op_type for n in q.graph.node] == ["QMoE"]
-        per_channel, blocks = None, q.graph.node[0]
-    attrs = {a.name: helper.get_attribute_value(a) for a in blocks.attribute}
-    assert attrs["expert_weight_bits"] == bits and attrs["block_size"] == 32
+    assert [n.op_type for n in q.graph.node] == ["QMoE"]
+    node = q.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["expert_weight_bits"] == (8 if mode == "int8" else 4)
     assert attrs["k"] == 2 and attrs["swiglu_fusion"] == 1 and attrs["activation_type"] == b"swiglu"
     assert attrs.get("accuracy_level", 0) == (4 if step else 0)  # int8 activations in a one-token graph only
-    assert [list(inits[n].shape) for n in (blocks.input[3], blocks.input[6])] == [[e, 2 * 96, d // 32], [e, d, 96 // 32]]
-    if mode == "int8":  # channel scales repeated over the blocks
-        assert all((inits[n] == inits[n][..., :1]).all() for n in (blocks.input[3], blocks.input[6]))
-    if per_channel is not None:
-        pattrs = {a.name for a in per_channel.attribute}
-        assert "block_size" not in pattrs and "accuracy_level" not in pattrs
-        assert [list(inits[n].shape) for n in (per_channel.input[3], per_channel.input[6])] == [[e, 2 * 96], [e, d]]
-        assert [per_channel.input[2], per_channel.input[5]] == [blocks.input[2], blocks.input[5]]  # the same codes
+    scales = [list(inits[n].shape) for n in (node.input[3], node.input[6])]
+    if mode == "int8" and not step:
+        assert "block_size" not in attrs and scales == [[e, 2 * 96], [e, d]]
+    else:
+        assert attrs["block_size"] == 32 and scales == [[e, 2 * 96, d // 32], [e, d, 96 // 32]]
+    if mode == "int8" and step:  # channel scales repeated over the blocks
+        assert all((inits[n] == inits[n][..., :1]).all() for n in (node.input[3], node.input[6]))
     ref_session, got_session = make_session(src, threads=1), make_session(dst, threads=1)
-    outs = {}
-    for rows in (16, 300):  # both sides of the prompt graph's If
+    for rows in (16, 300):
         feeds = _moe_feeds(rng, rows, e, d, step)
         ref, got = ref_session.run(None, feeds)[0], got_session.run(None, feeds)[0]
         # Measured: int8 0.0087 (per channel) and 0.013 (its blocks, int8 activations in the
         # step graph), int4 0.19 — weight rounding: QMoE matches the fp32 MoE run on the
         # dequantized weights to ~1e-7.
         assert _rel(got, ref) < (0.03 if mode == "int8" else 0.35), (rows, _rel(got, ref))
-        outs[rows] = feeds, got
-    if per_channel is not None:  # each branch is what its layout alone computes
-        for rows, lay in ((16, "blocks"), (300, "per_channel")):
-            node = blocks if lay == "blocks" else per_channel
-            alone = helper.make_model(
-                helper.make_graph([helper.make_node("QMoE", node.input, ["y"], domain="com.microsoft",
-                                                    **{a.name: helper.get_attribute_value(a) for a in node.attribute})],
-                                  "alone", list(q.graph.input), list(q.graph.output),
-                                  [t for t in q.graph.initializer if t.name in node.input]),
-                opset_imports=list(q.opset_import))
-            alone.ir_version = q.ir_version
-            feeds, got = outs[rows]
-            assert np.array_equal(make_session(alone.SerializeToString(), threads=1).run(None, feeds)[0], got), lay
 
 
 def _quantized(src, dst, options):
@@ -332,8 +313,8 @@ def _quantized(src, dst, options):
 
 
 def test_int8_experts_share_their_codes_between_prompt_and_step_graphs(tmp_path):
-    # The step graph's block layout and the prompt graph's two layouts hold the same codes, so a
-    # bundle stores them once (export/weights.py matches tensors by content); the step graph
+    # The step graph's block layout and the prompt graph's per-channel layout hold the same codes,
+    # so a bundle stores them once (export/weights.py matches tensors by content); the step graph
     # differs from the prompt graph by its int8 activations only.
     rng = np.random.default_rng(0)
     e, d = _moe_graph(tmp_path / "prompt.onnx", rng)
@@ -348,21 +329,18 @@ def test_int8_experts_share_their_codes_between_prompt_and_step_graphs(tmp_path)
         prompt = make_session(tmp_path / "prompt.int8.onnx", threads=1).run(None, feeds)[0]
         step = make_session(tmp_path / "step.int8.onnx", threads=1).run(
             None, dict(feeds, input_ids=np.zeros((1, 1), np.int64)))[0]
-        assert _rel(step, prompt) < (1e-6 if rows < 256 else 0.03), rows  # measured 0 and 0.013
+        assert _rel(step, prompt) < 0.03, rows  # measured 0.013
 
 
 def test_int8_expert_layout_options(tmp_path):
     rng = np.random.default_rng(0)
     e, d = _moe_graph(tmp_path / "prompt.onnx", rng)
     _moe_graph(tmp_path / "step.onnx", np.random.default_rng(0), step=True)
-    # moe_channel_rows=0: prompt graphs per channel at every length (no If).
-    attrs, inits = _quantized(tmp_path / "prompt.onnx", tmp_path / "p0.onnx", ["moe_channel_rows=0"])
-    assert "block_size" not in attrs and inits["fc1_q8_scales"].shape == (e, 2 * 96)
     # moe_block_size=32: blocks with a scale each, prompt graphs included (stop 38's layout).
     attrs, inits = _quantized(tmp_path / "prompt.onnx", tmp_path / "p32.onnx", ["moe_block_size=32"])
     assert attrs["block_size"] == 32 and not (inits["fc1_q8_scales"] == inits["fc1_q8_scales"][..., :1]).all()
     # moe_step_block_size=0: per channel in the step graph too, without accuracy_level, so
-    # onnxruntime < 1.31 (which refuses the attribute) loads it; the prompt graph has no If then.
+    # onnxruntime < 1.31 (which refuses the attribute) loads it.
     for src, dst in (("step.onnx", "s0.onnx"), ("prompt.onnx", "ps0.onnx")):
         attrs, inits = _quantized(tmp_path / src, tmp_path / dst, ["moe_step_block_size=0"])
         assert "block_size" not in attrs and "accuracy_level" not in attrs
