@@ -33,9 +33,11 @@ from onnx import TensorProto, helper, numpy_helper
 from .graph_passes import layer_prefix, prune
 
 MS = "com.microsoft"
-# The attributes of the MoE nodes this rewrite reproduces (export/lower.py `moe`).
+# The attributes of the MoE nodes this rewrite reproduces (export/lower.py `moe`), and the only
+# other ones a node may carry; any other attribute or value leaves the node as it is.
 _SWIGLU = {"activation_type": b"swiglu", "swiglu_fusion": 1, "activation_alpha": 1.0, "activation_beta": 0.0,
            "normalize_routing_weights": 1}
+_FREE = {"k", "expert_weight_bits", "weights_prepacked", "use_sparse_mixer"}
 
 
 def _attrs(node: onnx.NodeProto) -> dict:
@@ -47,14 +49,16 @@ def _routable(node: onnx.NodeProto, inits: dict) -> str | None:
     if node.domain != MS or node.op_type not in ("MoE", "QMoE"):
         return None
     a = _attrs(node)
-    if any(a.get(k, v) != v for k, v in _SWIGLU.items()) or a.get("use_sparse_mixer", 0):
+    if set(a) - set(_SWIGLU) - _FREE or any(a.get(k, v) != v for k, v in _SWIGLU.items()) \
+            or a.get("use_sparse_mixer", 0) or a.get("weights_prepacked", 0):
         return None
     ins = list(node.input) + [""] * 8
-    if node.op_type == "MoE":  # x, router, fc1, fc1 bias, fc2, [fc2 bias, fc3, ...]
-        ok = ins[2] in inits and ins[4] in inits and not ins[3] and not any(ins[5:8])
+    if node.op_type == "MoE":  # x, router, fc1, fc1 bias, fc2; nothing after (biases, fc3)
+        ok = ins[2] in inits and ins[4] in inits and not ins[3] and not any(ins[5:])
         return "fp32" if ok else None
-    # QMoE: x, router, fc1 codes, fc1 scales, fc1 bias, fc2 codes, fc2 scales, [fc2 bias, ...]
-    ok = (a.get("expert_weight_bits") == 8 and not a.get("block_size", 0) and not ins[4] and not any(ins[7:8])
+    # QMoE: x, router, fc1 codes, fc1 scales, fc1 bias, fc2 codes, fc2 scales; nothing after
+    # (fc2 bias, fc3, zero points), one scale per output channel
+    ok = (a.get("expert_weight_bits") == 8 and not ins[4] and not any(ins[7:])
           and all(n in inits for n in (ins[2], ins[3], ins[5], ins[6]))
           and len(inits[ins[3]].dims) == 2 and len(inits[ins[6]].dims) == 2)
     return "int8" if ok else None
@@ -114,7 +118,7 @@ def _expert_weights(b: _Builder, kind: str, ins: list[str], inits: dict) -> tupl
 
 def _route(b: _Builder, node: onnx.NodeProto, kind: str, inits: dict) -> None:
     ins = list(node.input) + [""] * 8
-    k = _attrs(node)["k"]
+    k = _attrs(node).get("k", 1)
     E, D, F, per = _expert_weights(b, kind, ins, inits)
     matmul = (lambda x, w: b("MatMul", [x, *w])) if kind == "fp32" else \
         (lambda x, w: b("DynamicQuantizeMatMul", [x, *w], domain=MS))

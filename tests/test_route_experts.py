@@ -87,14 +87,15 @@ def test_int8_experts_routed_run_the_same_codes(tmp_path):
         assert _rel(routed, qmoe) < 0.05 and _rel(routed, fp32) < 0.06, (rows, _rel(routed, qmoe), _rel(routed, fp32))
 
 
-@pytest.mark.parametrize("change", ["int4", "blocks", "sparse_mixer"])
+@pytest.mark.parametrize("change", ["int4", "blocks", "sparse_mixer", "swiglu_limit"])
 def test_what_is_not_reproduced_is_left_as_it_is(change, tmp_path):
     rng = np.random.default_rng(3)
     src = tmp_path / "moe.onnx"
     _moe_graph(src, rng)
-    if change == "sparse_mixer":
+    if change in ("sparse_mixer", "swiglu_limit"):  # an attribute it does not reproduce
         model = onnx.load(str(src))
-        model.graph.node[0].attribute.append(helper.make_attribute("use_sparse_mixer", 1))
+        model.graph.node[0].attribute.append(helper.make_attribute(*(
+            ("use_sparse_mixer", 1) if change == "sparse_mixer" else ("swiglu_limit", 7.0))))
     else:
         options = {"moe_block_size": 32} if change == "blocks" else None
         quantize_graph(src, tmp_path / "q.onnx", "int4" if change == "int4" else "int8", options)
