@@ -86,33 +86,29 @@ class _Builder:
         return outs[0] if n_out == 1 and outputs is None else outs
 
 
-def _deinterleave_rows(b: _Builder, w: str, E: int, F: int, rest: list[int]) -> str:
-    """(E, 2F, ...) with gate/up rows interleaved → (E, 2F, ...) gates first, then ups."""
-    pairs = b("Reshape", [w, b.const([E, F, 2, *rest])])
-    swapped = b("Transpose", [pairs], perm=[0, 2, 1, *range(3, 3 + len(rest))])
-    return b("Reshape", [swapped, b.const([E, 2 * F, *rest])])
-
-
 def _signed(b: _Builder, codes: str) -> str:
-    """uint8 codes with the implicit zero point 128 → int8."""
-    wide = b("Cast", [codes], to=TensorProto.INT32)
-    return b("Cast", [b("Sub", [wide, b.const(128, np.int32)])], to=TensorProto.INT8)
+    """uint8 codes with the implicit zero point 128 → int8: flipping the top bit gives the
+    two's-complement byte of code − 128, which Cast keeps (onnxruntime's Cast wraps)."""
+    return b("Cast", [b("BitwiseXor", [codes, b.const(128, np.uint8)])], to=TensorProto.INT8)
 
 
 def _expert_weights(b: _Builder, kind: str, ins: list[str], inits: dict) -> tuple[int, int, int, list]:
-    """E, D, F and, per expert, the operands of its two matmuls (foldable constant subgraphs)."""
+    """E, D, F and, per expert, the operands of its two matmuls: a Gather of the expert's own
+    weights, for int8 then as signed bytes in (K, N). Each folded op is a copy onnxruntime makes at
+    load (and its peak memory): one Gather at fp32 (Gemm reads the rows as stored, transB), four
+    1-byte tensors at int8. Gate and up rows stay interleaved; `_route` splits the output."""
     E, two_f, D = inits[ins[2]].dims
     F = two_f // 2
+
+    def expert(w: str, e: int) -> str:
+        return b("Gather", [w, b.const(e)], axis=0)
+
     if kind == "fp32":
-        w1 = b("Transpose", [_deinterleave_rows(b, ins[2], E, F, [D])], perm=[0, 2, 1])  # (E, D, 2F)
-        w2 = b("Transpose", [ins[4]], perm=[0, 2, 1])  # (E, F, D)
-        per = [([b("Gather", [w1, b.const(e)], axis=0)], [b("Gather", [w2, b.const(e)], axis=0)]) for e in range(E)]
+        per = [([expert(ins[2], e)], [expert(ins[4], e)]) for e in range(E)]  # (2F, D), (D, F)
     else:
-        c1 = b("Transpose", [_signed(b, _deinterleave_rows(b, ins[2], E, F, [D]))], perm=[0, 2, 1])  # int8 (E, D, 2F)
-        s1 = b("Reshape", [_deinterleave_rows(b, ins[3], E, F, []), b.const([E, 2 * F])])  # (E, 2F)
-        c2 = b("Transpose", [_signed(b, ins[5])], perm=[0, 2, 1])  # int8 (E, F, D)
-        per = [([b("Gather", [c1, b.const(e)], axis=0), b("Gather", [s1, b.const(e)], axis=0)],
-                [b("Gather", [c2, b.const(e)], axis=0), b("Gather", [ins[6], b.const(e)], axis=0)]) for e in range(E)]
+        per = [([b("Transpose", [_signed(b, expert(ins[2], e))], perm=[1, 0]), expert(ins[3], e)],
+                [b("Transpose", [_signed(b, expert(ins[5], e))], perm=[1, 0]), expert(ins[6], e)])
+               for e in range(E)]  # int8 (D, 2F) + (2F,) scales, (F, D) + (D,)
     return E, D, F, per
 
 
@@ -120,7 +116,7 @@ def _route(b: _Builder, node: onnx.NodeProto, kind: str, inits: dict) -> None:
     ins = list(node.input) + [""] * 8
     k = _attrs(node).get("k", 1)
     E, D, F, per = _expert_weights(b, kind, ins, inits)
-    matmul = (lambda x, w: b("MatMul", [x, *w])) if kind == "fp32" else \
+    matmul = (lambda x, w: b("Gemm", [x, *w], transB=1)) if kind == "fp32" else \
         (lambda x, w: b("DynamicQuantizeMatMul", [x, *w], domain=MS))
     rows = b("Reshape", [ins[0], b.const([-1, D])])  # (R, D)
     top, picked = b("TopK", [ins[1], b.const([k])], n_out=2, axis=1)  # (R, k)
@@ -134,9 +130,10 @@ def _route(b: _Builder, node: onnx.NodeProto, kind: str, inits: dict) -> None:
     parts = b("Split", [gathered, counts], n_out=E, axis=0)
     outs = []
     for e, (w1, w2) in enumerate(per):
-        gate, up = b("Split", [matmul(parts[e], w1), b.const([F, F])], n_out=2, axis=1)
-        act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])  # SiLU(gate) · up
-        outs.append(matmul(act, w2))
+        pairs = b("Reshape", [matmul(parts[e], w1), b.const([-1, F, 2])])  # gate/up columns interleaved
+        gate, up = b("Split", [pairs, b.const([1, 1])], n_out=2, axis=2)
+        act = b("Mul", [b("Mul", [gate, b("Sigmoid", [gate])]), up])  # SiLU(gate) · up, (n, F, 1)
+        outs.append(matmul(b("Reshape", [act, b.const([-1, F])]), w2))
     ys = b("Concat", outs, axis=0)  # (R·k, D), sorted by expert
     zeros = b("ConstantOfShape", [b("Concat", [n_slots, b.const([D])], axis=0)],
               value=numpy_helper.from_array(np.zeros(1, np.float32)))

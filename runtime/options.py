@@ -6,6 +6,8 @@ by `make_session` with `session_options`: what users run is what benchmarks time
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 
 import onnxruntime as ort
@@ -114,9 +116,29 @@ def session_options(threads: int | None, optimized_model_path: str | None = None
     return opts
 
 
+def _malloc_trim():
+    """glibc's malloc_trim, or None (musl, macOS, Windows)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
 def make_session(model: str | os.PathLike | bytes, threads: int | None = None, device: str = "cpu",
                  optimized_model_path: str | None = None, profile_prefix: str | None = None) -> ort.InferenceSession:
-    """An InferenceSession for a graph file (or serialized bytes) with the project's options."""
+    """An InferenceSession for a graph file (or serialized bytes) with the project's options.
+
+    onnxruntime folds constant subgraphs at load (a prompt graph's routed experts reorder their
+    weights that way, export/route_experts.py) and frees the intermediates, which glibc keeps as
+    resident memory: 2-4x the folded weights (bench/PROFILE.md). Handing the free heap back to the
+    OS after each load (malloc_trim, where the C library has it) leaves the session's own memory.
+    """
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, session_options(threads, optimized_model_path, profile_prefix),
-                                providers=providers_for(device))
+    session = ort.InferenceSession(source, session_options(threads, optimized_model_path, profile_prefix),
+                                   providers=providers_for(device))
+    if _MALLOC_TRIM is not None:
+        _MALLOC_TRIM(0)
+    return session

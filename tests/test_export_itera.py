@@ -84,7 +84,7 @@ def test_fused_path_uses_contrib_ops_only(bundles):
                     ("com.microsoft", "MoE")} <= ops
         else:  # a prompt's scan is the chunked one, inlined: LinearAttention loops over tokens;
             # its experts are matmuls over their routed rows (export/route_experts.py)
-            assert {("", "Conv"), ("", "MatMul"), ("", "ScatterND")} <= ops
+            assert {("", "Conv"), ("", "Gemm"), ("", "ScatterND")} <= ops
             assert not ops & {("com.microsoft", "LinearAttention"), ("com.microsoft", "MoE")}
         assert not any(dom == "ai.itera" for dom, _ in ops)
         assert not m.functions
