@@ -11,17 +11,19 @@ becomes:
 - route: TopK of the router logits, softmax over the k picked (MoE's
   normalize_routing_weights), the (row, slot) pairs sorted by expert (TopK ascending), the
   rows gathered in that order and split by the experts' row counts;
-- per expert: x·W1 (gate and up in one matmul), SiLU(gate)·up, ·W2 — MatMul at fp32,
+- per expert: x·W1 (gate and up in one matmul, their columns interleaved as stored),
+  SiLU(gate)·up, ·W2 — Gemm at fp32 (transB: the expert's rows as stored),
   DynamicQuantizeMatMul with per-column scales at 8 bits;
 - combine: the outputs scattered back to their (row, slot) places (ScatterND over distinct
   indices: deterministic at any thread count), weighted and summed over the k slots.
 
 The per-expert weights are the node's own expert tensors — fc1 (E, 2F, D) with gate and up
 rows interleaved (swiglu_fusion 1), fc2 (E, D, F), or their uint8 codes and per-channel
-scales — reordered by standard ops on initializers only (Reshape, Transpose, Gather; for
-codes Cast, Sub), which onnxruntime folds into constants at load: the weights file keeps
-one copy, shared with the decode graph, which keeps the fused kernel (one token a call).
-4-bit QMoE and block layouts are left as they are.
+scales — taken by Gather (at 8 bits also made signed and transposed) on initializers only,
+which onnxruntime folds into constants at load: the weights file keeps one copy, shared with
+the decode graph, which keeps the fused kernel (one token a call). Each folded op is a copy at
+load, so there are as few as the kernels allow, and `make_session` hands the freed ones back
+(runtime/options.py). 4-bit QMoE and block layouts are left as they are.
 """
 
 from __future__ import annotations
