@@ -2,7 +2,8 @@
 
 onnxruntime's CPU `MoE` (fp32) and per-channel `QMoE` (8-bit) run a prompt's experts far
 below the speed of plain matmuls of the same work: one layer, 512 tokens, 1 thread, against
-this form (bench/PROFILE.md, "Issue 29, stop 40"): fp32 MoE 1.27 / 3.00 / 5.67 ms against
+this form's first version (which reordered the weights at load; the whole prompt graph runs as
+fast with the current folds; bench/PROFILE.md, "Issue 29, stop 40"): fp32 MoE 1.27 / 3.00 / 5.67 ms against
 0.78 / 1.92 / 3.76 (tiny / small / base); 8-bit per-channel QMoE 1.09 / 2.79 / 5.11 ms against
 0.68 / 1.33 / 1.83, where each expert's matmuls are DynamicQuantizeMatMul (int8 activations
 per call, like the dense int8 matmuls). So a prompt graph's `MoE` / 8-bit per-channel `QMoE`
